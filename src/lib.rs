@@ -1,0 +1,2 @@
+//! `hga`: the public facade.
+pub use hga_host::*;

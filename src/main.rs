@@ -1,0 +1,35 @@
+//! The `hga` command-line tool. `hga --help` lists the subcommands.
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// HGA: Hierarchical Global Attention for long-context Qwen3-MoE FP8 inference on one GPU.
+///
+/// Kernels are Rust compiled to PTX (sm_89 / sm_90 / sm_120); the host runs on cudarc.
+#[derive(Parser, Debug)]
+#[command(name = "hga", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the kernels on this machine's GPU against their CPU references (the default job).
+    Selfcheck(cli::selfcheck::SelfcheckArgs),
+    /// Create (`new`) or validate (`inspect`) a Qwen3-MoE checkpoint directory.
+    #[command(subcommand)]
+    Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
+    Logits(cli::logits::LogitsArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => cli::selfcheck::run(cli::selfcheck::SelfcheckArgs::default()),
+        Some(Command::Selfcheck(a)) => cli::selfcheck::run(a),
+        Some(Command::Checkpoint(c)) => cli::checkpoint::run(c),
+        Some(Command::Logits(a)) => cli::logits::run(a),
+    }
+}
