@@ -1,8 +1,148 @@
-//! `hga logits` (in progress).
-use clap::Args;
-/// Run a forward pass and write the logits.
+//! `hga logits`: run the forward over a token sequence and write its logits `[tokens, vocab]` (f32) to a
+//! safetensors file, tensor `logits` (plus `tokens`, i64 `[tokens]`, and metadata saying how they were made).
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use hga_host::model::checkpoint::Checkpoint;
+use hga_host::model::forward::{ActivationMode, CpuModel};
+use hga_host::model::tokenizer::Tokenizer;
+use safetensors::tensor::{Dtype, TensorView};
+
+/// Where the forward runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The CPU reference forward (f32 weights, f64 accumulation; the oracle).
+    Cpu,
+    /// The GPU forward (not available yet).
+    Cuda,
+}
+
+/// How the inputs of the FP8-weight linears are treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Activations {
+    /// Unquantized f32 activations: what transformers computes on the dequantized weights.
+    F32,
+    /// Dynamic per-token, per-128-group e4m3 quantization of the input of each FP8 linear, as the FP8 kernels do.
+    Fp8,
+}
+
+/// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
 #[derive(Args, Debug)]
-pub struct LogitsArgs {}
-pub fn run(_args: LogitsArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`hga logits` is not implemented yet")
+#[command(
+    group(clap::ArgGroup::new("input").required(true).args(["tokens", "text"])),
+    after_help = "Examples:\n  \
+    hga checkpoint new --preset tiny --seed 1 --out /tmp/tiny\n  \
+    hga logits --model /tmp/tiny --tokens 1,2,3 --out /tmp/tiny.logits.safetensors\n  \
+    hga logits --model DIR --text 'Hello' --activations fp8 --out logits.safetensors\n\n\
+    The file holds `logits` (F32 [tokens, vocab]) and `tokens` (I64 [tokens]), with metadata model, backend,\n\
+    activations, incremental and tokens. tools/parity/parity.py compares it with Hugging Face transformers."
+)]
+pub struct LogitsArgs {
+    /// Model directory: config.json + safetensors (single file or sharded with model.safetensors.index.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Input token ids, comma-separated (e.g. 1,2,3).
+    #[arg(long, value_name = "IDS", value_delimiter = ',', num_args = 1..)]
+    pub tokens: Option<Vec<u32>>,
+    /// Input text, tokenized with DIR/tokenizer.json (no special tokens added). Needs that file.
+    #[arg(long, value_name = "TEXT")]
+    pub text: Option<String>,
+    /// Where the forward runs.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    /// Activation mode of the FP8-weight linears.
+    #[arg(long, value_enum, default_value_t = Activations::F32)]
+    pub activations: Activations,
+    /// Run the tokens one at a time through the K/V cache (decode) instead of one prefill.
+    #[arg(long)]
+    pub incremental: bool,
+    /// Output file (safetensors).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
+    if args.backend == Backend::Cuda {
+        bail!("--backend cuda is not implemented yet: the GPU forward does not exist in this build; use --backend cpu");
+    }
+    let tokens: Vec<u32> = match (&args.tokens, &args.text) {
+        (Some(t), _) => t.clone(),
+        (None, Some(text)) => {
+            let tok = Tokenizer::from_model_dir(&args.model).context("--text needs a tokenizer")?;
+            tok.encode(text)?
+        }
+        (None, None) => bail!("give --tokens or --text"),
+    };
+    if tokens.is_empty() {
+        bail!("the input has no tokens");
+    }
+    let mode = match args.activations {
+        Activations::F32 => ActivationMode::F32,
+        Activations::Fp8 => ActivationMode::Fp8,
+    };
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(&args.model)
+        .with_context(|| format!("opening checkpoint {}", args.model.display()))?;
+    let model = CpuModel::load(&ckpt, mode)?;
+    drop(ckpt);
+    let t_load = t0.elapsed();
+    let t1 = Instant::now();
+    let mut cache = model.new_cache();
+    let vocab = model.config().vocab_size;
+    let data: Vec<f32> = if args.incremental {
+        let mut d = Vec::with_capacity(tokens.len() * vocab);
+        for &t in &tokens {
+            d.extend(model.decode(t, &mut cache)?);
+        }
+        d
+    } else {
+        model.prefill(&tokens, &mut cache)?.data
+    };
+    let t_fwd = t1.elapsed();
+
+    let logit_bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let token_bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|&t| (t as i64).to_le_bytes())
+        .collect();
+    let views = vec![
+        (
+            "logits",
+            TensorView::new(Dtype::F32, vec![tokens.len(), vocab], &logit_bytes)?,
+        ),
+        (
+            "tokens",
+            TensorView::new(Dtype::I64, vec![tokens.len()], &token_bytes)?,
+        ),
+    ];
+    let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let meta: HashMap<String, String> = [
+        ("model", args.model.display().to_string()),
+        ("backend", "cpu".to_string()),
+        ("activations", mode.to_string()),
+        ("incremental", args.incremental.to_string()),
+        ("tokens", ids.join(",")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    safetensors::tensor::serialize_to_file(views, &Some(meta), &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+
+    let last = &data[(tokens.len() - 1) * vocab..];
+    let top1 = last
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
+    eprintln!(
+        "{} tokens, vocab {vocab}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {top1}; wrote {}",
+        tokens.len(),
+        t_load.as_secs_f64(),
+        t_fwd.as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
 }
