@@ -16,10 +16,14 @@ pub mod params;
 #[cfg(target_arch = "nvptx64")]
 pub mod arch;
 #[cfg(target_arch = "nvptx64")]
-mod kernels;
+pub mod norm;
+#[cfg(target_arch = "nvptx64")]
+pub mod quant;
+#[cfg(target_arch = "nvptx64")]
+pub mod selftest;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
-    core::arch::nvptx::trap()
+    unsafe { core::arch::nvptx::trap() }
 }

@@ -1,0 +1,2 @@
+//! Normalization kernels.
+pub mod rmsnorm;

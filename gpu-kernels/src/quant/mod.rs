@@ -1,0 +1,2 @@
+//! Quantization kernels.
+pub mod fp8_quant;
