@@ -1118,3 +1118,95 @@ fn synthesize_file(part: &[u8]) -> Vec<u8> {
     }
     f
 }
+
+/// Seed inputs for [`fuzz_entry`] (all valid checkpoints of a micro config, in the header-only form): single file,
+/// sharded with an index and bf16 scales, unquantized, tied embeddings with mixed dense/MoE layers.
+pub fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let micro = |quantized: bool, tied: bool, mlp_only: Vec<usize>| {
+        let mut c = Qwen3MoeConfig {
+            vocab_size: 16,
+            hidden_size: 16,
+            intermediate_size: 24,
+            moe_intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            num_experts: 3,
+            num_experts_per_tok: 2,
+            norm_topk_prob: true,
+            decoder_sparse_step: 1,
+            mlp_only_layers: mlp_only,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 64,
+            tie_word_embeddings: tied,
+            attention_bias: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+            quantization: None,
+        };
+        if quantized {
+            c.quantization = Some(Fp8Quantization {
+                weight_block_size: [8, 8],
+                activation_scheme: "dynamic".into(),
+                modules_to_not_convert: c.default_modules_to_not_convert(),
+            });
+        }
+        c
+    };
+    let header = |cfg: &Qwen3MoeConfig, names: &[String], scale: Dtype| {
+        let mut m = serde_json::Map::new();
+        let mut off = 0u64;
+        for n in names {
+            let Some(s) = spec_for(cfg, n) else { continue };
+            let dtype = match s.kind {
+                TensorKind::Float => Dtype::BF16,
+                TensorKind::Fp8Weight { .. } => Dtype::F8_E4M3,
+                TensorKind::Fp8Scale { .. } => scale,
+            };
+            let b = s.shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+            m.insert(n.clone(), serde_json::json!({"dtype": dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + b]}));
+            off += b;
+        }
+        Value::Object(m).to_string().into_bytes()
+    };
+    let mut seeds = Vec::new();
+    let cases = [
+        (micro(true, false, vec![]), 1, Dtype::F32),
+        (micro(true, false, vec![]), 2, Dtype::BF16),
+        (micro(false, false, vec![]), 1, Dtype::F32),
+        (micro(true, true, vec![0]), 2, Dtype::F16),
+    ];
+    for (cfg, shards, scale) in cases {
+        let names: Vec<String> = expected_names(&cfg).collect();
+        let mut input = cfg.to_json().to_string().into_bytes();
+        input.push(0xFF);
+        if shards == 1 {
+            input.push(0xFF);
+            input.extend(header(&cfg, &names, scale));
+        } else {
+            let files = [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+            ];
+            let half = names.len() / 2;
+            let map: serde_json::Map<String, Value> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), Value::from(files[usize::from(i >= half)])))
+                .collect();
+            input.extend(
+                serde_json::json!({"weight_map": map})
+                    .to_string()
+                    .into_bytes(),
+            );
+            for part in [&names[..half], &names[half..]] {
+                input.push(0xFF);
+                input.extend(header(&cfg, part, scale));
+            }
+        }
+        seeds.push(input);
+    }
+    seeds
+}
