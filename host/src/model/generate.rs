@@ -388,7 +388,7 @@ pub fn write_checkpoint(
         bar.set_message(file.clone());
         let path = dir.join(file);
         let partial = dir.join(format!("{file}.partial"));
-        if let Err(e) = write_shard(&partial, shard, &tensors, config, seed, sd, &bar) {
+        if let Err(e) = write_shard(&partial, shard, &tensors, config, seed, opts, &bar) {
             let _ = std::fs::remove_file(&partial);
             return Err(ModelError::write(&partial, e));
         }
@@ -416,9 +416,12 @@ fn write_shard(
     tensors: &[Planned],
     cfg: &Qwen3MoeConfig,
     seed: u64,
-    sd: ScaleDtype,
+    opts: &WriteOptions,
     bar: &indicatif::ProgressBar,
 ) -> std::io::Result<()> {
+    let sd = opts.scale_dtype;
+    // Values generated per batch: bounded by a quarter shard, so memory stays well below one shard.
+    let batch_elems = (opts.shard_size / 4).clamp(1 << 16, 1 << 22) as usize;
     let mut entries = Vec::new();
     let mut off = 0u64;
     for &i in shard {
@@ -441,7 +444,6 @@ fn write_shard(
     let file = std::fs::File::create(path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     w.write_all(&header_bytes(&entries))?;
-    const BATCH_ELEMS: usize = 1 << 22;
     for &i in shard {
         let p = &tensors[i];
         let ts = tensor_seed(seed, &p.name);
@@ -449,7 +451,7 @@ fn write_shard(
         let rows = (p.elems() as usize) / cols;
         let step = p.fp8.as_ref().map_or(64, |(_, b)| b[0]);
         let blocks: Vec<usize> = (0..rows).step_by(step).collect();
-        let per_batch = (BATCH_ELEMS / (step * cols)).max(1);
+        let per_batch = (batch_elems / (step * cols)).max(1);
         let mut scales = Vec::new();
         for batch in blocks.chunks(per_batch) {
             let out: Vec<(Vec<u8>, Vec<u8>)> = batch
