@@ -1,7 +1,7 @@
 //! Writer -> reader round trips: every preset shape class, sharding, scale dtypes, determinism.
 use hga::model::checkpoint::{Checkpoint, Dtype};
 use hga::model::config::Qwen3MoeConfig;
-use hga::model::generate::{reference_values, write_checkpoint, ScaleDtype, WriteOptions};
+use hga::model::generate::{reference_values, write_checkpoint, WriteOptions};
 
 fn tmpdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("hga-ckpt-{tag}-{}", std::process::id()));

@@ -807,8 +807,7 @@ impl Checkpoint {
                         file: file.clone(),
                         tensor: name.clone(),
                         expected: spec.shape.clone(),
-                        weight: weight_shape.clone(),
-                        block,
+                        why: format!("weight {weight_shape:?}, blocks {block:?}"),
                         found: e.shape.clone(),
                     });
                 }
@@ -964,11 +963,12 @@ impl Checkpoint {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let e = self.entry(name)?;
         let cols = e.shape.last().copied().unwrap_or(1);
-        let rows = if cols == 0 {
-            0
-        } else {
-            e.shape.iter().product::<usize>() / cols
-        };
+        let rows = e
+            .shape
+            .iter()
+            .product::<usize>()
+            .checked_div(cols)
+            .unwrap_or(0);
         self.rows_f32(name, 0, rows)
     }
 
@@ -977,11 +977,12 @@ impl Checkpoint {
     pub fn rows_f32(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>, ModelError> {
         let e = self.entry(name)?;
         let cols = e.shape.last().copied().unwrap_or(1);
-        let rows = if cols == 0 {
-            0
-        } else {
-            e.shape.iter().product::<usize>() / cols
-        };
+        let rows = e
+            .shape
+            .iter()
+            .product::<usize>()
+            .checked_div(cols)
+            .unwrap_or(0);
         if start.checked_add(count).is_none_or(|end| end > rows) {
             return Err(ModelError::WrongShape {
                 file: self.shards[e.shard].name.clone(),

@@ -369,14 +369,17 @@ impl Qwen3MoeConfig {
                 self.num_experts,
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::bad(
                 "head_dim",
                 "an even number (RoPE rotates halves)",
                 self.head_dim,
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ModelError::contra(
                 "num_key_value_heads",
                 format!(
@@ -462,7 +465,7 @@ impl Qwen3MoeConfig {
         !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
             && self.decoder_sparse_step > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// Whether the Linear module `module` (e.g. `model.layers.3.self_attn.q_proj`, `lm_head`) holds FP8 weights: the

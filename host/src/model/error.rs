@@ -99,13 +99,12 @@ pub enum ModelError {
         found: Vec<usize>,
     },
     /// A `weight_scale_inv` tensor has the wrong shape for its weight and the config's block size.
-    #[error("{file}: tensor `{tensor}`: wrong block-scale shape: expected {expected:?} (weight {weight:?}, blocks {block:?}), found {found:?}")]
+    #[error("{file}: tensor `{tensor}`: wrong block-scale shape: expected {expected:?} ({why}), found {found:?}")]
     WrongScaleShape {
         file: String,
         tensor: String,
         expected: Vec<usize>,
-        weight: Vec<usize>,
-        block: [usize; 2],
+        why: String,
         found: Vec<usize>,
     },
     /// A `weight_scale_inv` holds a value that is negative, NaN or infinite.

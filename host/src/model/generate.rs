@@ -298,7 +298,7 @@ fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)]) -> Vec<u8> {
         );
     }
     let mut h = Value::Object(m).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -359,7 +359,9 @@ pub fn write_checkpoint(
             shards.push(vec![]);
             cur = 0;
         }
-        shards.last_mut().map(|s| s.push(i));
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
         cur += b;
     }
     let n = shards.len();
