@@ -30,13 +30,13 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_ldmatrix(p: SelfTestParams) {
 }
 
 /// mma.sync m16n8k16 bf16. One warp, `n` = number of products (one per block, grid.x = n). Per product, input:
-/// A bf16 [16, 16] row-major, B^T bf16 [8, 16] (n-major), C f32 [16, 8] (1152 bytes, packed in that order);
+/// A bf16 [16, 16] row-major, B^T bf16 [8, 16] (n-major), C f32 [16, 8] (1280 bytes, packed in that order);
 /// output f32 [16, 8] = A B + C. Fragments loaded straight from global in the PTX ISA layout.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_mma_bf16(p: SelfTestParams) {
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);
-    let base = (p.input as *const u8).add(block_x() as usize * 1152);
+    let base = (p.input as *const u8).add(block_x() as usize * 1280);
     let a = base as *const u32; // [16 rows][8 words]
     let bt = base.add(512) as *const u32; // [8 cols][8 words]
     let c = base.add(768) as *const f32;

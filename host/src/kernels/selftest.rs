@@ -18,7 +18,7 @@ pub enum SelfTest {
     Convert,
     /// 32x8 bf16 (n = 1) -> 32 x 14 u32.
     Ldmatrix,
-    /// n products of 1152 bytes -> n x 128 f32.
+    /// n products of 1280 bytes -> n x 128 f32.
     MmaBf16,
     /// n products of 1280 bytes -> n x 128 f32.
     MmaE4m3,
@@ -49,8 +49,18 @@ fn cfg(grid: u32, block: u32, smem: u32) -> LaunchConfig {
 }
 
 impl SelfTest {
+    /// The kernel's name.
     pub fn name(self) -> &'static str {
-        self.layout(1).map(|l| l.kernel).unwrap_or("?")
+        match self {
+            SelfTest::Smem => "hga_selftest_smem",
+            SelfTest::Warp => "hga_selftest_warp",
+            SelfTest::Math => "hga_selftest_math",
+            SelfTest::Convert => "hga_selftest_convert",
+            SelfTest::Ldmatrix => "hga_selftest_ldmatrix",
+            SelfTest::MmaBf16 => "hga_selftest_mma_bf16",
+            SelfTest::MmaE4m3 => "hga_selftest_mma_e4m3",
+            SelfTest::CpAsync => "hga_selftest_cp_async",
+        }
     }
 
     fn layout(self, n: usize) -> Result<Layout, RuntimeError> {
@@ -67,17 +77,17 @@ impl SelfTest {
         };
         Ok(match self {
             SelfTest::Smem if n > 1024 => return bad("at most 1024"),
-            SelfTest::Smem => Layout { kernel: "hga_selftest_smem", in_bytes: 4 * n, out_bytes: 8 * n, cfg: cfg(1, n32, 8 * n32) },
+            SelfTest::Smem => Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 8 * n, cfg: cfg(1, n32, 8 * n32) },
             SelfTest::Warp if n % 32 != 0 => return bad("must be a multiple of 32"),
-            SelfTest::Warp => Layout { kernel: "hga_selftest_warp", in_bytes: 4 * n, out_bytes: 20 * n, cfg: cfg(n32.div_ceil(64), 64, 0) },
-            SelfTest::Math => elementwise("hga_selftest_math", 4),
-            SelfTest::Convert => elementwise("hga_selftest_convert", 5),
+            SelfTest::Warp => Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 20 * n, cfg: cfg(n32.div_ceil(64), 64, 0) },
+            SelfTest::Math => elementwise(self.name(), 4),
+            SelfTest::Convert => elementwise(self.name(), 5),
             SelfTest::Ldmatrix if n != 1 => return bad("must be 1"),
-            SelfTest::Ldmatrix => Layout { kernel: "hga_selftest_ldmatrix", in_bytes: 512, out_bytes: 32 * 14 * 4, cfg: cfg(1, 32, 512) },
-            SelfTest::MmaBf16 => Layout { kernel: "hga_selftest_mma_bf16", in_bytes: 1152 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
-            SelfTest::MmaE4m3 => Layout { kernel: "hga_selftest_mma_e4m3", in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
+            SelfTest::Ldmatrix => Layout { kernel: self.name(), in_bytes: 512, out_bytes: 32 * 14 * 4, cfg: cfg(1, 32, 512) },
+            SelfTest::MmaBf16 => Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
+            SelfTest::MmaE4m3 => Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
             SelfTest::CpAsync if n > 128 => return bad("at most 128"),
-            SelfTest::CpAsync => Layout { kernel: "hga_selftest_cp_async", in_bytes: 16 * n, out_bytes: 16 * n, cfg: cfg(1, 64, 16 * n32) },
+            SelfTest::CpAsync => Layout { kernel: self.name(), in_bytes: 16 * n, out_bytes: 16 * n, cfg: cfg(1, 64, 16 * n32) },
         })
     }
 }
