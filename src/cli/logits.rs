@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use hga_host::model::checkpoint::Checkpoint;
-use hga_host::model::forward::{ActivationMode, CpuModel};
+use hga_host::model::forward::{f32_weight_bytes, ActivationMode, CpuModel};
 use hga_host::model::tokenizer::Tokenizer;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -86,6 +86,17 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.model)
         .with_context(|| format!("opening checkpoint {}", args.model.display()))?;
+    let need = f32_weight_bytes(&ckpt.config);
+    if let Some(avail) = mem_available() {
+        if need > avail {
+            bail!(
+                "the CPU reference forward holds the weights as f32: this model needs {:.1} GB, and only {:.1} GB \
+                 of memory is available (it is meant for the tiny / small presets and test shapes)",
+                need as f64 / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
     let model = CpuModel::load(&ckpt, mode)?;
     drop(ckpt);
     let t_load = t0.elapsed();
@@ -145,4 +156,12 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (Linux), `None` elsewhere or if unreadable.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

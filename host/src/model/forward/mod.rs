@@ -143,6 +143,40 @@ impl KvCache {
     }
 }
 
+/// The intermediate tensors [`CpuModel::prefill_traced`] reports, in the order they are produced. Widths: `hidden` for
+/// all but `Q`/`Attn` (`num_attention_heads * head_dim`), `K`/`V` (`num_key_value_heads * head_dim`) and
+/// `RouterLogits` (`num_experts`, MoE layers only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// Token embeddings (layer `None`).
+    Embed,
+    /// `input_layernorm(x)`.
+    AttnNorm,
+    /// Queries after q_norm and RoPE.
+    Q,
+    /// Keys after k_norm and RoPE (what the cache stores).
+    K,
+    /// Values.
+    V,
+    /// Attention output before `o_proj`.
+    Attn,
+    /// `o_proj` output (added to the residual).
+    AttnOut,
+    /// `post_attention_layernorm(h)`.
+    MlpNorm,
+    /// Router logits `x @ gate^T` (before the softmax).
+    RouterLogits,
+    /// MoE block or dense MLP output (added to the residual).
+    MlpOut,
+    /// The residual stream after the layer.
+    Hidden,
+    /// `model.norm` of the last hidden state (layer `None`), the input of `lm_head`.
+    FinalNorm,
+}
+
+/// The observer of [`CpuModel::prefill_traced`]: `(point, layer, values)`.
+pub type TapFn<'a> = dyn FnMut(Tap, Option<usize>, &[f32]) + 'a;
+
 /// Attention geometry of the model, given to an [`AttentionPolicy`].
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
@@ -405,6 +439,18 @@ impl CpuModel {
     /// Runs `tokens` at positions `cache.len()..`, appends their K/V to `cache`, returns their logits
     /// `[tokens, vocab]`.
     pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Logits, ForwardError> {
+        self.prefill_traced(tokens, cache, &mut |_, _, _| {})
+    }
+
+    /// [`prefill`](Self::prefill) that also hands every intermediate tensor to `tap(point, layer, values)`
+    /// (`layer` is `None` for the embeddings and the final norm); values are `[tokens, width]` row-major, see
+    /// [`Tap`]. For comparing a GPU forward stage by stage.
+    pub fn prefill_traced(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        tap: &mut TapFn<'_>,
+    ) -> Result<Logits, ForwardError> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
@@ -439,21 +485,28 @@ impl CpuModel {
         let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..t)
             .map(|i| ops::rope_cos_sin(start + i, c.head_dim, c.rope_theta))
             .collect();
+        tap(Tap::Embed, None, &x);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut a = x.clone();
             ops::rms_norm_rows(&mut a, &layer.input_layernorm, c.rms_norm_eps);
-            let attn = self.attention(l, layer, &a, t, start, &rope, &mut cache.layers[l]);
+            tap(Tap::AttnNorm, Some(l), &a);
+            let attn = self.attention(l, layer, &a, t, start, &rope, &mut cache.layers[l], tap);
+            tap(Tap::AttnOut, Some(l), &attn);
             add_in_place(&mut x, &attn);
             let mut m = x.clone();
             ops::rms_norm_rows(&mut m, &layer.post_attention_layernorm, c.rms_norm_eps);
+            tap(Tap::MlpNorm, Some(l), &m);
             let mlp = match &layer.mlp {
                 Mlp::Dense(mlp) => self.gated_mlp(mlp, &m, t),
-                Mlp::Moe { gate, experts } => self.moe(gate, experts, &m, t),
+                Mlp::Moe { gate, experts } => self.moe(l, gate, experts, &m, t, tap),
             };
+            tap(Tap::MlpOut, Some(l), &mlp);
             add_in_place(&mut x, &mlp);
+            tap(Tap::Hidden, Some(l), &x);
         }
         cache.len += t;
         ops::rms_norm_rows(&mut x, &self.norm, c.rms_norm_eps);
+        tap(Tap::FinalNorm, None, &x);
         let head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
         let data = ops::linear(&x, t, h, head, c.vocab_size);
         Ok(Logits {
@@ -493,6 +546,7 @@ impl CpuModel {
         start: usize,
         rope: &[(Vec<f32>, Vec<f32>)],
         kv: &mut LayerKv,
+        tap: &mut TapFn<'_>,
     ) -> Vec<f32> {
         let c = &self.config;
         let d = c.head_dim;
@@ -508,6 +562,9 @@ impl CpuModel {
             ops::apply_rope(&mut k[i * kvdim..(i + 1) * kvdim], d, cos, sin);
         }
         kv.k.extend_from_slice(&k);
+        tap(Tap::Q, Some(l), &q);
+        tap(Tap::K, Some(l), &k);
+        tap(Tap::V, Some(l), &v);
         kv.v.extend_from_slice(&v);
         let shape = AttentionShape {
             num_heads: c.num_attention_heads,
@@ -516,6 +573,7 @@ impl CpuModel {
             scale: 1.0 / (d as f64).sqrt(),
         };
         let o = self.policy.attend(l, &shape, start, &q, kv);
+        tap(Tap::Attn, Some(l), &o);
         self.linear(&w.o_proj, &o, t)
     }
 
@@ -529,11 +587,20 @@ impl CpuModel {
     /// Sparse MoE block: router softmax (f64, rounded to f32) over all experts, top-k, renormalised when
     /// `norm_topk_prob`; each expert runs on the tokens routed to it (in parallel over experts); a token's expert
     /// outputs are added in ascending expert order.
-    fn moe(&self, gate: &[f32], experts: &[GatedMlp], x: &[f32], t: usize) -> Vec<f32> {
+    fn moe(
+        &self,
+        l: usize,
+        gate: &[f32],
+        experts: &[GatedMlp],
+        x: &[f32],
+        t: usize,
+        tap: &mut TapFn<'_>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let h = c.hidden_size;
         let ne = c.num_experts;
         let router = ops::linear(x, t, h, gate, ne);
+        tap(Tap::RouterLogits, Some(l), &router);
         // routed[e] = [(token, weight)]
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         for tok in 0..t {
@@ -614,6 +681,14 @@ pub fn tensor_shapes(c: &Qwen3MoeConfig) -> Vec<(String, Vec<usize>)> {
         v.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
     }
     v
+}
+
+/// Bytes of f32 weights a [`CpuModel`] of this config holds (4 per parameter).
+pub fn f32_weight_bytes(c: &Qwen3MoeConfig) -> u64 {
+    tensor_shapes(c)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
+        .sum()
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

@@ -201,6 +201,49 @@ fn attention_policy_hook_is_called_per_layer() {
 }
 
 #[test]
+fn trace_reports_every_stage_with_its_width() {
+    let c = mixed();
+    let m = model(&c, ActivationMode::F32, 2);
+    let mut seen: Vec<(Tap, Option<usize>, usize)> = Vec::new();
+    let mut last_hidden = Vec::new();
+    let logits = m
+        .prefill_traced(&TOKENS, &mut m.new_cache(), &mut |p, l, v| {
+            seen.push((p, l, v.len() / TOKENS.len()));
+            if p == Tap::FinalNorm {
+                last_hidden = v.to_vec();
+            }
+        })
+        .unwrap();
+    assert_eq!(logits, m.prefill(&TOKENS, &mut m.new_cache()).unwrap());
+    assert_eq!(seen[0], (Tap::Embed, None, 256));
+    assert_eq!(*seen.last().unwrap(), (Tap::FinalNorm, None, 256));
+    let layer1: Vec<(Tap, usize)> = seen
+        .iter()
+        .filter(|s| s.1 == Some(1))
+        .map(|s| (s.0, s.2))
+        .collect();
+    use Tap::*;
+    assert_eq!(
+        layer1,
+        [
+            (AttnNorm, 256),
+            (Q, 1024),
+            (K, 256),
+            (V, 256),
+            (Attn, 1024),
+            (AttnOut, 256),
+            (MlpNorm, 256),
+            (RouterLogits, 8),
+            (MlpOut, 256),
+            (Hidden, 256)
+        ]
+    );
+    // Layer 0 is dense: no router.
+    assert!(!seen.iter().any(|s| s.0 == RouterLogits && s.1 == Some(0)));
+    assert_eq!(last_hidden.len(), TOKENS.len() * 256);
+}
+
+#[test]
 fn first_token_attends_to_itself_only() {
     // With one position, attention returns that position's V (query head h reads KV head h / 2).
     let s = AttentionShape {
