@@ -710,3 +710,23 @@ fn no_tensor_asked() {
     assert!(ck.rows_f32("model.embed_tokens.weight", 319, 2).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn hostile_tensor_names_are_just_unexpected() {
+    let cfg = Qwen3MoeConfig::preset("tiny").unwrap();
+    let deep = format!(
+        "model.layers.0.self_attn.q_proj.weight{}",
+        "_scale_inv".repeat(200_000)
+    );
+    assert!(hga::model::checkpoint::spec_for(&cfg, &deep).is_none());
+    for n in [
+        "model.layers.+1.input_layernorm.weight",
+        "model.layers.99999999999999999999.input_layernorm.weight",
+        "model.layers..input_layernorm.weight",
+        "lm_head.weight_scale_inv",
+    ] {
+        assert!(hga::model::checkpoint::spec_for(&cfg, n).is_none(), "{n}");
+    }
+    let e = config_err(|v| v["mlp_only_layers"] = json!(vec![0; 5000]));
+    assert_has(&e, &["`mlp_only_layers`", "at most 4096 entries"]);
+}

@@ -131,10 +131,7 @@ pub enum TensorKind {
     /// F8_E4M3 weight whose block scales are `<name>_scale_inv` of shape `scale_shape`.
     Fp8Weight { scale_shape: Vec<usize> },
     /// BF16/F16/F32 block scales of the FP8 weight `weight` (shape `weight_shape`).
-    Fp8Scale {
-        weight: String,
-        weight_shape: Vec<usize>,
-    },
+    Fp8Scale { weight: String, weight_shape: Vec<usize> },
 }
 
 /// Role of a tensor in the model (the generator picks its initial distribution from it).
@@ -177,27 +174,17 @@ fn linear(cfg: &Qwen3MoeConfig, module: &str, out: usize, inp: usize, role: Role
             let [b0, b1] = q.weight_block_size;
             TensorSpec {
                 shape,
-                kind: TensorKind::Fp8Weight {
-                    scale_shape: vec![out.div_ceil(b0), inp.div_ceil(b1)],
-                },
+                kind: TensorKind::Fp8Weight { scale_shape: vec![out.div_ceil(b0), inp.div_ceil(b1)] },
                 role,
             }
         }
-        _ => TensorSpec {
-            shape,
-            kind: TensorKind::Float,
-            role,
-        },
+        _ => TensorSpec { shape, kind: TensorKind::Float, role },
     }
 }
 
 /// Parses a canonical decimal index (no sign, no leading zeros) below `limit`.
 fn parse_index(s: &str, limit: usize) -> Option<usize> {
-    if s.is_empty()
-        || s.len() > 10
-        || (s.len() > 1 && s.starts_with('0'))
-        || !s.bytes().all(|b| b.is_ascii_digit())
-    {
+    if s.is_empty() || s.len() > 10 || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse().ok().filter(|&n| n < limit)
@@ -207,27 +194,21 @@ fn parse_index(s: &str, limit: usize) -> Option<usize> {
 /// `lm_head.weight` with tied embeddings is None (the caller treats it as benign).
 pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
     if let Some(base) = name.strip_suffix(SCALE_SUFFIX) {
+        if base.ends_with(SCALE_SUFFIX) {
+            return None; // no scale of a scale (and no deep recursion on hostile names)
+        }
         let w = spec_for(cfg, base)?;
         return match w.kind {
             TensorKind::Fp8Weight { scale_shape } => Some(TensorSpec {
                 shape: scale_shape,
-                kind: TensorKind::Fp8Scale {
-                    weight: base.to_string(),
-                    weight_shape: w.shape,
-                },
+                kind: TensorKind::Fp8Scale { weight: base.to_string(), weight_shape: w.shape },
                 role: Role::Scale,
             }),
             _ => None,
         };
     }
     let h = cfg.hidden_size;
-    let float = |shape: Vec<usize>, role| {
-        Some(TensorSpec {
-            shape,
-            kind: TensorKind::Float,
-            role,
-        })
-    };
+    let float = |shape: Vec<usize>, role| Some(TensorSpec { shape, kind: TensorKind::Float, role });
     match name {
         "model.embed_tokens.weight" => return float(vec![cfg.vocab_size, h], Role::Embedding),
         "model.norm.weight" => return float(vec![h], Role::Norm),
@@ -240,30 +221,17 @@ pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
     let (l, rest) = rest.split_once('.')?;
     let l = parse_index(l, cfg.num_hidden_layers)?;
     let module = name.strip_suffix(".weight").unwrap_or(name);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
     match rest {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => {
-            return float(vec![h], Role::Norm)
-        }
-        "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => {
-            return float(vec![cfg.head_dim], Role::Norm)
-        }
-        "self_attn.q_proj.weight" => {
-            return Some(linear(cfg, module, q, h, Role::Linear { residual: false }))
-        }
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => return float(vec![h], Role::Norm),
+        "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => return float(vec![cfg.head_dim], Role::Norm),
+        "self_attn.q_proj.weight" => return Some(linear(cfg, module, q, h, Role::Linear { residual: false })),
         "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
             return Some(linear(cfg, module, kv, h, Role::Linear { residual: false }))
         }
-        "self_attn.o_proj.weight" => {
-            return Some(linear(cfg, module, h, q, Role::Linear { residual: true }))
-        }
+        "self_attn.o_proj.weight" => return Some(linear(cfg, module, h, q, Role::Linear { residual: true })),
         "self_attn.q_proj.bias" if cfg.attention_bias => return float(vec![q], Role::Bias),
-        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" if cfg.attention_bias => {
-            return float(vec![kv], Role::Bias)
-        }
+        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" if cfg.attention_bias => return float(vec![kv], Role::Bias),
         "self_attn.o_proj.bias" if cfg.attention_bias => return float(vec![h], Role::Bias),
         _ => {}
     }
@@ -276,18 +244,14 @@ pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
         parse_index(e, cfg.num_experts)?;
         let i = cfg.moe_intermediate_size;
         match proj {
-            "gate_proj.weight" | "up_proj.weight" => {
-                Some(linear(cfg, module, i, h, Role::Linear { residual: false }))
-            }
+            "gate_proj.weight" | "up_proj.weight" => Some(linear(cfg, module, i, h, Role::Linear { residual: false })),
             "down_proj.weight" => Some(linear(cfg, module, h, i, Role::Linear { residual: true })),
             _ => None,
         }
     } else {
         let i = cfg.intermediate_size;
         match mlp {
-            "gate_proj.weight" | "up_proj.weight" => {
-                Some(linear(cfg, module, i, h, Role::Linear { residual: false }))
-            }
+            "gate_proj.weight" | "up_proj.weight" => Some(linear(cfg, module, i, h, Role::Linear { residual: false })),
             "down_proj.weight" => Some(linear(cfg, module, h, i, Role::Linear { residual: true })),
             _ => None,
         }
@@ -299,21 +263,12 @@ pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
 pub fn expected_names(cfg: &Qwen3MoeConfig) -> impl Iterator<Item = String> + '_ {
     let layers = (0..cfg.num_hidden_layers).flat_map(move |l| {
         let p = format!("model.layers.{l}.");
-        let mut v: Vec<String> = [
-            "input_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-        ]
-        .iter()
-        .map(|m| format!("{p}{m}.weight"))
-        .collect();
+        let mut v: Vec<String> = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+            .iter()
+            .map(|m| format!("{p}{m}.weight"))
+            .collect();
         if cfg.attention_bias {
-            v.extend(
-                ["q", "k", "v"]
-                    .iter()
-                    .map(|m| format!("{p}self_attn.{m}_proj.bias")),
-            );
+            v.extend(["q", "k", "v"].iter().map(|m| format!("{p}self_attn.{m}_proj.bias")));
         }
         v.push(format!("{p}self_attn.q_norm.weight"));
         v.push(format!("{p}self_attn.k_norm.weight"));
@@ -326,36 +281,24 @@ pub fn expected_names(cfg: &Qwen3MoeConfig) -> impl Iterator<Item = String> + '_
         if moe {
             v.push(format!("{p}mlp.gate.weight"));
         } else {
-            v.extend(
-                ["gate", "up", "down"]
-                    .iter()
-                    .map(|m| format!("{p}mlp.{m}_proj.weight")),
-            );
+            v.extend(["gate", "up", "down"].iter().map(|m| format!("{p}mlp.{m}_proj.weight")));
         }
         let experts = if moe { cfg.num_experts } else { 0 };
         let p2 = p.clone();
         v.into_iter().chain((0..experts).flat_map(move |e| {
             let p2 = p2.clone();
-            ["gate", "up", "down"]
-                .into_iter()
-                .map(move |m| format!("{p2}mlp.experts.{e}.{m}_proj.weight"))
+            ["gate", "up", "down"].into_iter().map(move |m| format!("{p2}mlp.experts.{e}.{m}_proj.weight"))
         }))
     });
     let tail = std::iter::once("model.norm.weight".to_string())
         .chain((!cfg.tie_word_embeddings).then(|| "lm_head.weight".to_string()));
-    std::iter::once("model.embed_tokens.weight".to_string())
-        .chain(layers)
-        .chain(tail)
-        .flat_map(move |n| {
-            let scale = match spec_for(cfg, &n) {
-                Some(TensorSpec {
-                    kind: TensorKind::Fp8Weight { .. },
-                    ..
-                }) => Some(format!("{n}{SCALE_SUFFIX}")),
-                _ => None,
-            };
-            std::iter::once(n).chain(scale)
-        })
+    std::iter::once("model.embed_tokens.weight".to_string()).chain(layers).chain(tail).flat_map(move |n| {
+        let scale = match spec_for(cfg, &n) {
+            Some(TensorSpec { kind: TensorKind::Fp8Weight { .. }, .. }) => Some(format!("{n}{SCALE_SUFFIX}")),
+            _ => None,
+        };
+        std::iter::once(n).chain(scale)
+    })
 }
 
 /// One tensor entry of a safetensors header.
@@ -383,37 +326,21 @@ pub struct Header {
 /// exactly at the end of the file. `file` only names the file in errors. `prefix` may be just the first bytes of the
 /// file as long as it holds the whole header.
 pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header, ModelError> {
-    let herr = |m: String| ModelError::Header {
-        file: file.to_string(),
-        message: m,
-    };
+    let herr = |m: String| ModelError::Header { file: file.to_string(), message: m };
     if file_len < 8 || prefix.len() < 8 {
-        return Err(herr(format!(
-            "the file is {file_len} bytes, shorter than the 8-byte header length"
-        )));
+        return Err(herr(format!("the file is {file_len} bytes, shorter than the 8-byte header length")));
     }
     let n = u64::from_le_bytes(prefix[..8].try_into().unwrap_or([0; 8]));
     if n > MAX_HEADER {
-        return Err(herr(format!(
-            "header length {n} exceeds the {MAX_HEADER}-byte limit"
-        )));
+        return Err(herr(format!("header length {n} exceeds the {MAX_HEADER}-byte limit")));
     }
     if 8 + n > file_len {
-        return Err(ModelError::Truncated {
-            file: file.to_string(),
-            expected: 8 + n,
-            found: file_len,
-        });
+        return Err(ModelError::Truncated { file: file.to_string(), expected: 8 + n, found: file_len });
     }
-    let text = prefix
-        .get(8..8 + n as usize)
-        .ok_or_else(|| herr(format!("header of {n} bytes not available")))?;
+    let text = prefix.get(8..8 + n as usize).ok_or_else(|| herr(format!("header of {n} bytes not available")))?;
     let text = std::str::from_utf8(text).map_err(|e| herr(format!("header is not UTF-8: {e}")))?;
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| herr(format!("header is not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| herr("header is not a JSON object".into()))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| herr(format!("header is not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| herr("header is not a JSON object".into()))?;
     let mut tensors = Vec::with_capacity(obj.len());
     for (name, e) in obj {
         if name == "__metadata__" {
@@ -423,15 +350,9 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header, 
             continue;
         }
         let terr = |m: &str| herr(format!("tensor `{name}`: {m}"));
-        let e = e
-            .as_object()
-            .ok_or_else(|| terr("entry is not an object"))?;
-        let dtype_s = e
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| terr("no string `dtype`"))?;
-        let dtype =
-            Dtype::parse(dtype_s).ok_or_else(|| terr(&format!("unknown dtype \"{dtype_s}\"")))?;
+        let e = e.as_object().ok_or_else(|| terr("entry is not an object"))?;
+        let dtype_s = e.get("dtype").and_then(Value::as_str).ok_or_else(|| terr("no string `dtype`"))?;
+        let dtype = Dtype::parse(dtype_s).ok_or_else(|| terr(&format!("unknown dtype \"{dtype_s}\"")))?;
         let shape = e
             .get("shape")
             .and_then(Value::as_array)
@@ -458,13 +379,7 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header, 
                 off.1.wrapping_sub(off.0) as i128
             )));
         }
-        tensors.push(HeaderEntry {
-            name: name.clone(),
-            dtype,
-            shape,
-            begin: off.0,
-            end: off.1,
-        });
+        tensors.push(HeaderEntry { name: name.clone(), dtype, shape, begin: off.0, end: off.1 });
     }
     // Contiguity: sorted by offsets, each starts where the previous ended.
     let mut by_off: Vec<&HeaderEntry> = tensors.iter().collect();
@@ -482,23 +397,13 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header, 
     let data_start = 8 + n;
     let have = file_len - data_start;
     if pos > have {
-        return Err(ModelError::Truncated {
-            file: file.to_string(),
-            expected: pos,
-            found: have,
-        });
+        return Err(ModelError::Truncated { file: file.to_string(), expected: pos, found: have });
     }
     if pos < have {
-        return Err(herr(format!(
-            "{} trailing bytes after the last tensor (data ends at {pos})",
-            have - pos
-        )));
+        return Err(herr(format!("{} trailing bytes after the last tensor (data ends at {pos})", have - pos)));
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Header {
-        data_start,
-        tensors,
-    })
+    Ok(Header { data_start, tensors })
 }
 
 /// The bytes of one file: a memory map or an owned buffer (in-memory checkpoints, fuzzing).
@@ -572,30 +477,14 @@ impl fmt::Debug for Checkpoint {
 }
 
 fn parse_index_json(text: &str) -> Result<Vec<(String, String)>, ModelError> {
-    let ierr = |m: String| ModelError::Index {
-        file: INDEX_FILE.into(),
-        message: m,
-    };
-    let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Json {
-        file: INDEX_FILE.into(),
-        message: e.to_string(),
-    })?;
-    let wm = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ierr("no `weight_map` object".into()))?;
+    let ierr = |m: String| ModelError::Index { file: INDEX_FILE.into(), message: m };
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| ModelError::Json { file: INDEX_FILE.into(), message: e.to_string() })?;
+    let wm = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| ierr("no `weight_map` object".into()))?;
     let mut out = Vec::with_capacity(wm.len());
     for (t, f) in wm {
-        let f = f
-            .as_str()
-            .ok_or_else(|| ierr(format!("weight_map[`{t}`] is not a string")))?;
-        if f.is_empty()
-            || f.contains('/')
-            || f.contains('\\')
-            || f == "."
-            || f == ".."
-            || f.contains('\0')
-        {
+        let f = f.as_str().ok_or_else(|| ierr(format!("weight_map[`{t}`] is not a string")))?;
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." || f.contains('\0') {
             return Err(ierr(format!(
                 "weight_map[`{t}`] = `{f}` is not a plain file name in the checkpoint directory"
             )));
@@ -613,13 +502,11 @@ impl Checkpoint {
     /// `model.safetensors`. Validates every tensor (see the module doc) before returning.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let cfg_path = dir.join("config.json");
-        let cfg_text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let config = Qwen3MoeConfig::from_json_str(&cfg_text)?;
         let index_path = dir.join(INDEX_FILE);
         let (index, files) = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let map = parse_index_json(&text)?;
             let mut files: Vec<String> = map.iter().map(|(_, f)| f.clone()).collect();
             files.sort();
@@ -628,25 +515,19 @@ impl Checkpoint {
         } else if dir.join(SINGLE_FILE).exists() {
             (None, vec![SINGLE_FILE.to_string()])
         } else {
-            return Err(ModelError::NoWeights {
-                dir: dir.to_path_buf(),
-            });
+            return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
         };
         let mut shards = Vec::with_capacity(files.len());
         for f in files {
             let p = dir.join(&f);
             if index.is_some() && !p.is_file() {
-                return Err(ModelError::MissingShard {
-                    index: INDEX_FILE.into(),
-                    shard: f,
-                });
+                return Err(ModelError::MissingShard { index: INDEX_FILE.into(), shard: f });
             }
             let file = std::fs::File::open(&p).map_err(|e| ModelError::io(&p, e))?;
             let len = file.metadata().map_err(|e| ModelError::io(&p, e))?.len();
             let backing = if len < 4096 {
                 let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut &file, &mut v)
-                    .map_err(|e| ModelError::io(&p, e))?;
+                std::io::Read::read_to_end(&mut &file, &mut v).map_err(|e| ModelError::io(&p, e))?;
                 Backing::Bytes(v)
             } else {
                 // SAFETY: the map is read-only; the checkpoint files are not expected to change while open (as every
@@ -677,30 +558,18 @@ impl Checkpoint {
                 names.dedup();
                 let mut shards = Vec::new();
                 for n in names {
-                    let b = files.remove(&n).ok_or_else(|| ModelError::MissingShard {
-                        index: INDEX_FILE.into(),
-                        shard: n.clone(),
-                    })?;
-                    shards.push(Shard {
-                        name: n,
-                        backing: Backing::Bytes(b),
-                    });
+                    let b = files
+                        .remove(&n)
+                        .ok_or_else(|| ModelError::MissingShard { index: INDEX_FILE.into(), shard: n.clone() })?;
+                    shards.push(Shard { name: n, backing: Backing::Bytes(b) });
                 }
                 (Some(map), shards)
             }
             None => {
                 let b = files
                     .remove(SINGLE_FILE)
-                    .ok_or_else(|| ModelError::NoWeights {
-                        dir: PathBuf::from("<memory>"),
-                    })?;
-                (
-                    None,
-                    vec![Shard {
-                        name: SINGLE_FILE.into(),
-                        backing: Backing::Bytes(b),
-                    }],
-                )
+                    .ok_or_else(|| ModelError::NoWeights { dir: PathBuf::from("<memory>") })?;
+                (None, vec![Shard { name: SINGLE_FILE.into(), backing: Backing::Bytes(b) }])
             }
         };
         Self::assemble(config, PathBuf::new(), index, shards)
@@ -737,8 +606,7 @@ impl Checkpoint {
         }
         // 2. Index against shards.
         if let Some(map) = &index {
-            let listed: HashMap<&str, &str> =
-                map.iter().map(|(t, f)| (t.as_str(), f.as_str())).collect();
+            let listed: HashMap<&str, &str> = map.iter().map(|(t, f)| (t.as_str(), f.as_str())).collect();
             for (t, f) in map {
                 let ok = entries.get(t).is_some_and(|e| shards[e.shard].name == *f);
                 if !ok {
@@ -751,10 +619,7 @@ impl Checkpoint {
             }
             for (t, e) in &entries {
                 if listed.get(t.as_str()) != Some(&shards[e.shard].name.as_str()) {
-                    return Err(ModelError::TensorNotInIndex {
-                        file: shards[e.shard].name.clone(),
-                        tensor: t.clone(),
-                    });
+                    return Err(ModelError::TensorNotInIndex { file: shards[e.shard].name.clone(), tensor: t.clone() });
                 }
             }
         }
@@ -770,15 +635,10 @@ impl Checkpoint {
                     continue;
                 }
                 if name.ends_with("rotary_emb.inv_freq") {
-                    warnings.push(format!(
-                        "{file}: `{name}` ignored (RoPE frequencies are computed from rope_theta)"
-                    ));
+                    warnings.push(format!("{file}: `{name}` ignored (RoPE frequencies are computed from rope_theta)"));
                     continue;
                 }
-                return Err(ModelError::UnexpectedTensor {
-                    file: file.clone(),
-                    tensor: name.clone(),
-                });
+                return Err(ModelError::UnexpectedTensor { file: file.clone(), tensor: name.clone() });
             };
             let dtype_ok = match spec.kind {
                 TensorKind::Fp8Weight { .. } => e.dtype == Dtype::F8_E4M3,
@@ -799,10 +659,7 @@ impl Checkpoint {
             }
             if e.shape != spec.shape {
                 if let TensorKind::Fp8Scale { weight_shape, .. } = &spec.kind {
-                    let block = config
-                        .quantization
-                        .as_ref()
-                        .map_or([0, 0], |q| q.weight_block_size);
+                    let block = config.quantization.as_ref().map_or([0, 0], |q| q.weight_block_size);
                     return Err(ModelError::WrongScaleShape {
                         file: file.clone(),
                         tensor: name.clone(),
@@ -820,49 +677,27 @@ impl Checkpoint {
             }
             if let TensorKind::Fp8Scale { .. } = spec.kind {
                 let data = &shards[e.shard].backing.bytes()[e.begin..e.end];
-                if let Some((i, v)) = to_f32(e.dtype, data)
-                    .into_iter()
-                    .enumerate()
-                    .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+                if let Some((i, v)) =
+                    to_f32(e.dtype, data).into_iter().enumerate().find(|(_, v)| !(v.is_finite() && *v >= 0.0))
                 {
-                    return Err(ModelError::BadScale {
-                        file: file.clone(),
-                        tensor: name.clone(),
-                        index: i,
-                        value: v,
-                    });
+                    return Err(ModelError::BadScale { file: file.clone(), tensor: name.clone(), index: i, value: v });
                 }
             }
         }
         // 4. Missing tensors. All present names that matter are valid and distinct, so the first missing expected
         // name is found within (present + 1) steps.
-        let ck = Checkpoint {
-            config,
-            dir,
-            shards,
-            entries,
-            warnings,
-        };
+        let ck = Checkpoint { config, dir, shards, entries, warnings };
         for n in expected_names(&ck.config) {
             if !ck.entries.contains_key(&n) {
-                let expected = spec_for(&ck.config, &n)
-                    .map(|s| s.describe())
-                    .unwrap_or_default();
-                return Err(ModelError::MissingTensor {
-                    tensor: n,
-                    expected,
-                });
+                let expected = spec_for(&ck.config, &n).map(|s| s.describe()).unwrap_or_default();
+                return Err(ModelError::MissingTensor { tensor: n, expected });
             }
         }
         Ok(ck)
     }
 
     fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| ModelError::NoSuchTensor {
-                tensor: name.to_string(),
-            })
+        self.entries.get(name).ok_or_else(|| ModelError::NoSuchTensor { tensor: name.to_string() })
     }
 
     /// Tensor names, sorted.
@@ -897,9 +732,7 @@ impl Checkpoint {
 
     /// Whether `name` is an FP8 weight (with a `<name>_scale_inv`).
     pub fn is_fp8(&self, name: &str) -> bool {
-        self.entries
-            .get(name)
-            .is_some_and(|e| e.dtype == Dtype::F8_E4M3)
+        self.entries.get(name).is_some_and(|e| e.dtype == Dtype::F8_E4M3)
     }
 
     /// The weight files, in the order they were opened.
@@ -909,10 +742,7 @@ impl Checkpoint {
 
     /// Total bytes of tensor data.
     pub fn total_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .map(|e| (e.end - e.begin) as u64)
-            .sum()
+        self.entries.values().map(|e| (e.end - e.begin) as u64).sum()
     }
 
     /// Non-fatal findings (ignored benign tensors).
@@ -924,12 +754,7 @@ impl Checkpoint {
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, ModelError> {
         let e = self.entry(name)?;
         let s = &self.shards[e.shard];
-        Ok(RawTensor {
-            dtype: e.dtype,
-            shape: &e.shape,
-            data: &s.backing.bytes()[e.begin..e.end],
-            file: &s.name,
-        })
+        Ok(RawTensor { dtype: e.dtype, shape: &e.shape, data: &s.backing.bytes()[e.begin..e.end], file: &s.name })
     }
 
     /// An FP8 weight's e4m3 bytes and its f32 block scales (for GPU upload).
@@ -944,11 +769,7 @@ impl Checkpoint {
             });
         }
         let s = self.raw(&format!("{name}{SCALE_SUFFIX}"))?;
-        let block = self
-            .config
-            .quantization
-            .as_ref()
-            .map_or([1, 1], |q| q.weight_block_size);
+        let block = self.config.quantization.as_ref().map_or([1, 1], |q| q.weight_block_size);
         Ok(Fp8Weight {
             shape: [w.shape[0], w.shape[1]],
             data: w.data,
@@ -963,12 +784,7 @@ impl Checkpoint {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let e = self.entry(name)?;
         let cols = e.shape.last().copied().unwrap_or(1);
-        let rows = e
-            .shape
-            .iter()
-            .product::<usize>()
-            .checked_div(cols)
-            .unwrap_or(0);
+        let rows = e.shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
         self.rows_f32(name, 0, rows)
     }
 
@@ -977,12 +793,7 @@ impl Checkpoint {
     pub fn rows_f32(&self, name: &str, start: usize, count: usize) -> Result<Vec<f32>, ModelError> {
         let e = self.entry(name)?;
         let cols = e.shape.last().copied().unwrap_or(1);
-        let rows = e
-            .shape
-            .iter()
-            .product::<usize>()
-            .checked_div(cols)
-            .unwrap_or(0);
+        let rows = e.shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
         if start.checked_add(count).is_none_or(|end| end > rows) {
             return Err(ModelError::WrongShape {
                 file: self.shards[e.shard].name.clone(),
@@ -1003,11 +814,7 @@ impl Checkpoint {
         let mut out = Vec::with_capacity(count * cols);
         for (r, row) in part.chunks_exact(cols.max(1)).enumerate().take(count) {
             let srow = &w.scales[((start + r) / b0) * sc..][..sc];
-            out.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(j, &q)| e4m3_to_f32(q) * srow[j / b1]),
-            );
+            out.extend(row.iter().enumerate().map(|(j, &q)| e4m3_to_f32(q) * srow[j / b1]));
         }
         Ok(out)
     }
@@ -1017,18 +824,11 @@ impl Checkpoint {
 /// NaN (they never pass validation).
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        Dtype::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+        }
         Dtype::F8_E4M3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
         d => vec![f32::NAN; bytes.len() / d.size()],
     }
@@ -1098,10 +898,7 @@ fn synthesize_file(part: &[u8]) -> Vec<u8> {
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .and_then(|v| {
             v.as_object().map(|o| {
-                o.values()
-                    .filter_map(|e| e.get("data_offsets")?.as_array()?.get(1)?.as_u64())
-                    .max()
-                    .unwrap_or(0)
+                o.values().filter_map(|e| e.get("data_offsets")?.as_array()?.get(1)?.as_u64()).max().unwrap_or(0)
             })
         })
         .unwrap_or(0)
@@ -1111,9 +908,7 @@ fn synthesize_file(part: &[u8]) -> Vec<u8> {
     f.extend_from_slice(part);
     let mut x = part.len() as u64 ^ 0x9E37_79B9_7F4A_7C15;
     for _ in 0..need {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         // Mostly small positive values: keep scales valid often enough that the fuzzer gets past them.
         f.push(((x >> 59) as u8) | 0x30);
     }
@@ -1167,7 +962,10 @@ pub fn fuzz_seeds() -> Vec<Vec<u8>> {
                 TensorKind::Fp8Scale { .. } => scale,
             };
             let b = s.shape.iter().product::<usize>() as u64 * dtype.size() as u64;
-            m.insert(n.clone(), serde_json::json!({"dtype": dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + b]}));
+            m.insert(
+                n.clone(),
+                serde_json::json!({"dtype": dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + b]}),
+            );
             off += b;
         }
         Value::Object(m).to_string().into_bytes()
@@ -1187,21 +985,14 @@ pub fn fuzz_seeds() -> Vec<Vec<u8>> {
             input.push(0xFF);
             input.extend(header(&cfg, &names, scale));
         } else {
-            let files = [
-                "model-00001-of-00002.safetensors",
-                "model-00002-of-00002.safetensors",
-            ];
+            let files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
             let half = names.len() / 2;
             let map: serde_json::Map<String, Value> = names
                 .iter()
                 .enumerate()
                 .map(|(i, n)| (n.clone(), Value::from(files[usize::from(i >= half)])))
                 .collect();
-            input.extend(
-                serde_json::json!({"weight_map": map})
-                    .to_string()
-                    .into_bytes(),
-            );
+            input.extend(serde_json::json!({"weight_map": map}).to_string().into_bytes());
             for part in [&names[..half], &names[half..]] {
                 input.push(0xFF);
                 input.extend(header(&cfg, part, scale));

@@ -62,10 +62,7 @@ const MAX_DIM: usize = 1 << 24;
 fn describe(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 60 {
-        format!(
-            "{}...",
-            &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)]
-        )
+        format!("{}...", &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)])
     } else {
         s
     }
@@ -83,23 +80,15 @@ fn get_usize(o: &Map<String, Value>, key: &str) -> Result<Option<usize>, ModelEr
 }
 
 fn req_usize(o: &Map<String, Value>, key: &str) -> Result<usize, ModelError> {
-    get_usize(o, key)?.ok_or_else(|| ModelError::MissingKey {
-        key: key.to_string(),
-    })
+    get_usize(o, key)?.ok_or_else(|| ModelError::MissingKey { key: key.to_string() })
 }
 
 fn req_f64(o: &Map<String, Value>, key: &str) -> Result<f64, ModelError> {
     match o.get(key) {
-        None | Some(Value::Null) => Err(ModelError::MissingKey {
-            key: key.to_string(),
-        }),
+        None | Some(Value::Null) => Err(ModelError::MissingKey { key: key.to_string() }),
         Some(v) => match v.as_f64() {
             Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            _ => Err(ModelError::bad(
-                key,
-                "a positive finite number",
-                describe(v),
-            )),
+            _ => Err(ModelError::bad(key, "a positive finite number", describe(v))),
         },
     }
 }
@@ -121,11 +110,7 @@ fn get_token(o: &Map<String, Value>, key: &str) -> Result<Option<u32>, ModelErro
     };
     match v.as_u64() {
         Some(n) if n <= u32::MAX as u64 => Ok(Some(n as u32)),
-        _ => Err(ModelError::bad(
-            key,
-            "a token id (u32) or a list of them",
-            describe(v),
-        )),
+        _ => Err(ModelError::bad(key, "a token id (u32) or a list of them", describe(v))),
     }
 }
 
@@ -141,41 +126,19 @@ fn parse_quantization(q: &Value) -> Result<Option<Fp8Quantization>, ModelError> 
     let o = match q {
         Value::Null => return Ok(None),
         Value::Object(o) => o,
-        v => {
-            return Err(ModelError::bad(
-                "quantization_config",
-                "an object",
-                describe(v),
-            ))
-        }
+        v => return Err(ModelError::bad("quantization_config", "an object", describe(v))),
     };
     match get_str(o, "quant_method")? {
         Some("fp8") => {}
-        Some(m) => {
-            return Err(ModelError::bad(
-                "quantization_config.quant_method",
-                "\"fp8\"",
-                format!("\"{m}\""),
-            ))
-        }
-        None => {
-            return Err(ModelError::MissingKey {
-                key: "quantization_config.quant_method".into(),
-            })
-        }
+        Some(m) => return Err(ModelError::bad("quantization_config.quant_method", "\"fp8\"", format!("\"{m}\""))),
+        None => return Err(ModelError::MissingKey { key: "quantization_config.quant_method".into() }),
     }
     if let Some(f) = get_str(o, "fmt")? {
         if f != "e4m3" {
-            return Err(ModelError::bad(
-                "quantization_config.fmt",
-                "\"e4m3\"",
-                format!("\"{f}\""),
-            ));
+            return Err(ModelError::bad("quantization_config.fmt", "\"e4m3\"", format!("\"{f}\"")));
         }
     }
-    let activation_scheme = get_str(o, "activation_scheme")?
-        .unwrap_or("dynamic")
-        .to_string();
+    let activation_scheme = get_str(o, "activation_scheme")?.unwrap_or("dynamic").to_string();
     if activation_scheme != "dynamic" {
         return Err(ModelError::bad(
             "quantization_config.activation_scheme",
@@ -186,24 +149,11 @@ fn parse_quantization(q: &Value) -> Result<Option<Fp8Quantization>, ModelError> 
     let key = "quantization_config.weight_block_size";
     let weight_block_size = match o.get("weight_block_size") {
         None | Some(Value::Null) => return Err(ModelError::MissingKey { key: key.into() }),
-        Some(v) => match v
-            .as_array()
-            .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
-        {
-            Some(a)
-                if a.len() == 2
-                    && a.iter()
-                        .all(|x| matches!(x, Some(n) if *n >= 1 && *n <= 1 << 16)) =>
-            {
+        Some(v) => match v.as_array().map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>()) {
+            Some(a) if a.len() == 2 && a.iter().all(|x| matches!(x, Some(n) if *n >= 1 && *n <= 1 << 16)) => {
                 [a[0].unwrap_or(1) as usize, a[1].unwrap_or(1) as usize]
             }
-            _ => {
-                return Err(ModelError::bad(
-                    key,
-                    "two positive integers [rows, cols]",
-                    describe(v),
-                ))
-            }
+            _ => return Err(ModelError::bad(key, "two positive integers [rows, cols]", describe(v))),
         },
     };
     let key = "quantization_config.modules_to_not_convert";
@@ -212,27 +162,19 @@ fn parse_quantization(q: &Value) -> Result<Option<Fp8Quantization>, ModelError> 
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ModelError::bad(key, "a list of strings", describe(x)))
+                x.as_str().map(str::to_string).ok_or_else(|| ModelError::bad(key, "a list of strings", describe(x)))
             })
             .collect::<Result<_, _>>()?,
         Some(v) => return Err(ModelError::bad(key, "a list of strings", describe(v))),
     };
-    Ok(Some(Fp8Quantization {
-        weight_block_size,
-        activation_scheme,
-        modules_to_not_convert,
-    }))
+    Ok(Some(Fp8Quantization { weight_block_size, activation_scheme, modules_to_not_convert }))
 }
 
 impl Qwen3MoeConfig {
     /// Parses and validates a `config.json` text.
     pub fn from_json_str(s: &str) -> Result<Self, ModelError> {
-        let v: Value = serde_json::from_str(s).map_err(|e| ModelError::Json {
-            file: "config.json".into(),
-            message: e.to_string(),
-        })?;
+        let v: Value = serde_json::from_str(s)
+            .map_err(|e| ModelError::Json { file: "config.json".into(), message: e.to_string() })?;
         let o = match &v {
             Value::Object(o) => o,
             other => {
@@ -244,59 +186,36 @@ impl Qwen3MoeConfig {
         };
         if let Some(t) = get_str(o, "model_type")? {
             if t != "qwen3_moe" {
-                return Err(ModelError::bad(
-                    "model_type",
-                    "\"qwen3_moe\"",
-                    format!("\"{t}\""),
-                ));
+                return Err(ModelError::bad("model_type", "\"qwen3_moe\"", format!("\"{t}\"")));
             }
         }
         if let Some(a) = get_str(o, "hidden_act")? {
             if a != "silu" {
-                return Err(ModelError::bad(
-                    "hidden_act",
-                    "\"silu\"",
-                    format!("\"{a}\""),
-                ));
+                return Err(ModelError::bad("hidden_act", "\"silu\"", format!("\"{a}\"")));
             }
         }
         match o.get("rope_scaling") {
             None | Some(Value::Null) => {}
             Some(v) => {
-                return Err(ModelError::bad(
-                    "rope_scaling",
-                    "null (RoPE scaling is not supported)",
-                    describe(v),
-                ))
+                return Err(ModelError::bad("rope_scaling", "null (RoPE scaling is not supported)", describe(v)))
             }
         }
         if get_bool(o, "use_sliding_window", false)? {
-            return Err(ModelError::bad(
-                "use_sliding_window",
-                "false (sliding window is not supported)",
-                true,
-            ));
+            return Err(ModelError::bad("use_sliding_window", "false (sliding window is not supported)", true));
         }
         let mlp_only_layers = match o.get("mlp_only_layers") {
             None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) if a.len() > MAX_LAYERS => {
+                return Err(ModelError::bad("mlp_only_layers", &format!("at most {MAX_LAYERS} entries"), a.len()))
+            }
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| match x.as_u64() {
                     Some(n) if n <= MAX_LAYERS as u64 * 2 => Ok(n as usize),
-                    _ => Err(ModelError::bad(
-                        "mlp_only_layers",
-                        "a list of layer indices",
-                        describe(x),
-                    )),
+                    _ => Err(ModelError::bad("mlp_only_layers", "a list of layer indices", describe(x))),
                 })
                 .collect::<Result<_, _>>()?,
-            Some(v) => {
-                return Err(ModelError::bad(
-                    "mlp_only_layers",
-                    "a list of layer indices",
-                    describe(v),
-                ))
-            }
+            Some(v) => return Err(ModelError::bad("mlp_only_layers", "a list of layer indices", describe(v))),
         };
         let c = Qwen3MoeConfig {
             vocab_size: req_usize(o, "vocab_size")?,
@@ -321,12 +240,9 @@ impl Qwen3MoeConfig {
             eos_token_id: get_token(o, "eos_token_id")?,
             quantization: parse_quantization(o.get("quantization_config").unwrap_or(&Value::Null))?,
         };
-        let any_dense = c.num_hidden_layers <= MAX_LAYERS
-            && (0..c.num_hidden_layers).any(|l| !c.is_moe_layer(l));
+        let any_dense = c.num_hidden_layers <= MAX_LAYERS && (0..c.num_hidden_layers).any(|l| !c.is_moe_layer(l));
         if any_dense && !o.contains_key("intermediate_size") {
-            return Err(ModelError::MissingKey {
-                key: "intermediate_size".into(),
-            });
+            return Err(ModelError::MissingKey { key: "intermediate_size".into() });
         }
         c.validate()?;
         Ok(c)
@@ -356,30 +272,15 @@ impl Qwen3MoeConfig {
             }
         }
         if self.num_hidden_layers > MAX_LAYERS {
-            return Err(ModelError::bad(
-                "num_hidden_layers",
-                &format!("at most {MAX_LAYERS}"),
-                self.num_hidden_layers,
-            ));
+            return Err(ModelError::bad("num_hidden_layers", &format!("at most {MAX_LAYERS}"), self.num_hidden_layers));
         }
         if self.num_experts > MAX_EXPERTS {
-            return Err(ModelError::bad(
-                "num_experts",
-                &format!("at most {MAX_EXPERTS}"),
-                self.num_experts,
-            ));
+            return Err(ModelError::bad("num_experts", &format!("at most {MAX_EXPERTS}"), self.num_experts));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(ModelError::bad(
-                "head_dim",
-                "an even number (RoPE rotates halves)",
-                self.head_dim,
-            ));
+            return Err(ModelError::bad("head_dim", "an even number (RoPE rotates halves)", self.head_dim));
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ModelError::contra(
                 "num_key_value_heads",
                 format!(
@@ -388,72 +289,39 @@ impl Qwen3MoeConfig {
                 ),
             ));
         }
-        if let Some(&l) = self
-            .mlp_only_layers
-            .iter()
-            .find(|&&l| l >= self.num_hidden_layers)
-        {
+        if let Some(&l) = self.mlp_only_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
             return Err(ModelError::contra(
                 "mlp_only_layers",
-                format!(
-                    "layer {l} is out of range (num_hidden_layers = {})",
-                    self.num_hidden_layers
-                ),
+                format!("layer {l} is out of range (num_hidden_layers = {})", self.num_hidden_layers),
             ));
         }
         let any_moe = (0..self.num_hidden_layers).any(|l| self.is_moe_layer(l));
         let any_dense = (0..self.num_hidden_layers).any(|l| !self.is_moe_layer(l));
         if any_moe {
             if self.moe_intermediate_size == 0 {
-                return Err(ModelError::bad(
-                    "moe_intermediate_size",
-                    "a positive integer",
-                    0,
-                ));
+                return Err(ModelError::bad("moe_intermediate_size", "a positive integer", 0));
             }
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
                 return Err(ModelError::contra(
                     "num_experts_per_tok",
-                    format!(
-                        "{} is not in 1..=num_experts = {}",
-                        self.num_experts_per_tok, self.num_experts
-                    ),
+                    format!("{} is not in 1..=num_experts = {}", self.num_experts_per_tok, self.num_experts),
                 ));
             }
         }
         if any_dense && self.intermediate_size == 0 {
-            return Err(ModelError::bad(
-                "intermediate_size",
-                "a positive integer (some layers are dense)",
-                0,
-            ));
+            return Err(ModelError::bad("intermediate_size", "a positive integer (some layers are dense)", 0));
         }
         // Every derived tensor size must fit comfortably: elements of the largest 2-D tensors.
         let products = [
             ("vocab_size", self.vocab_size, self.hidden_size),
-            (
-                "num_attention_heads",
-                self.num_attention_heads * self.head_dim,
-                self.hidden_size,
-            ),
-            (
-                "intermediate_size",
-                self.intermediate_size,
-                self.hidden_size,
-            ),
-            (
-                "moe_intermediate_size",
-                self.moe_intermediate_size,
-                self.hidden_size,
-            ),
+            ("num_attention_heads", self.num_attention_heads * self.head_dim, self.hidden_size),
+            ("intermediate_size", self.intermediate_size, self.hidden_size),
+            ("moe_intermediate_size", self.moe_intermediate_size, self.hidden_size),
             ("num_experts", self.num_experts, self.hidden_size),
         ];
         for (k, a, b) in products {
             if a.checked_mul(b).is_none_or(|n| n > 1 << 40) {
-                return Err(ModelError::contra(
-                    k,
-                    format!("tensor of {a} x {b} elements is too large"),
-                ));
+                return Err(ModelError::contra(k, format!("tensor of {a} x {b} elements is too large")));
             }
         }
         Ok(())
@@ -473,10 +341,7 @@ impl Qwen3MoeConfig {
     pub fn is_quantized_module(&self, module: &str) -> bool {
         match &self.quantization {
             None => false,
-            Some(q) => !q
-                .modules_to_not_convert
-                .iter()
-                .any(|m| module.contains(m.as_str())),
+            Some(q) => !q.modules_to_not_convert.iter().any(|m| module.contains(m.as_str())),
         }
     }
 
@@ -616,11 +481,7 @@ impl Qwen3MoeConfig {
                 eos_token_id: Some(151_645),
                 quantization: None,
             },
-            _ => {
-                return Err(ModelError::UnknownPreset {
-                    name: name.to_string(),
-                })
-            }
+            _ => return Err(ModelError::UnknownPreset { name: name.to_string() }),
         };
         c.quantization = Some(Fp8Quantization {
             weight_block_size: [128, 128],
