@@ -56,7 +56,8 @@ fn main() {
     let ms = time_ms(&gpu, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
     let copy_gbs = 2.0 * (n_copy * 2) as f64 / ms / 1e6;
     drop((src, dst));
-    let mut rows: Vec<(String, String, f64, f64)> = vec![("anchor: cuMemcpyDtoD".into(), "256 MiB".into(), ms * 1e3, copy_gbs)];
+    let mut rows: Vec<(String, String, f64, f64)> =
+        vec![("anchor: cuMemcpyDtoD".into(), "256 MiB".into(), ms * 1e3, copy_gbs)];
 
     // RMSNorm with fused residual, 4096 x 2048 (a prefill chunk at Qwen3-30B-A3B's hidden size), and decode (1 row).
     for (r, d) in [(4096usize, 2048usize), (1, 2048)] {

@@ -14,10 +14,7 @@ pub const IMAGES_FRESH: bool = generated::FRESH;
 
 /// Every embedded kernel image.
 pub fn embedded_images() -> Vec<KernelImage> {
-    generated::IMAGES
-        .iter()
-        .map(|&(sm, kind, bytes)| KernelImage { sm, kind, bytes: Cow::Borrowed(bytes) })
-        .collect()
+    generated::IMAGES.iter().map(|&(sm, kind, bytes)| KernelImage { sm, kind, bytes: Cow::Borrowed(bytes) }).collect()
 }
 
 /// Opens GPU `ordinal` with the best embedded image for it (or the one `HGA_KERNEL_IMAGE` names).

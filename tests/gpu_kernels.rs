@@ -30,7 +30,11 @@ fn gpu(test: &str) -> Option<&'static Gpu> {
 }
 
 fn cases() -> ProptestConfig {
-    ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24), failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {

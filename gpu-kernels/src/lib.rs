@@ -5,10 +5,7 @@
 //! - for the host: the `#[repr(C)]` parameter structs and the pure helpers (FP8 / bf16 encoding, ...), so that the
 //!   host launchers and the kernels share one definition. Tested with plain `cargo test`.
 #![no_std]
-#![cfg_attr(
-    target_arch = "nvptx64",
-    feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)
-)]
+#![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, stdarch_nvptx, asm_experimental_arch))]
 
 pub mod num;
 pub mod params;

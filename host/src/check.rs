@@ -75,7 +75,11 @@ pub fn rmsnorm(gpu: &Gpu, rows: usize, dim: usize, fused: bool, rng: &mut impl R
     let mut dout = s.clone_htod(&poison_bf16(rows * dim))?;
     let dr = s.clone_htod(&r)?;
     let mut dro = s.clone_htod(&poison_bf16(rows * dim))?;
-    let res = if fused { Some((&dr as &dyn cudarc::driver::DevicePtr<bf16>, &mut dro as &mut dyn cudarc::driver::DevicePtrMut<bf16>)) } else { None };
+    let res = if fused {
+        Some((&dr as &dyn cudarc::driver::DevicePtr<bf16>, &mut dro as &mut dyn cudarc::driver::DevicePtrMut<bf16>))
+    } else {
+        None
+    };
     kernels::hga_rmsnorm(gpu, &dx, res, &dw, &mut dout, rows, dim, eps)?;
     let out = s.clone_dtoh(&dout)?;
     let ro = s.clone_dtoh(&dro)?;

@@ -54,10 +54,13 @@ impl KernelImage {
             ImageKind::Ptx => {
                 let text = std::str::from_utf8(&bytes).map_err(|_| RuntimeError::Image("PTX is not UTF-8".into()))?;
                 let target = text.lines().find(|l| l.trim_start().starts_with(".target"));
-                target.and_then(from_text).ok_or_else(|| RuntimeError::Image("PTX has no `.target sm_NN` line".into()))?
+                target
+                    .and_then(from_text)
+                    .ok_or_else(|| RuntimeError::Image("PTX has no `.target sm_NN` line".into()))?
             }
-            ImageKind::Cubin => from_text(hint)
-                .ok_or_else(|| RuntimeError::Image(format!("cannot tell the SM of cubin `{hint}` (name it sm_NN.cubin)")))?,
+            ImageKind::Cubin => from_text(hint).ok_or_else(|| {
+                RuntimeError::Image(format!("cannot tell the SM of cubin `{hint}` (name it sm_NN.cubin)"))
+            })?,
         };
         Ok(KernelImage { sm, kind, bytes: Cow::Owned(bytes) })
     }

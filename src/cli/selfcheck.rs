@@ -26,7 +26,9 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
     });
     if hga::runtime::device_count() == 0 {
         eprintln!("hga selfcheck: no CUDA device found (no driver library, or no GPU): nothing to check here.");
-        eprintln!("The CPU-side tests run with `cargo test`; see the README for running the GPU tests on a GPU machine.");
+        eprintln!(
+            "The CPU-side tests run with `cargo test`; see the README for running the GPU tests on a GPU machine."
+        );
         std::process::exit(2);
     }
     let gpu = hga::open_gpu(a.device).context("opening the GPU")?;

@@ -25,7 +25,9 @@ pub fn bf16x2_to_f32(v: u32) -> (f32, f32) {
 #[inline(always)]
 pub fn f32x2_to_bf16x2(lo: f32, hi: f32) -> u32 {
     let r: u32;
-    unsafe { core::arch::asm!("cvt.rn.bf16x2.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("cvt.rn.bf16x2.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -33,7 +35,9 @@ pub fn f32x2_to_bf16x2(lo: f32, hi: f32) -> u32 {
 #[inline(always)]
 pub fn f32x2_to_e4m3x2(lo: f32, hi: f32) -> u16 {
     let r: u16;
-    unsafe { core::arch::asm!("cvt.rn.satfinite.e4m3x2.f32 {0}, {1}, {2};", out(reg16) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("cvt.rn.satfinite.e4m3x2.f32 {0}, {1}, {2};", out(reg16) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -41,7 +45,9 @@ pub fn f32x2_to_e4m3x2(lo: f32, hi: f32) -> u16 {
 #[inline(always)]
 pub fn e4m3x2_to_f32x2(v: u16) -> (f32, f32) {
     let h: u32;
-    unsafe { core::arch::asm!("cvt.rn.f16x2.e4m3x2 {0}, {1};", out(reg32) h, in(reg16) v, options(pure, nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("cvt.rn.f16x2.e4m3x2 {0}, {1};", out(reg32) h, in(reg16) v, options(pure, nomem, nostack))
+    };
     let lo: f32;
     let hi: f32;
     unsafe {

@@ -24,7 +24,17 @@ macro_rules! ldmatrix_fn {
 }
 ldmatrix_fn!(ldmatrix_x1, 1, "ldmatrix.sync.aligned.m8n8.x1.shared.b16 {{{0}}}, [{1}];", [r0]);
 ldmatrix_fn!(ldmatrix_x2, 2, "ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{0}, {1}}}, [{2}];", [r0, r1]);
-ldmatrix_fn!(ldmatrix_x4, 4, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];", [r0, r1, r2, r3]);
+ldmatrix_fn!(
+    ldmatrix_x4,
+    4,
+    "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];",
+    [r0, r1, r2, r3]
+);
 ldmatrix_fn!(ldmatrix_x1_trans, 1, "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {{{0}}}, [{1}];", [r0]);
 ldmatrix_fn!(ldmatrix_x2_trans, 2, "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {{{0}, {1}}}, [{2}];", [r0, r1]);
-ldmatrix_fn!(ldmatrix_x4_trans, 4, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];", [r0, r1, r2, r3]);
+ldmatrix_fn!(
+    ldmatrix_x4_trans,
+    4,
+    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];",
+    [r0, r1, r2, r3]
+);

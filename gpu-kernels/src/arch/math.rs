@@ -28,7 +28,9 @@ unary_f32!(/// |x|.
 #[inline(always)]
 pub fn fmax(a: f32, b: f32) -> f32 {
     let r: f32;
-    unsafe { core::arch::asm!("max.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(pure, nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("max.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(pure, nomem, nostack))
+    };
     r
 }
 

@@ -42,7 +42,12 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_mma_bf16(p: SelfTestParams) {
     let c = base.add(768) as *const f32;
     let af = [*a.add(g * 8 + t), *a.add((g + 8) * 8 + t), *a.add(g * 8 + 4 + t), *a.add((g + 8) * 8 + 4 + t)];
     let bf = [*bt.add(g * 8 + t), *bt.add(g * 8 + 4 + t)];
-    let cf = [*c.add(g * 8 + 2 * t), *c.add(g * 8 + 2 * t + 1), *c.add((g + 8) * 8 + 2 * t), *c.add((g + 8) * 8 + 2 * t + 1)];
+    let cf = [
+        *c.add(g * 8 + 2 * t),
+        *c.add(g * 8 + 2 * t + 1),
+        *c.add((g + 8) * 8 + 2 * t),
+        *c.add((g + 8) * 8 + 2 * t + 1),
+    ];
     let d = mma_bf16_m16n8k16(af, bf, cf);
     let o = (p.output as *mut f32).add(block_x() as usize * 128);
     *o.add(g * 8 + 2 * t) = d[0];
@@ -63,7 +68,12 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_mma_e4m3(p: SelfTestParams) {
     let c = base.add(768) as *const f32;
     let af = [*a.add(g * 8 + t), *a.add((g + 8) * 8 + t), *a.add(g * 8 + 4 + t), *a.add((g + 8) * 8 + 4 + t)];
     let bf = [*bt.add(g * 8 + t), *bt.add(g * 8 + 4 + t)];
-    let cf = [*c.add(g * 8 + 2 * t), *c.add(g * 8 + 2 * t + 1), *c.add((g + 8) * 8 + 2 * t), *c.add((g + 8) * 8 + 2 * t + 1)];
+    let cf = [
+        *c.add(g * 8 + 2 * t),
+        *c.add(g * 8 + 2 * t + 1),
+        *c.add((g + 8) * 8 + 2 * t),
+        *c.add((g + 8) * 8 + 2 * t + 1),
+    ];
     let d = mma_e4m3_m16n8k32(af, bf, cf);
     let o = (p.output as *mut f32).add(block_x() as usize * 128);
     *o.add(g * 8 + 2 * t) = d[0];

@@ -50,19 +50,13 @@ pub(crate) fn dim_u32(what: &str, v: usize) -> Result<u32, RuntimeError> {
 }
 
 /// Device address of a buffer for reading, with its cudarc guard.
-pub(crate) fn dptr<'a, T>(
-    gpu: &'a Gpu,
-    b: &'a impl DevicePtr<T>,
-) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+pub(crate) fn dptr<'a, T>(gpu: &'a Gpu, b: &'a impl DevicePtr<T>) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
     let (p, g) = b.device_ptr(gpu.stream());
-    (p as u64, g)
+    (p, g)
 }
 
 /// Device address of a buffer for writing, with its cudarc guard.
-pub(crate) fn dptr_mut<'a, T>(
-    gpu: &'a Gpu,
-    b: &'a mut impl DevicePtrMut<T>,
-) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+pub(crate) fn dptr_mut<'a, T>(gpu: &'a Gpu, b: &'a mut impl DevicePtrMut<T>) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
     let (p, g) = b.device_ptr_mut(gpu.stream());
-    (p as u64, g)
+    (p, g)
 }

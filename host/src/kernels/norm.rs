@@ -45,7 +45,7 @@ pub fn hga_rmsnorm(
             check_len("rmsnorm residual_out", ro.len(), n)?;
             let (a, ga) = r.device_ptr(gpu.stream());
             let (b, gb) = ro.device_ptr_mut(gpu.stream());
-            (a as u64, b as u64, Some(ga), Some(gb))
+            (a, b, Some(ga), Some(gb))
         }
         None => (0, 0, None, None),
     };

@@ -77,17 +77,29 @@ impl SelfTest {
         };
         Ok(match self {
             SelfTest::Smem if n > 1024 => return bad("at most 1024"),
-            SelfTest::Smem => Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 8 * n, cfg: cfg(1, n32, 8 * n32) },
-            SelfTest::Warp if n % 32 != 0 => return bad("must be a multiple of 32"),
-            SelfTest::Warp => Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 20 * n, cfg: cfg(n32.div_ceil(64), 64, 0) },
+            SelfTest::Smem => {
+                Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 8 * n, cfg: cfg(1, n32, 8 * n32) }
+            }
+            SelfTest::Warp if !n.is_multiple_of(32) => return bad("must be a multiple of 32"),
+            SelfTest::Warp => {
+                Layout { kernel: self.name(), in_bytes: 4 * n, out_bytes: 20 * n, cfg: cfg(n32.div_ceil(64), 64, 0) }
+            }
             SelfTest::Math => elementwise(self.name(), 4),
             SelfTest::Convert => elementwise(self.name(), 5),
             SelfTest::Ldmatrix if n != 1 => return bad("must be 1"),
-            SelfTest::Ldmatrix => Layout { kernel: self.name(), in_bytes: 512, out_bytes: 32 * 14 * 4, cfg: cfg(1, 32, 512) },
-            SelfTest::MmaBf16 => Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
-            SelfTest::MmaE4m3 => Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) },
+            SelfTest::Ldmatrix => {
+                Layout { kernel: self.name(), in_bytes: 512, out_bytes: 32 * 14 * 4, cfg: cfg(1, 32, 512) }
+            }
+            SelfTest::MmaBf16 => {
+                Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) }
+            }
+            SelfTest::MmaE4m3 => {
+                Layout { kernel: self.name(), in_bytes: 1280 * n, out_bytes: 512 * n, cfg: cfg(n32, 32, 0) }
+            }
             SelfTest::CpAsync if n > 128 => return bad("at most 128"),
-            SelfTest::CpAsync => Layout { kernel: self.name(), in_bytes: 16 * n, out_bytes: 16 * n, cfg: cfg(1, 64, 16 * n32) },
+            SelfTest::CpAsync => {
+                Layout { kernel: self.name(), in_bytes: 16 * n, out_bytes: 16 * n, cfg: cfg(1, 64, 16 * n32) }
+            }
         })
     }
 }

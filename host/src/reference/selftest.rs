@@ -8,7 +8,9 @@ use rand::Rng;
 /// A valid `n` for test `t` drawn from `rng` (random within the kernel's limits, edge values included).
 pub fn random_n(t: SelfTest, rng: &mut impl Rng) -> usize {
     match t {
-        SelfTest::Smem => *[1, 2, 31, 32, 33, 127, 1024].get(rng.gen_range(0..7)).unwrap_or(&1).max(&rng.gen_range(1..=1024)),
+        SelfTest::Smem => {
+            *[1, 2, 31, 32, 33, 127, 1024].get(rng.gen_range(0..7)).unwrap_or(&1).max(&rng.gen_range(1..=1024))
+        }
         SelfTest::Warp => 32 * rng.gen_range(1..=8),
         SelfTest::Math | SelfTest::Convert => rng.gen_range(1..=1000),
         SelfTest::Ldmatrix => 1,
@@ -56,7 +58,8 @@ pub fn input(t: SelfTest, n: usize, rng: &mut impl Rng) -> Vec<u8> {
         SelfTest::Ldmatrix => (0..512).map(|_| rng.gen()).collect(),
         SelfTest::MmaBf16 => (0..n)
             .flat_map(|_| {
-                let mut b: Vec<u8> = (0..384).flat_map(|_| f32_to_bf16(rng.gen_range(-2.0..2.0)).to_le_bytes()).collect();
+                let mut b: Vec<u8> =
+                    (0..384).flat_map(|_| f32_to_bf16(rng.gen_range(-2.0..2.0)).to_le_bytes()).collect();
                 b.extend(f32s(&(0..128).map(|_| rng.gen_range(-4.0..4.0)).collect::<Vec<_>>()));
                 b
             })
@@ -148,12 +151,18 @@ pub fn check(t: SelfTest, n: usize, input: &[u8], out: &[u8]) -> Result<(), Stri
         }
         SelfTest::Ldmatrix => {
             // m[i][r][c]: element (r, c) of 8x8 matrix i = row 8i + r of the [32, 8] input.
-            let m = |i: usize, r: usize, c: usize| u16::from_le_bytes([input[2 * (64 * i + 8 * r + c)], input[2 * (64 * i + 8 * r + c) + 1]]) as u32;
+            let m = |i: usize, r: usize, c: usize| {
+                u16::from_le_bytes([input[2 * (64 * i + 8 * r + c)], input[2 * (64 * i + 8 * r + c) + 1]]) as u32
+            };
             for lane in 0..32 {
                 let (r, c) = (lane / 4, 2 * (lane % 4));
                 let plain = |i| m(i, r, c) | m(i, r, c + 1) << 16;
                 let trans = |i| m(i, c, r) | m(i, c + 1, r) << 16;
-                let want: Vec<u32> = [0].iter().chain(&[0, 1]).chain(&[0, 1, 2, 3]).map(|&i| plain(i))
+                let want: Vec<u32> = [0]
+                    .iter()
+                    .chain(&[0, 1])
+                    .chain(&[0, 1, 2, 3])
+                    .map(|&i| plain(i))
                     .chain([0].iter().chain(&[0, 1]).chain(&[0, 1, 2, 3]).map(|&i| trans(i)))
                     .collect();
                 for (k, w) in want.iter().enumerate() {
@@ -183,7 +192,14 @@ pub fn check(t: SelfTest, n: usize, input: &[u8], out: &[u8]) -> Result<(), Stri
                             acc += prod;
                             abs += prod.abs();
                         }
-                        close("mma", p * 128 + r * 8 + c, read_f32(out, p * 128 + r * 8 + c), acc, 1e-6, abs.max(1e-30))?;
+                        close(
+                            "mma",
+                            p * 128 + r * 8 + c,
+                            read_f32(out, p * 128 + r * 8 + c),
+                            acc,
+                            1e-6,
+                            abs.max(1e-30),
+                        )?;
                     }
                 }
             }
@@ -191,7 +207,10 @@ pub fn check(t: SelfTest, n: usize, input: &[u8], out: &[u8]) -> Result<(), Stri
         SelfTest::CpAsync => {
             if out != input {
                 let i = out.iter().zip(input).position(|(a, b)| a != b).unwrap_or(0);
-                return Err(format!("cp.async copy differs at byte {i}: got {:#04x}, expected {:#04x}", out[i], input[i]));
+                return Err(format!(
+                    "cp.async copy differs at byte {i}: got {:#04x}, expected {:#04x}",
+                    out[i], input[i]
+                ));
             }
         }
     }
