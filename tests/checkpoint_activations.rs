@@ -45,10 +45,7 @@ fn run(cfg: &Qwen3MoeConfig, tag: &str, tokens: &[u32]) -> Stats {
             Tap::MlpOut => s.mlp_out.push(rms(v)),
             Tap::RouterLogits => {
                 let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
-                s.router_std.push(
-                    (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64)
-                        .sqrt(),
-                );
+                s.router_std.push((v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt());
                 for row in v.chunks_exact(e) {
                     let mut idx: Vec<usize> = (0..e).collect();
                     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
@@ -64,11 +61,9 @@ fn run(cfg: &Qwen3MoeConfig, tag: &str, tokens: &[u32]) -> Stats {
     for t in 0..logits.tokens {
         let row = logits.row(t);
         let mean = row.iter().map(|x| *x as f64).sum::<f64>() / v as f64;
-        s.logits_std += (row.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v as f64)
-            .sqrt()
-            / logits.tokens as f64;
-        s.argmax
-            .insert((0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap());
+        s.logits_std +=
+            (row.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v as f64).sqrt() / logits.tokens as f64;
+        s.argmax.insert((0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap());
     }
     std::fs::remove_dir_all(&dir).unwrap();
     println!(
@@ -96,21 +91,10 @@ fn check(s: &Stats, tokens: usize) {
         assert!((1.0..4.0).contains(r), "router logit std {r}");
     }
     for (l, sets) in &s.topk_sets {
-        assert!(
-            sets.len() > 1,
-            "layer {l}: every token picks the same experts"
-        );
+        assert!(sets.len() > 1, "layer {l}: every token picks the same experts");
     }
-    assert!(
-        (1.0..4.0).contains(&s.logits_std),
-        "logits std {}",
-        s.logits_std
-    );
-    assert!(
-        s.argmax.len() * 2 >= tokens,
-        "argmax too uniform: {} distinct of {tokens}",
-        s.argmax.len()
-    );
+    assert!((1.0..4.0).contains(&s.logits_std), "logits std {}", s.logits_std);
+    assert!(s.argmax.len() * 2 >= tokens, "argmax too uniform: {} distinct of {tokens}", s.argmax.len());
 }
 
 #[test]
@@ -132,8 +116,7 @@ fn deep_forward_stays_bounded() {
     cfg.moe_intermediate_size = 64;
     cfg.num_experts = 32;
     cfg.num_experts_per_tok = 8;
-    cfg.quantization.as_mut().unwrap().modules_to_not_convert =
-        cfg.default_modules_to_not_convert();
+    cfg.quantization.as_mut().unwrap().modules_to_not_convert = cfg.default_modules_to_not_convert();
     let tokens: Vec<u32> = (0..12).map(|i| (i * 97 + 3) % 512).collect();
     check(&run(&cfg, "deep48", &tokens), tokens.len());
 }

@@ -51,34 +51,16 @@ fn fixture(tag: &str) -> Fixture {
         .tensor_names()
         .map(|n| {
             let r = ck.raw(n).unwrap();
-            (
-                n.to_string(),
-                T {
-                    dtype: st_dtype(r.dtype),
-                    shape: r.shape.to_vec(),
-                    data: r.data.to_vec(),
-                },
-            )
+            (n.to_string(), T { dtype: st_dtype(r.dtype), shape: r.shape.to_vec(), data: r.data.to_vec() })
         })
         .collect();
     std::fs::remove_dir_all(&dir).unwrap();
-    Fixture {
-        dir,
-        config: cfg.to_json(),
-        tensors,
-    }
+    Fixture { dir, config: cfg.to_json(), tensors }
 }
 
 fn write_st(path: &Path, tensors: &BTreeMap<String, T>) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
-            )
-        })
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, t)| (n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
     safetensors::tensor::serialize_to_file(views, &None, path).unwrap();
 }
 
@@ -99,28 +81,18 @@ impl Fixture {
         let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
         let mut map = serde_json::Map::new();
         for (i, (n, t)) in self.tensors.iter().enumerate() {
-            let (dst, f) = if i % 2 == 0 {
-                (&mut a, "a.safetensors")
-            } else {
-                (&mut b, "b.safetensors")
-            };
+            let (dst, f) = if i % 2 == 0 { (&mut a, "a.safetensors") } else { (&mut b, "b.safetensors") };
             dst.insert(n.clone(), t.clone());
             map.insert(n.clone(), json!(f));
         }
         write_st(&self.dir.join("a.safetensors"), &a);
         write_st(&self.dir.join("b.safetensors"), &b);
         let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
-        std::fs::write(
-            self.dir.join("model.safetensors.index.json"),
-            index.to_string(),
-        )
-        .unwrap();
+        std::fs::write(self.dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
         &self.dir
     }
     fn open_err(&self, dir: &Path) -> String {
-        let e = Checkpoint::open(dir)
-            .expect_err("the reader must refuse this checkpoint")
-            .to_string();
+        let e = Checkpoint::open(dir).expect_err("the reader must refuse this checkpoint").to_string();
         let _ = std::fs::remove_dir_all(&self.dir);
         e
     }
@@ -135,38 +107,23 @@ fn assert_has(msg: &str, parts: &[&str]) {
 fn config_err(mutate: impl FnOnce(&mut Value)) -> String {
     let mut v = Qwen3MoeConfig::preset("tiny").unwrap().to_json();
     mutate(&mut v);
-    Qwen3MoeConfig::from_json_str(&v.to_string())
-        .expect_err("config must be refused")
-        .to_string()
+    Qwen3MoeConfig::from_json_str(&v.to_string()).expect_err("config must be refused").to_string()
 }
 
 // ---- config ----------------------------------------------------------------------------------------------------
 
 #[test]
 fn config_missing_key_names_it() {
-    for key in [
-        "vocab_size",
-        "hidden_size",
-        "num_key_value_heads",
-        "head_dim",
-        "num_experts",
-        "rms_norm_eps",
-    ] {
+    for key in ["vocab_size", "hidden_size", "num_key_value_heads", "head_dim", "num_experts", "rms_norm_eps"] {
         let e = config_err(|v| {
             v.as_object_mut().unwrap().remove(key);
         });
         assert_has(&e, &["missing required key", &format!("`{key}`")]);
     }
     let e = config_err(|v| {
-        v["quantization_config"]
-            .as_object_mut()
-            .unwrap()
-            .remove("weight_block_size");
+        v["quantization_config"].as_object_mut().unwrap().remove("weight_block_size");
     });
-    assert_has(
-        &e,
-        &["missing required key `quantization_config.weight_block_size`"],
-    );
+    assert_has(&e, &["missing required key `quantization_config.weight_block_size`"]);
     // intermediate_size is required only when a layer is dense.
     let e = config_err(|v| {
         v.as_object_mut().unwrap().remove("intermediate_size");
@@ -178,44 +135,17 @@ fn config_missing_key_names_it() {
 #[test]
 fn config_contradictions_name_the_key() {
     let e = config_err(|v| v["num_key_value_heads"] = json!(3));
-    assert_has(
-        &e,
-        &[
-            "`num_key_value_heads`",
-            "3 does not divide num_attention_heads = 4",
-        ],
-    );
+    assert_has(&e, &["`num_key_value_heads`", "3 does not divide num_attention_heads = 4"]);
     let e = config_err(|v| v["num_experts_per_tok"] = json!(5));
-    assert_has(
-        &e,
-        &["`num_experts_per_tok`", "5 is not in 1..=num_experts = 4"],
-    );
+    assert_has(&e, &["`num_experts_per_tok`", "5 is not in 1..=num_experts = 4"]);
     let e = config_err(|v| v["mlp_only_layers"] = json!([0, 3]));
-    assert_has(
-        &e,
-        &[
-            "`mlp_only_layers`",
-            "layer 3 is out of range (num_hidden_layers = 3)",
-        ],
-    );
+    assert_has(&e, &["`mlp_only_layers`", "layer 3 is out of range (num_hidden_layers = 3)"]);
     let e = config_err(|v| v["decoder_sparse_step"] = json!(0));
-    assert_has(
-        &e,
-        &[
-            "`decoder_sparse_step`",
-            "expected a positive integer, found 0",
-        ],
-    );
+    assert_has(&e, &["`decoder_sparse_step`", "expected a positive integer, found 0"]);
     let e = config_err(|v| v["head_dim"] = json!(47));
     assert_has(&e, &["`head_dim`", "even"]);
     let e = config_err(|v| v["hidden_size"] = json!("192"));
-    assert_has(
-        &e,
-        &[
-            "`hidden_size`",
-            "expected a non-negative integer, found \"192\"",
-        ],
-    );
+    assert_has(&e, &["`hidden_size`", "expected a non-negative integer, found \"192\""]);
     let e = config_err(|v| v["rms_norm_eps"] = json!(-1.0));
     assert_has(&e, &["`rms_norm_eps`", "positive finite"]);
     let e = config_err(|v| v["model_type"] = json!("llama"));
@@ -225,37 +155,21 @@ fn config_contradictions_name_the_key() {
     let e = config_err(|v| v["quantization_config"]["quant_method"] = json!("gptq"));
     assert_has(&e, &["`quantization_config.quant_method`", "\"gptq\""]);
     let e = config_err(|v| v["quantization_config"]["activation_scheme"] = json!("static"));
-    assert_has(
-        &e,
-        &["`quantization_config.activation_scheme`", "\"static\""],
-    );
+    assert_has(&e, &["`quantization_config.activation_scheme`", "\"static\""]);
     let e = config_err(|v| v["quantization_config"]["weight_block_size"] = json!([128]));
-    assert_has(
-        &e,
-        &[
-            "`quantization_config.weight_block_size`",
-            "two positive integers",
-        ],
-    );
+    assert_has(&e, &["`quantization_config.weight_block_size`", "two positive integers"]);
 }
 
 #[test]
 fn config_bad_json_and_unknown_keys() {
-    let e = Qwen3MoeConfig::from_json_str("{\"vocab_size\": 3,")
-        .unwrap_err()
-        .to_string();
+    let e = Qwen3MoeConfig::from_json_str("{\"vocab_size\": 3,").unwrap_err().to_string();
     assert_has(&e, &["config.json: invalid JSON"]);
-    let e = Qwen3MoeConfig::from_json_str("[1, 2]")
-        .unwrap_err()
-        .to_string();
+    let e = Qwen3MoeConfig::from_json_str("[1, 2]").unwrap_err().to_string();
     assert_has(&e, &["config.json: invalid JSON", "expected an object"]);
     let mut v = Qwen3MoeConfig::preset("tiny").unwrap().to_json();
     v["some_future_key"] = json!({"nested": [1, 2, 3]});
     v["transformers_version"] = json!("4.99.0");
-    assert_eq!(
-        Qwen3MoeConfig::from_json_str(&v.to_string()).unwrap(),
-        Qwen3MoeConfig::preset("tiny").unwrap()
-    );
+    assert_eq!(Qwen3MoeConfig::from_json_str(&v.to_string()).unwrap(), Qwen3MoeConfig::preset("tiny").unwrap());
 }
 
 #[test]
@@ -273,56 +187,30 @@ fn missing_tensor() {
     let mut f = fixture("missing");
     f.tensors.remove("model.layers.1.self_attn.k_norm.weight");
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &[
-            "missing tensor `model.layers.1.self_attn.k_norm.weight`",
-            "[48]",
-        ],
-    );
+    assert_has(&f.open_err(dir), &["missing tensor `model.layers.1.self_attn.k_norm.weight`", "[48]"]);
     let mut f = fixture("missing-scale");
-    f.tensors
-        .remove("model.layers.2.mlp.experts.3.down_proj.weight_scale_inv");
+    f.tensors.remove("model.layers.2.mlp.experts.3.down_proj.weight_scale_inv");
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["missing tensor `model.layers.2.mlp.experts.3.down_proj.weight_scale_inv`"],
-    );
+    assert_has(&f.open_err(dir), &["missing tensor `model.layers.2.mlp.experts.3.down_proj.weight_scale_inv`"]);
 }
 
 #[test]
 fn unexpected_extra_tensor_is_an_error() {
     let mut f = fixture("extra");
-    let t = T {
-        dtype: StDtype::BF16,
-        shape: vec![192],
-        data: vec![0; 384],
-    };
-    f.tensors
-        .insert("model.layers.0.self_attn.o_proj.bias".into(), t.clone());
+    let t = T { dtype: StDtype::BF16, shape: vec![192], data: vec![0; 384] };
+    f.tensors.insert("model.layers.0.self_attn.o_proj.bias".into(), t.clone());
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["model.safetensors: unexpected tensor `model.layers.0.self_attn.o_proj.bias`"],
-    );
+    assert_has(&f.open_err(dir), &["model.safetensors: unexpected tensor `model.layers.0.self_attn.o_proj.bias`"]);
     // Expert index out of range, and a non-canonical layer index.
     let mut f = fixture("extra2");
     let e = f.tensors["model.layers.0.mlp.experts.0.up_proj.weight"].clone();
-    f.tensors
-        .insert("model.layers.0.mlp.experts.4.up_proj.weight".into(), e);
+    f.tensors.insert("model.layers.0.mlp.experts.4.up_proj.weight".into(), e);
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["unexpected tensor `model.layers.0.mlp.experts.4.up_proj.weight`"],
-    );
+    assert_has(&f.open_err(dir), &["unexpected tensor `model.layers.0.mlp.experts.4.up_proj.weight`"]);
     let mut f = fixture("extra3");
-    f.tensors
-        .insert("model.layers.01.input_layernorm.weight".into(), t);
+    f.tensors.insert("model.layers.01.input_layernorm.weight".into(), t);
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["unexpected tensor `model.layers.01.input_layernorm.weight`"],
-    );
+    assert_has(&f.open_err(dir), &["unexpected tensor `model.layers.01.input_layernorm.weight`"]);
 }
 
 #[test]
@@ -334,23 +222,14 @@ fn wrong_dtype() {
     t.shape = vec![96, 192]; // same byte count as F8 [192, 192]
     let dir = f.write_single();
     let e = f.open_err(dir);
-    assert_has(
-        &e,
-        &[
-            "model.safetensors: tensor `model.layers.0.self_attn.q_proj.weight`",
-            "wrong dtype",
-        ],
-    );
+    assert_has(&e, &["model.safetensors: tensor `model.layers.0.self_attn.q_proj.weight`", "wrong dtype"]);
     assert_has(&e, &["expected F8_E4M3, found BF16"]);
     let mut f = fixture("dtype2");
     let t = f.tensors.get_mut("model.norm.weight").unwrap();
     t.dtype = StDtype::I32;
     t.shape = vec![96];
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["tensor `model.norm.weight`: wrong dtype: expected BF16|F16|F32, found I32"],
-    );
+    assert_has(&f.open_err(dir), &["tensor `model.norm.weight`: wrong dtype: expected BF16|F16|F32, found I32"]);
     let mut f = fixture("dtype3");
     let t = f.tensors.get_mut("model.layers.1.mlp.gate.weight").unwrap(); // router: not converted, must be float
     t.dtype = StDtype::F8_E4M3;
@@ -365,10 +244,7 @@ fn wrong_dtype() {
 #[test]
 fn wrong_shape() {
     let mut f = fixture("shape");
-    let t = f
-        .tensors
-        .get_mut("model.layers.2.self_attn.k_proj.weight")
-        .unwrap();
+    let t = f.tensors.get_mut("model.layers.2.self_attn.k_proj.weight").unwrap();
     t.shape = vec![192, 96]; // transposed
     let dir = f.write_single();
     assert_has(
@@ -380,10 +256,7 @@ fn wrong_shape() {
 #[test]
 fn wrong_block_scale_shape() {
     let mut f = fixture("scale");
-    let t = f
-        .tensors
-        .get_mut("model.layers.0.self_attn.q_proj.weight_scale_inv")
-        .unwrap();
+    let t = f.tensors.get_mut("model.layers.0.self_attn.q_proj.weight_scale_inv").unwrap();
     assert_eq!(t.shape, vec![2, 2]);
     t.shape = vec![4, 1];
     let dir = f.write_single();
@@ -399,10 +272,7 @@ fn wrong_block_scale_shape() {
 #[test]
 fn bad_scale_value() {
     let mut f = fixture("scalenan");
-    let t = f
-        .tensors
-        .get_mut("model.layers.1.self_attn.o_proj.weight_scale_inv")
-        .unwrap();
+    let t = f.tensors.get_mut("model.layers.1.self_attn.o_proj.weight_scale_inv").unwrap();
     t.data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     let dir = f.write_single();
     assert_has(
@@ -420,20 +290,11 @@ fn truncated_file() {
     let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     file.set_len(len - 1000).unwrap();
     let e = f.open_err(dir);
-    assert_has(
-        &e,
-        &[
-            "model.safetensors: truncated: the header describes",
-            "bytes of tensor data, the file holds",
-        ],
-    );
+    assert_has(&e, &["model.safetensors: truncated: the header describes", "bytes of tensor data, the file holds"]);
     // Cut inside the header.
     let f = fixture("trunc2");
     let dir = f.write_single();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("model.safetensors"))
-        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(dir.join("model.safetensors")).unwrap();
     file.set_len(100).unwrap();
     assert_has(&f.open_err(dir), &["model.safetensors: truncated"]);
     // Shorter than the length prefix.
@@ -442,10 +303,7 @@ fn truncated_file() {
     std::fs::write(dir.join("model.safetensors"), [1u8, 2, 3]).unwrap();
     assert_has(
         &f.open_err(dir),
-        &[
-            "model.safetensors: bad safetensors header",
-            "shorter than the 8-byte header length",
-        ],
+        &["model.safetensors: bad safetensors header", "shorter than the 8-byte header length"],
     );
 }
 
@@ -457,27 +315,19 @@ fn broken_header_json() {
     let mut b = std::fs::read(&p).unwrap();
     b[8] = b'['; // header starts with '{'
     std::fs::write(&p, &b).unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["model.safetensors: bad safetensors header: header is not valid JSON"],
-    );
+    assert_has(&f.open_err(dir), &["model.safetensors: bad safetensors header: header is not valid JSON"]);
     // Valid JSON, bad entry.
     let f = fixture("hdr2");
     let dir = f.write_single();
     let p = dir.join("model.safetensors");
     let b = std::fs::read(&p).unwrap();
     let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let text = std::str::from_utf8(&b[8..8 + n])
-        .unwrap()
-        .replacen("\"F32\"", "\"F31\"", 1);
+    let text = std::str::from_utf8(&b[8..8 + n]).unwrap().replacen("\"F32\"", "\"F31\"", 1);
     let mut out = b[..8].to_vec();
     out.extend(text.as_bytes());
     out.extend(&b[8 + n..]);
     std::fs::write(&p, &out).unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["bad safetensors header: tensor `", "unknown dtype \"F31\""],
-    );
+    assert_has(&f.open_err(dir), &["bad safetensors header: tensor `", "unknown dtype \"F31\""]);
     // Overlapping offsets.
     let f = fixture("hdr3");
     let dir = f.write_single();
@@ -503,7 +353,10 @@ fn index_names_missing_shard() {
     let f = fixture("noshard");
     let dir = f.write_sharded();
     std::fs::remove_file(dir.join("b.safetensors")).unwrap();
-    assert_has(&f.open_err(dir), &["model.safetensors.index.json: weight_map names shard `b.safetensors`, which does not exist"]);
+    assert_has(
+        &f.open_err(dir),
+        &["model.safetensors.index.json: weight_map names shard `b.safetensors`, which does not exist"],
+    );
 }
 
 #[test]
@@ -514,18 +367,12 @@ fn index_points_to_file_lacking_tensor() {
     let mut idx: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let name = "model.embed_tokens.weight";
     let was = idx["weight_map"][name].as_str().unwrap().to_string();
-    let other = if was == "a.safetensors" {
-        "b.safetensors"
-    } else {
-        "a.safetensors"
-    };
+    let other = if was == "a.safetensors" { "b.safetensors" } else { "a.safetensors" };
     idx["weight_map"][name] = json!(other);
     std::fs::write(&p, idx.to_string()).unwrap();
     assert_has(
         &f.open_err(dir),
-        &[&format!(
-            "weight_map puts tensor `{name}` in `{other}`, but that file has no such tensor"
-        )],
+        &[&format!("weight_map puts tensor `{name}` in `{other}`, but that file has no such tensor")],
     );
 }
 
@@ -536,62 +383,31 @@ fn index_problems() {
     let dir = f.write_sharded();
     let p = dir.join("model.safetensors.index.json");
     let mut idx: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    let file = idx["weight_map"]["model.norm.weight"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    idx["weight_map"]
-        .as_object_mut()
-        .unwrap()
-        .remove("model.norm.weight");
+    let file = idx["weight_map"]["model.norm.weight"].as_str().unwrap().to_string();
+    idx["weight_map"].as_object_mut().unwrap().remove("model.norm.weight");
     std::fs::write(&p, idx.to_string()).unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &[&format!(
-            "{file}: tensor `model.norm.weight` is not listed for this file"
-        )],
-    );
+    assert_has(&f.open_err(dir), &[&format!("{file}: tensor `model.norm.weight` is not listed for this file")]);
     // Path escapes and bad JSON.
     let f = fixture("escape");
     let dir = f.write_sharded();
     let p = dir.join("model.safetensors.index.json");
-    std::fs::write(
-        &p,
-        json!({"weight_map": {"model.norm.weight": "../x.safetensors"}}).to_string(),
-    )
-    .unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["bad index", "`../x.safetensors` is not a plain file name"],
-    );
+    std::fs::write(&p, json!({"weight_map": {"model.norm.weight": "../x.safetensors"}}).to_string()).unwrap();
+    assert_has(&f.open_err(dir), &["bad index", "`../x.safetensors` is not a plain file name"]);
     let f = fixture("idxjson");
     let dir = f.write_sharded();
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        "{\"weight_map\": ",
-    )
-    .unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["model.safetensors.index.json: invalid JSON"],
-    );
+    std::fs::write(dir.join("model.safetensors.index.json"), "{\"weight_map\": ").unwrap();
+    assert_has(&f.open_err(dir), &["model.safetensors.index.json: invalid JSON"]);
     // The same tensor in two shards.
     let f = fixture("dup");
     let dir = f.write_sharded();
     let mut extra = BTreeMap::new();
-    extra.insert(
-        "model.norm.weight".to_string(),
-        f.tensors["model.norm.weight"].clone(),
-    );
+    extra.insert("model.norm.weight".to_string(), f.tensors["model.norm.weight"].clone());
     write_st(&dir.join("c.safetensors"), &extra);
     let p = dir.join("model.safetensors.index.json");
     let mut idx: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     idx["weight_map"]["zz.dummy"] = json!("c.safetensors");
     std::fs::write(&p, idx.to_string()).unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["tensor `model.norm.weight` appears in both"],
-    );
+    assert_has(&f.open_err(dir), &["tensor `model.norm.weight` appears in both"]);
 }
 
 #[test]
@@ -599,10 +415,7 @@ fn no_weights_at_all() {
     let f = fixture("noweights");
     let dir = f.write_single();
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    assert_has(
-        &f.open_err(dir),
-        &["no model.safetensors and no model.safetensors.index.json"],
-    );
+    assert_has(&f.open_err(dir), &["no model.safetensors and no model.safetensors.index.json"]);
 }
 
 // ---- accepted variants -----------------------------------------------------------------------------------------
@@ -619,11 +432,7 @@ fn tied_embeddings_lm_head_optional() {
     // Present anyway (as bf16): accepted with a warning.
     f.tensors.insert(
         "lm_head.weight".into(),
-        T {
-            dtype: StDtype::BF16,
-            shape: lm.shape.clone(),
-            data: vec![0; lm.shape.iter().product::<usize>() * 2],
-        },
+        T { dtype: StDtype::BF16, shape: lm.shape.clone(), data: vec![0; lm.shape.iter().product::<usize>() * 2] },
     );
     let dir = f.write_single();
     let ck = Checkpoint::open(dir).unwrap();
@@ -641,22 +450,14 @@ fn bf16_checkpoint_without_quantization_config() {
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(!text.contains("quantization_config"));
     let ck = Checkpoint::open(&dir).unwrap();
-    assert!(ck
-        .tensor_names()
-        .all(|n| ck.dtype(n).unwrap() == Dtype::BF16 && !n.ends_with("_scale_inv")));
+    assert!(ck.tensor_names().all(|n| ck.dtype(n).unwrap() == Dtype::BF16 && !n.ends_with("_scale_inv")));
     // An FP8 tensor in a bf16 checkpoint is a wrong dtype.
     std::fs::remove_dir_all(&dir).unwrap();
     let f = fixture("bf16-fp8");
     let mut f = f;
-    f.config
-        .as_object_mut()
-        .unwrap()
-        .remove("quantization_config");
+    f.config.as_object_mut().unwrap().remove("quantization_config");
     let dir = f.write_single();
-    assert_has(
-        &f.open_err(dir),
-        &["wrong dtype: expected BF16|F16|F32, found F8_E4M3"],
-    );
+    assert_has(&f.open_err(dir), &["wrong dtype: expected BF16|F16|F32, found F8_E4M3"]);
 }
 
 #[test]
@@ -664,24 +465,13 @@ fn float_tensors_in_any_float_dtype() {
     // The embedding as F32 and F16, a norm as F16: accepted and converted.
     let mut f = fixture("f32emb");
     let e = f.tensors.get_mut("model.embed_tokens.weight").unwrap();
-    let vals: Vec<f32> = e
-        .data
-        .chunks_exact(2)
-        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
+    let vals: Vec<f32> = e.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
     e.dtype = StDtype::F32;
     e.data = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let n = f.tensors.get_mut("model.norm.weight").unwrap();
-    let nv: Vec<f32> = n
-        .data
-        .chunks_exact(2)
-        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
+    let nv: Vec<f32> = n.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
     n.dtype = StDtype::F16;
-    n.data = nv
-        .iter()
-        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-        .collect();
+    n.data = nv.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
     let dir = f.write_single();
     let ck = Checkpoint::open(dir).unwrap();
     assert_eq!(ck.tensor_f32("model.embed_tokens.weight").unwrap(), vals);
@@ -695,18 +485,9 @@ fn float_tensors_in_any_float_dtype() {
 #[test]
 fn no_tensor_asked() {
     let dir = tmpdir("asked");
-    write_checkpoint(
-        &dir,
-        &Qwen3MoeConfig::preset("tiny").unwrap(),
-        1,
-        &WriteOptions::default(),
-    )
-    .unwrap();
+    write_checkpoint(&dir, &Qwen3MoeConfig::preset("tiny").unwrap(), 1, &WriteOptions::default()).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();
-    assert_has(
-        &ck.tensor_f32("model.nope").unwrap_err().to_string(),
-        &["no tensor `model.nope`"],
-    );
+    assert_has(&ck.tensor_f32("model.nope").unwrap_err().to_string(), &["no tensor `model.nope`"]);
     assert!(ck.rows_f32("model.embed_tokens.weight", 319, 2).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -714,10 +495,7 @@ fn no_tensor_asked() {
 #[test]
 fn hostile_tensor_names_are_just_unexpected() {
     let cfg = Qwen3MoeConfig::preset("tiny").unwrap();
-    let deep = format!(
-        "model.layers.0.self_attn.q_proj.weight{}",
-        "_scale_inv".repeat(200_000)
-    );
+    let deep = format!("model.layers.0.self_attn.q_proj.weight{}", "_scale_inv".repeat(200_000));
     assert!(hga::model::checkpoint::spec_for(&cfg, &deep).is_none());
     for n in [
         "model.layers.+1.input_layernorm.weight",

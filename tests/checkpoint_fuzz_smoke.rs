@@ -74,12 +74,8 @@ fn mutate(rng: &mut Rng, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             3 => {
                 // Replace a digit by another digit (shapes, offsets, sizes).
-                let digits: Vec<usize> = v
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.is_ascii_digit())
-                    .map(|(i, _)| i)
-                    .collect();
+                let digits: Vec<usize> =
+                    v.iter().enumerate().filter(|(_, b)| b.is_ascii_digit()).map(|(i, _)| i).collect();
                 if !digits.is_empty() {
                     let i = digits[rng.below(digits.len())];
                     v[i] = b'0' + rng.below(10) as u8;
@@ -126,10 +122,7 @@ fn fuzz_smoke() {
             std::fs::write(std::path::Path::new(&dir).join(format!("seed-{i}")), s).unwrap();
         }
     }
-    let iters: usize = std::env::var("HGA_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3000);
+    let iters: usize = std::env::var("HGA_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
     let mut rng = Rng(0x5EED);
     let mut valid = 0;
     let t = std::time::Instant::now();

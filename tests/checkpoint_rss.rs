@@ -19,8 +19,7 @@ fn peak_memory_stays_near_one_shard() {
     let mut cfg = Qwen3MoeConfig::preset("small").unwrap();
     cfg.num_hidden_layers = 3;
     cfg.vocab_size = 8000;
-    cfg.quantization.as_mut().unwrap().modules_to_not_convert =
-        cfg.default_modules_to_not_convert();
+    cfg.quantization.as_mut().unwrap().modules_to_not_convert = cfg.default_modules_to_not_convert();
     let total = planned_bytes(&cfg, ScaleDtype::F32);
     let shard = 4_000_000u64;
     let dir = std::env::temp_dir().join(format!("hga-ckrss-{}", std::process::id()));
@@ -28,25 +27,10 @@ fn peak_memory_stays_near_one_shard() {
     // Warm up (thread pool, allocator) on a tiny model first.
     let warm = dir.with_extension("warm");
     let _ = std::fs::remove_dir_all(&warm);
-    write_checkpoint(
-        &warm,
-        &Qwen3MoeConfig::preset("tiny").unwrap(),
-        1,
-        &WriteOptions::default(),
-    )
-    .unwrap();
+    write_checkpoint(&warm, &Qwen3MoeConfig::preset("tiny").unwrap(), 1, &WriteOptions::default()).unwrap();
     std::fs::remove_dir_all(&warm).unwrap();
     let before = vm_hwm_kb().unwrap() * 1024;
-    write_checkpoint(
-        &dir,
-        &cfg,
-        1,
-        &WriteOptions {
-            shard_size: shard,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    write_checkpoint(&dir, &cfg, 1, &WriteOptions { shard_size: shard, ..Default::default() }).unwrap();
     let after = vm_hwm_kb().unwrap() * 1024;
     let grew = after.saturating_sub(before);
     let files = std::fs::read_dir(&dir).unwrap().count();
@@ -59,14 +43,8 @@ fn peak_memory_stays_near_one_shard() {
         after as f64 / 1e6,
         grew as f64 / 1e6
     );
-    assert!(
-        total > 20 * shard,
-        "the model must be many shards large ({total} bytes)"
-    );
-    assert!(
-        grew < 2 * shard,
-        "peak RSS grew by {grew} bytes writing {total} bytes in {shard}-byte shards"
-    );
+    assert!(total > 20 * shard, "the model must be many shards large ({total} bytes)");
+    assert!(grew < 2 * shard, "peak RSS grew by {grew} bytes writing {total} bytes in {shard}-byte shards");
     Checkpoint::open(&dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

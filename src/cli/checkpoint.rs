@@ -92,10 +92,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         ),
         _ => (s, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 4G, 500M, 1048576)"))?;
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 4G, 500M, 1048576)"))?;
     if !(n >= 1.0 && n.is_finite()) {
         return Err(format!("`{s}`: the size must be at least 1 byte"));
     }
@@ -114,8 +111,7 @@ fn new(a: NewArgs) -> anyhow::Result<()> {
     let mut cfg = match (&a.preset, &a.config) {
         (Some(p), _) => Qwen3MoeConfig::preset(p)?,
         (None, Some(f)) => {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
             Qwen3MoeConfig::from_json_str(&text).with_context(|| format!("in {}", f.display()))?
         }
         (None, None) => bail!("give --preset or --config"),
@@ -125,11 +121,7 @@ fn new(a: NewArgs) -> anyhow::Result<()> {
     }
     let scale_dtype = ScaleDtype::parse(&a.scale_dtype).unwrap_or_default();
     let bytes = planned_bytes(&cfg, scale_dtype);
-    let opts = WriteOptions {
-        shard_size: a.shard_size,
-        scale_dtype,
-        progress: !a.quiet && bytes > 32_000_000,
-    };
+    let opts = WriteOptions { shard_size: a.shard_size, scale_dtype, progress: !a.quiet && bytes > 32_000_000 };
     let t = Instant::now();
     write_checkpoint(&a.out, &cfg, a.seed, &opts)?;
     eprintln!(
@@ -138,11 +130,7 @@ fn new(a: NewArgs) -> anyhow::Result<()> {
         bytes as f64 / 1e9,
         cfg.num_hidden_layers,
         cfg.num_experts,
-        if cfg.quantization.is_some() {
-            "FP8 e4m3 block-scaled"
-        } else {
-            "bf16"
-        },
+        if cfg.quantization.is_some() { "FP8 e4m3 block-scaled" } else { "bf16" },
         t.elapsed().as_secs_f64()
     );
     Ok(())
@@ -155,17 +143,13 @@ fn deep_scan(ck: &Checkpoint) -> Vec<String> {
         let Ok(r) = ck.raw(name) else { continue };
         let bad = match r.dtype {
             Dtype::F8_E4M3 => r.data.iter().filter(|&&b| b & 0x7F == 0x7F).count(),
-            d if d.is_float() => hga_host::model::checkpoint::to_f32(d, r.data)
-                .iter()
-                .filter(|v| !v.is_finite())
-                .count(),
+            d if d.is_float() => {
+                hga_host::model::checkpoint::to_f32(d, r.data).iter().filter(|v| !v.is_finite()).count()
+            }
             _ => 0,
         };
         if bad > 0 {
-            problems.push(format!(
-                "{}: tensor `{name}`: {bad} non-finite values",
-                r.file
-            ));
+            problems.push(format!("{}: tensor `{name}`: {bad} non-finite values", r.file));
         }
     }
     problems
@@ -176,10 +160,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         Ok(ck) => ck,
         Err(e) => {
             if a.json {
-                println!(
-                    "{}",
-                    json!({"ok": false, "dir": a.dir, "problems": [e.to_string()]})
-                );
+                println!("{}", json!({"ok": false, "dir": a.dir, "problems": [e.to_string()]}));
             }
             bail!("{}: invalid checkpoint: {e}", a.dir.display());
         }
@@ -194,14 +175,10 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     }
     let problems = if a.deep { deep_scan(&ck) } else { Vec::new() };
     let c = &ck.config;
-    let moe_layers = (0..c.num_hidden_layers)
-        .filter(|&l| c.is_moe_layer(l))
-        .count();
+    let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
     if a.json {
-        let dt: serde_json::Map<String, serde_json::Value> = dtypes
-            .iter()
-            .map(|(k, (n, b))| (k.clone(), json!({"count": n, "bytes": b})))
-            .collect();
+        let dt: serde_json::Map<String, serde_json::Value> =
+            dtypes.iter().map(|(k, (n, b))| (k.clone(), json!({"count": n, "bytes": b}))).collect();
         let v = json!({
             "ok": problems.is_empty(),
             "dir": a.dir,
@@ -230,11 +207,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         );
         println!(
             "  experts {} (top {}, norm_topk_prob {})  moe_intermediate {}  intermediate {}",
-            c.num_experts,
-            c.num_experts_per_tok,
-            c.norm_topk_prob,
-            c.moe_intermediate_size,
-            c.intermediate_size
+            c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.moe_intermediate_size, c.intermediate_size
         );
         println!(
             "  rope_theta {}  rms_norm_eps {}  max_position {}  tied embeddings {}",
@@ -250,17 +223,8 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             None => println!("  quantization: none (bf16 checkpoint)"),
         }
         let files = ck.files();
-        println!(
-            "  files: {} ({}{})",
-            files.len(),
-            files[0],
-            if files.len() > 1 { ", ..." } else { "" }
-        );
-        println!(
-            "  tensors: {}  total {:.3} GB",
-            ck.len(),
-            ck.total_bytes() as f64 / 1e9
-        );
+        println!("  files: {} ({}{})", files.len(), files[0], if files.len() > 1 { ", ..." } else { "" });
+        println!("  tensors: {}  total {:.3} GB", ck.len(), ck.total_bytes() as f64 / 1e9);
         for (d, (n, b)) in &dtypes {
             println!("    {d:8} {n:7} tensors {:>12.3} MB", *b as f64 / 1e6);
         }

@@ -27,11 +27,7 @@ pub enum ModelError {
     MissingKey { key: String },
     /// A config key has a value of the wrong type or out of its domain.
     #[error("config.json: key `{key}`: expected {expected}, found {found}")]
-    BadValue {
-        key: String,
-        expected: String,
-        found: String,
-    },
+    BadValue { key: String, expected: String, found: String },
     /// Config values contradict each other; `key` is the one reported as wrong.
     #[error("config.json: key `{key}`: {message}")]
     Contradiction { key: String, message: String },
@@ -48,14 +44,8 @@ pub enum ModelError {
     #[error("{index}: weight_map names shard `{shard}`, which does not exist")]
     MissingShard { index: String, shard: String },
     /// The index maps a tensor to a shard whose header does not contain it.
-    #[error(
-        "{index}: weight_map puts tensor `{tensor}` in `{shard}`, but that file has no such tensor"
-    )]
-    TensorNotInShard {
-        index: String,
-        tensor: String,
-        shard: String,
-    },
+    #[error("{index}: weight_map puts tensor `{tensor}` in `{shard}`, but that file has no such tensor")]
+    TensorNotInShard { index: String, tensor: String, shard: String },
     /// A shard contains a tensor the index's weight_map does not list (or lists in another file).
     #[error("{file}: tensor `{tensor}` is not listed for this file in the index weight_map")]
     TensorNotInIndex { file: String, tensor: String },
@@ -64,18 +54,10 @@ pub enum ModelError {
     Header { file: String, message: String },
     /// The header describes more bytes than the file holds.
     #[error("{file}: truncated: the header describes {expected} bytes of tensor data, the file holds {found}")]
-    Truncated {
-        file: String,
-        expected: u64,
-        found: u64,
-    },
+    Truncated { file: String, expected: u64, found: u64 },
     /// The same tensor name appears in two files.
     #[error("tensor `{tensor}` appears in both `{first}` and `{second}`")]
-    DuplicateTensor {
-        tensor: String,
-        first: String,
-        second: String,
-    },
+    DuplicateTensor { tensor: String, first: String, second: String },
     /// A tensor the config requires is absent.
     #[error("missing tensor `{tensor}` (expected {expected})")]
     MissingTensor { tensor: String, expected: String },
@@ -84,37 +66,16 @@ pub enum ModelError {
     UnexpectedTensor { file: String, tensor: String },
     /// A tensor has the wrong dtype.
     #[error("{file}: tensor `{tensor}`: wrong dtype: expected {expected}, found {found}")]
-    WrongDtype {
-        file: String,
-        tensor: String,
-        expected: String,
-        found: String,
-    },
+    WrongDtype { file: String, tensor: String, expected: String, found: String },
     /// A tensor has the wrong shape.
     #[error("{file}: tensor `{tensor}`: wrong shape: expected {expected:?}, found {found:?}")]
-    WrongShape {
-        file: String,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    WrongShape { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     /// A `weight_scale_inv` tensor has the wrong shape for its weight and the config's block size.
     #[error("{file}: tensor `{tensor}`: wrong block-scale shape: expected {expected:?} ({why}), found {found:?}")]
-    WrongScaleShape {
-        file: String,
-        tensor: String,
-        expected: Vec<usize>,
-        why: String,
-        found: Vec<usize>,
-    },
+    WrongScaleShape { file: String, tensor: String, expected: Vec<usize>, why: String, found: Vec<usize> },
     /// A `weight_scale_inv` holds a value that is negative, NaN or infinite.
     #[error("{file}: tensor `{tensor}`: bad block scale {value} at element {index} (must be finite and >= 0)")]
-    BadScale {
-        file: String,
-        tensor: String,
-        index: usize,
-        value: f32,
-    },
+    BadScale { file: String, tensor: String, index: usize, value: f32 },
     /// A tensor name asked for by the caller is not in the checkpoint.
     #[error("no tensor `{tensor}` in this checkpoint")]
     NoSuchTensor { tensor: String },
@@ -125,28 +86,15 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.into(),
-            source,
-        }
+        ModelError::Io { path: path.into(), source }
     }
     pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Write {
-            path: path.into(),
-            source,
-        }
+        ModelError::Write { path: path.into(), source }
     }
     pub(crate) fn bad(key: &str, expected: &str, found: impl std::fmt::Display) -> Self {
-        ModelError::BadValue {
-            key: key.to_string(),
-            expected: expected.to_string(),
-            found: found.to_string(),
-        }
+        ModelError::BadValue { key: key.to_string(), expected: expected.to_string(), found: found.to_string() }
     }
     pub(crate) fn contra(key: &str, message: impl Into<String>) -> Self {
-        ModelError::Contradiction {
-            key: key.to_string(),
-            message: message.into(),
-        }
+        ModelError::Contradiction { key: key.to_string(), message: message.into() }
     }
 }

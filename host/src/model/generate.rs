@@ -25,9 +25,7 @@ use gpu_kernels::num::{bf16_to_f32, f32_to_bf16, f32_to_e4m3, E4M3_MAX};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{
-    expected_names, spec_for, Dtype, Role, TensorKind, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE,
-};
+use super::checkpoint::{expected_names, spec_for, Dtype, Role, TensorKind, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE};
 use super::config::Qwen3MoeConfig;
 pub use super::error::ModelError;
 
@@ -74,11 +72,7 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions {
-            shard_size: 4_000_000_000,
-            scale_dtype: ScaleDtype::F32,
-            progress: false,
-        }
+        WriteOptions { shard_size: 4_000_000_000, scale_dtype: ScaleDtype::F32, progress: false }
     }
 }
 
@@ -99,9 +93,10 @@ impl Planned {
     }
     fn bytes(&self, sd: ScaleDtype) -> u64 {
         self.elems() * self.dtype.size() as u64
-            + self.fp8.as_ref().map_or(0, |(s, _)| {
-                s.iter().map(|&d| d as u64).product::<u64>() * sd.dtype().size() as u64
-            })
+            + self
+                .fp8
+                .as_ref()
+                .map_or(0, |(s, _)| s.iter().map(|&d| d as u64).product::<u64>() * sd.dtype().size() as u64)
     }
 }
 
@@ -115,21 +110,12 @@ fn plan(cfg: &Qwen3MoeConfig) -> Vec<Planned> {
         let (dtype, fp8) = match spec.kind {
             TensorKind::Float => (Dtype::BF16, None),
             TensorKind::Fp8Weight { scale_shape } => {
-                let block = cfg
-                    .quantization
-                    .as_ref()
-                    .map_or([128, 128], |q| q.weight_block_size);
+                let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
                 (Dtype::F8_E4M3, Some((scale_shape, block)))
             }
             TensorKind::Fp8Scale { .. } => continue,
         };
-        v.push(Planned {
-            name,
-            shape: spec.shape,
-            dtype,
-            role: spec.role,
-            fp8,
-        });
+        v.push(Planned { name, shape: spec.shape, dtype, role: spec.role, fp8 });
     }
     v
 }
@@ -150,9 +136,7 @@ fn splitmix(x: &mut u64) -> u64 {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Approximately standard normal (Irwin-Hall of four 16-bit uniforms, unit variance) from one 64-bit draw.
@@ -171,10 +155,7 @@ fn distribution(cfg: &Qwen3MoeConfig, role: Role, shape: &[usize]) -> (f32, f32)
         Role::Embedding => (0.0, 1.0),
         Role::Norm => (1.0, 0.1),
         Role::Linear { residual: false } => (0.0, 1.0 / inp.sqrt()),
-        Role::Linear { residual: true } => (
-            0.0,
-            1.0 / inp.sqrt() / (2.0 * cfg.num_hidden_layers as f32).sqrt(),
-        ),
+        Role::Linear { residual: true } => (0.0, 1.0 / inp.sqrt() / (2.0 * cfg.num_hidden_layers as f32).sqrt()),
         Role::Router | Role::LmHead => (0.0, 2.0 / h.sqrt()),
         Role::Bias => (0.0, 0.02),
         Role::Scale => (1.0, 0.0),
@@ -236,14 +217,7 @@ fn store_scale(s: f32, sd: ScaleDtype) -> (Vec<u8>, f32) {
 
 /// Generates rows `r0..r0 + n` of `p` and encodes them: (tensor bytes, scale bytes for these rows' blocks).
 /// For FP8, `r0` and `n` are multiples of the block height (except at the end).
-fn encode_rows(
-    p: &Planned,
-    cfg: &Qwen3MoeConfig,
-    ts: u64,
-    sd: ScaleDtype,
-    r0: usize,
-    n: usize,
-) -> (Vec<u8>, Vec<u8>) {
+fn encode_rows(p: &Planned, cfg: &Qwen3MoeConfig, ts: u64, sd: ScaleDtype, r0: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
     let cols = *p.shape.last().unwrap_or(&1);
     let (mean, std) = distribution(cfg, p.role, &p.shape);
     let mut vals = vec![0f32; n * cols];
@@ -251,12 +225,7 @@ fn encode_rows(
         gen_row(ts, r0 + i, cols, mean, std, row);
     }
     match &p.fp8 {
-        None => (
-            vals.iter()
-                .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
-                .collect(),
-            Vec::new(),
-        ),
+        None => (vals.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(), Vec::new()),
         Some((_, [b0, b1])) => {
             let (b0, b1) = (*b0, *b1);
             let mut q = vec![0u8; n * cols];
@@ -292,10 +261,7 @@ fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)]) -> Vec<u8> {
     let mut m = Map::new();
     m.insert("__metadata__".into(), json!({"format": "pt"}));
     for (name, dtype, shape, b, e) in entries {
-        m.insert(
-            name.clone(),
-            json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [b, e]}),
-        );
+        m.insert(name.clone(), json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [b, e]}));
     }
     let mut h = Value::Object(m).to_string().into_bytes();
     while !h.len().is_multiple_of(8) {
@@ -321,19 +287,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 }
 
 fn looks_like_checkpoint_file(name: &str) -> bool {
-    name == "config.json"
-        || name == INDEX_FILE
-        || (name.starts_with("model") && name.ends_with(".safetensors"))
+    name == "config.json" || name == INDEX_FILE || (name.starts_with("model") && name.ends_with(".safetensors"))
 }
 
 /// Writes a checkpoint of `config` with values from `seed` into `dir` (created if missing; refused if it already
 /// holds checkpoint files).
-pub fn write_checkpoint(
-    dir: &Path,
-    config: &Qwen3MoeConfig,
-    seed: u64,
-    opts: &WriteOptions,
-) -> Result<(), ModelError> {
+pub fn write_checkpoint(dir: &Path, config: &Qwen3MoeConfig, seed: u64, opts: &WriteOptions) -> Result<(), ModelError> {
     config.validate()?;
     std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
     let existing = std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))?;
@@ -342,9 +301,7 @@ pub fn write_checkpoint(
         if looks_like_checkpoint_file(&n) {
             return Err(ModelError::Output {
                 path: dir.to_path_buf(),
-                message: format!(
-                    "already holds `{n}`; remove the old checkpoint or choose another directory"
-                ),
+                message: format!("already holds `{n}`; remove the old checkpoint or choose another directory"),
             });
         }
     }
@@ -368,9 +325,7 @@ pub fn write_checkpoint(
     let names: Vec<String> = if n == 1 {
         vec![SINGLE_FILE.to_string()]
     } else {
-        (1..=n)
-            .map(|k| format!("model-{k:05}-of-{n:05}.safetensors"))
-            .collect()
+        (1..=n).map(|k| format!("model-{k:05}-of-{n:05}.safetensors")).collect()
     };
     let total: u64 = tensors.iter().map(|p| p.bytes(sd)).sum();
     let bar = if opts.progress {
@@ -433,13 +388,7 @@ fn write_shard(
         off += b;
         if let Some((ss, _)) = &p.fp8 {
             let sb = ss.iter().map(|&d| d as u64).product::<u64>() * sd.dtype().size() as u64;
-            entries.push((
-                format!("{}{SCALE_SUFFIX}", p.name),
-                sd.dtype(),
-                ss.clone(),
-                off,
-                off + sb,
-            ));
+            entries.push((format!("{}{SCALE_SUFFIX}", p.name), sd.dtype(), ss.clone(), off, off + sb));
             off += sb;
         }
     }
@@ -456,10 +405,8 @@ fn write_shard(
         let per_batch = (batch_elems / (step * cols)).max(1);
         let mut scales = Vec::new();
         for batch in blocks.chunks(per_batch) {
-            let out: Vec<(Vec<u8>, Vec<u8>)> = batch
-                .par_iter()
-                .map(|&r0| encode_rows(p, cfg, ts, sd, r0, step.min(rows - r0)))
-                .collect();
+            let out: Vec<(Vec<u8>, Vec<u8>)> =
+                batch.par_iter().map(|&r0| encode_rows(p, cfg, ts, sd, r0, step.min(rows - r0))).collect();
             for (t, s) in out {
                 w.write_all(&t)?;
                 bar.inc(t.len() as u64);
