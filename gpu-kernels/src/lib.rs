@@ -13,9 +13,19 @@ pub mod params;
 #[cfg(target_arch = "nvptx64")]
 pub mod arch;
 #[cfg(target_arch = "nvptx64")]
+pub mod attention;
+#[cfg(target_arch = "nvptx64")]
+pub mod gemm;
+#[cfg(target_arch = "nvptx64")]
+pub mod head;
+#[cfg(target_arch = "nvptx64")]
+pub mod moe;
+#[cfg(target_arch = "nvptx64")]
 pub mod norm;
 #[cfg(target_arch = "nvptx64")]
 pub mod quant;
+#[cfg(target_arch = "nvptx64")]
+pub mod rope;
 #[cfg(target_arch = "nvptx64")]
 pub mod selftest;
 

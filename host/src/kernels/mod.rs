@@ -1,7 +1,12 @@
 //! Safe launchers: one per kernel, named as the kernel. Each checks shapes and lengths, then performs the one
 //! unsafe launch. Device buffers are cudarc slices or views (`bf16` for bf16, `u8` for e4m3, `f32`).
+pub mod attention;
+pub mod gemm;
+pub mod head;
+pub mod moe;
 pub mod norm;
 pub mod quant;
+pub mod rope;
 pub mod selftest;
 
 pub use norm::hga_rmsnorm;

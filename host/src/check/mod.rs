@@ -1,6 +1,12 @@
 //! GPU-versus-reference checks, shared by the GPU tests (`tests/gpu_*.rs`, random shapes from proptest) and by
 //! `hga selfcheck` (a fixed list of shapes). Every check draws fresh random inputs, poisons the outputs (NaN
 //! bytes) before the launch, and compares with the CPU reference of `crate::reference`; NaN never passes.
+pub mod attention;
+pub mod gemm;
+pub mod head;
+pub mod moe;
+pub mod rope;
+
 use crate::kernels::{self, SelfTest};
 use crate::reference;
 use crate::runtime::{Gpu, RuntimeError};
@@ -22,7 +28,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new(kernel: &'static str, shape: String, rel_err: f64, first_bad: Option<String>) -> Self {
+    /// An outcome; `first_bad` is the first mismatch, if any.
+    pub fn new(kernel: &'static str, shape: String, rel_err: f64, first_bad: Option<String>) -> Self {
         Outcome { kernel, shape, rel_err, ok: first_bad.is_none(), detail: first_bad.unwrap_or_default() }
     }
 }

@@ -55,3 +55,14 @@ pub struct SelfTestParams {
     pub n: u32,
     pub _pad: u32,
 }
+
+mod attention;
+mod gemm;
+mod head;
+mod moe;
+mod rope;
+pub use attention::*;
+pub use gemm::*;
+pub use head::*;
+pub use moe::*;
+pub use rope::*;

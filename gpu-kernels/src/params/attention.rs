@@ -1,0 +1,1 @@
+//! Parameter structs of the attention kernels (in progress: issue 4).

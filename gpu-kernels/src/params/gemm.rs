@@ -1,0 +1,1 @@
+//! Parameter structs of the gemm kernels (in progress: issue 4).

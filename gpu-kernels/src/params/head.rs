@@ -1,0 +1,1 @@
+//! Parameter structs of the head kernels (in progress: issue 4).

@@ -1,0 +1,1 @@
+//! Parameter structs of the moe kernels (in progress: issue 4).

@@ -1,0 +1,1 @@
+//! Parameter structs of the rope kernels (in progress: issue 4).
