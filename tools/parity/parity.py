@@ -12,7 +12,13 @@ Then the tokens stored in the logits file are run through the model, and the scr
 the logits (||ours - theirs|| / ||theirs||, over all positions), the top-1 (argmax) agreement per position, and the
 torch / transformers versions. Exit status 1 if rel L2 > --max-rel-l2 (default 1e-4) or top-1 agreement < 100%.
 
-Usage: python3 parity.py --model DIR --logits FILE.safetensors [--max-rel-l2 1e-4]
+With `--activations fp8` (the default is what the logits file's metadata says), the dynamic FP8 activation
+quantization of our `fp8` mode is simulated in torch: the input of every FP8-weight linear (every `F.linear` except
+`lm_head` and the routers) is quantized per token per 128-wide group, s = max(absmax, 1e-10) / 448,
+x' = float8_e4m3fn(x / s) * s, before the f32 product with the dequantized weight. This checks the `fp8` mode, the
+oracle of the GPU FP8 kernels, against an independent implementation (torch's e4m3 rounding).
+
+Usage: python3 parity.py --model DIR --logits FILE.safetensors [--activations f32|fp8] [--max-rel-l2 1e-4]
 """
 import argparse
 import glob
@@ -76,25 +82,65 @@ def _version_at_least(version, want):
     return tuple(parts) >= want
 
 
+def _simulate_fp8_activations(model, torch):
+    """Patches torch.nn.functional.linear: quantize-dequantize the input (per row, 128-wide groups along the last
+    dim, the last group possibly shorter) unless the weight is lm_head or a router (the unquantized linears)."""
+    import torch.nn.functional as F
+
+    unquantized = set()
+    for name, p in model.named_parameters():
+        if name == "lm_head.weight" or name.endswith("mlp.gate.weight"):
+            unquantized.add(p.data_ptr())
+    if model.config.tie_word_embeddings:
+        unquantized.add(model.get_input_embeddings().weight.data_ptr())
+    orig = F.linear
+    counts = {"quantized": 0, "plain": 0}
+
+    def quant(x):
+        k = x.shape[-1]
+        pad = (-k) % 128
+        xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
+        g = xp.reshape(*xp.shape[:-1], -1, 128)
+        s = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 448.0
+        dq = (g / s).to(torch.float8_e4m3fn).to(torch.float32) * s
+        return dq.reshape(xp.shape)[..., :k]
+
+    def linear(x, w, b=None):
+        if w.data_ptr() in unquantized:
+            counts["plain"] += 1
+            return orig(x, w, b)
+        counts["quantized"] += 1
+        return orig(quant(x), w, b)
+
+    F.linear = linear
+    torch.nn.functional.linear = linear
+    model._hga_fp8_counts = counts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     ap.add_argument("--logits", required=True, help="output of `hga logits` (tensors `logits` and `tokens`)")
+    ap.add_argument("--activations", choices=["f32", "fp8"], help="default: from the logits file's metadata")
     ap.add_argument("--max-rel-l2", type=float, default=1e-4)
     args = ap.parse_args()
 
     import torch
     import transformers
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
+    with safe_open(args.logits, framework="pt") as f:
+        meta = f.metadata() or {}
+    activations = args.activations or meta.get("activations", "f32")
     ours_file = load_file(args.logits)
     ours = ours_file["logits"].to(torch.float64)
     tokens = ours_file["tokens"].to(torch.long)
-    print(f"model {args.model}: {tokens.numel()} tokens, vocab {ours.shape[1]}")
+    print(f"model {args.model}: {tokens.numel()} tokens, vocab {ours.shape[1]}, activations {activations}")
 
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
@@ -118,18 +164,29 @@ def main():
         del tensors
         # `dtype=` since transformers 4.56; `torch_dtype=` before.
         dtype_kw = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
+        kwargs = {dtype_kw: torch.float32}
+        if _version_at_least(transformers.__version__, (5, 0)):
+            kwargs["experts_implementation"] = "eager"  # the per-expert F.linear loop (5.x picks grouped_mm)
         model, info = Qwen3MoeForCausalLM.from_pretrained(
-            tmp, attn_implementation="eager", output_loading_info=True, **{dtype_kw: torch.float32}
+            tmp, attn_implementation="eager", output_loading_info=True, **kwargs
         )
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         sys.exit(f"transformers did not load the checkpoint cleanly: {problems}")
     model.eval()
+    if activations == "fp8":
+        if q is None:
+            print("checkpoint is not FP8: fp8 mode quantizes nothing")
+        else:
+            _simulate_fp8_activations(model, torch)
     with torch.no_grad():
         theirs = model(input_ids=tokens[None, :], use_cache=False).logits[0].to(torch.float64)
     if theirs.shape != ours.shape:
         sys.exit(f"shape mismatch: ours {tuple(ours.shape)}, transformers {tuple(theirs.shape)}")
 
+    counts = getattr(model, "_hga_fp8_counts", None)
+    if counts is not None:
+        print(f"fp8 simulation: {counts['quantized']} quantized-input linear calls, {counts['plain']} plain")
     rel_l2 = (torch.linalg.vector_norm(ours - theirs) / torch.linalg.vector_norm(theirs)).item()
     max_abs = (ours - theirs).abs().max().item()
     agree = (ours.argmax(-1) == theirs.argmax(-1))
@@ -141,6 +198,8 @@ def main():
     print(f"rel L2 {rel_l2:.3e} (worst position {max(per_pos):.3e}), max |diff| {max_abs:.3e}, "
           f"top-1 agreement {agree.sum().item()}/{agree.numel()} ({100 * top1:.1f}%)")
     ok = rel_l2 <= args.max_rel_l2 and top1 == 1.0
+    if not ok:
+        print("per position rel L2: " + " ".join(f"{e:.1e}" for e in per_pos))
     print("PASS" if ok else f"FAIL (need rel L2 <= {args.max_rel_l2:g} and top-1 100%)")
     return 0 if ok else 1
 

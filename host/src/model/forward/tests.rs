@@ -43,10 +43,7 @@ fn random_weights(c: &Qwen3MoeConfig, seed: u64) -> HashMap<String, Vec<f32>> {
 fn model(c: &Qwen3MoeConfig, mode: ActivationMode, seed: u64) -> CpuModel {
     let w = random_weights(c, seed);
     CpuModel::from_tensors(c.clone(), mode, |n| {
-        w.get(n).cloned().ok_or_else(|| ForwardError::Load {
-            name: n.into(),
-            msg: "absent".into(),
-        })
+        w.get(n).cloned().ok_or_else(|| ForwardError::Load { name: n.into(), msg: "absent".into() })
     })
     .unwrap()
 }
@@ -86,11 +83,7 @@ fn check_prefill_equals_decode(c: &Qwen3MoeConfig, mode: ActivationMode) {
     let mut cache2 = m.new_cache();
     for (i, &t) in TOKENS.iter().enumerate() {
         let row = m.decode(t, &mut cache2).unwrap();
-        assert_eq!(
-            row.as_slice(),
-            full.row(i),
-            "{mode} token {i}: decode differs from prefill"
-        );
+        assert_eq!(row.as_slice(), full.row(i), "{mode} token {i}: decode differs from prefill");
     }
     // Chunked prefill (3 + 4) too.
     let mut cache3 = m.new_cache();
@@ -113,10 +106,7 @@ fn tiny_prefill_equals_decode_f32_and_fp8() {
 #[test]
 fn mixed_dense_moe_gqa_hd128_prefill_equals_decode() {
     let c = mixed();
-    assert_eq!(
-        (0..4).map(|l| c.is_moe_layer(l)).collect::<Vec<_>>(),
-        [false, true, false, true]
-    );
+    assert_eq!((0..4).map(|l| c.is_moe_layer(l)).collect::<Vec<_>>(), [false, true, false, true]);
     check_prefill_equals_decode(&c, ActivationMode::F32);
     check_prefill_equals_decode(&c, ActivationMode::Fp8);
 }
@@ -158,19 +148,9 @@ fn attention_policy_hook_is_called_per_layer() {
         fn name(&self) -> &str {
             "counting"
         }
-        fn attend(
-            &self,
-            layer: usize,
-            s: &AttentionShape,
-            start: usize,
-            q: &[f32],
-            kv: &LayerKv,
-        ) -> Vec<f32> {
+        fn attend(&self, layer: usize, s: &AttentionShape, start: usize, q: &[f32], kv: &LayerKv) -> Vec<f32> {
             self.0.fetch_add(1, Ordering::Relaxed);
-            assert_eq!(
-                kv.k.len(),
-                (start + q.len() / (s.num_heads * s.head_dim)) * s.num_kv_heads * s.head_dim
-            );
+            assert_eq!(kv.k.len(), (start + q.len() / (s.num_heads * s.head_dim)) * s.num_kv_heads * s.head_dim);
             DenseAttention.attend(layer, s, start, q, kv)
         }
     }
@@ -183,14 +163,7 @@ fn attention_policy_hook_is_called_per_layer() {
         fn name(&self) -> &str {
             self.0.name()
         }
-        fn attend(
-            &self,
-            l: usize,
-            s: &AttentionShape,
-            st: usize,
-            q: &[f32],
-            kv: &LayerKv,
-        ) -> Vec<f32> {
+        fn attend(&self, l: usize, s: &AttentionShape, st: usize, q: &[f32], kv: &LayerKv) -> Vec<f32> {
             self.0.attend(l, s, st, q, kv)
         }
     }
@@ -217,11 +190,7 @@ fn trace_reports_every_stage_with_its_width() {
     assert_eq!(logits, m.prefill(&TOKENS, &mut m.new_cache()).unwrap());
     assert_eq!(seen[0], (Tap::Embed, None, 256));
     assert_eq!(*seen.last().unwrap(), (Tap::FinalNorm, None, 256));
-    let layer1: Vec<(Tap, usize)> = seen
-        .iter()
-        .filter(|s| s.1 == Some(1))
-        .map(|s| (s.0, s.2))
-        .collect();
+    let layer1: Vec<(Tap, usize)> = seen.iter().filter(|s| s.1 == Some(1)).map(|s| (s.0, s.2)).collect();
     use Tap::*;
     assert_eq!(
         layer1,
@@ -246,17 +215,9 @@ fn trace_reports_every_stage_with_its_width() {
 #[test]
 fn first_token_attends_to_itself_only() {
     // With one position, attention returns that position's V (query head h reads KV head h / 2).
-    let s = AttentionShape {
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 48,
-        scale: 0.1,
-    };
+    let s = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 48, scale: 0.1 };
     let q = uniform(1, 4 * 48);
-    let kv = LayerKv {
-        k: uniform(2, 2 * 48),
-        v: uniform(3, 2 * 48),
-    };
+    let kv = LayerKv { k: uniform(2, 2 * 48), v: uniform(3, 2 * 48) };
     let o = DenseAttention.attend(0, &s, 0, &q, &kv);
     assert_eq!(&o[..48], &kv.v[..48]);
     assert_eq!(&o[48..96], &kv.v[..48]);
@@ -269,30 +230,15 @@ fn errors_are_clear() {
     let c = Qwen3MoeConfig::preset("tiny").unwrap();
     let m = model(&c, ActivationMode::F32, 1);
     let e = m.prefill(&[1, 320], &mut m.new_cache()).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "token id 320 at index 1 is out of range (vocab_size 320)"
-    );
-    assert!(matches!(
-        m.prefill(&[], &mut m.new_cache()),
-        Err(ForwardError::Empty)
-    ));
+    assert_eq!(e.to_string(), "token id 320 at index 1 is out of range (vocab_size 320)");
+    assert!(matches!(m.prefill(&[], &mut m.new_cache()), Err(ForwardError::Empty)));
     let other = KvCache::new(&mixed());
-    assert!(matches!(
-        m.prefill(&[1], &mut other.clone()),
-        Err(ForwardError::CacheMismatch(_))
-    ));
+    assert!(matches!(m.prefill(&[1], &mut other.clone()), Err(ForwardError::CacheMismatch(_))));
     // A wrongly sized tensor names itself.
     let mut w = random_weights(&c, 1);
-    w.get_mut("model.layers.1.self_attn.k_proj.weight")
-        .unwrap()
-        .pop();
+    w.get_mut("model.layers.1.self_attn.k_proj.weight").unwrap().pop();
     let e = CpuModel::from_tensors(c, ActivationMode::F32, |n| Ok(w[n].clone())).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("model.layers.1.self_attn.k_proj.weight"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("model.layers.1.self_attn.k_proj.weight"), "{e}");
 }
 
 /// Writes unquantized (f32) checkpoints of random weights, `tiny` and the mixed config, plus our logits of
@@ -303,10 +249,7 @@ fn errors_are_clear() {
 #[ignore = "writes files for tools/parity; run with HGA_PARITY_DUMP=DIR"]
 fn dump_for_parity() {
     let dir = std::path::PathBuf::from(std::env::var("HGA_PARITY_DUMP").unwrap());
-    for (name, c) in [
-        ("tiny", Qwen3MoeConfig::preset("tiny").unwrap()),
-        ("mixed", mixed()),
-    ] {
+    for (name, c) in [("tiny", Qwen3MoeConfig::preset("tiny").unwrap()), ("mixed", mixed())] {
         let mut c = c;
         c.quantization = None;
         let d = dir.join(name);
@@ -315,57 +258,26 @@ fn dump_for_parity() {
         let w = random_weights(&c, 11);
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensor_shapes(&c)
             .into_iter()
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    w[&n].iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    s,
-                )
-            })
+            .map(|(n, s)| (n.clone(), w[&n].iter().flat_map(|v| v.to_le_bytes()).collect(), s))
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
             .map(|(n, b, s)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .unwrap(),
-                )
+                (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
             })
             .collect();
         safetensors::tensor::serialize_to_file(views, &None, &d.join("model.safetensors")).unwrap();
         let m = model(&c, ActivationMode::F32, 11);
         let l = m.prefill(&TOKENS, &mut m.new_cache()).unwrap();
         let lb: Vec<u8> = l.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let tb: Vec<u8> = TOKENS
-            .iter()
-            .flat_map(|t| (*t as i64).to_le_bytes())
-            .collect();
+        let tb: Vec<u8> = TOKENS.iter().flat_map(|t| (*t as i64).to_le_bytes()).collect();
         let views = vec![
             (
                 "logits",
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    vec![l.tokens, l.vocab],
-                    &lb,
-                )
-                .unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![l.tokens, l.vocab], &lb).unwrap(),
             ),
-            (
-                "tokens",
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::I64,
-                    vec![TOKENS.len()],
-                    &tb,
-                )
-                .unwrap(),
-            ),
+            ("tokens", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![TOKENS.len()], &tb).unwrap()),
         ];
-        safetensors::tensor::serialize_to_file(
-            views,
-            &None,
-            &dir.join(format!("{name}.logits.safetensors")),
-        )
-        .unwrap();
+        safetensors::tensor::serialize_to_file(views, &None, &dir.join(format!("{name}.logits.safetensors"))).unwrap();
     }
 }
