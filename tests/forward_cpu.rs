@@ -18,10 +18,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn mixed_config() -> Qwen3MoeConfig {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/parity/mixed.json"),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/parity/mixed.json")).unwrap();
     Qwen3MoeConfig::from_json_str(&text).unwrap()
 }
 
@@ -50,11 +47,7 @@ fn check_model(dir: &Path) {
         let mut cache = model.new_cache();
         for (i, &t) in TOKENS.iter().enumerate() {
             let row = model.decode(t, &mut cache).unwrap();
-            assert_eq!(
-                row.as_slice(),
-                full.row(i),
-                "{mode}: decode of token {i} differs from prefill"
-            );
+            assert_eq!(row.as_slice(), full.row(i), "{mode}: decode of token {i} differs from prefill");
         }
         assert_eq!(cache.len(), TOKENS.len());
         match &f32_logits {
@@ -77,17 +70,8 @@ fn tiny_checkpoint_prefill_decode_and_fp8() {
 #[test]
 fn mixed_dense_moe_gqa_hd128_checkpoint() {
     let cfg = mixed_config();
-    assert_eq!(
-        (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim
-        ),
-        (8, 2, 128)
-    );
-    let layers: Vec<bool> = (0..cfg.num_hidden_layers)
-        .map(|l| cfg.is_moe_layer(l))
-        .collect();
+    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (8, 2, 128));
+    let layers: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| cfg.is_moe_layer(l)).collect();
     assert_eq!(layers, [false, true, false, true]);
     let dir = written("mixed", &cfg, 4);
     check_model(&dir);
@@ -103,17 +87,9 @@ fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>, Vec<i64>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let l = st.tensor("logits").unwrap();
     assert_eq!(l.dtype(), safetensors::Dtype::F32);
-    let data = l
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let data = l.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     let t = st.tensor("tokens").unwrap();
-    let toks = t
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let toks = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
     (l.shape().to_vec(), data, toks)
 }
 
@@ -123,20 +99,12 @@ fn cli_logits_matches_library_and_reports_errors() {
     let dir = written("cli", &cfg, 5);
     let ckpt = Checkpoint::open(&dir).unwrap();
     let ids = "1,17,5,42,42,9,63,100,2";
-    for (mode, extra) in [
-        (ActivationMode::F32, None),
-        (ActivationMode::Fp8, None),
-        (ActivationMode::F32, Some("--incremental")),
-    ] {
+    for (mode, extra) in
+        [(ActivationMode::F32, None), (ActivationMode::Fp8, None), (ActivationMode::F32, Some("--incremental"))]
+    {
         let out = dir.join(format!("{mode}.safetensors"));
         let mut cmd = hga();
-        cmd.args(["logits", "--model"]).arg(&dir).args([
-            "--tokens",
-            ids,
-            "--activations",
-            &mode.to_string(),
-            "--out",
-        ]);
+        cmd.args(["logits", "--model"]).arg(&dir).args(["--tokens", ids, "--activations", &mode.to_string(), "--out"]);
         cmd.arg(&out);
         if let Some(e) = extra {
             cmd.arg(e);
@@ -147,20 +115,11 @@ fn cli_logits_matches_library_and_reports_errors() {
         assert_eq!(shape, [TOKENS.len(), cfg.vocab_size]);
         assert_eq!(toks, TOKENS.iter().map(|&t| t as i64).collect::<Vec<_>>());
         let model = CpuModel::load(&ckpt, mode).unwrap();
-        assert_eq!(
-            data,
-            model.prefill(&TOKENS, &mut model.new_cache()).unwrap().data,
-            "{mode} {extra:?}"
-        );
+        assert_eq!(data, model.prefill(&TOKENS, &mut model.new_cache()).unwrap().data, "{mode} {extra:?}");
     }
 
     let err = |args: &[&str]| {
-        let o = hga()
-            .args(["logits", "--model"])
-            .arg(&dir)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = hga().args(["logits", "--model"]).arg(&dir).args(args).output().unwrap();
         assert!(!o.status.success());
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
@@ -169,15 +128,9 @@ fn cli_logits_matches_library_and_reports_errors() {
     let e = err(&["--tokens", "1,2", "--backend", "cuda", "--out", out]);
     assert!(e.contains("--backend cuda is not implemented yet"), "{e}");
     let e = err(&["--text", "hello", "--out", out]);
-    assert!(
-        e.contains("no tokenizer.json") && e.contains("--tokens"),
-        "{e}"
-    );
+    assert!(e.contains("no tokenizer.json") && e.contains("--tokens"), "{e}");
     let e = err(&["--tokens", "1,320", "--out", out]);
-    assert!(
-        e.contains("token id 320 at index 1 is out of range (vocab_size 320)"),
-        "{e}"
-    );
+    assert!(e.contains("token id 320 at index 1 is out of range (vocab_size 320)"), "{e}");
     let e = err(&["--out", out]);
     assert!(e.contains("--tokens") && e.contains("--text"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -189,11 +142,7 @@ fn ascii_tokenizer_json() -> String {
     let vocab: Vec<String> = (b' '..=b'~')
         .enumerate()
         .map(|(i, b)| {
-            let ch = if b == b' ' {
-                "\u{120}".to_string()
-            } else {
-                (b as char).to_string()
-            };
+            let ch = if b == b' ' { "\u{120}".to_string() } else { (b as char).to_string() };
             format!("{}: {i}", serde_json::to_string(&ch).unwrap())
         })
         .collect();
@@ -217,13 +166,8 @@ fn cli_text_input_uses_tokenizer_json() {
     assert_eq!(ids, [40, 73, 0, 84, 72, 69, 82, 69, 1]);
     assert_eq!(tok.decode(&ids).unwrap(), "Hi there!");
     let out = dir.join("t.safetensors");
-    let o = hga()
-        .args(["logits", "--model"])
-        .arg(&dir)
-        .args(["--text", "Hi there!", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o =
+        hga().args(["logits", "--model"]).arg(&dir).args(["--text", "Hi there!", "--out"]).arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (shape, _, toks) = read_logits(&out);
     assert_eq!(shape[0], ids.len());

@@ -84,8 +84,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         Activations::Fp8 => ActivationMode::Fp8,
     };
     let t0 = Instant::now();
-    let ckpt = Checkpoint::open(&args.model)
-        .with_context(|| format!("opening checkpoint {}", args.model.display()))?;
+    let ckpt = Checkpoint::open(&args.model).with_context(|| format!("opening checkpoint {}", args.model.display()))?;
     let need = f32_weight_bytes(&ckpt.config);
     if let Some(avail) = mem_available() {
         if need > avail {
@@ -115,19 +114,10 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let t_fwd = t1.elapsed();
 
     let logit_bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let token_bytes: Vec<u8> = tokens
-        .iter()
-        .flat_map(|&t| (t as i64).to_le_bytes())
-        .collect();
+    let token_bytes: Vec<u8> = tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
     let views = vec![
-        (
-            "logits",
-            TensorView::new(Dtype::F32, vec![tokens.len(), vocab], &logit_bytes)?,
-        ),
-        (
-            "tokens",
-            TensorView::new(Dtype::I64, vec![tokens.len()], &token_bytes)?,
-        ),
+        ("logits", TensorView::new(Dtype::F32, vec![tokens.len(), vocab], &logit_bytes)?),
+        ("tokens", TensorView::new(Dtype::I64, vec![tokens.len()], &token_bytes)?),
     ];
     let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let meta: HashMap<String, String> = [
@@ -144,10 +134,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
 
     let last = &data[(tokens.len() - 1) * vocab..];
-    let top1 = last
-        .iter()
-        .enumerate()
-        .fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
+    let top1 = last.iter().enumerate().fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
     eprintln!(
         "{} tokens, vocab {vocab}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {top1}; wrote {}",
         tokens.len(),

@@ -25,9 +25,7 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .finish()
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).finish()
     }
 }
 
@@ -52,36 +50,27 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), msg: e.to_string() })?;
         Ok(Tokenizer { inner })
     }
 
     /// Parses the JSON text of a `tokenizer.json`.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Load {
-            path: PathBuf::from("<bytes>"),
-            msg: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| TokenizerError::Load { path: PathBuf::from("<bytes>"), msg: e.to_string() })?;
         Ok(Tokenizer { inner })
     }
 
     /// Token ids of `text` (without added special tokens, as `tokenizer.encode(text, add_special_tokens=False)`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.inner.decode(ids, false).map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
     /// Vocabulary size, added tokens included.
@@ -123,10 +112,7 @@ mod tests {
         assert!(e.to_string().contains("no tokenizer.json"), "{e}");
         assert!(Tokenizer::try_from_model_dir(&dir).unwrap().is_none());
         std::fs::write(dir.join("tokenizer.json"), "{not json").unwrap();
-        assert!(matches!(
-            Tokenizer::from_model_dir(&dir),
-            Err(TokenizerError::Load { .. })
-        ));
+        assert!(matches!(Tokenizer::from_model_dir(&dir), Err(TokenizerError::Load { .. })));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

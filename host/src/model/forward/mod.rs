@@ -38,19 +38,10 @@ pub enum ForwardError {
     Load { name: String, msg: String },
     /// A tensor has the wrong number of elements for the config.
     #[error("tensor `{name}`: expected {expected} elements ({shape}), found {found}")]
-    Size {
-        name: String,
-        expected: usize,
-        shape: String,
-        found: usize,
-    },
+    Size { name: String, expected: usize, shape: String, found: usize },
     /// A token id is outside the vocabulary.
     #[error("token id {token} at index {index} is out of range (vocab_size {vocab})")]
-    TokenOutOfRange {
-        token: u32,
-        index: usize,
-        vocab: usize,
-    },
+    TokenOutOfRange { token: u32, index: usize, vocab: usize },
     /// The cache was made for another model shape.
     #[error("K/V cache shape does not match the model: {0}")]
     CacheMismatch(String),
@@ -75,9 +66,7 @@ impl FromStr for ActivationMode {
         match s {
             "f32" => Ok(Self::F32),
             "fp8" => Ok(Self::Fp8),
-            _ => Err(format!(
-                "unknown activation mode `{s}` (expected f32 or fp8)"
-            )),
+            _ => Err(format!("unknown activation mode `{s}` (expected f32 or fp8)")),
         }
     }
 }
@@ -193,14 +182,7 @@ pub trait AttentionPolicy: Send + Sync {
     fn name(&self) -> &str;
     /// `q: [tokens, num_heads * head_dim]` (after q_norm and RoPE) at positions `start..start + tokens`; `kv` holds
     /// positions `0..start + tokens` (the new tokens included). Returns `[tokens, num_heads * head_dim]`.
-    fn attend(
-        &self,
-        layer: usize,
-        shape: &AttentionShape,
-        start: usize,
-        q: &[f32],
-        kv: &LayerKv,
-    ) -> Vec<f32>;
+    fn attend(&self, layer: usize, shape: &AttentionShape, start: usize, q: &[f32], kv: &LayerKv) -> Vec<f32>;
 }
 
 /// Exact causal attention over every cached position (GQA: query head `h` reads KV head
@@ -212,14 +194,7 @@ impl AttentionPolicy for DenseAttention {
     fn name(&self) -> &str {
         "dense"
     }
-    fn attend(
-        &self,
-        _layer: usize,
-        s: &AttentionShape,
-        start: usize,
-        q: &[f32],
-        kv: &LayerKv,
-    ) -> Vec<f32> {
+    fn attend(&self, _layer: usize, s: &AttentionShape, start: usize, q: &[f32], kv: &LayerKv) -> Vec<f32> {
         let d = s.head_dim;
         let qdim = s.num_heads * d;
         let kv_dim = s.num_kv_heads * d;
@@ -229,15 +204,7 @@ impl AttentionPolicy for DenseAttention {
         out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / s.num_heads, i % s.num_heads);
             let qh = &q[t * qdim + h * d..t * qdim + (h + 1) * d];
-            let r = ops::attend_one(
-                qh,
-                &kv.k,
-                &kv.v,
-                start + t + 1,
-                kv_dim,
-                (h / group) * d,
-                s.scale,
-            );
+            let r = ops::attend_one(qh, &kv.k, &kv.v, start + t + 1, kv_dim, (h / group) * d, s.scale);
             o.copy_from_slice(&r);
         });
         out
@@ -311,20 +278,13 @@ impl CpuModel {
     /// Loads (dequantizes to f32) every tensor of `ckpt`. Attention policy: [`DenseAttention`].
     pub fn load(ckpt: &Checkpoint, mode: ActivationMode) -> Result<Self, ForwardError> {
         Self::from_tensors(ckpt.config.clone(), mode, |name| {
-            ckpt.tensor_f32(name).map_err(|e| ForwardError::Load {
-                name: name.to_string(),
-                msg: e.to_string(),
-            })
+            ckpt.tensor_f32(name).map_err(|e| ForwardError::Load { name: name.to_string(), msg: e.to_string() })
         })
     }
 
     /// Builds the model from a tensor source: `get(name)` returns the f32 (dequantized) values of the tensor of that
     /// Hugging Face name. Only element counts are checked here (the checkpoint reader checks shapes and dtypes).
-    pub fn from_tensors<F>(
-        config: Qwen3MoeConfig,
-        mode: ActivationMode,
-        get: F,
-    ) -> Result<Self, ForwardError>
+    pub fn from_tensors<F>(config: Qwen3MoeConfig, mode: ActivationMode, get: F) -> Result<Self, ForwardError>
     where
         F: Fn(&str) -> Result<Vec<f32>, ForwardError> + Sync,
     {
@@ -334,23 +294,13 @@ impl CpuModel {
             let v = get(&name)?;
             let expected: usize = dims.iter().product();
             if v.len() != expected {
-                return Err(ForwardError::Size {
-                    name,
-                    expected,
-                    shape: format!("{dims:?}"),
-                    found: v.len(),
-                });
+                return Err(ForwardError::Size { name, expected, shape: format!("{dims:?}"), found: v.len() });
             }
             Ok(v)
         };
         let linear = |module: String, n: usize, k: usize| -> Result<Linear, ForwardError> {
             let fp8 = c.is_quantized_module(&module);
-            Ok(Linear {
-                w: fetch(format!("{module}.weight"), &[n, k])?,
-                n,
-                k,
-                fp8,
-            })
+            Ok(Linear { w: fetch(format!("{module}.weight"), &[n, k])?, n, k, fp8 })
         };
         let gated = |prefix: String, inter: usize| -> Result<GatedMlp, ForwardError> {
             Ok(GatedMlp {
@@ -376,19 +326,13 @@ impl CpuModel {
                         .into_par_iter()
                         .map(|e| gated(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Mlp::Moe {
-                        gate: fetch(format!("{p}.mlp.gate.weight"), &[c.num_experts, h])?,
-                        experts,
-                    }
+                    Mlp::Moe { gate: fetch(format!("{p}.mlp.gate.weight"), &[c.num_experts, h])?, experts }
                 } else {
                     Mlp::Dense(gated(format!("{p}.mlp"), c.intermediate_size)?)
                 };
                 Ok(Layer {
                     input_layernorm: fetch(format!("{p}.input_layernorm.weight"), &[h])?,
-                    post_attention_layernorm: fetch(
-                        format!("{p}.post_attention_layernorm.weight"),
-                        &[h],
-                    )?,
+                    post_attention_layernorm: fetch(format!("{p}.post_attention_layernorm.weight"), &[h])?,
                     self_attn,
                     mlp,
                 })
@@ -396,20 +340,9 @@ impl CpuModel {
             .collect::<Result<Vec<_>, ForwardError>>()?;
         let embed_tokens = fetch("model.embed_tokens.weight".into(), &[c.vocab_size, h])?;
         let norm = fetch("model.norm.weight".into(), &[h])?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(fetch("lm_head.weight".into(), &[c.vocab_size, h])?)
-        };
-        Ok(CpuModel {
-            config,
-            mode,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            policy: Box::new(DenseAttention),
-        })
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(fetch("lm_head.weight".into(), &[c.vocab_size, h])?) };
+        Ok(CpuModel { config, mode, embed_tokens, layers, norm, lm_head, policy: Box::new(DenseAttention) })
     }
 
     /// Replaces the attention policy (e.g. a sparse one); the default is [`DenseAttention`].
@@ -455,9 +388,7 @@ impl CpuModel {
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
         }
-        if cache.layers.len() != c.num_hidden_layers
-            || cache.kv_dim != c.num_key_value_heads * c.head_dim
-        {
+        if cache.layers.len() != c.num_hidden_layers || cache.kv_dim != c.num_key_value_heads * c.head_dim {
             return Err(ForwardError::CacheMismatch(format!(
                 "cache has {} layers of K/V width {}, model {} of {}",
                 cache.layers.len(),
@@ -468,11 +399,7 @@ impl CpuModel {
         }
         for (index, &token) in tokens.iter().enumerate() {
             if token as usize >= c.vocab_size {
-                return Err(ForwardError::TokenOutOfRange {
-                    token,
-                    index,
-                    vocab: c.vocab_size,
-                });
+                return Err(ForwardError::TokenOutOfRange { token, index, vocab: c.vocab_size });
             }
         }
         let h = c.hidden_size;
@@ -482,9 +409,8 @@ impl CpuModel {
         for &tok in tokens {
             x.extend_from_slice(&self.embed_tokens[tok as usize * h..(tok as usize + 1) * h]);
         }
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..t)
-            .map(|i| ops::rope_cos_sin(start + i, c.head_dim, c.rope_theta))
-            .collect();
+        let rope: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..t).map(|i| ops::rope_cos_sin(start + i, c.head_dim, c.rope_theta)).collect();
         tap(Tap::Embed, None, &x);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut a = x.clone();
@@ -509,11 +435,7 @@ impl CpuModel {
         tap(Tap::FinalNorm, None, &x);
         let head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
         let data = ops::linear(&x, t, h, head, c.vocab_size);
-        Ok(Logits {
-            tokens: t,
-            vocab: c.vocab_size,
-            data,
-        })
+        Ok(Logits { tokens: t, vocab: c.vocab_size, data })
     }
 
     /// Runs one token at position `cache.len()`; returns its logits `[vocab]`.
@@ -524,13 +446,7 @@ impl CpuModel {
     /// `x: [t, lin.k] -> [t, lin.n]`; in `Fp8` mode the input of an FP8-weight linear is quantized first.
     fn linear(&self, lin: &Linear, x: &[f32], t: usize) -> Vec<f32> {
         if lin.fp8 && self.mode == ActivationMode::Fp8 {
-            ops::linear(
-                &ops::fp8_quant_dequant_rows(x, lin.k),
-                t,
-                lin.k,
-                &lin.w,
-                lin.n,
-            )
+            ops::linear(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, &lin.w, lin.n)
         } else {
             ops::linear(x, t, lin.k, &lin.w, lin.n)
         }
@@ -587,15 +503,7 @@ impl CpuModel {
     /// Sparse MoE block: router softmax (f64, rounded to f32) over all experts, top-k, renormalised when
     /// `norm_topk_prob`; each expert runs on the tokens routed to it (in parallel over experts); a token's expert
     /// outputs are added in ascending expert order.
-    fn moe(
-        &self,
-        l: usize,
-        gate: &[f32],
-        experts: &[GatedMlp],
-        x: &[f32],
-        t: usize,
-        tap: &mut TapFn<'_>,
-    ) -> Vec<f32> {
+    fn moe(&self, l: usize, gate: &[f32], experts: &[GatedMlp], x: &[f32], t: usize, tap: &mut TapFn<'_>) -> Vec<f32> {
         let c = &self.config;
         let h = c.hidden_size;
         let ne = c.num_experts;
@@ -630,10 +538,7 @@ impl CpuModel {
         for (toks, out) in routed.iter().zip(&outs) {
             let Some(out) = out else { continue };
             for (i, &(tok, w)) in toks.iter().enumerate() {
-                for (yv, ov) in y[tok * h..(tok + 1) * h]
-                    .iter_mut()
-                    .zip(&out[i * h..(i + 1) * h])
-                {
+                for (yv, ov) in y[tok * h..(tok + 1) * h].iter_mut().zip(&out[i * h..(i + 1) * h]) {
                     *yv += ov * w;
                 }
             }
@@ -648,10 +553,7 @@ impl CpuModel {
 pub fn tensor_shapes(c: &Qwen3MoeConfig) -> Vec<(String, Vec<usize>)> {
     let (h, d) = (c.hidden_size, c.head_dim);
     let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-    let mut v = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![c.vocab_size, h],
-    )];
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         v.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -685,10 +587,7 @@ pub fn tensor_shapes(c: &Qwen3MoeConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Bytes of f32 weights a [`CpuModel`] of this config holds (4 per parameter).
 pub fn f32_weight_bytes(c: &Qwen3MoeConfig) -> u64 {
-    tensor_shapes(c)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
-        .sum()
+    tensor_shapes(c).iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 4).sum()
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

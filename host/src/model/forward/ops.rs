@@ -34,17 +34,15 @@ pub fn linear(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     const ROWS: usize = 16;
     // Transposed result [n, tokens], filled in parallel by row blocks, then transposed back.
     let mut yt = vec![0f32; n * tokens];
-    yt.par_chunks_mut(ROWS * tokens.max(1))
-        .enumerate()
-        .for_each(|(blk, out)| {
-            let o0 = blk * ROWS;
-            for (r, out_row) in out.chunks_mut(tokens.max(1)).enumerate() {
-                let wr = &w[(o0 + r) * k..(o0 + r + 1) * k];
-                for (t, y) in out_row.iter_mut().enumerate().take(tokens) {
-                    *y = dot_f64(&x[t * k..(t + 1) * k], wr) as f32;
-                }
+    yt.par_chunks_mut(ROWS * tokens.max(1)).enumerate().for_each(|(blk, out)| {
+        let o0 = blk * ROWS;
+        for (r, out_row) in out.chunks_mut(tokens.max(1)).enumerate() {
+            let wr = &w[(o0 + r) * k..(o0 + r + 1) * k];
+            for (t, y) in out_row.iter_mut().enumerate().take(tokens) {
+                *y = dot_f64(&x[t * k..(t + 1) * k], wr) as f32;
             }
-        });
+        }
+    });
     let mut y = vec![0f32; tokens * n];
     for o in 0..n {
         for t in 0..tokens {
@@ -149,19 +147,10 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
 
 /// Causal attention of one query head over the first `n` cached positions: `q: [head_dim]`, `k, v`: rows of
 /// `row_stride` floats, this head's slice at `offset`. Scores and softmax in f64; returns `[head_dim]`.
-pub fn attend_one(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n: usize,
-    row_stride: usize,
-    offset: usize,
-    scale: f64,
-) -> Vec<f32> {
+pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], n: usize, row_stride: usize, offset: usize, scale: f64) -> Vec<f32> {
     let d = q.len();
-    let scores: Vec<f64> = (0..n)
-        .map(|j| dot_f64(q, &k[j * row_stride + offset..j * row_stride + offset + d]) * scale)
-        .collect();
+    let scores: Vec<f64> =
+        (0..n).map(|j| dot_f64(q, &k[j * row_stride + offset..j * row_stride + offset + d]) * scale).collect();
     let m = scores.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v));
     let p: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
     let z: f64 = p.iter().sum();
@@ -229,9 +218,7 @@ mod tests {
 
     #[test]
     fn fp8_quant_keeps_group_max_exact_and_error_small() {
-        let x: Vec<f32> = (0..300)
-            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
-            .collect();
+        let x: Vec<f32> = (0..300).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
         let q = fp8_quant_dequant_rows(&x, 300);
         for (g, qg) in x.chunks(FP8_GROUP).zip(q.chunks(FP8_GROUP)) {
             let am = g.iter().fold(0f32, |m, v| m.max(v.abs()));
