@@ -68,13 +68,14 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     if args.backend == Backend::Cuda {
         bail!("--backend cuda is not implemented yet: the GPU forward does not exist in this build; use --backend cpu");
     }
-    let tokens: Vec<u32> = match (&args.tokens, &args.text) {
-        (Some(t), _) => t.clone(),
-        (None, Some(text)) => {
-            let tok = Tokenizer::from_model_dir(&args.model).context("--text needs a tokenizer")?;
-            tok.encode(text)?
-        }
-        (None, None) => bail!("give --tokens or --text"),
+    let tokenizer = match &args.text {
+        Some(_) => Some(Tokenizer::from_model_dir(&args.model).context("--text needs a tokenizer")?),
+        None => Tokenizer::try_from_model_dir(&args.model)?,
+    };
+    let tokens: Vec<u32> = match (&args.tokens, &args.text, &tokenizer) {
+        (Some(t), _, _) => t.clone(),
+        (None, Some(text), Some(tok)) => tok.encode(text)?,
+        _ => bail!("give --tokens or --text"),
     };
     if tokens.is_empty() {
         bail!("the input has no tokens");
@@ -135,8 +136,12 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
 
     let last = &data[(tokens.len() - 1) * vocab..];
     let top1 = last.iter().enumerate().fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
+    let shown = match &tokenizer {
+        Some(tok) => format!("{top1} ({:?})", tok.decode(&[top1 as u32]).unwrap_or_default()),
+        None => top1.to_string(),
+    };
     eprintln!(
-        "{} tokens, vocab {vocab}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {top1}; wrote {}",
+        "{} tokens, vocab {vocab}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {shown}; wrote {}",
         tokens.len(),
         t_load.as_secs_f64(),
         t_fwd.as_secs_f64(),

@@ -229,6 +229,51 @@ mod tests {
         assert_eq!(fp8_quant_dequant_rows(&[0.0; 4], 4), vec![0.0; 4]);
     }
 
+    /// The `Fp8` mode computes `linear(quant_dequant(x), dequant(w))`; the FP8 GEMM kernels compute, per 128-wide
+    /// K block, `dot(q_a, q_w) * s_a * s_w` (QWEN3.md). Same value up to f32 rounding of the scale products.
+    #[test]
+    fn fp8_mode_equals_block_scaled_gemm_formulation() {
+        let (t, k, n) = (3usize, 300usize, 130usize);
+        let x: Vec<f32> = (0..t * k).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 13) as f32)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.011).cos() * 0.05).collect();
+        // Weight: e4m3 with one scale per 128x128 block.
+        let (bn, bk) = (n.div_ceil(128), k.div_ceil(128));
+        let mut sw = vec![0f32; bn * bk];
+        for (bi, s) in sw.iter_mut().enumerate() {
+            let (r0, c0) = ((bi / bk) * 128, (bi % bk) * 128);
+            let mut am = 0f32;
+            for r in r0..(r0 + 128).min(n) {
+                for c in c0..(c0 + 128).min(k) {
+                    am = am.max(w[r * k + c].abs());
+                }
+            }
+            *s = am / 448.0;
+        }
+        let qw: Vec<u8> = (0..n * k).map(|i| f32_to_e4m3(w[i] / sw[(i / k / 128) * bk + (i % k) / 128])).collect();
+        let w_deq: Vec<f32> = (0..n * k).map(|i| e4m3_to_f32(qw[i]) * sw[(i / k / 128) * bk + (i % k) / 128]).collect();
+        let ours = linear(&fp8_quant_dequant_rows(&x, k), t, k, &w_deq, n);
+        for ti in 0..t {
+            let row = &x[ti * k..(ti + 1) * k];
+            for o in 0..n {
+                let mut acc = 0f64;
+                for (b, g) in row.chunks(FP8_GROUP).enumerate() {
+                    let sa = fp8_group_scale(g.iter().fold(0f32, |m, v| m.max(v.abs())));
+                    let dot: f64 = g
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| {
+                            let qa = e4m3_to_f32(f32_to_e4m3(*v / sa)) as f64;
+                            qa * e4m3_to_f32(qw[o * k + b * 128 + j]) as f64
+                        })
+                        .sum();
+                    acc += dot * sa as f64 * sw[(o / 128) * bk + b] as f64;
+                }
+                let got = ours[ti * n + o] as f64;
+                assert!((got - acc).abs() <= 1e-5 * acc.abs().max(1.0), "t {ti} o {o}: {got} vs {acc}");
+            }
+        }
+    }
+
     #[test]
     fn softmax_topk_silu() {
         let p = softmax(&[1.0, 2.0, 3.0]);
