@@ -46,7 +46,9 @@ fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
 fn dim_strategy() -> impl Strategy<Value = usize> {
     prop_oneof![
         Just(1usize),
-        prop::sample::select(vec![2, 3, 7, 31, 32, 33, 127, 128, 129, 255, 256, 257, 2047, 2048, 2049, 4096, 8192, 8208]),
+        prop::sample::select(vec![
+            2, 3, 7, 31, 32, 33, 127, 128, 129, 255, 256, 257, 2047, 2048, 2049, 4096, 8192, 8208
+        ]),
         1usize..3000,
     ]
 }

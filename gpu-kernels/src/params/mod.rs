@@ -61,8 +61,14 @@ mod gemm;
 mod head;
 mod moe;
 mod rope;
+// The families of issue 4 fill these files; until then some are empty.
+#[allow(unused_imports)]
 pub use attention::*;
+#[allow(unused_imports)]
 pub use gemm::*;
+#[allow(unused_imports)]
 pub use head::*;
+#[allow(unused_imports)]
 pub use moe::*;
+#[allow(unused_imports)]
 pub use rope::*;
