@@ -22,6 +22,8 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointCommand),
     /// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
     Logits(cli::logits::LogitsArgs),
+    /// Measure HGA against dense attention in nats/token on text files (CPU reference forward).
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Selfcheck(a)) => cli::selfcheck::run(a),
         Some(Command::Checkpoint(c)) => cli::checkpoint::run(c),
         Some(Command::Logits(a)) => cli::logits::run(a),
+        Some(Command::Eval(a)) => cli::eval::run(a),
     }
 }

@@ -157,3 +157,47 @@ proptest! {
         }
     }
 }
+
+mod common;
+
+#[test]
+fn cli_eval_reports_every_policy() {
+    let dir = std::env::temp_dir().join(format!("hga-eval-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_checkpoint(&dir, &Qwen3MoeConfig::preset("tiny").unwrap(), 5, &WriteOptions::default()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), common::ascii_tokenizer_json()).unwrap();
+    let text = dir.join("t.txt");
+    let body: String = (0..40).map(|i| format!("line {i}: the key is {} and so on. ", i * 7 % 13)).collect();
+    std::fs::write(&text, body).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hga"))
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--text")
+        .arg(&text)
+        .args(["--context", "260", "--scored", "40", "--budget", "0.5,120", "--chunk", "16", "--group", "4"])
+        .args(["--sink", "16", "--local", "32", "--query-block", "16", "--attention", "dense,hga,oracle-groups", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // dense + 2 budgets x 2 selectors.
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert_eq!(rows[0]["policy"], "dense");
+    for r in &rows[1..] {
+        let gap = r["gap"].as_f64().unwrap();
+        let kl = r["kl"].as_f64().unwrap();
+        assert!(gap.is_finite() && kl >= -1e-12, "{r}");
+        assert!(r["sparsity"].as_f64().unwrap() < 1.0, "{r}");
+    }
+    // Errors are clear: a context longer than the file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hga"))
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--text")
+        .arg(&text)
+        .args(["--context", "100000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("every file is shorter than every --context"));
+}

@@ -1,4 +1,5 @@
 //! Subcommands of the `hga` command-line tool.
 pub mod checkpoint;
+pub mod eval;
 pub mod logits;
 pub mod selfcheck;

@@ -29,6 +29,7 @@ use crate::model::forward::ops::dot_f64;
 use crate::model::forward::{AttentionPolicy, AttentionShape, LayerKv};
 
 pub mod diag;
+pub mod eval;
 pub use diag::{Diagnostics, HeadStats};
 
 /// What summarizes a chunk or group of keys.

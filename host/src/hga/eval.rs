@@ -1,0 +1,160 @@
+//! Quality of HGA against dense attention, teacher-forced: for a window of tokens, the negative log-likelihood of
+//! each next token over the last `scored` positions (nats/token) under dense attention and under each HGA policy,
+//! the gap, KL(dense || policy), the sparsity actually used and the diagnostics of [`super::diag`].
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{HgaAttention, HgaParams};
+use crate::model::forward::{
+    AttentionPolicy, AttentionShape, CpuModel, DenseAttention, ForwardError, LayerKv, Logits,
+};
+
+impl AttentionPolicy for Arc<HgaAttention> {
+    fn name(&self) -> &str {
+        self.as_ref().name()
+    }
+    fn attend(&self, layer: usize, s: &AttentionShape, start: usize, q: &[f32], kv: &LayerKv) -> Vec<f32> {
+        self.as_ref().attend(layer, s, start, q, kv)
+    }
+}
+
+/// Errors of an evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("HGA parameters: {0}")]
+    Params(String),
+    #[error("a window needs at least two tokens, got {0}")]
+    TooShort(usize),
+}
+
+/// One policy's result on one window.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalRow {
+    /// The window's source (file name).
+    pub text: String,
+    /// Window length in tokens.
+    pub context: usize,
+    /// `dense`, `hga`, `oracle-tokens`, `oracle-groups`.
+    pub policy: String,
+    /// The policy's parameters (none for dense).
+    pub params: Option<HgaParams>,
+    /// Positions scored (the last ones of the window).
+    pub scored: usize,
+    /// Mean negative log-likelihood, nats/token.
+    pub nll: f64,
+    /// The same under dense attention.
+    pub nll_dense: f64,
+    /// `nll - nll_dense`.
+    pub gap: f64,
+    /// Mean KL(dense || policy) of the next-token distributions, nats.
+    pub kl: f64,
+    /// Share of top-1 predictions equal to dense's.
+    pub top1_agree: f64,
+    /// Mean positions attended / positions available, over every (layer, query, head) (1 for dense).
+    pub sparsity: f64,
+    /// Mean dense softmax mass on the selected positions.
+    pub mass: f64,
+    /// Mean recall of the dense top-32 positions.
+    pub recall32: f64,
+    /// Mean relative error of the attention output.
+    pub attn_rel_err: f64,
+}
+
+/// Log-softmax of one row.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+    let lz = m + z.ln();
+    row.iter().map(|&v| v as f64 - lz).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+}
+
+/// Scores `logits` against the next tokens of `tokens` at the last `scored` positions: per position
+/// (nll, log-probabilities).
+fn score(logits: &Logits, tokens: &[u32], scored: usize) -> Vec<(f64, Vec<f64>, usize)> {
+    let n = tokens.len();
+    (n - 1 - scored..n - 1)
+        .map(|t| {
+            let lp = log_softmax(logits.row(t));
+            let a = argmax(logits.row(t));
+            (-lp[tokens[t + 1] as usize], lp, a)
+        })
+        .collect()
+}
+
+/// Evaluates `policies` (besides dense, which is always run as the reference) on one window. `model` is moved in
+/// and out to swap policies without reloading weights.
+pub fn eval_window(
+    model: CpuModel,
+    text: &str,
+    tokens: &[u32],
+    scored: usize,
+    policies: &[HgaParams],
+    mut progress: impl FnMut(&str),
+) -> Result<(CpuModel, Vec<EvalRow>), EvalError> {
+    if tokens.len() < 2 {
+        return Err(EvalError::TooShort(tokens.len()));
+    }
+    let scored = scored.clamp(1, tokens.len() - 1);
+    progress("dense");
+    let model = model.with_attention_policy(Box::new(DenseAttention));
+    let dense = model.prefill(tokens, &mut model.new_cache())?;
+    let ds = score(&dense, tokens, scored);
+    let nll_dense = ds.iter().map(|x| x.0).sum::<f64>() / scored as f64;
+    let mut rows = vec![EvalRow {
+        text: text.to_string(),
+        context: tokens.len(),
+        policy: "dense".into(),
+        params: None,
+        scored,
+        nll: nll_dense,
+        nll_dense,
+        gap: 0.0,
+        kl: 0.0,
+        top1_agree: 1.0,
+        sparsity: 1.0,
+        mass: 1.0,
+        recall32: 1.0,
+        attn_rel_err: 0.0,
+    }];
+    let mut model = model;
+    for p in policies {
+        let policy = Arc::new(HgaAttention::new(p.clone()).map_err(EvalError::Params)?.with_diagnostics());
+        progress(policy.name());
+        model = model.with_attention_policy(Box::new(policy.clone()));
+        let logits = model.prefill(tokens, &mut model.new_cache())?;
+        let hs = score(&logits, tokens, scored);
+        let nll = hs.iter().map(|x| x.0).sum::<f64>() / scored as f64;
+        let kl = ds
+            .iter()
+            .zip(&hs)
+            .map(|(d, h)| d.1.iter().zip(&h.1).map(|(a, b)| a.exp() * (a - b)).sum::<f64>())
+            .sum::<f64>()
+            / scored as f64;
+        let agree = ds.iter().zip(&hs).filter(|(d, h)| d.2 == h.2).count() as f64 / scored as f64;
+        let d = policy.take_diagnostics().overall();
+        rows.push(EvalRow {
+            text: text.to_string(),
+            context: tokens.len(),
+            policy: policy.name().to_string(),
+            params: Some(p.clone()),
+            scored,
+            nll,
+            nll_dense,
+            gap: nll - nll_dense,
+            kl,
+            top1_agree: agree,
+            sparsity: if d.context > 0.0 { d.used / d.context } else { 1.0 },
+            mass: d.mass,
+            recall32: d.recall32,
+            attn_rel_err: d.rel_err,
+        });
+    }
+    Ok((model.with_attention_policy(Box::new(DenseAttention)), rows))
+}
