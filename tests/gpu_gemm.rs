@@ -42,10 +42,7 @@ fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
 #[test]
 fn gpu_fp8_linear_decode_matches_reference() {
     let Some(gpu) = gpu("gpu_fp8_linear_decode_matches_reference") else { return };
-    let n_s = prop_oneof![
-        prop::sample::select(vec![1usize, 7, 8, 9, 127, 128, 129, 255, 256, 257]),
-        1usize..700,
-    ];
+    let n_s = prop_oneof![prop::sample::select(vec![1usize, 7, 8, 9, 127, 128, 129, 255, 256, 257]), 1usize..700,];
     proptest!(cases(), |(seed in any::<u64>(), m in 1usize..=16, n in n_s, kb in 1usize..=17)| {
         let mut rng = StdRng::seed_from_u64(seed);
         assert_ok(check::gemm::fp8_linear(gpu, Fp8LinearKernel::Decode, m, n, 128 * kb, &mut rng).unwrap())?;
@@ -62,10 +59,7 @@ fn gpu_fp8_linear_decode_matches_reference() {
 #[test]
 fn gpu_fp8_linear_prefill_matches_reference() {
     let Some(gpu) = gpu("gpu_fp8_linear_prefill_matches_reference") else { return };
-    let m_s = prop_oneof![
-        prop::sample::select(vec![1usize, 2, 17, 127, 128, 129, 255, 256, 257]),
-        1usize..400,
-    ];
+    let m_s = prop_oneof![prop::sample::select(vec![1usize, 2, 17, 127, 128, 129, 255, 256, 257]), 1usize..400,];
     proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, s4 in any::<bool>())| {
         let mut rng = StdRng::seed_from_u64(seed);
         let kernel = if s4 { Fp8LinearKernel::PrefillS4 } else { Fp8LinearKernel::Prefill };

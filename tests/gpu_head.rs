@@ -111,8 +111,8 @@ fn gpu_sample_distribution() {
 /// The reference rule alone (no GPU): frequencies of 40000 draws match softmax(l / T) restricted to the top-p set.
 #[test]
 fn reference_sample_distribution() {
-    use hga::reference::head::sample_row;
     use gpu_kernels::sample::uniform_u32;
+    use hga::reference::head::sample_row;
     for (t, top_p, expect) in [
         (1.0f32, 1.0f32, vec![0.3757, 0.1382, 0.0838, 0.0508, 0.0187, 0.0025, 0.1024, 0.2279]),
         (1.0, 0.7, vec![0.5065, 0.1863, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3072]),

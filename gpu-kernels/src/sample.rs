@@ -78,7 +78,7 @@ const EXP2_Q32: [u64; 10] =
 #[inline]
 pub fn weight(l: f32, mx: f32, coef: f32) -> u64 {
     let t = (l - mx) * coef;
-    if !(t > -40.0) {
+    if t.is_nan() || t <= -40.0 {
         return 0;
     }
     // t in (-40, 0]: fixed point with 20 fraction bits (exact scaling, truncation toward zero).

@@ -25,23 +25,15 @@ pub fn embed_gather(
     let out = s.clone_dtoh(&dout)?;
     gpu.synchronize()?;
     let want = reference::head::hga_embed_gather(&table, &ids, hidden);
-    let bad = out
-        .iter()
-        .zip(&want)
-        .position(|(a, b)| a.to_bits() != b.to_bits())
-        .map(|i| format!("out[{i}] (row {}, id {}): got {}, expected {}", i / hidden, ids[i / hidden], out[i], want[i]));
+    let bad = out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()).map(|i| {
+        format!("out[{i}] (row {}, id {}): got {}, expected {}", i / hidden, ids[i / hidden], out[i], want[i])
+    });
     Ok(Outcome::new("hga_embed_gather", format!("rows={rows} vocab={vocab} hidden={hidden}"), 0.0, bad))
 }
 
 /// lm_head GEMV on m x vocab x hidden: relative L2 to the f64 reference <= 1e-5 (f32 accumulation of bf16
 /// products), every element within 1e-4 of the reference's RMS.
-pub fn lm_head(
-    gpu: &Gpu,
-    m: usize,
-    vocab: usize,
-    hidden: usize,
-    rng: &mut impl Rng,
-) -> Result<Outcome, RuntimeError> {
+pub fn lm_head(gpu: &Gpu, m: usize, vocab: usize, hidden: usize, rng: &mut impl Rng) -> Result<Outcome, RuntimeError> {
     let s = gpu.stream();
     let x = bf16_vec(m * hidden, -2.0, 2.0, rng);
     let w = bf16_vec(vocab * hidden, -0.1, 0.1, rng);
@@ -52,9 +44,10 @@ pub fn lm_head(
     gpu.synchronize()?;
     let want = reference::head::hga_lm_head(&x, &w, m, vocab, hidden);
     let rms = (want.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
-    let mut bad = out.iter().zip(&want).position(|(g, e)| g.is_nan() || ((g - e).abs() as f64) > 1e-4 * rms).map(|i| {
-        format!("out[{}, {}]: got {}, expected {} (rms {rms:.3e})", i / vocab, i % vocab, out[i], want[i])
-    });
+    let mut bad =
+        out.iter().zip(&want).position(|(g, e)| g.is_nan() || ((g - e).abs() as f64) > 1e-4 * rms).map(|i| {
+            format!("out[{}, {}]: got {}, expected {} (rms {rms:.3e})", i / vocab, i % vocab, out[i], want[i])
+        });
     let rel = rel_l2(&out, &want);
     if bad.is_none() && rel > 1e-5 {
         bad = Some(format!("relative L2 error {rel:.3e} > 1e-5"));
@@ -92,7 +85,11 @@ pub fn argmax(gpu: &Gpu, rows: usize, vocab: usize, rng: &mut impl Rng) -> Resul
     let out = s.clone_dtoh(&dout)?;
     gpu.synchronize()?;
     let want = reference::head::hga_argmax(&l, rows, vocab);
-    let bad = out.iter().zip(&want).position(|(a, b)| a != b).map(|i| format!("row {i}: got {}, expected {}", out[i], want[i]));
+    let bad = out
+        .iter()
+        .zip(&want)
+        .position(|(a, b)| a != b)
+        .map(|i| format!("row {i}: got {}, expected {}", out[i], want[i]));
     Ok(Outcome::new("hga_argmax", format!("rows={rows} vocab={vocab}"), 0.0, bad))
 }
 
@@ -112,13 +109,12 @@ pub fn sample(gpu: &Gpu, rows: usize, vocab: usize, rng: &mut impl Rng) -> Resul
     let out = s.clone_dtoh(&dout)?;
     gpu.synchronize()?;
     let want = reference::head::hga_sample(&l, rows, vocab, temperature, top_p, seed, step);
-    let bad = out.iter().zip(&want).position(|(a, b)| a != b).map(|i| format!("row {i}: got {}, expected {}", out[i], want[i]));
-    Ok(Outcome::new(
-        "hga_sample",
-        format!("rows={rows} vocab={vocab} T={temperature:.3} top_p={top_p:.3}"),
-        0.0,
-        bad,
-    ))
+    let bad = out
+        .iter()
+        .zip(&want)
+        .position(|(a, b)| a != b)
+        .map(|i| format!("row {i}: got {}, expected {}", out[i], want[i]));
+    Ok(Outcome::new("hga_sample", format!("rows={rows} vocab={vocab} T={temperature:.3} top_p={top_p:.3}"), 0.0, bad))
 }
 
 /// Coarse distribution check: `rows` draws (one per row, steps step..step+rows) from fixed logits over a small

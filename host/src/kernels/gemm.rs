@@ -77,14 +77,14 @@ pub fn hga_fp8_linear_with(
     if n == 0 || k == 0 {
         return Err(RuntimeError::Shape(format!("{name}: n and k must be > 0 (n={n}, k={k})")));
     }
-    if k % FP8_GROUP != 0 {
+    if !k.is_multiple_of(FP8_GROUP) {
         return Err(RuntimeError::Shape(format!("{name}: k = {k} must be a multiple of 128")));
     }
     match kernel {
         Fp8LinearKernel::Decode if m > DECODE_MAX_M => {
             return Err(RuntimeError::Shape(format!("{name}: m = {m} > {DECODE_MAX_M}")));
         }
-        Fp8LinearKernel::Prefill | Fp8LinearKernel::PrefillS4 if n % 128 != 0 => {
+        Fp8LinearKernel::Prefill | Fp8LinearKernel::PrefillS4 if !n.is_multiple_of(128) => {
             return Err(RuntimeError::Shape(format!("{name}: n = {n} must be a multiple of 128")));
         }
         _ => {}
@@ -209,7 +209,8 @@ pub fn hga_bench_mma_bf16_peak(
     check_len("mma_peak out", out.len(), blocks * 256)?;
     let (po, _g) = dptr_mut(gpu, out);
     let p = MmaPeakParams { out: po, iters, seed: 0x1234 };
-    let cfg = LaunchConfig { grid_dim: (dim_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (dim_u32("blocks", blocks)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: out holds one f32 per thread.
     unsafe { launch(gpu, "hga_bench_mma_bf16_peak", cfg, p)? };
     Ok(blocks as f64 * 8.0 * iters as f64 * 8.0 * 2.0 * 16.0 * 8.0 * 16.0)

@@ -41,7 +41,7 @@ pub fn hga_embed_gather(
     let (pt, _gt) = dptr(gpu, table);
     let (pi, _gi) = dptr_mut(gpu, ids_dev);
     let (po, _go) = dptr_mut(gpu, out);
-    if hidden % 8 == 0 && (pt % 16 != 0 || po % 16 != 0) {
+    if hidden.is_multiple_of(8) && (pt % 16 != 0 || po % 16 != 0) {
         return Err(RuntimeError::Shape("embed_gather: table and out must be 16-byte aligned".into()));
     }
     let p = EmbedParams { table: pt, ids: pi, out: po, rows: rows32, vocab: v32, hidden: h32, _pad: 0 };
@@ -64,7 +64,7 @@ pub fn hga_lm_head(
     if m > LM_HEAD_MAX_M {
         return Err(RuntimeError::Shape(format!("lm_head: m = {m} > {LM_HEAD_MAX_M}")));
     }
-    if vocab == 0 || hidden == 0 || hidden % 32 != 0 {
+    if vocab == 0 || hidden == 0 || !hidden.is_multiple_of(32) {
         return Err(RuntimeError::Shape(format!(
             "lm_head: vocab > 0 and hidden a positive multiple of 32 required (vocab={vocab}, hidden={hidden})"
         )));
@@ -115,7 +115,7 @@ pub fn hga_argmax(
     }
     let (pl, _gl) = dptr(gpu, logits);
     let (po, _go) = dptr_mut(gpu, out);
-    if vocab % 4 == 0 && pl % 16 != 0 {
+    if vocab.is_multiple_of(4) && pl % 16 != 0 {
         return Err(RuntimeError::Shape("argmax: logits must be 16-byte aligned".into()));
     }
     let p = ArgmaxParams { logits: pl, out: po, rows: r32, vocab: v32 };

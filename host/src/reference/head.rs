@@ -51,7 +51,7 @@ pub fn sample_row(row: &[f32], temperature: f32, top_p: f32, u: u32) -> u32 {
     // Threshold: walk the distinct keys of positive-weight tokens from the top.
     let mut by_key: Vec<(u32, u64)> =
         row.iter().zip(&w).filter(|(_, &wi)| wi > 0).map(|(&l, &wi)| (logit_key(l), wi)).collect();
-    by_key.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    by_key.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
     let (mut cum, mut kstar, mut i) = (0u64, 0u32, 0usize);
     while i < by_key.len() {
         let k = by_key[i].0;
