@@ -9,6 +9,7 @@
 
 pub mod num;
 pub mod params;
+pub mod sample;
 
 #[cfg(target_arch = "nvptx64")]
 pub mod arch;

@@ -1,1 +1,34 @@
-//! (in progress: issue 4)
+//! FP8 block-scaled linear layers (decode GEMV-like and prefill mma.sync tiles), the fused RMSNorm -> FP8
+//! quantizer that feeds them, and the bf16 mma.sync peak microbenchmark (the portable ceiling).
+pub mod fp8_linear_decode;
+pub mod fp8_linear_prefill;
+pub mod mma_peak;
+pub mod rmsnorm_fp8_quant;
+
+/// 16-byte streaming load from global memory (`ld.global.nc.L1::no_allocate.v4.u32`): read-only data read once
+/// (weights), kept out of L1.
+///
+/// # Safety
+/// `p` is a 16-byte aligned pointer into global memory, readable for 16 bytes and not written during the kernel.
+#[inline(always)]
+pub(crate) unsafe fn ld_stream_v4(p: *const u8) -> [u32; 4] {
+    let mut r = [0u32; 4];
+    let [a, b, c, d] = &mut r;
+    core::arch::asm!("ld.global.nc.L1::no_allocate.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) *a, out(reg32) *b, out(reg32) *c, out(reg32) *d, in(reg64) p, options(nostack, readonly));
+    r
+}
+
+/// 16-byte read-only load from global memory through L1 (`ld.global.nc.v4.u32`): small data many warps re-read
+/// (activations).
+///
+/// # Safety
+/// As [`ld_stream_v4`].
+#[inline(always)]
+pub(crate) unsafe fn ld_ro_v4(p: *const u8) -> [u32; 4] {
+    let mut r = [0u32; 4];
+    let [a, b, c, d] = &mut r;
+    core::arch::asm!("ld.global.nc.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) *a, out(reg32) *b, out(reg32) *c, out(reg32) *d, in(reg64) p, options(nostack, readonly));
+    r
+}

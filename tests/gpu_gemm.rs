@@ -1,0 +1,110 @@
+//! GPU property tests of the gemm family (FP8 linear decode / prefill, fused RMSNorm -> FP8 quant) against the CPU
+//! references fed the same FP8 inputs: random shapes (1, primes, tile sizes +-1), fresh inputs per case, outputs
+//! poisoned before the launch. Without a CUDA device each test prints one SKIP line and returns.
+use std::io::Write;
+use std::sync::OnceLock;
+
+use hga::check::{self, Outcome};
+use hga::kernels::gemm::Fp8LinearKernel;
+use hga::runtime::Gpu;
+use proptest::prelude::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+fn gpu(test: &str) -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    let g = GPU.get_or_init(|| {
+        if hga::runtime::device_count() == 0 {
+            return None;
+        }
+        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
+        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
+        Some(g)
+    });
+    if g.is_none() {
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
+    }
+    g.as_ref()
+}
+
+fn cases() -> ProptestConfig {
+    ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
+    prop_assert!(o.ok, "{} {}: {} (rel {:.3e})", o.kernel, o.shape, o.detail, o.rel_err);
+    Ok(())
+}
+
+#[test]
+fn gpu_fp8_linear_decode_matches_reference() {
+    let Some(gpu) = gpu("gpu_fp8_linear_decode_matches_reference") else { return };
+    let n_s = prop_oneof![prop::sample::select(vec![1usize, 7, 8, 9, 127, 128, 129, 255, 256, 257]), 1usize..700,];
+    proptest!(cases(), |(seed in any::<u64>(), m in 1usize..=16, n in n_s, kb in 1usize..=17)| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        assert_ok(check::gemm::fp8_linear(gpu, Fp8LinearKernel::Decode, m, n, 128 * kb, &mut rng).unwrap())?;
+    });
+    // Qwen3-30B-A3B shapes: q_proj, expert gate/up and down, at m = 1 and 4 (and 16).
+    let mut rng = StdRng::seed_from_u64(11);
+    for (m, n, k) in [(1, 4096, 2048), (4, 4096, 2048), (1, 768, 2048), (4, 2048, 768), (16, 512, 2048)] {
+        let o = check::gemm::fp8_linear(gpu, Fp8LinearKernel::Decode, m, n, k, &mut rng).unwrap();
+        assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+        eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
+    }
+}
+
+#[test]
+fn gpu_fp8_linear_prefill_matches_reference() {
+    let Some(gpu) = gpu("gpu_fp8_linear_prefill_matches_reference") else { return };
+    let m_s = prop_oneof![prop::sample::select(vec![1usize, 2, 17, 127, 128, 129, 255, 256, 257]), 1usize..400,];
+    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, s4 in any::<bool>())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let kernel = if s4 { Fp8LinearKernel::PrefillS4 } else { Fp8LinearKernel::Prefill };
+        assert_ok(check::gemm::fp8_linear(gpu, kernel, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
+    });
+    let mut rng = StdRng::seed_from_u64(12);
+    for kernel in [Fp8LinearKernel::Prefill, Fp8LinearKernel::PrefillS4] {
+        for (m, n, k) in [(200, 512, 2048), (129, 256, 768), (300, 768, 2048)] {
+            let o = check::gemm::fp8_linear(gpu, kernel, m, n, k, &mut rng).unwrap();
+            assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+            eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
+        }
+    }
+}
+
+#[test]
+fn gpu_rmsnorm_fp8_quant_matches_reference() {
+    let Some(gpu) = gpu("gpu_rmsnorm_fp8_quant_matches_reference") else { return };
+    let dim_s = prop_oneof![
+        Just(1usize),
+        prop::sample::select(vec![2, 7, 127, 128, 129, 255, 256, 257, 2047, 2048, 2049, 4096]),
+        1usize..3000,
+    ];
+    proptest!(cases(), |(seed in any::<u64>(), rows in 1usize..40, dim in dim_s, fused in any::<bool>())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        assert_ok(check::gemm::rmsnorm_fp8_quant(gpu, rows, dim, fused, &mut rng).unwrap())?;
+    });
+}
+
+#[test]
+fn gpu_fp8_linear_rejects_bad_shapes() {
+    let Some(gpu) = gpu("gpu_fp8_linear_rejects_bad_shapes") else { return };
+    let s = gpu.stream();
+    let a = s.alloc_zeros::<u8>(17 * 256).unwrap();
+    let sa = s.alloc_zeros::<f32>(17 * 2).unwrap();
+    let w = s.alloc_zeros::<u8>(200 * 256).unwrap();
+    let sw = s.alloc_zeros::<f32>(2 * 2).unwrap();
+    let mut out = s.alloc_zeros::<half::bf16>(17 * 200).unwrap();
+    use hga::kernels::gemm::hga_fp8_linear_with as lin;
+    let e = lin(gpu, Fp8LinearKernel::Decode, &a, &sa, &w, &sw, &mut out, 17, 200, 256).unwrap_err().to_string();
+    assert!(e.contains("m = 17 > 16"), "{e}");
+    let e = lin(gpu, Fp8LinearKernel::Prefill, &a, &sa, &w, &sw, &mut out, 17, 200, 256).unwrap_err().to_string();
+    assert!(e.contains("multiple of 128"), "{e}");
+    let e = lin(gpu, Fp8LinearKernel::Prefill, &a, &sa, &w, &sw, &mut out, 17, 200, 200).unwrap_err().to_string();
+    assert!(e.contains("k = 200 must be a multiple of 128"), "{e}");
+    let e = lin(gpu, Fp8LinearKernel::Decode, &a, &sa, &w, &sw, &mut out, 16, 200, 256).unwrap_err().to_string();
+    assert!(e.contains("fp8_linear a:"), "{e}");
+}
