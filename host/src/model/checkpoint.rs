@@ -1,7 +1,14 @@
 //! Qwen3-MoE checkpoint reader: `config.json` plus one `model.safetensors` or a sharded set named by
 //! `model.safetensors.index.json`, memory-mapped (memmap2). [`Checkpoint::open`] validates everything before it returns:
-//! the config, every safetensors header (our own parser, so that errors name file and tensor), the index against the
-//! shards, and every tensor against the config (name, dtype, shape, block-scale shape, scale values).
+//! the config, every safetensors header, the index against the shards, and every tensor against the config (name,
+//! dtype, shape, block-scale shape, scale values).
+//!
+//! Headers are parsed and validated by the `safetensors` crate ([`read_header`] calls
+//! `SafeTensors::read_metadata`: length prefix, JSON, dtypes, shapes, offsets matching dtype x shape, contiguous from
+//! 0, ending at the end of the file). Its errors carry no numbers and mostly no tensor name, so [`read_header`]
+//! explains them: every message names the file and, where one tensor is at fault, the tensor, with expected and found;
+//! a file shorter than its header says is reported as truncated. Everything the crate does not know is ours: the
+//! index, tensors across shards, and every tensor against the config.
 //!
 //! Rules (see ../shared/QWEN3.md):
 //! - Expected tensors follow the transformers module tree; a Linear is FP8 (`F8_E4M3` + `weight_scale_inv` of shape
@@ -22,6 +29,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use gpu_kernels::num::{bf16_to_f32, e4m3_to_f32};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
+use serde::Deserialize;
 use serde_json::Value;
 
 pub use super::config::{Fp8Quantization, Qwen3MoeConfig};
@@ -33,7 +43,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Suffix appended to an FP8 weight's name to name its block scales.
 pub const SCALE_SUFFIX: &str = "_scale_inv";
-/// Largest safetensors header we accept (as the safetensors crate: 100 MB).
+/// Largest safetensors header (the safetensors crate's limit, 100 MB; used in messages).
 const MAX_HEADER: u64 = 100_000_000;
 
 /// Element types of safetensors (all of them are recognised so that a wrong one is reported as a wrong dtype).
@@ -321,89 +331,165 @@ pub struct Header {
     pub tensors: Vec<HeaderEntry>,
 }
 
-/// Parses and checks a safetensors header against the file length: the 8-byte little-endian length, the JSON object,
-/// every entry (known dtype, shape, offsets matching dtype x shape), offsets contiguous from 0 and the last one ending
-/// exactly at the end of the file. `file` only names the file in errors. `prefix` may be just the first bytes of the
-/// file as long as it holds the whole header.
-pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header, ModelError> {
-    let herr = |m: String| ModelError::Header { file: file.to_string(), message: m };
-    if file_len < 8 || prefix.len() < 8 {
-        return Err(herr(format!("the file is {file_len} bytes, shorter than the 8-byte header length")));
+impl Dtype {
+    /// Our dtype for the safetensors crate's (None for a dtype a later crate version may add).
+    pub fn from_safetensors(d: StDtype) -> Option<Dtype> {
+        use Dtype::*;
+        Some(match d {
+            StDtype::BOOL => BOOL,
+            StDtype::U8 => U8,
+            StDtype::I8 => I8,
+            StDtype::F8_E5M2 => F8_E5M2,
+            StDtype::F8_E4M3 => F8_E4M3,
+            StDtype::I16 => I16,
+            StDtype::U16 => U16,
+            StDtype::F16 => F16,
+            StDtype::BF16 => BF16,
+            StDtype::I32 => I32,
+            StDtype::U32 => U32,
+            StDtype::F32 => F32,
+            StDtype::F64 => F64,
+            StDtype::I64 => I64,
+            StDtype::U64 => U64,
+            _ => return None,
+        })
     }
-    let n = u64::from_le_bytes(prefix[..8].try_into().unwrap_or([0; 8]));
-    if n > MAX_HEADER {
-        return Err(herr(format!("header length {n} exceeds the {MAX_HEADER}-byte limit")));
-    }
-    if 8 + n > file_len {
-        return Err(ModelError::Truncated { file: file.to_string(), expected: 8 + n, found: file_len });
-    }
-    let text = prefix.get(8..8 + n as usize).ok_or_else(|| herr(format!("header of {n} bytes not available")))?;
-    let text = std::str::from_utf8(text).map_err(|e| herr(format!("header is not UTF-8: {e}")))?;
-    let v: Value = serde_json::from_str(text).map_err(|e| herr(format!("header is not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| herr("header is not a JSON object".into()))?;
-    let mut tensors = Vec::with_capacity(obj.len());
-    for (name, e) in obj {
-        if name == "__metadata__" {
-            if !e.is_object() && !e.is_null() {
-                return Err(herr("`__metadata__` is not an object".into()));
-            }
-            continue;
+}
+
+/// Reads the safetensors header of a whole file with the `safetensors` crate ([`SafeTensors::read_metadata`]: the
+/// 8-byte length prefix and its 100 MB limit, UTF-8 JSON, known dtypes, shapes and offsets, offsets matching
+/// dtype x shape, contiguous from 0 and ending exactly at the end of the file). The crate's errors carry no numbers and
+/// mostly no tensor name, so they are turned into [`ModelError`]s that name the file and, where one tensor is at fault,
+/// the tensor, with expected and found (truncation, which the crate reports like trailing bytes, becomes
+/// [`ModelError::Truncated`]). `file` only names the file in errors.
+pub fn read_header(file: &str, bytes: &[u8]) -> Result<Header, ModelError> {
+    let len = bytes.len() as u64;
+    let n = bytes.first_chunk::<8>().map_or(0, |p| u64::from_le_bytes(*p));
+    // The crate's own Metadata (serde) parse of the header text, when the text lies in the file: it explains the
+    // crate's errors and guards its final size check, `data end + 8 + n == file length`, which overflows (a panic
+    // with overflow checks, as under cargo-fuzz) for an end offset near usize::MAX.
+    let text = (n <= MAX_HEADER && len >= 8 + n).then(|| &bytes[8..(8 + n) as usize]);
+    let meta: Option<Metadata> = text.and_then(|t| serde_json::from_slice(t).ok());
+    let have = len.saturating_sub(n.saturating_add(8));
+    if let Some(m) = &meta {
+        let end = data_end(m);
+        if end.checked_add(8 + n).is_none_or(|t| t > usize::MAX as u64) {
+            return Err(ModelError::Truncated { file: file.to_string(), expected: end, found: have });
         }
-        let terr = |m: &str| herr(format!("tensor `{name}`: {m}"));
-        let e = e.as_object().ok_or_else(|| terr("entry is not an object"))?;
-        let dtype_s = e.get("dtype").and_then(Value::as_str).ok_or_else(|| terr("no string `dtype`"))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| terr(&format!("unknown dtype \"{dtype_s}\"")))?;
-        let shape = e
-            .get("shape")
-            .and_then(Value::as_array)
-            .ok_or_else(|| terr("no `shape` list"))?
-            .iter()
-            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-            .collect::<Option<Vec<usize>>>()
-            .ok_or_else(|| terr("`shape` is not a list of non-negative integers"))?;
-        let off = e
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-            .ok_or_else(|| terr("`data_offsets` is not two non-negative integers"))?;
-        let nbytes = shape
-            .iter()
-            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| terr(&format!("shape {shape:?} overflows")))?;
-        if off.1 < off.0 || off.1 - off.0 != nbytes {
-            return Err(terr(&format!(
-                "data_offsets [{}, {}] span {} bytes, but {dtype} {shape:?} needs {nbytes}",
-                off.0,
-                off.1,
-                off.1.wrapping_sub(off.0) as i128
-            )));
-        }
-        tensors.push(HeaderEntry { name: name.clone(), dtype, shape, begin: off.0, end: off.1 });
     }
-    // Contiguity: sorted by offsets, each starts where the previous ended.
-    let mut by_off: Vec<&HeaderEntry> = tensors.iter().collect();
-    by_off.sort_by_key(|t| (t.begin, t.end));
-    let mut pos = 0u64;
-    for t in &by_off {
-        if t.begin != pos {
-            return Err(herr(format!(
-                "tensor `{}`: data_offsets start at {} but the previous tensor ends at {pos} (gap or overlap)",
-                t.name, t.begin
-            )));
-        }
-        pos = t.end;
-    }
-    let data_start = 8 + n;
-    let have = file_len - data_start;
-    if pos > have {
-        return Err(ModelError::Truncated { file: file.to_string(), expected: pos, found: have });
-    }
-    if pos < have {
-        return Err(herr(format!("{} trailing bytes after the last tensor (data ends at {pos})", have - pos)));
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| explain(file, bytes, text, meta.as_ref(), e))?;
+    let mut tensors = Vec::with_capacity(metadata.tensors().len());
+    for (name, t) in metadata.tensors() {
+        let Some(dtype) = Dtype::from_safetensors(t.dtype) else {
+            let message = format!("tensor `{name}`: dtype {:?} is not supported", t.dtype);
+            return Err(ModelError::Header { file: file.to_string(), message });
+        };
+        let (begin, end) = (t.data_offsets.0 as u64, t.data_offsets.1 as u64);
+        tensors.push(HeaderEntry { name, dtype, shape: t.shape.clone(), begin, end });
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Header { data_start, tensors })
+    Ok(Header { data_start: 8 + n, tensors })
+}
+
+/// End of the last tensor's data, relative to the data section.
+fn data_end(meta: &Metadata) -> u64 {
+    meta.tensors().values().map(|t| t.data_offsets.1 as u64).max().unwrap_or(0)
+}
+
+/// A [`ModelError`] for an error of [`SafeTensors::read_metadata`] on `bytes` (the whole file `file`), with the
+/// numbers and the tensor the crate does not give: `text` is the header text when it lies in the file, `meta` the
+/// crate's parse of it when that succeeded.
+fn explain(file: &str, bytes: &[u8], text: Option<&[u8]>, meta: Option<&Metadata>, e: SafeTensorError) -> ModelError {
+    let herr = |m: String| ModelError::Header { file: file.to_string(), message: m };
+    let len = bytes.len() as u64;
+    let n = bytes.first_chunk::<8>().map_or(0, |p| u64::from_le_bytes(*p));
+    match e {
+        SafeTensorError::HeaderTooSmall => {
+            herr(format!("the file is {len} bytes, shorter than the 8-byte header length"))
+        }
+        SafeTensorError::HeaderTooLarge => herr(format!("header length {n} exceeds the {MAX_HEADER}-byte limit")),
+        SafeTensorError::InvalidHeaderLength => {
+            ModelError::Truncated { file: file.to_string(), expected: n.saturating_add(8), found: len }
+        }
+        SafeTensorError::InvalidHeader => match text.map(std::str::from_utf8) {
+            Some(Err(u)) => herr(format!("header is not UTF-8: {u}")),
+            _ => herr("header is not UTF-8".into()),
+        },
+        SafeTensorError::InvalidHeaderStart => herr("header does not start with `{`".into()),
+        SafeTensorError::InvalidHeaderDeserialization => herr(text.map_or_else(
+            || "header cannot be deserialized".into(),
+            |t| header_json_problem(t).unwrap_or_else(|| "header cannot be deserialized".into()),
+        )),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            let have = len.saturating_sub(n.saturating_add(8));
+            match meta.map(data_end) {
+                Some(end) if end > have => ModelError::Truncated { file: file.to_string(), expected: end, found: have },
+                Some(end) => herr(format!("{} trailing bytes after the last tensor (data ends at {end})", have - end)),
+                None => herr("the tensor data does not end exactly at the end of the file".into()),
+            }
+        }
+        SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::ValidationOverflow => {
+            herr(meta.and_then(|m| layout_problem(m, &e)).unwrap_or_else(|| format!("{e}")))
+        }
+        e => herr(format!("{e}")),
+    }
+}
+
+/// Why the crate could not deserialize a header text: the JSON error, or the first entry whose own deserialization
+/// (as the crate's `TensorInfo`, or `__metadata__` as a string map) fails, with its name.
+fn header_json_problem(text: &[u8]) -> Option<String> {
+    let v: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("header is not valid JSON: {e}")),
+    };
+    let Some(obj) = v.as_object() else {
+        return Some("header is not a JSON object".into());
+    };
+    obj.iter().find_map(|(name, entry)| {
+        if name == "__metadata__" {
+            let r = Option::<HashMap<String, String>>::deserialize(entry);
+            r.err().map(|e| format!("`__metadata__` is not a map of strings: {e}"))
+        } else {
+            TensorInfo::deserialize(entry).err().map(|e| format!("tensor `{name}`: {e}"))
+        }
+    })
+}
+
+/// The tensor behind the crate's layout errors (`InvalidOffset`, `TensorInvalidInfo`, `ValidationOverflow`), found as
+/// the crate finds it: walking the tensors in data_offsets order from offset 0.
+fn layout_problem(meta: &Metadata, e: &SafeTensorError) -> Option<String> {
+    let mut infos: Vec<(String, &TensorInfo)> = meta.tensors().into_iter().collect();
+    infos.sort_by(|a, b| (a.1.data_offsets, &a.0).cmp(&(b.1.data_offsets, &b.0)));
+    let mut start = 0;
+    for (name, t) in infos {
+        let (s, end) = t.data_offsets;
+        if s != start || end < s {
+            // The crate names this tensor; with equal offsets ours may be another one, so the crate's name is used.
+            let name = match e {
+                SafeTensorError::InvalidOffset(n) => n,
+                _ => &name,
+            };
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{s}, {end}]: expected the data to start at {start}, where the \
+                 previous tensor ends (tensors are contiguous from offset 0: a gap, an overlap or a reversed range)"
+            ));
+        }
+        start = end;
+        let Some(nbytes) = t.shape.iter().try_fold(t.dtype.size(), |a, &d| a.checked_mul(d)) else {
+            return Some(format!("tensor `{name}`: {:?} {:?} overflows the byte count", t.dtype, t.shape));
+        };
+        if end - s != nbytes {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{s}, {end}] span {} bytes, but {:?} {:?} needs {nbytes}",
+                end - s,
+                t.dtype,
+                t.shape
+            ));
+        }
+    }
+    None
 }
 
 /// The bytes of one file: a memory map or an owned buffer (in-memory checkpoints, fuzzing).
@@ -585,7 +671,7 @@ impl Checkpoint {
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for (si, s) in shards.iter().enumerate() {
             let bytes = s.backing.bytes();
-            let h = parse_header(&s.name, bytes, bytes.len() as u64)?;
+            let h = read_header(&s.name, bytes)?;
             for t in h.tensors {
                 let e = Entry {
                     shard: si,

@@ -49,10 +49,11 @@ pub enum ModelError {
     /// A shard contains a tensor the index's weight_map does not list (or lists in another file).
     #[error("{file}: tensor `{tensor}` is not listed for this file in the index weight_map")]
     TensorNotInIndex { file: String, tensor: String },
-    /// A safetensors header is malformed (bad length prefix, not JSON, bad entry, bad offsets).
+    /// A safetensors header is malformed, as the safetensors crate finds it (bad length prefix, not JSON, bad entry, bad
+    /// offsets, trailing bytes); `message` names the tensor at fault, with expected and found.
     #[error("{file}: bad safetensors header: {message}")]
     Header { file: String, message: String },
-    /// The header describes more bytes than the file holds.
+    /// The header describes more bytes than the file holds (the header itself cut, or its tensor data).
     #[error("{file}: truncated: the header describes {expected} bytes of tensor data, the file holds {found}")]
     Truncated { file: String, expected: u64, found: u64 },
     /// The same tensor name appears in two files.
