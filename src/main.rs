@@ -24,6 +24,8 @@ enum Command {
     Logits(cli::logits::LogitsArgs),
     /// Measure HGA against dense attention in nats/token on text files (CPU reference forward).
     Eval(cli::eval::EvalArgs),
+    /// Needle-in-a-haystack retrieval of dense attention and HGA over depths and contexts (CPU reference forward).
+    Needle(cli::needle::NeedleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Checkpoint(c)) => cli::checkpoint::run(c),
         Some(Command::Logits(a)) => cli::logits::run(a),
         Some(Command::Eval(a)) => cli::eval::run(a),
+        Some(Command::Needle(a)) => cli::needle::run(a),
     }
 }

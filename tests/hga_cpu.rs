@@ -175,7 +175,17 @@ fn cli_eval_reports_every_policy() {
         .arg("--text")
         .arg(&text)
         .args(["--context", "260", "--scored", "40", "--budget", "0.5,120", "--chunk", "16", "--group", "4"])
-        .args(["--sink", "16", "--local", "32", "--query-block", "16", "--attention", "dense,hga,oracle-groups", "--json"])
+        .args([
+            "--sink",
+            "16",
+            "--local",
+            "32",
+            "--query-block",
+            "16",
+            "--attention",
+            "dense,hga,oracle-groups",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -200,4 +210,27 @@ fn cli_eval_reports_every_policy() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("every file is shorter than every --context"));
+}
+
+#[test]
+fn cli_needle_runs_every_policy_and_depth() {
+    let dir = std::env::temp_dir().join(format!("hga-needle-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_checkpoint(&dir, &Qwen3MoeConfig::preset("tiny").unwrap(), 6, &WriteOptions::default()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), common::ascii_tokenizer_json()).unwrap();
+    let filler = dir.join("f.txt");
+    std::fs::write(&filler, "the quick brown fox jumps over the lazy dog. ".repeat(10)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hga"))
+        .args(["needle", "--model"])
+        .arg(&dir)
+        .arg("--filler")
+        .arg(&filler)
+        .args(["--context", "200", "--depths", "0,100", "--trials", "1", "--budget", "0.4", "--chunk", "16"])
+        .args(["--group", "4", "--sink", "16", "--local", "32", "--query-block", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 4, "dense + hga at 2 depths: {rows:?}");
+    assert!(rows.iter().all(|r| r["trials"] == 1 && r["hits"].as_u64().unwrap() <= 1));
 }

@@ -115,11 +115,13 @@ impl HgaOpts {
 
 /// Measure HGA against dense attention in nats/token on text files (teacher-forced, CPU reference forward).
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  hga eval --model fixture --text fixture/eval/a.txt --context 4096,8192 --budget 0.03,0.06 \
+#[command(
+    after_help = "Example:\n  hga eval --model fixture --text fixture/eval/a.txt --context 4096,8192 --budget 0.03,0.06 \
                         --attention hga,oracle-groups\n\n\
 Each window is the first CONTEXT tokens of a file; the last --scored positions are scored. Reported per policy:\n\
 nats/token, the gap to dense, KL(dense||policy), top-1 agreement, the sparsity used, and the routing diagnostics\n\
-(dense softmax mass on the selected tokens, recall of the dense top-32, relative error of the attention output).")]
+(dense softmax mass on the selected tokens, recall of the dense top-32, relative error of the attention output)."
+)]
 pub struct EvalArgs {
     /// Model directory (with tokenizer.json).
     #[arg(long, value_name = "DIR")]
@@ -200,7 +202,19 @@ pub fn print_rows(rows: &[EvalRow], json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:<24} {:>7} {:<14} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>8} {:>6} {:>7} {:>8}",
-        "text", "context", "policy", "budget", "dense", "nats", "gap", "KL", "top1", "sparsity", "mass", "rec@32", "attn err"
+        "text",
+        "context",
+        "policy",
+        "budget",
+        "dense",
+        "nats",
+        "gap",
+        "KL",
+        "top1",
+        "sparsity",
+        "mass",
+        "rec@32",
+        "attn err"
     );
     for r in rows {
         let budget = match r.params.as_ref().map(|p| p.budget) {

@@ -2,4 +2,5 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod logits;
+pub mod needle;
 pub mod selfcheck;

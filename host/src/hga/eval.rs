@@ -6,9 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{HgaAttention, HgaParams};
-use crate::model::forward::{
-    AttentionPolicy, AttentionShape, CpuModel, DenseAttention, ForwardError, LayerKv, Logits,
-};
+use crate::model::forward::{AttentionPolicy, AttentionShape, CpuModel, DenseAttention, ForwardError, LayerKv, Logits};
 
 impl AttentionPolicy for Arc<HgaAttention> {
     fn name(&self) -> &str {
