@@ -59,13 +59,13 @@ pub fn selftest(gpu: &Gpu, t: SelfTest, n: usize, rng: &mut impl Rng) -> Result<
     Ok(Outcome::new(t.name(), format!("n={n}"), 0.0, bad))
 }
 
-fn bf16_vec(n: usize, lo: f32, hi: f32, rng: &mut impl Rng) -> Vec<bf16> {
+pub(crate) fn bf16_vec(n: usize, lo: f32, hi: f32, rng: &mut impl Rng) -> Vec<bf16> {
     (0..n).map(|_| bf16::from_f32(rng.gen_range(lo..hi))).collect()
 }
-fn to_f32(v: &[bf16]) -> Vec<f32> {
+pub(crate) fn to_f32(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
-fn poison_bf16(n: usize) -> Vec<bf16> {
+pub(crate) fn poison_bf16(n: usize) -> Vec<bf16> {
     vec![bf16::from_bits(0xFFFF); n]
 }
 
