@@ -73,7 +73,7 @@ fn validate(
     lse: usize,
 ) -> Result<(), RuntimeError> {
     let bad = |m: String| Err(RuntimeError::Shape(format!("{what}: {m}")));
-    if s.n_heads == 0 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+    if s.n_heads == 0 || s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return bad(format!("n_heads {} must be a positive multiple of n_kv_heads {}", s.n_heads, s.n_kv_heads));
     }
     if s.ctx() > s.capacity {

@@ -49,14 +49,14 @@ pub fn hga_qk_norm_rope(
     if s.n_heads == 0 || s.n_kv_heads == 0 {
         return bad("n_heads and n_kv_heads must be > 0".into());
     }
-    if !(s.eps.is_finite() && s.eps >= 0.0) || !(s.theta.is_finite() && s.theta > 0.0) {
+    if !(s.eps.is_finite() && s.eps >= 0.0 && s.theta.is_finite() && s.theta > 0.0) {
         return bad(format!("eps {} / theta {} out of range", s.eps, s.theta));
     }
     let (qw, kw) = (s.n_heads * D, s.n_kv_heads * D);
     if s.q_stride < qw || s.k_stride < kw || s.v_stride < kw {
         return bad(format!("strides {}/{}/{} below the row widths {qw}/{kw}", s.q_stride, s.k_stride, s.v_stride));
     }
-    if s.q_stride % 2 != 0 || s.k_stride % 2 != 0 || s.v_stride % 2 != 0 {
+    if !(s.q_stride.is_multiple_of(2) && s.k_stride.is_multiple_of(2) && s.v_stride.is_multiple_of(2)) {
         return bad("strides must be even (4-byte accesses)".into());
     }
     let need = |stride: usize, w: usize| if s.tokens == 0 { 0 } else { (s.tokens - 1) * stride + w };
