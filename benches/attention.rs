@@ -14,20 +14,27 @@ const NH: usize = 32;
 const NKV: usize = 4;
 const D: usize = 128;
 
-fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize)) -> f64 {
+/// Median over `iters` samples of the device time of one call, each sample timing `reps` back-to-back calls between
+/// two events (reps = 1: an isolated call, the host's launch overhead included; reps > 1: pipelined calls, the
+/// host's work for call i+1 overlapping the device's work for call i).
+fn time_ms(gpu: &Gpu, iters: usize, reps: usize, mut f: impl FnMut(usize)) -> f64 {
     let ctx = gpu.context();
     for i in 0..5 {
         f(i);
     }
     let mut t = Vec::with_capacity(iters);
-    for i in 0..iters {
+    let mut n = 0;
+    for _ in 0..iters {
         let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
         let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
         a.record(gpu.stream()).unwrap();
-        f(i);
+        for _ in 0..reps {
+            f(n);
+            n += 1;
+        }
         b.record(gpu.stream()).unwrap();
         b.synchronize().unwrap();
-        t.push(a.elapsed_ms(&b).unwrap() as f64);
+        t.push(a.elapsed_ms(&b).unwrap() as f64 / reps as f64);
     }
     t.sort_by(|x, y| x.partial_cmp(y).unwrap());
     t[t.len() / 2]
@@ -62,7 +69,7 @@ fn main() {
     let n_copy = 128 << 20; // bf16 elements: 256 MiB
     let src = s.clone_htod(&rand_bf16(n_copy, 1, 1.0)).unwrap();
     let mut dst = s.alloc_zeros::<bf16>(n_copy).unwrap();
-    let ms = time_ms(&gpu, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
+    let ms = time_ms(&gpu, 30, 1, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
     let copy_gbs = 2.0 * (n_copy * 2) as f64 / ms / 1e6;
     drop((src, dst));
     println!("RESULT copy 256MiB {:.3} {:.1}", ms * 1e3, copy_gbs);
@@ -82,24 +89,28 @@ fn main() {
         let mut lse = s.alloc_zeros::<f32>(tokens * NH).unwrap();
         let shape = AttentionShape { tokens, n_heads: NH, n_kv_heads: NKV, capacity: ctx, start: ctx - tokens };
         let mut splits = 0;
-        let ms = time_ms(&gpu, 50, |i| {
+        let mut call = |i: usize| {
             let j = i % sets;
             splits = hga::kernels::hga_attention_decode(&gpu, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape)
                 .unwrap();
-        });
+        };
+        let iso = time_ms(&gpu, 50, 1, &mut call);
+        let ms = time_ms(&gpu, 20, 20, &mut call);
         let gbs = kv_bytes as f64 / ms / 1e6;
         let floor_us = kv_bytes as f64 / copy_gbs / 1e3;
         println!(
-            "RESULT decode ctx={ctx} tokens={tokens} {:.3} {gbs:.1} floor_us={floor_us:.2} splits={splits}",
-            ms * 1e3
+            "RESULT decode ctx={ctx} tokens={tokens} {:.3} {gbs:.1} floor_us={floor_us:.2} splits={splits} iso_us={:.3}",
+            ms * 1e3,
+            iso * 1e3
         );
         rows.push(format!(
-            "{:<30} {:>14} {:>10.2} {:>9.1} GB/s  ({:.2}x copy; floor {floor_us:.1} us; {splits} splits)",
+            "{:<30} {:>14} {:>10.2} {:>9.1} GB/s  ({:.2}x copy; floor {floor_us:.1} us; {splits} splits; isolated call {:.1} us)",
             "hga_attention_decode+merge",
             format!("ctx={ctx} T={tokens}"),
             ms * 1e3,
             gbs,
-            gbs / copy_gbs
+            gbs / copy_gbs,
+            iso * 1e3
         ));
     }
     drop(ws);
@@ -115,7 +126,7 @@ fn main() {
         let mut out = s.alloc_zeros::<bf16>(t * NH * D).unwrap();
         let mut lse = s.alloc_zeros::<f32>(t * NH).unwrap();
         let shape = AttentionShape { tokens: t, n_heads: NH, n_kv_heads: NKV, capacity: t, start: 0 };
-        let ms = time_ms(&gpu, if t > 8192 { 10 } else { 30 }, |i| {
+        let ms = time_ms(&gpu, if t > 8192 { 10 } else { 30 }, 1, |i| {
             let j = i % sets;
             hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape).unwrap();
         });
@@ -159,7 +170,7 @@ fn main() {
             eps: 1e-6,
             theta: 1e7,
         };
-        let ms = time_ms(&gpu, 50, |i| {
+        let ms = time_ms(&gpu, 20, 10, |i| {
             let j = i % sets;
             hga::kernels::hga_qk_norm_rope(
                 &gpu, &qi[j], &ki[j], &vi[j], &dpos, &w, &w, &mut qo, &mut kc, &mut vc, &shape,
@@ -178,6 +189,7 @@ fn main() {
         ));
     }
 
+    println!("(decode and rope: per call, 20 / 10 calls back to back between events; prefill: isolated calls)");
     println!("{:<30} {:>14} {:>10} {:>14}", "kernel", "shape", "median us", "rate");
     for r in rows {
         println!("{r}");

@@ -62,10 +62,9 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
     load_rows::<BN, NTHREADS>(stage(0) + TILE, vbase, k_begin, k_end, D, tid);
     cp_async_commit();
 
-    // Key limits (exclusive) of this lane's rows g and g+8, and the smallest over the CTA's rows.
+    // Key limits (exclusive) of this lane's rows g and g+8.
     let row_tok = |r: u32| min_u32(rg * ROWS + r, rows_total - 1) / g;
     let lim = [min_u32(k_end, p.start + row_tok(lane / 4) + 1), min_u32(k_end, p.start + row_tok(lane / 4 + 8) + 1)];
-    let cta_min_lim = min_u32(k_end, p.start + row_tok(0) + 1);
 
     let mut qf = [[0u32; 4]; 8];
     let mut o = [[0f32; 4]; 16];
@@ -90,10 +89,9 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
         let kpos0 = k_begin + kt * BN + warp * 16;
         if kpos0 < k_end {
             let st = stage(kt & 1);
-            let masked = kpos0 + 16 > cta_min_lim;
-            let mut s = qk::<2>(&qf, st, warp * 16);
-            let pf = softmax_step::<2, 1>(&mut s, kpos0, lim, masked, p.scale_log2, &mut m, &mut l, &mut o);
-            pv::<1>(&pf, st + TILE, warp * 16, &mut o);
+            // Always the masked variant: a second (unmasked) copy costs registers (172 vs 168 on sm_90: 2 CTAs
+            // per SM instead of 3), and the compare / select per score is free in this memory-bound kernel.
+            attend_tile::<2, 1, true>(&qf, st, st + TILE, warp * 16, kpos0, lim, p.scale_log2, &mut m, &mut l, &mut o);
         }
         sync_threads();
         kt += 1;

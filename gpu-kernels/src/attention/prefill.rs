@@ -77,10 +77,11 @@ pub unsafe extern "ptx-kernel" fn hga_attention_prefill(p: AttentionParams) {
         let key0 = kt * BN;
         if warp_active && key0 <= warp_max_pos {
             let st = stage(kt & 1);
-            let masked = key0 + BN > warp_min_lim;
-            let mut s = qk::<8>(&qf, st, 0);
-            let pf = softmax_step::<8, 4>(&mut s, key0, lim, masked, p.scale_log2, &mut m, &mut l, &mut o);
-            pv::<4>(&pf, st + TILE, 0, &mut o);
+            if key0 + BN > warp_min_lim {
+                attend_tile::<8, 4, true>(&qf, st, st + TILE, 0, key0, lim, p.scale_log2, &mut m, &mut l, &mut o);
+            } else {
+                attend_tile::<8, 4, false>(&qf, st, st + TILE, 0, key0, lim, p.scale_log2, &mut m, &mut l, &mut o);
+            }
         }
         sync_threads();
         kt += 1;

@@ -95,15 +95,29 @@ pub unsafe fn qk<const NT: usize>(q: &[[u32; 4]; 8], kbase: u32, key0: u32) -> [
     s
 }
 
-/// Online-softmax step: scales `s` by `scale_log2` (1/sqrt(d) * log2 e), sets the scores of keys
-/// `key >= lim[0]` (row g) / `lim[1]` (row g+8) to -inf, where `key = kpos0 + column`; updates the running max and
-/// partial sums, rescales `o`, and returns P (bf16) as A fragments for [`pv`] (one per 16 keys).
+/// `a * b + c` with one rounding (`fma.rn.f32`; rustc does not contract `a * b + c` on its own).
 #[inline(always)]
-pub fn softmax_step<const NT: usize, const KS: usize>(
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        core::arch::asm!("fma.rn.f32 {0}, {1}, {2}, {3};", out(reg32) r, in(reg32) a, in(reg32) b, in(reg32) c,
+            options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Online-softmax step on raw scores `s`: with `MASKED`, sets the scores of keys `key >= lim[0]` (row g) /
+/// `lim[1]` (row g+8) to -inf, where `key = kpos0 + column`; updates the running max (in the scaled log2 domain:
+/// score * `scale_log2`, scale_log2 = log2(e) / sqrt(d) > 0, so the max of raw scores scales) and the partial
+/// sums, rescales `o`, and returns P = ex2(score * scale_log2 - max) (one FFMA + ex2 per score) as bf16 A fragments
+/// for [`pv`] (one per 16 keys). `MASKED` is a compile-time choice so that the common unmasked tiles carry no
+/// per-element compare / select.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool>(
     s: &mut [[f32; 4]; NT],
     kpos0: u32,
     lim: [u32; 2],
-    masked: bool,
     scale_log2: f32,
     mrow: &mut [f32; 2],
     lrow: &mut [f32; 2],
@@ -115,15 +129,13 @@ pub fn softmax_step<const NT: usize, const KS: usize>(
     while j < NT {
         let mut e = 0;
         while e < 4 {
-            let mut v = s[j][e] * scale_log2;
-            if masked {
+            if MASKED {
                 let key = kpos0 + j as u32 * 8 + 2 * t + (e as u32 & 1);
                 if key >= lim[e / 2] {
-                    v = f32::NEG_INFINITY;
+                    s[j][e] = f32::NEG_INFINITY;
                 }
             }
-            s[j][e] = v;
-            mx[e / 2] = fmax(mx[e / 2], v);
+            mx[e / 2] = fmax(mx[e / 2], s[j][e]);
             e += 1;
         }
         j += 1;
@@ -135,7 +147,7 @@ pub fn softmax_step<const NT: usize, const KS: usize>(
         let mut v = mx[r];
         v = fmax(v, shfl_xor_f32(v, 1));
         v = fmax(v, shfl_xor_f32(v, 2));
-        let m_new = fmax(mrow[r], v);
+        let m_new = fmax(mrow[r], v * scale_log2);
         // A row with no valid key yet keeps m = -inf: use 0 as the base so that ex2 sees -inf, not NaN.
         base[r] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
         alpha[r] = ex2(mrow[r] - base[r]);
@@ -147,15 +159,15 @@ pub fn softmax_step<const NT: usize, const KS: usize>(
     while j < NT {
         let mut e = 0;
         while e < 4 {
-            let pv = ex2(s[j][e] - base[e / 2]);
+            let pv = ex2(fma(s[j][e], scale_log2, -base[e / 2]));
             s[j][e] = pv;
             sum[e / 2] += pv;
             e += 1;
         }
         j += 1;
     }
-    lrow[0] = lrow[0] * alpha[0] + sum[0];
-    lrow[1] = lrow[1] * alpha[1] + sum[1];
+    lrow[0] = fma(lrow[0], alpha[0], sum[0]);
+    lrow[1] = fma(lrow[1], alpha[1], sum[1]);
     let mut j = 0;
     while j < 16 {
         o[j][0] *= alpha[0];
@@ -176,6 +188,30 @@ pub fn softmax_step<const NT: usize, const KS: usize>(
         k += 1;
     }
     pf
+}
+
+/// One K/V tile for one warp: S = Q K^T over the tile rows `row0 .. row0 + 8 * NT` (keys `kpos0 ..`), the
+/// online-softmax step (masked or not) and O += P V.
+///
+/// # Safety
+/// All 32 lanes call; the tiles at `kst` / `vst` hold those rows; NT = 2 * KS.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub unsafe fn attend_tile<const NT: usize, const KS: usize, const MASKED: bool>(
+    qf: &[[u32; 4]; 8],
+    kst: u32,
+    vst: u32,
+    row0: u32,
+    kpos0: u32,
+    lim: [u32; 2],
+    scale_log2: f32,
+    m: &mut [f32; 2],
+    l: &mut [f32; 2],
+    o: &mut [[f32; 4]; 16],
+) {
+    let mut s = qk::<NT>(qf, kst, row0);
+    let pf = softmax_step::<NT, KS, MASKED>(&mut s, kpos0, lim, scale_log2, m, l, o);
+    pv::<KS>(&pf, vst, row0, o);
 }
 
 /// O += P V for the keys in tile rows `key0 .. key0 + 16 * KS` of the swizzled V tile at `vbase`.
