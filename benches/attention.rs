@@ -113,6 +113,41 @@ fn main() {
             iso * 1e3
         ));
     }
+    // Sensitivity of decode at 64K to the split (target CTAs per SM; 3 is the default), pipelined.
+    {
+        let ctx = 65536;
+        let cache = NKV * ctx * D;
+        let ks: Vec<_> = (0..2).map(|i| s.clone_htod(&rand_bf16(cache, 900 + i as u64, 1.0)).unwrap()).collect();
+        let vs: Vec<_> = (0..2).map(|i| s.clone_htod(&rand_bf16(cache, 950 + i as u64, 1.0)).unwrap()).collect();
+        let q = s.clone_htod(&rand_bf16(NH * D, 8, 1.0)).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(NH * D).unwrap();
+        let mut lse = s.alloc_zeros::<f32>(NH).unwrap();
+        let shape = AttentionShape { tokens: 1, n_heads: NH, n_kv_heads: NKV, capacity: ctx, start: ctx - 1 };
+        let sms = gpu
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .unwrap() as usize;
+        for per_sm in [1usize, 2, 3, 4, 6, 9] {
+            let mut splits = 0;
+            let ms = time_ms(&gpu, 20, 20, |i| {
+                let j = i % 2;
+                splits = hga::kernels::attention::hga_attention_decode_ctas(
+                    &gpu,
+                    &q,
+                    &ks[j],
+                    &vs[j],
+                    &mut ws,
+                    &mut out,
+                    &mut lse,
+                    &shape,
+                    per_sm * sms,
+                )
+                .unwrap();
+            });
+            let gbs = (2 * cache * 2) as f64 / ms / 1e6;
+            println!("RESULT decode_split ctx={ctx} ctas_per_sm={per_sm} splits={splits} {:.3} {gbs:.1}", ms * 1e3);
+        }
+    }
     drop(ws);
 
     // Causal prefill from an empty cache: T = ctx = 4K / 16K.
@@ -126,21 +161,24 @@ fn main() {
         let mut out = s.alloc_zeros::<bf16>(t * NH * D).unwrap();
         let mut lse = s.alloc_zeros::<f32>(t * NH).unwrap();
         let shape = AttentionShape { tokens: t, n_heads: NH, n_kv_heads: NKV, capacity: t, start: 0 };
-        let ms = time_ms(&gpu, if t > 8192 { 10 } else { 30 }, 1, |i| {
-            let j = i % sets;
-            hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape).unwrap();
-        });
         // Causal flops: QK^T and PV over the t (t + 1) / 2 visible (query, key) pairs, 2 flops per MAC.
         let flops = 4.0 * D as f64 * NH as f64 * (t as f64 * (t as f64 + 1.0) / 2.0);
-        let tfs = flops / ms / 1e9;
-        println!("RESULT prefill T={t} {:.3} {tfs:.1}", ms * 1e3);
-        rows.push(format!(
-            "{:<30} {:>14} {:>10.2} {:>9.1} TFLOP/s",
-            "hga_attention_prefill",
-            format!("T={t}"),
-            ms * 1e3,
-            tfs
-        ));
+        let iters = if t > 8192 { 10 } else { 30 };
+        for (name, eager) in [("prefill", false), ("prefill_eager", true)] {
+            let ms = time_ms(&gpu, iters, 1, |i| {
+                let j = i % sets;
+                if eager {
+                    hga::kernels::hga_attention_prefill_eager(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
+                } else {
+                    hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
+                }
+                .unwrap();
+            });
+            let tfs = flops / ms / 1e9;
+            println!("RESULT {name} T={t} {:.3} {tfs:.1}", ms * 1e3);
+            let kname = if eager { "hga_attention_prefill_eager" } else { "hga_attention_prefill" };
+            rows.push(format!("{:<30} {:>14} {:>10.2} {:>9.1} TFLOP/s", kname, format!("T={t}"), ms * 1e3, tfs));
+        }
     }
 
     // q/k RMSNorm + RoPE + K/V cache write: decode (1 token) and a 4096-token prefill chunk.

@@ -91,7 +91,18 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
             let st = stage(kt & 1);
             // Always the masked variant: a second (unmasked) copy costs registers (172 vs 168 on sm_90: 2 CTAs
             // per SM instead of 3), and the compare / select per score is free in this memory-bound kernel.
-            attend_tile::<2, 1, true>(&qf, st, st + TILE, warp * 16, kpos0, lim, p.scale_log2, &mut m, &mut l, &mut o);
+            attend_tile::<2, 1, true, false>(
+                &qf,
+                st,
+                st + TILE,
+                warp * 16,
+                kpos0,
+                lim,
+                p.scale_log2,
+                &mut m,
+                &mut l,
+                &mut o,
+            );
         }
         sync_threads();
         kt += 1;

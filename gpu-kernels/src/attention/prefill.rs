@@ -22,8 +22,20 @@ const BN: u32 = 64;
 const NTHREADS: u32 = 128;
 const TILE: u32 = BN * ROW_BYTES;
 
+/// The default prefill kernel: lazy rescaling (see `tile::softmax_step`).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_prefill(p: AttentionParams) {
+    prefill::<true>(p)
+}
+
+/// The same with FlashAttention-2's eager rescaling every tile (kept as the comparison point of the bench).
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn hga_attention_prefill_eager(p: AttentionParams) {
+    prefill::<false>(p)
+}
+
+#[inline(always)]
+unsafe fn prefill<const LAZY: bool>(p: AttentionParams) {
     let qt = grid_dim_x() - 1 - block_x();
     let h = block_y();
     let g = p.n_heads / p.n_kv_heads;
@@ -78,9 +90,20 @@ pub unsafe extern "ptx-kernel" fn hga_attention_prefill(p: AttentionParams) {
         if warp_active && key0 <= warp_max_pos {
             let st = stage(kt & 1);
             if key0 + BN > warp_min_lim {
-                attend_tile::<8, 4, true>(&qf, st, st + TILE, 0, key0, lim, p.scale_log2, &mut m, &mut l, &mut o);
+                attend_tile::<8, 4, true, LAZY>(&qf, st, st + TILE, 0, key0, lim, p.scale_log2, &mut m, &mut l, &mut o);
             } else {
-                attend_tile::<8, 4, false>(&qf, st, st + TILE, 0, key0, lim, p.scale_log2, &mut m, &mut l, &mut o);
+                attend_tile::<8, 4, false, LAZY>(
+                    &qf,
+                    st,
+                    st + TILE,
+                    0,
+                    key0,
+                    lim,
+                    p.scale_log2,
+                    &mut m,
+                    &mut l,
+                    &mut o,
+                );
             }
         }
         sync_threads();

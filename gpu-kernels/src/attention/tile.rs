@@ -106,15 +106,33 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
     r
 }
 
+/// Slack of the lazy rescaling (log2 units): the running base trails the true row max by at most this, so
+/// P <= 2^8 (exact in bf16's range; the final O / l and LSE are unchanged mathematically).
+pub const LAZY_SLACK: f32 = 8.0;
+
+/// True when `p` holds in any lane of the warp (`vote.sync.any`); all 32 lanes call.
+#[inline(always)]
+pub fn warp_any(p: bool) -> bool {
+    let r: u32;
+    unsafe {
+        core::arch::asm!(
+            "{{ .reg .pred a, b; setp.ne.u32 a, {1}, 0; vote.sync.any.pred b, a, 0xffffffff; selp.u32 {0}, 1, 0, b; }}",
+            out(reg32) r, in(reg32) p as u32, options(nomem, nostack))
+    };
+    r != 0
+}
+
 /// Online-softmax step on raw scores `s`: with `MASKED`, sets the scores of keys `key >= lim[0]` (row g) /
 /// `lim[1]` (row g+8) to -inf, where `key = kpos0 + column`; updates the running max (in the scaled log2 domain:
 /// score * `scale_log2`, scale_log2 = log2(e) / sqrt(d) > 0, so the max of raw scores scales) and the partial
 /// sums, rescales `o`, and returns P = ex2(score * scale_log2 - max) (one FFMA + ex2 per score) as bf16 A fragments
 /// for [`pv`] (one per 16 keys). `MASKED` is a compile-time choice so that the common unmasked tiles carry no
-/// per-element compare / select.
+/// per-element compare / select. `LAZY`: rescale O and l only when the row max grew by more than [`LAZY_SLACK`]
+/// (as FlashAttention-4's conditional rescaling, here exact: base and sums stay consistent), which skips the
+/// 64 multiplies per lane of almost every tile; otherwise the base is the running max (FlashAttention-2).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool>(
+pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool, const LAZY: bool>(
     s: &mut [[f32; 4]; NT],
     kpos0: u32,
     lim: [u32; 2],
@@ -141,17 +159,29 @@ pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool>(
         j += 1;
     }
     let mut base = [0f32; 2];
-    let mut alpha = [0f32; 2];
+    let mut alpha = [1f32; 2];
+    let mut moved = false;
     let mut r = 0;
     while r < 2 {
         let mut v = mx[r];
         v = fmax(v, shfl_xor_f32(v, 1));
         v = fmax(v, shfl_xor_f32(v, 2));
-        let m_new = fmax(mrow[r], v * scale_log2);
-        // A row with no valid key yet keeps m = -inf: use 0 as the base so that ex2 sees -inf, not NaN.
-        base[r] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
-        alpha[r] = ex2(mrow[r] - base[r]);
-        mrow[r] = m_new;
+        let v = v * scale_log2;
+        if LAZY {
+            // Move the base only when the tile's max exceeds it by more than LAZY_SLACK (the first valid key
+            // always moves it from -inf); otherwise P = ex2(score - base) <= 2^LAZY_SLACK and O, l keep their scale.
+            if v > mrow[r] + LAZY_SLACK {
+                alpha[r] = ex2(mrow[r] - v);
+                mrow[r] = v;
+                moved = true;
+            }
+        } else {
+            let m_new = fmax(mrow[r], v);
+            // A row with no valid key yet keeps m = -inf: the base below is then 0, so ex2 sees -inf, not NaN.
+            alpha[r] = ex2(mrow[r] - if m_new == f32::NEG_INFINITY { 0.0 } else { m_new });
+            mrow[r] = m_new;
+        }
+        base[r] = if mrow[r] == f32::NEG_INFINITY { 0.0 } else { mrow[r] };
         r += 1;
     }
     let mut sum = [0f32; 2];
@@ -166,16 +196,21 @@ pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool>(
         }
         j += 1;
     }
-    lrow[0] = fma(lrow[0], alpha[0], sum[0]);
-    lrow[1] = fma(lrow[1], alpha[1], sum[1]);
-    let mut j = 0;
-    while j < 16 {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1];
-        o[j][3] *= alpha[1];
-        j += 1;
+    // Eager: rescale every tile. Lazy: only when some row of the warp moved its base (a warp-uniform branch).
+    if !LAZY || warp_any(moved) {
+        lrow[0] *= alpha[0];
+        lrow[1] *= alpha[1];
+        let mut j = 0;
+        while j < 16 {
+            o[j][0] *= alpha[0];
+            o[j][1] *= alpha[0];
+            o[j][2] *= alpha[1];
+            o[j][3] *= alpha[1];
+            j += 1;
+        }
     }
+    lrow[0] += sum[0];
+    lrow[1] += sum[1];
     let mut pf = [[0u32; 4]; KS];
     let mut k = 0;
     while k < KS {
@@ -197,7 +232,7 @@ pub fn softmax_step<const NT: usize, const KS: usize, const MASKED: bool>(
 /// All 32 lanes call; the tiles at `kst` / `vst` hold those rows; NT = 2 * KS.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub unsafe fn attend_tile<const NT: usize, const KS: usize, const MASKED: bool>(
+pub unsafe fn attend_tile<const NT: usize, const KS: usize, const MASKED: bool, const LAZY: bool>(
     qf: &[[u32; 4]; 8],
     kst: u32,
     vst: u32,
@@ -210,7 +245,7 @@ pub unsafe fn attend_tile<const NT: usize, const KS: usize, const MASKED: bool>(
     o: &mut [[f32; 4]; 16],
 ) {
     let mut s = qk::<NT>(qf, kst, row0);
-    let pf = softmax_step::<NT, KS, MASKED>(&mut s, kpos0, lim, scale_log2, m, l, o);
+    let pf = softmax_step::<NT, KS, MASKED, LAZY>(&mut s, kpos0, lim, scale_log2, m, l, o);
     pv::<KS>(&pf, vst, row0, o);
 }
 

@@ -113,10 +113,39 @@ fn params(s: &AttentionShape, q: u64, k: u64, v: u64, out: u64, lse: u64, po: u6
     }
 }
 
-/// Causal prefill attention (FlashAttention-2 style) of `s.tokens` query tokens; writes `out` and `lse`.
+/// Causal prefill attention (FlashAttention-2 style, lazy rescaling) of `s.tokens` query tokens; writes `out` and
+/// `lse`.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_prefill(
     gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+) -> Result<(), RuntimeError> {
+    prefill_named(gpu, "hga_attention_prefill", q, k_cache, v_cache, out, lse, s)
+}
+
+/// As [`hga_attention_prefill`] with FlashAttention-2's eager rescaling of O every key tile (the comparison point).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_prefill_eager(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+) -> Result<(), RuntimeError> {
+    prefill_named(gpu, "hga_attention_prefill_eager", q, k_cache, v_cache, out, lse, s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prefill_named(
+    gpu: &Gpu,
+    kernel: &'static str,
     q: &impl DevicePtr<bf16>,
     k_cache: &impl DevicePtr<bf16>,
     v_cache: &impl DevicePtr<bf16>,
@@ -140,16 +169,25 @@ pub fn hga_attention_prefill(
         shared_mem_bytes: ATTN_PREFILL_SMEM as u32,
     };
     // SAFETY: shapes checked by `validate`; the kernel reads cache rows < start + tokens <= capacity.
-    unsafe { launch(gpu, "hga_attention_prefill", cfg, p) }
+    unsafe { launch(gpu, kernel, cfg, p) }
 }
 
 /// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at about 3 CTAs per SM (the decode
 /// kernel's occupancy), every split non-empty, at most `max_splits`.
 pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
+    decode_splits_for(DECODE_CTAS_PER_SM * sms, s, max_splits)
+}
+
+/// CTAs per SM that [`decode_splits`] aims at: the decode kernel's occupancy on sm_90 (168 registers x 128 threads,
+/// 68 KB of shared memory: 3 CTAs fit).
+pub const DECODE_CTAS_PER_SM: usize = 3;
+
+/// [`decode_splits`] for a given target number of CTAs.
+pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
     let g = s.n_heads / s.n_kv_heads;
     let base = s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS);
     let tiles = s.ctx().div_ceil(ATTN_BN).max(1);
-    let want = (3 * sms).div_ceil(base.max(1)).clamp(1, tiles.min(max_splits.max(1)));
+    let want = target_ctas.div_ceil(base.max(1)).clamp(1, tiles.min(max_splits.max(1)));
     let tps = tiles.div_ceil(want);
     (tiles.div_ceil(tps), tps)
 }
@@ -167,6 +205,25 @@ pub fn hga_attention_decode(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<usize, RuntimeError> {
+    let sms =
+        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+    hga_attention_decode_ctas(gpu, q, k_cache, v_cache, ws, out, lse, s, DECODE_CTAS_PER_SM * sms)
+}
+
+/// [`hga_attention_decode`] with the split chosen for `target_ctas` CTAs instead of the default (for tuning).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_decode_ctas(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    target_ctas: usize,
+) -> Result<usize, RuntimeError> {
     validate("attention_decode", s, q.len(), k_cache.len(), v_cache.len(), out.len(), lse.len())?;
     if s.tokens * s.n_heads > ws.rows {
         return Err(RuntimeError::Shape(format!(
@@ -178,10 +235,7 @@ pub fn hga_attention_decode(
     if s.tokens == 0 {
         return Ok(0);
     }
-    let sms =
-        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-    let (n_splits, tps) = decode_splits(sms, s, ws.max_splits);
+    let (n_splits, tps) = decode_splits_for(target_ctas, s, ws.max_splits);
     let g = s.n_heads / s.n_kv_heads;
     let (pq, _g1) = dptr(gpu, q);
     let (pk, _g2) = dptr(gpu, k_cache);
