@@ -113,7 +113,7 @@ fn main() {
             iso * 1e3
         ));
     }
-    // Sensitivity of decode at 64K to the split (target CTAs per SM; 3 is the default), pipelined.
+    // Sensitivity of decode at 64K to the split (target CTAs per SM; DECODE_CTAS_PER_SM is the default), pipelined.
     {
         let ctx = 65536;
         let cache = NKV * ctx * D;
@@ -164,11 +164,11 @@ fn main() {
         // Causal flops: QK^T and PV over the t (t + 1) / 2 visible (query, key) pairs, 2 flops per MAC.
         let flops = 4.0 * D as f64 * NH as f64 * (t as f64 * (t as f64 + 1.0) / 2.0);
         let iters = if t > 8192 { 10 } else { 30 };
-        for (name, eager) in [("prefill", false), ("prefill_eager", true)] {
+        for (name, lazy) in [("prefill", false), ("prefill_lazy", true)] {
             let ms = time_ms(&gpu, iters, 1, |i| {
                 let j = i % sets;
-                if eager {
-                    hga::kernels::hga_attention_prefill_eager(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
+                if lazy {
+                    hga::kernels::hga_attention_prefill_lazy(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
                 } else {
                     hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
                 }
@@ -176,7 +176,7 @@ fn main() {
             });
             let tfs = flops / ms / 1e9;
             println!("RESULT {name} T={t} {:.3} {tfs:.1}", ms * 1e3);
-            let kname = if eager { "hga_attention_prefill_eager" } else { "hga_attention_prefill" };
+            let kname = if lazy { "hga_attention_prefill_lazy" } else { "hga_attention_prefill" };
             rows.push(format!("{:<30} {:>14} {:>10.2} {:>9.1} TFLOP/s", kname, format!("T={t}"), ms * 1e3, tfs));
         }
     }

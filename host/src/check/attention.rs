@@ -3,7 +3,7 @@
 //! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
-    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_eager, AttentionShape, DecodeWorkspace,
+    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
 };
 use crate::runtime::{Gpu, RuntimeError};
 use half::bf16;
@@ -80,15 +80,15 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let mut dout = st.clone_htod(&poison_bf16(q.len()))?;
     let mut dlse = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
     let mut extra = String::new();
-    let mut eager = None;
+    let mut lazy = None;
     match path {
         Path::Prefill => {
             hga_attention_prefill(gpu, &dq, &dk, &dv, &mut dout, &mut dlse, &s)?;
-            // The eager-rescaling variant on the same inputs, into its own poisoned outputs.
+            // The lazy-rescaling variant on the same inputs, into its own poisoned outputs.
             let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
             let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
-            hga_attention_prefill_eager(gpu, &dq, &dk, &dv, &mut eo, &mut el, &s)?;
-            eager = Some((eo, el));
+            hga_attention_prefill_lazy(gpu, &dq, &dk, &dv, &mut eo, &mut el, &s)?;
+            lazy = Some((eo, el));
         }
         Path::Decode => {
             let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, rng.gen_range(1..=256))?;
@@ -101,20 +101,20 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let out = st.clone_dtoh(&dout)?;
     let lse = st.clone_dtoh(&dlse)?;
     gpu.synchronize()?;
-    let eager = match eager {
+    let lazy = match lazy {
         Some((eo, el)) => Some((st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?)),
         None => None,
     };
     gpu.synchronize()?;
     let want = crate::reference::attention::hga_attention(&q, &k, &v, &s);
     let (mut rel, mut bad) = judge(&out, &lse, &want, s.n_heads);
-    if let Some((eo, el)) = eager {
+    if let Some((eo, el)) = lazy {
         let (erel, ebad) = judge(&eo, &el, &want, s.n_heads);
         rel = rel.max(erel);
         if bad.is_none() {
-            bad = ebad.map(|b| format!("eager variant: {b}"));
+            bad = ebad.map(|b| format!("lazy variant: {b}"));
         }
-        extra = " (+eager)".into();
+        extra = " (+lazy)".into();
     }
     let name = if path == Path::Prefill { "hga_attention_prefill" } else { "hga_attention_decode+merge" };
     let shape = format!(

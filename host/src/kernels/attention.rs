@@ -113,8 +113,7 @@ fn params(s: &AttentionShape, q: u64, k: u64, v: u64, out: u64, lse: u64, po: u6
     }
 }
 
-/// Causal prefill attention (FlashAttention-2 style, lazy rescaling) of `s.tokens` query tokens; writes `out` and
-/// `lse`.
+/// Causal prefill attention (FlashAttention-2 style) of `s.tokens` query tokens; writes `out` and `lse`.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_prefill(
     gpu: &Gpu,
@@ -128,9 +127,10 @@ pub fn hga_attention_prefill(
     prefill_named(gpu, "hga_attention_prefill", q, k_cache, v_cache, out, lse, s)
 }
 
-/// As [`hga_attention_prefill`] with FlashAttention-2's eager rescaling of O every key tile (the comparison point).
+/// As [`hga_attention_prefill`] with lazy (exact) rescaling of O: only when a row max grew by more than 2^8
+/// (slower on the H100, kept as a tested alternative).
 #[allow(clippy::too_many_arguments)]
-pub fn hga_attention_prefill_eager(
+pub fn hga_attention_prefill_lazy(
     gpu: &Gpu,
     q: &impl DevicePtr<bf16>,
     k_cache: &impl DevicePtr<bf16>,
@@ -139,7 +139,7 @@ pub fn hga_attention_prefill_eager(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<(), RuntimeError> {
-    prefill_named(gpu, "hga_attention_prefill_eager", q, k_cache, v_cache, out, lse, s)
+    prefill_named(gpu, "hga_attention_prefill_lazy", q, k_cache, v_cache, out, lse, s)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,15 +172,16 @@ fn prefill_named(
     unsafe { launch(gpu, kernel, cfg, p) }
 }
 
-/// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at about 3 CTAs per SM (the decode
-/// kernel's occupancy), every split non-empty, at most `max_splits`.
+/// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at [`DECODE_CTAS_PER_SM`] CTAs per
+/// SM, every split non-empty, at most `max_splits`.
 pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
     decode_splits_for(DECODE_CTAS_PER_SM * sms, s, max_splits)
 }
 
-/// CTAs per SM that [`decode_splits`] aims at: the decode kernel's occupancy on sm_90 (168 registers x 128 threads,
-/// 68 KB of shared memory: 3 CTAs fit).
-pub const DECODE_CTAS_PER_SM: usize = 3;
+/// CTAs per SM that [`decode_splits`] aims at. 3 fit on sm_90 (168 registers x 128 threads, 68 KB of shared
+/// memory), but measured on the H100 at 64K context fewer splits stream faster: 1 CTA/SM 61 us, 2: 70 us,
+/// 3: 80 us, 4: 91 us (docs/perf-attention.md), so one CTA per SM (each streaming a long contiguous range).
+pub const DECODE_CTAS_PER_SM: usize = 1;
 
 /// [`decode_splits`] for a given target number of CTAs.
 pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {

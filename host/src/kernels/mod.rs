@@ -10,7 +10,7 @@ pub mod rope;
 pub mod selftest;
 
 pub use attention::{
-    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_eager, AttentionShape, DecodeWorkspace,
+    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
 };
 pub use norm::hga_rmsnorm;
 pub use quant::{hga_fp8_dequant, hga_fp8_quant};
