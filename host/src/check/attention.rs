@@ -1,1 +1,131 @@
-//! (in progress: issue 4)
+//! GPU checks of the dense attention kernels against `reference::attention` (f64): fresh random q and cache,
+//! the cache slots past the context poisoned with NaN (a read past the end shows), outputs poisoned.
+//! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
+use super::{poison_bf16, Outcome};
+use crate::kernels::attention::{
+    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
+};
+use crate::runtime::{Gpu, RuntimeError};
+use half::bf16;
+use rand::Rng;
+
+/// Which kernel path to check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Prefill,
+    Decode,
+}
+
+/// Random q [tokens, n_heads, 128] and a cache of `capacity` slots whose first `start + tokens` hold random
+/// values (magnitude drawn per case, so softmaxes range from flat to peaked) and the rest NaN.
+fn inputs(s: &AttentionShape, rng: &mut impl Rng) -> (Vec<bf16>, Vec<bf16>, Vec<bf16>, bool) {
+    const D: usize = 128;
+    let a = rng.gen_range(0.3f32..2.5);
+    // Now and then keys grow along the context (up to 5x), so the running max keeps rising and the kernels'
+    // rescaling paths (eager and lazy) are exercised well past the first tile.
+    let growth = if rng.gen_ratio(1, 3) { 4.0 } else { 0.0 };
+    let q = super::bf16_vec(s.tokens * s.n_heads * D, -a, a, rng);
+    let mut k = poison_bf16(s.n_kv_heads * s.capacity * D);
+    let mut v = poison_bf16(s.n_kv_heads * s.capacity * D);
+    for h in 0..s.n_kv_heads {
+        for j in 0..s.ctx() {
+            let o = (h * s.capacity + j) * D;
+            let ka = a * (1.0 + growth * j as f32 / s.ctx() as f32);
+            for d in 0..D {
+                k[o + d] = bf16::from_f32(rng.gen_range(-ka..ka));
+                v[o + d] = bf16::from_f32(rng.gen_range(-1.0f32..1.0));
+            }
+        }
+    }
+    (q, k, v, growth > 0.0)
+}
+
+/// Compares (out, lse) with the f64 reference.
+fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize) -> (f64, Option<String>) {
+    let (wo, wl) = want;
+    let (mut num, mut den) = (0f64, 0f64);
+    let mut bad = None;
+    for (i, (g, w)) in out.iter().zip(wo).enumerate() {
+        let g = g.to_f32() as f64;
+        if g.is_nan() {
+            bad.get_or_insert(format!("out[{i}] (token {}, head {}) is NaN", i / 128 / n_heads, i / 128 % n_heads));
+        }
+        num += (g - w).powi(2);
+        den += w * w;
+    }
+    let rel = if bad.is_some() { f64::INFINITY } else { (num / den.max(1e-300)).sqrt() };
+    if bad.is_none() && rel > 1e-2 {
+        bad = Some(format!("relative L2 error of out {rel:.3e} > 1e-2"));
+    }
+    if bad.is_none() {
+        for (i, (g, w)) in lse.iter().zip(wl).enumerate() {
+            let e = (*g as f64 - w).abs();
+            if g.is_nan() || e > 1e-3 {
+                bad = Some(format!("lse[{i}] (token {}, head {}): got {g}, expected {w:.6}", i / n_heads, i % n_heads));
+                break;
+            }
+        }
+    }
+    (rel, bad)
+}
+
+/// One check of `path` on a fresh random case of shape `s` (capacity is grown by a random margin here).
+pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -> Result<Outcome, RuntimeError> {
+    let st = gpu.stream();
+    let s = AttentionShape { capacity: s.ctx() + rng.gen_range(0..100), ..s };
+    let (q, k, v, growing) = inputs(&s, rng);
+    let dq = st.clone_htod(&q)?;
+    let dk = st.clone_htod(&k)?;
+    let dv = st.clone_htod(&v)?;
+    let mut dout = st.clone_htod(&poison_bf16(q.len()))?;
+    let mut dlse = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+    let mut extra = String::new();
+    let mut lazy = None;
+    match path {
+        Path::Prefill => {
+            hga_attention_prefill(gpu, &dq, &dk, &dv, &mut dout, &mut dlse, &s)?;
+            // The lazy-rescaling variant on the same inputs, into its own poisoned outputs.
+            let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
+            let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+            hga_attention_prefill_lazy(gpu, &dq, &dk, &dv, &mut eo, &mut el, &s)?;
+            lazy = Some((eo, el));
+        }
+        Path::Decode => {
+            let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, rng.gen_range(1..=256))?;
+            // Poison the partials too: every slot the merge reads must have been written.
+            st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+            let n = hga_attention_decode(gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s)?;
+            extra = format!(" splits={n}");
+        }
+    }
+    let out = st.clone_dtoh(&dout)?;
+    let lse = st.clone_dtoh(&dlse)?;
+    gpu.synchronize()?;
+    let lazy = match lazy {
+        Some((eo, el)) => Some((st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?)),
+        None => None,
+    };
+    gpu.synchronize()?;
+    let want = crate::reference::attention::hga_attention(&q, &k, &v, &s);
+    let (mut rel, mut bad) = judge(&out, &lse, &want, s.n_heads);
+    if let Some((eo, el)) = lazy {
+        let (erel, ebad) = judge(&eo, &el, &want, s.n_heads);
+        rel = rel.max(erel);
+        if bad.is_none() {
+            bad = ebad.map(|b| format!("lazy variant: {b}"));
+        }
+        extra = " (+lazy)".into();
+    }
+    let name = if path == Path::Prefill { "hga_attention_prefill" } else { "hga_attention_decode+merge" };
+    let shape = format!(
+        "tokens={} heads={}/{} start={} ctx={} capacity={}{extra}{}",
+        s.tokens,
+        s.n_heads,
+        s.n_kv_heads,
+        s.start,
+        s.ctx(),
+        s.capacity,
+        if growing { " growing-keys" } else { "" }
+    );
+    Ok(Outcome::new(name, shape, rel, bad))
+}

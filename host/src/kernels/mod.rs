@@ -9,8 +9,12 @@ pub mod quant;
 pub mod rope;
 pub mod selftest;
 
+pub use attention::{
+    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
+};
 pub use norm::hga_rmsnorm;
 pub use quant::{hga_fp8_dequant, hga_fp8_quant};
+pub use rope::{hga_qk_norm_rope, QkNormRopeShape};
 pub use selftest::{hga_selftest, SelfTest};
 
 use crate::runtime::{Gpu, Param, RuntimeError};
