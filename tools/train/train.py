@@ -196,6 +196,15 @@ KEY_ALPHA = "abcdefghijklmnopqrstuvwxyz"
 VAL_ALPHA = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
+def detok(ids):
+    """Token ids -> text (special tokens as their strings, as tokenizer.json decodes them)."""
+    out = bytearray()
+    for t in ids:
+        t = int(t)
+        out += SPECIALS[t].encode() if t in SPECIALS else bytes([t])
+    return out.decode("utf-8", "replace")
+
+
 def kv_line(key, value):
     return f"\n[kv] {key} = {value}\n".encode()
 
@@ -611,7 +620,11 @@ def parse_args():
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4000, help="maximum steps (the schedule ends at this or the time)")
-    ap.add_argument("--time-budget", type=float, default=540.0, help="seconds of training loop (schedule horizon)")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of training loop (schedule horizon)")
+    ap.add_argument("--deadline", type=float, default=570.0,
+                    help="seconds for the whole script (0: none): the training horizon shrinks so that data loading + "
+                         "training + --reserve fit in it")
+    ap.add_argument("--reserve", type=float, default=75.0, help="seconds kept for evaluation, export and checks")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=150)
@@ -717,7 +730,13 @@ def main():
 
     curve, evals = [], []
     uniform = math.log(VOCAB)
-    log(f"training: batch {B} x {T} tokens, up to {a.steps} steps or {a.time_budget:.0f} s; uniform loss "
+    horizon = a.time_budget
+    if a.deadline:
+        horizon = min(horizon, a.deadline - (time.time() - t_start) - a.reserve)
+        if horizon < 0.25 * a.time_budget:
+            log(f"warning: only {horizon:.0f}s of training fit in --deadline {a.deadline:.0f}s")
+        horizon = max(horizon, 10.0)
+    log(f"training: batch {B} x {T} tokens, up to {a.steps} steps or {horizon:.0f} s; uniform loss "
         f"ln({VOCAB}) = {uniform:.4f}")
     model.train()
     t0 = time.time()
@@ -740,7 +759,7 @@ def main():
         step += 1
         tok_seen += B * T
         elapsed = time.time() - t0
-        progress = max(step / a.steps, elapsed / a.time_budget)
+        progress = max(step / a.steps, elapsed / horizon)
         if step % a.log_every == 0 or step == 1:
             rec = {"step": step, "tokens": tok_seen, "loss": ce.item(), "aux": aux.item(), "grad_norm": gn.item(),
                    "lr": lr, "elapsed_s": round(elapsed, 2)}
@@ -818,18 +837,17 @@ def main():
             budget -= len(blob)
     with open(os.path.join(ev_dir, "retrieval.jsonl"), "w") as f:
         for seq, at in rex[:16]:
-            f.write(json.dumps({"prompt": bytes(seq[:at].astype(np.uint8).tolist()).decode("utf-8", "replace"),
-                                "answer": bytes(seq[at:at + 8].astype(np.uint8).tolist()).decode(),
+            f.write(json.dumps({"prompt": detok(seq[:at]), "answer": detok(seq[at:at + 8]),
                                 "prompt_tokens": int(at)}) + "\n")
-    log(f"saved {len(saved)} held-out texts ({sum(s['bytes'] for s in saved) / 2**20:.2f} MiB) and 16 retrieval "
-        f"prompts under {ev_dir}")
+    log(f"saved {len(saved)} held-out texts ({sum(s['bytes'] for s in saved) / 2**20:.2f} MiB) and "
+        f"{min(16, len(rex))} retrieval prompts under {ev_dir}")
 
     with open(os.path.join(a.out, "loss.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(curve[0].keys()))
         w.writeheader()
         w.writerows(curve)
     result = {
-        "args": vars(a), "torch": torch.__version__,
+        "args": vars(a), "horizon_s": horizon, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "parameters": n_params, "active_parameters": n_active, "steps": step, "tokens": tok_seen,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
