@@ -18,6 +18,14 @@ use crate::params::{MoeGroupParams, MOE_GROUP_TILE_M};
 pub const THREADS: usize = 256;
 const WARPS: usize = THREADS / 32;
 
+/// `barrier.sync 0` (the non-`.aligned` form): LLVM duplicated the plain `bar.sync` (= `.aligned`) of this kernel
+/// into both arms of a divergent branch, which hangs; the non-aligned barrier may be reached from different
+/// instructions by the threads of one warp.
+#[inline(always)]
+fn barrier_all() {
+    unsafe { core::arch::asm!("barrier.sync 0;", options(nostack)) };
+}
+
 #[inline(always)]
 fn match_any(v: u32) -> u32 {
     let r: u32;
@@ -54,7 +62,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
     if tid < ne {
         *counts.add(tid) = 0;
     }
-    sync_threads();
+    barrier_all();
     let mut i = tid;
     while i < n {
         let e = *ids.add(i) as usize;
@@ -63,7 +71,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
         }
         i += THREADS;
     }
-    sync_threads();
+    barrier_all();
     if tid == 0 {
         let (mut off, mut tiles) = (0u32, 0u32);
         for e in 0..ne {
@@ -86,7 +94,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
             *wc.add(z) = 0;
             z += THREADS;
         }
-        sync_threads();
+        barrier_all();
         let i = base + tid;
         let e = if i < n { *ids.add(i) } else { u32::MAX };
         let valid = (e as usize) < ne;
@@ -95,7 +103,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
         if valid && rank == 0 {
             *wc.add(warp * ne + e as usize) = same.count_ones();
         }
-        sync_threads();
+        barrier_all();
         if valid {
             let e = e as usize;
             let mut pos = *cursor.add(e) + rank;
@@ -104,7 +112,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
             }
             *(p.perm as *mut u32).add(pos as usize) = i as u32;
         }
-        sync_threads();
+        barrier_all();
         if tid < ne {
             let mut s = 0;
             for w in 0..WARPS {
@@ -112,7 +120,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
             }
             *cursor.add(tid) += s;
         }
-        sync_threads();
+        barrier_all();
         base += THREADS;
     }
 }
