@@ -24,6 +24,8 @@ enum Command {
     Logits(cli::logits::LogitsArgs),
     /// Measure HGA against dense attention in nats/token on text files (CPU reference forward).
     Eval(cli::eval::EvalArgs),
+    /// Generate text on the GPU (dense attention): streams tokens, prints time to first token and tokens/s.
+    Generate(cli::generate::GenerateArgs),
     /// Needle-in-a-haystack retrieval of dense attention and HGA over depths and contexts (CPU reference forward).
     Needle(cli::needle::NeedleArgs),
 }
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Checkpoint(c)) => cli::checkpoint::run(c),
         Some(Command::Logits(a)) => cli::logits::run(a),
         Some(Command::Eval(a)) => cli::eval::run(a),
+        Some(Command::Generate(a)) => cli::generate::run(a),
         Some(Command::Needle(a)) => cli::needle::run(a),
     }
 }

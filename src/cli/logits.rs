@@ -65,8 +65,8 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    if args.backend == Backend::Cuda {
-        bail!("--backend cuda is not implemented yet: the GPU forward does not exist in this build; use --backend cpu");
+    if args.backend == Backend::Cuda && args.activations != Activations::Fp8 {
+        bail!("--backend cuda computes FP8 activations (the FP8 kernels): pass --activations fp8");
     }
     let tokenizer = match &args.text {
         Some(_) => Some(Tokenizer::from_model_dir(&args.model).context("--text needs a tokenizer")?),
@@ -86,6 +86,23 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.model).with_context(|| format!("opening checkpoint {}", args.model.display()))?;
+    let vocab = ckpt.config.vocab_size;
+    if args.backend == Backend::Cuda {
+        let gpu = hga::open_gpu(0).context("opening the GPU")?;
+        let mut model = hga::model::gpu::GpuModel::load(&gpu, &ckpt, tokens.len(), 256, |_, _| {})?;
+        let t_load = t0.elapsed();
+        let t1 = Instant::now();
+        let data = if args.incremental {
+            let mut d = Vec::with_capacity(tokens.len() * vocab);
+            for &t in &tokens {
+                d.extend(model.forward(&[t], false)?);
+            }
+            d
+        } else {
+            model.forward(&tokens, true)?
+        };
+        return write_logits(&args, &tokens, &tokenizer, vocab, data, mode, "cuda", t_load, t1.elapsed());
+    }
     let need = f32_weight_bytes(&ckpt.config);
     if let Some(avail) = mem_available() {
         if need > avail {
@@ -102,7 +119,6 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let t_load = t0.elapsed();
     let t1 = Instant::now();
     let mut cache = model.new_cache();
-    let vocab = model.config().vocab_size;
     let data: Vec<f32> = if args.incremental {
         let mut d = Vec::with_capacity(tokens.len() * vocab);
         for &t in &tokens {
@@ -113,7 +129,22 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         model.prefill(&tokens, &mut cache)?.data
     };
     let t_fwd = t1.elapsed();
+    write_logits(&args, &tokens, &tokenizer, vocab, data, mode, "cpu", t_load, t_fwd)
+}
 
+/// Writes the logits file and prints the summary line.
+#[allow(clippy::too_many_arguments)]
+fn write_logits(
+    args: &LogitsArgs,
+    tokens: &[u32],
+    tokenizer: &Option<Tokenizer>,
+    vocab: usize,
+    data: Vec<f32>,
+    mode: ActivationMode,
+    backend: &str,
+    t_load: std::time::Duration,
+    t_fwd: std::time::Duration,
+) -> anyhow::Result<()> {
     let logit_bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let token_bytes: Vec<u8> = tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
     let views = vec![
@@ -123,7 +154,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let meta: HashMap<String, String> = [
         ("model", args.model.display().to_string()),
-        ("backend", "cpu".to_string()),
+        ("backend", backend.to_string()),
         ("activations", mode.to_string()),
         ("incremental", args.incremental.to_string()),
         ("tokens", ids.join(",")),
@@ -136,12 +167,12 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
 
     let last = &data[(tokens.len() - 1) * vocab..];
     let top1 = last.iter().enumerate().fold(0, |b, (i, v)| if *v > last[b] { i } else { b });
-    let shown = match &tokenizer {
+    let shown = match tokenizer {
         Some(tok) => format!("{top1} ({:?})", tok.decode(&[top1 as u32]).unwrap_or_default()),
         None => top1.to_string(),
     };
     eprintln!(
-        "{} tokens, vocab {vocab}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {shown}; wrote {}",
+        "{} tokens, vocab {vocab}, backend {backend}, activations {mode}: load {:.2}s, forward {:.2}s; next-token argmax {shown}; wrote {}",
         tokens.len(),
         t_load.as_secs_f64(),
         t_fwd.as_secs_f64(),

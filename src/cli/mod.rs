@@ -1,6 +1,7 @@
 //! Subcommands of the `hga` command-line tool.
 pub mod checkpoint;
 pub mod eval;
+pub mod generate;
 pub mod logits;
 pub mod needle;
 pub mod selfcheck;

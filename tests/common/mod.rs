@@ -21,4 +21,3 @@ pub fn ascii_tokenizer_json() -> String {
         vocab.join(", ")
     )
 }
-

@@ -1,1 +1,103 @@
-//! Parameter structs of the moe kernels (in progress: issue 4).
+//! Parameter structs of the MoE kernels (`crate::moe`): router, grouping, and the expert kernels.
+#[cfg(feature = "host")]
+use bytemuck::{Pod, Zeroable};
+
+/// Token tile of the routers: 16 tokens (one mma m-tile) per warp tile.
+pub const MOE_ROUTER_TILE: usize = 16;
+/// Largest number of experts the routers and the grouping kernel accept (their shared-memory tables).
+pub const MOE_MAX_EXPERTS: usize = 256;
+/// Largest top-k.
+pub const MOE_MAX_TOPK: usize = 32;
+/// Rows (sorted (token, slot) entries) per block tile of the grouped (prefill) expert kernels.
+pub const MOE_GROUP_TILE_M: usize = 64;
+
+/// Router: `logits = x W^T` (bf16 inputs, f32 accumulation), softmax over the experts in f32, top-k (ties: lower
+/// expert index), weights renormalised over the chosen k when `norm_topk != 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "host", derive(Pod, Zeroable))]
+pub struct MoeRouterParams {
+    /// bf16 [tokens, hidden]
+    pub x: u64,
+    /// bf16 [experts, hidden] (`mlp.gate.weight`)
+    pub w: u64,
+    /// f32 [tokens, experts] scratch (split-K router only)
+    pub logits: u64,
+    /// u32 [ceil(tokens / 16)] arrival counters, zero before the first launch; the kernel leaves them zero
+    /// (split-K router only)
+    pub counter: u64,
+    /// u32 [tokens, top_k]: chosen experts, best first
+    pub ids: u64,
+    /// f32 [tokens, top_k]: their routing weights
+    pub weights: u64,
+    pub tokens: u32,
+    pub hidden: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub norm_topk: u32,
+    pub _pad: u32,
+}
+
+/// Grouping of (token, slot) entries by expert.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "host", derive(Pod, Zeroable))]
+pub struct MoeGroupParams {
+    /// u32 [tokens, top_k] expert ids (each < experts)
+    pub ids: u64,
+    /// u32 [experts]: entries per expert
+    pub counts: u64,
+    /// u32 [experts + 1]: exclusive prefix of counts (offsets[experts] = tokens * top_k)
+    pub offsets: u64,
+    /// u32 [experts + 1]: exclusive prefix of ceil(counts / MOE_GROUP_TILE_M) (block tiles of the grouped kernels)
+    pub tile_start: u64,
+    /// u32 [tokens * top_k]: entry `token * top_k + slot`, sorted by expert, then by entry (so by token)
+    pub perm: u64,
+    pub tokens: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub _pad: u32,
+}
+
+/// The expert kernels (decode and grouped prefill) and the final combine. Weights are stacked per expert:
+/// `w_gate`, `w_up` e4m3 [experts, inter, hidden] with f32 scales [experts, inter/128, hidden/128];
+/// `w_down` e4m3 [experts, hidden, inter] with scales [experts, hidden/128, inter/128] (`weight_scale_inv`,
+/// multiplied). Each kernel reads the fields its doc names; the others may be 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "host", derive(Pod, Zeroable))]
+pub struct MoeExpertParams {
+    /// bf16 [tokens, hidden] (decode gate/up: quantized in the kernel)
+    pub x: u64,
+    /// e4m3 [tokens, hidden] and f32 [tokens, hidden/128] (grouped gate/up)
+    pub xq: u64,
+    pub xs: u64,
+    pub w_gate: u64,
+    pub s_gate: u64,
+    pub w_up: u64,
+    pub s_up: u64,
+    pub w_down: u64,
+    pub s_down: u64,
+    /// u32 [tokens, top_k] and f32 [tokens, top_k] (router outputs)
+    pub ids: u64,
+    pub weights: u64,
+    /// grouping outputs (grouped kernels)
+    pub perm: u64,
+    pub offsets: u64,
+    pub tile_start: u64,
+    /// bf16 [rows, inter]: silu(gate) * up; rows are (token, slot) entries (decode) or sorted entries (grouped)
+    pub inter: u64,
+    /// e4m3 [rows, inter] and f32 [rows, inter/128]: `inter` quantized (grouped down)
+    pub inter_q: u64,
+    pub inter_s: u64,
+    /// f32 [tokens * top_k, hidden]: unweighted expert outputs per (token, slot) (grouped down -> combine)
+    pub ys: u64,
+    /// bf16 [tokens, hidden]: the MoE output
+    pub out: u64,
+    pub tokens: u32,
+    pub hidden: u32,
+    pub inter_dim: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub _pad: u32,
+}

@@ -5,4 +5,5 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod generate;
+pub mod gpu;
 pub mod tokenizer;
