@@ -24,7 +24,7 @@ Issue 5, item 3. What it does, in order:
   6. Checks: held-out loss of the trained model and of the FP8 export (dequantized), against uniform ln(259);
      retrieval accuracy; logits of our torch model on the dequantized export vs transformers (f32, CPU).
 
-Usage (GPU machine, see docs/fixture.md):  python3 tools/train/train.py --out /tmp/fixture
+Usage (GPU machine, see docs/fixture.md):  python3 tools/train/train.py --out /tmp/fixture --pack $OUT
 Toy run (CPU):  python3 tools/train/train.py --out /tmp/fx --layers 2 --hidden 256 --heads 8 --kv-heads 1 \\
     --context 512 --batch 4 --steps 30 --max-total-mb 24 --device cpu
 """
@@ -600,6 +600,31 @@ def compare_with_transformers(out_dir, tensors, ours_logits, tokens, log):
     return {"transformers": transformers.__version__, "rel_l2": rel, "top1": top1, "tokens": tokens.numel()}
 
 
+def pack(out_dir, pack_dir, part_mib, log):
+    """tar of out_dir split into parts of <= part_mib MiB (PACK/<name>.tar.00, .01, ...) + a copy of train.log: the
+    device machine returns at most 8 files of 16 MiB from $OUT. Unpack: cat <name>.tar.* | tar -x -C DEST."""
+    import io
+    import shutil
+    import tarfile
+
+    name = os.path.basename(os.path.normpath(out_dir))
+    os.makedirs(pack_dir, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(out_dir, arcname=name)
+    data = buf.getvalue()
+    step = int(part_mib * 2**20)
+    parts = [data[i:i + step] for i in range(0, len(data), step)]
+    for i, p in enumerate(parts):
+        with open(os.path.join(pack_dir, f"{name}.tar.{i:02d}"), "wb") as f:
+            f.write(p)
+    shutil.copy(os.path.join(out_dir, "train.log"), os.path.join(pack_dir, "train.log"))
+    log(f"packed {out_dir} ({len(data) / 2**20:.2f} MiB) into {len(parts)} parts {pack_dir}/{name}.tar.NN; "
+        f"unpack with: cat {name}.tar.* | tar -x -C DEST")
+    if len(parts) > 7:
+        log("warning: more than 7 parts: the device machine returns at most 8 files")
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -633,7 +658,7 @@ def parse_args():
     ap.add_argument("--aux-coef", type=float, default=0.01)
     ap.add_argument("--retrieval-frac", type=float, default=0.05)
     ap.add_argument("--compile", action="store_true", help="torch.compile each layer (off by default; untested)")
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--retrieval-eval", type=int, default=64)
@@ -641,8 +666,8 @@ def parse_args():
     ap.add_argument("--data-root", action="append", help="site-packages-like directory (repeatable); default: this "
                                                          "Python's site-packages and its standard library")
     ap.add_argument("--packages", help="comma-separated package names to use (default: all)")
-    ap.add_argument("--max-total-mb", type=float, default=400.0)
-    ap.add_argument("--max-package-mb", type=float, default=48.0)
+    ap.add_argument("--max-total-mb", type=float, default=256.0)
+    ap.add_argument("--max-package-mb", type=float, default=32.0)
     ap.add_argument("--max-file-kb", type=float, default=1024.0)
     ap.add_argument("--min-file-bytes", type=int, default=256)
     ap.add_argument("--min-package-kb", type=float, default=16.0)
@@ -650,6 +675,8 @@ def parse_args():
     ap.add_argument("--eval-save-mb", type=float, default=2.0, help="held-out text saved under OUT/eval/")
     ap.add_argument("--eval-save-pkg-kb", type=float, default=320.0)
     ap.add_argument("--save-torch", help="where to save the trained f32 state dict (default: OUT-torch.pt)")
+    ap.add_argument("--pack", help="also write OUT as a tar split into <= --pack-part-mib parts (and train.log) here")
+    ap.add_argument("--pack-part-mib", type=float, default=15.0)
     ap.add_argument("--verify-tokens", type=int, default=192, help="tokens of the f32 export check (0: skip)")
     return ap.parse_args()
 
@@ -862,6 +889,8 @@ def main():
         json.dump(result, f, indent=1)
     log(f"done in {time.time() - t_start:.1f}s: held-out {final_eval:.4f} (FP8 {q_eval:.4f}) vs uniform "
         f"{uniform:.4f} nats/token; wrote {a.out}")
+    if a.pack:
+        pack(a.out, a.pack, a.pack_part_mib, log)
 
 
 if __name__ == "__main__":
