@@ -46,7 +46,19 @@ fn compare(what: &str, got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
         .count();
     let rel = (num / den).sqrt();
     let top1 = agree as f64 / rows as f64;
-    let _ = writeln!(std::io::stderr(), "{what}: rel L2 {rel:.3e}, top-1 {agree}/{rows}");
+    // Error by position (to tell a wrong kernel from rounding that grows along the sequence through the K/V).
+    let by_pos: Vec<String> = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+        .iter()
+        .filter(|&&t| t < rows)
+        .map(|&t| {
+            let (g, w) = (&got[t * vocab..(t + 1) * vocab], &want[t * vocab..(t + 1) * vocab]);
+            let n: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let d: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+            format!("{t}:{:.1e}", (n / d).sqrt())
+        })
+        .collect();
+    let _ =
+        writeln!(std::io::stderr(), "{what}: rel L2 {rel:.3e}, top-1 {agree}/{rows}; by position {}", by_pos.join(" "));
     assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
     (rel, top1)
 }

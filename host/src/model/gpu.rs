@@ -59,8 +59,9 @@ struct Fp8Linear {
 }
 
 enum Mlp {
-    /// Router bf16 [experts, hidden] and the stacked experts; `dims.tokens` is set per call.
-    Moe { router: CudaSlice<bf16>, experts: MoeExpertWeights, dims: MoeDims },
+    /// Router bf16 [experts, hidden] and the stacked experts; `dims.tokens` is set per call; `ws` indexes the
+    /// workspace of these dims in `Scratch::moe`.
+    Moe { router: CudaSlice<bf16>, experts: MoeExpertWeights, dims: MoeDims, ws: usize },
 }
 
 struct Layer {
@@ -163,7 +164,18 @@ impl<'g> GpuModel<'g> {
         let s = gpu.stream();
         let (h, nh, nkv) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        let mut moe_dims: Vec<(MoeDims, bool)> = Vec::new();
+        let mut moe_dims: Vec<MoeDims> = Vec::new();
+        // One workspace per distinct (inter, experts, top_k): a layer always uses its own.
+        let mut ws_of = |d: &MoeDims| match moe_dims
+            .iter()
+            .position(|m| m.inter == d.inter && m.experts == d.experts && m.top_k == d.top_k)
+        {
+            Some(i) => i,
+            None => {
+                moe_dims.push(*d);
+                moe_dims.len() - 1
+            }
+        };
         for l in 0..c.num_hidden_layers {
             progress(l, c.num_hidden_layers);
             let p = format!("model.layers.{l}");
@@ -181,6 +193,7 @@ impl<'g> GpuModel<'g> {
                 Mlp::Moe {
                     router: bf16_tensor(gpu, ck, &format!("{p}.mlp.gate.weight"))?,
                     experts: MoeExpertWeights::upload(gpu, &w)?,
+                    ws: ws_of(&dims),
                     dims,
                 }
             } else {
@@ -191,13 +204,10 @@ impl<'g> GpuModel<'g> {
                 Mlp::Moe {
                     router: s.clone_htod(&vec![bf16::ZERO; h])?,
                     experts: MoeExpertWeights::upload(gpu, &w)?,
+                    ws: ws_of(&dims),
                     dims,
                 }
             };
-            let Mlp::Moe { dims, .. } = &mlp;
-            if !moe_dims.iter().any(|(d, _)| d.inter == dims.inter && d.experts == dims.experts) {
-                moe_dims.push((*dims, true));
-            }
             layers.push(Layer {
                 input_layernorm: bf16_tensor(gpu, ck, &format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: bf16_tensor(gpu, ck, &format!("{p}.post_attention_layernorm.weight"))?,
@@ -237,7 +247,7 @@ impl<'g> GpuModel<'g> {
             decode: DecodeWorkspace::new(gpu, 1, nh, DECODE_MAX_SPLITS)?,
             moe: moe_dims
                 .iter()
-                .map(|(d, g)| MoeWorkspace::new(gpu, d, t, *g && t > MOE_DECODE_MAX_TOKENS))
+                .map(|d| MoeWorkspace::new(gpu, d, t, t > MOE_DECODE_MAX_TOKENS))
                 .collect::<Result<_, _>>()?,
         };
         Ok(GpuModel {
@@ -437,13 +447,9 @@ impl<'g> GpuModel<'g> {
             )?;
             cur ^= 1;
             // 7. MoE (or the dense MLP as a one-expert MoE).
-            let Mlp::Moe { router, experts, dims } = &layer.mlp;
+            let Mlp::Moe { router, experts, dims, ws } = &layer.mlp;
             let d = MoeDims { tokens: t, ..*dims };
-            let ws = sc
-                .moe
-                .iter_mut()
-                .find(|w| w.fits(&d).is_ok() && (t <= MOE_DECODE_MAX_TOKENS || w.ys.len() >= t * d.top_k * d.hidden))
-                .ok_or_else(|| GpuModelError::Input(format!("no MoE workspace fits {d:?}")))?;
+            let ws = &mut sc.moe[*ws];
             let x = sc.xn.slice(0..t * h);
             let mut o = sc.mlp_out.slice_mut(0..t * h);
             if t <= MOE_DECODE_MAX_TOKENS {
