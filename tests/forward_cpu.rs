@@ -128,7 +128,7 @@ fn cli_logits_matches_library_and_reports_errors() {
     let out = dir.join("x.safetensors");
     let out = out.to_str().unwrap();
     let e = err(&["--tokens", "1,2", "--backend", "cuda", "--out", out]);
-    assert!(e.contains("--backend cuda is not implemented yet"), "{e}");
+    assert!(e.contains("--backend cuda computes FP8 activations"), "{e}");
     let e = err(&["--text", "hello", "--out", out]);
     assert!(e.contains("no tokenizer.json") && e.contains("--tokens"), "{e}");
     let e = err(&["--tokens", "1,320", "--out", out]);
@@ -173,4 +173,22 @@ fn small_preset_prefill_equals_decode() {
         assert_eq!(model.decode(t, &mut cache).unwrap().as_slice(), full.row(i));
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The `fp8-bf16` mode (the GPU forward's oracle): prefill == decode bit for bit, and close to `fp8`.
+#[test]
+fn fp8_bf16_mode_is_consistent() {
+    let dir = written("fp8bf16", &mixed_config(), 4);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let m = CpuModel::load(&ckpt, ActivationMode::Fp8Bf16).unwrap();
+    let pre = m.prefill(&TOKENS, &mut m.new_cache()).unwrap();
+    let mut cache = m.new_cache();
+    for (i, &t) in TOKENS.iter().enumerate() {
+        assert_eq!(m.decode(t, &mut cache).unwrap(), pre.row(i), "position {i}");
+    }
+    let f = CpuModel::load(&ckpt, ActivationMode::Fp8).unwrap();
+    let e = rel_l2(&pre.data, &f.prefill(&TOKENS, &mut f.new_cache()).unwrap().data);
+    assert!(e > 0.0 && e < 0.1, "fp8-bf16 vs fp8: rel L2 {e}");
+    assert_eq!("fp8-bf16".parse::<ActivationMode>().unwrap(), ActivationMode::Fp8Bf16);
+    let _ = std::fs::remove_dir_all(&dir);
 }

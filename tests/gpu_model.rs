@@ -1,4 +1,5 @@
-//! The whole GPU forward against the CPU reference forward in `fp8` activation mode (the FP8 kernels' arithmetic):
+//! The whole GPU forward against the CPU reference forward in `fp8-bf16` activation mode (the FP8 kernels' arithmetic
+//! with activations rounded to bf16 where the GPU stores them):
 //! prefill and token-by-token decode, relative L2 error of the logits <= 1e-2 and top-1 agreement >= 99%, on the
 //! `small` preset and a mixed dense/MoE config with GQA and head_dim 128. Without a CUDA device: a SKIP line.
 use std::io::Write;
@@ -70,7 +71,7 @@ fn check(tag: &str, c: &Qwen3MoeConfig, n: usize, decode: usize) {
     }
     let dir = written(tag, c);
     let ck = Checkpoint::open(&dir).unwrap();
-    let cpu = CpuModel::load(&ck, ActivationMode::Fp8).unwrap();
+    let cpu = CpuModel::load(&ck, ActivationMode::Fp8Bf16).unwrap();
     let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % c.vocab_size as u32).collect();
     let want = cpu.prefill(&tokens, &mut cpu.new_cache()).unwrap().data;
     let gpu = hga::open_gpu(0).unwrap();

@@ -58,6 +58,10 @@ pub enum ActivationMode {
     /// Dynamic per-token, per-128-group e4m3 quantization of the input of every FP8-weight linear (what the FP8
     /// GEMM kernels compute).
     Fp8,
+    /// `Fp8`, with the activations also rounded to bf16 where the GPU forward stores them (`hga_host::model::gpu`):
+    /// the residual stream, norm outputs, q/k/v, the attention output, projections, the expert intermediate and the
+    /// MLP output. The oracle of the GPU forward: e4m3 rounding decisions depend on these roundings.
+    Fp8Bf16,
 }
 
 impl FromStr for ActivationMode {
@@ -66,7 +70,8 @@ impl FromStr for ActivationMode {
         match s {
             "f32" => Ok(Self::F32),
             "fp8" => Ok(Self::Fp8),
-            _ => Err(format!("unknown activation mode `{s}` (expected f32 or fp8)")),
+            "fp8-bf16" => Ok(Self::Fp8Bf16),
+            _ => Err(format!("unknown activation mode `{s}` (expected f32, fp8 or fp8-bf16)")),
         }
     }
 }
@@ -76,6 +81,7 @@ impl fmt::Display for ActivationMode {
         f.write_str(match self {
             Self::F32 => "f32",
             Self::Fp8 => "fp8",
+            Self::Fp8Bf16 => "fp8-bf16",
         })
     }
 }
@@ -414,24 +420,30 @@ impl CpuModel {
         tap(Tap::Embed, None, &x);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut a = x.clone();
-            ops::rms_norm_rows(&mut a, &layer.input_layernorm, c.rms_norm_eps);
+            self.norm(&mut a, &layer.input_layernorm);
             tap(Tap::AttnNorm, Some(l), &a);
             let attn = self.attention(l, layer, &a, t, start, &rope, &mut cache.layers[l], tap);
             tap(Tap::AttnOut, Some(l), &attn);
             add_in_place(&mut x, &attn);
+            self.bf16(&mut x);
             let mut m = x.clone();
-            ops::rms_norm_rows(&mut m, &layer.post_attention_layernorm, c.rms_norm_eps);
+            self.norm(&mut m, &layer.post_attention_layernorm);
             tap(Tap::MlpNorm, Some(l), &m);
             let mlp = match &layer.mlp {
-                Mlp::Dense(mlp) => self.gated_mlp(mlp, &m, t),
+                Mlp::Dense(mlp) => {
+                    let mut y = self.gated_mlp(mlp, &m, t);
+                    self.bf16(&mut y);
+                    y
+                }
                 Mlp::Moe { gate, experts } => self.moe(l, gate, experts, &m, t, tap),
             };
             tap(Tap::MlpOut, Some(l), &mlp);
             add_in_place(&mut x, &mlp);
+            self.bf16(&mut x);
             tap(Tap::Hidden, Some(l), &x);
         }
         cache.len += t;
-        ops::rms_norm_rows(&mut x, &self.norm, c.rms_norm_eps);
+        self.norm(&mut x, &self.norm);
         tap(Tap::FinalNorm, None, &x);
         let head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
         let data = ops::linear(&x, t, h, head, c.vocab_size);
@@ -444,11 +456,45 @@ impl CpuModel {
     }
 
     /// `x: [t, lin.k] -> [t, lin.n]`; in `Fp8` mode the input of an FP8-weight linear is quantized first.
+    /// The output is rounded to bf16 in [`ActivationMode::Fp8Bf16`] (see [`Self::linear_f32`]).
     fn linear(&self, lin: &Linear, x: &[f32], t: usize) -> Vec<f32> {
-        if lin.fp8 && self.mode == ActivationMode::Fp8 {
+        let mut y = self.linear_f32(lin, x, t);
+        self.bf16(&mut y);
+        y
+    }
+
+    /// As [`Self::linear`] with the output left in f32 (the expert down projections: the GPU sums them in f32).
+    fn linear_f32(&self, lin: &Linear, x: &[f32], t: usize) -> Vec<f32> {
+        if lin.fp8 && self.mode != ActivationMode::F32 {
             ops::linear(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, &lin.w, lin.n)
         } else {
             ops::linear(x, t, lin.k, &lin.w, lin.n)
+        }
+    }
+
+    /// Rounds to bf16 in [`ActivationMode::Fp8Bf16`] (a no-op otherwise).
+    fn bf16(&self, v: &mut [f32]) {
+        if self.mode == ActivationMode::Fp8Bf16 {
+            for x in v.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+    }
+
+    /// RMSNorm of each row; in [`ActivationMode::Fp8Bf16`] as the GPU kernels: `bf16(w * bf16(x * inv))` with the
+    /// mean of squares in f32.
+    fn norm(&self, x: &mut [f32], w: &[f32]) {
+        let eps = self.config.rms_norm_eps;
+        if self.mode != ActivationMode::Fp8Bf16 {
+            return ops::rms_norm_rows(x, w, eps);
+        }
+        for row in x.chunks_exact_mut(w.len()) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+            let inv = 1.0 / (ms + eps as f32).sqrt();
+            for (v, g) in row.iter_mut().zip(w) {
+                let h = half::bf16::from_f32(*v * inv).to_f32();
+                *v = half::bf16::from_f32(g * h).to_f32();
+            }
         }
     }
 
@@ -471,12 +517,14 @@ impl CpuModel {
         let mut q = self.linear(&w.q_proj, a, t);
         let mut k = self.linear(&w.k_proj, a, t);
         let v = self.linear(&w.v_proj, a, t);
-        ops::rms_norm_rows(&mut q, &w.q_norm, c.rms_norm_eps);
-        ops::rms_norm_rows(&mut k, &w.k_norm, c.rms_norm_eps);
+        self.norm(&mut q, &w.q_norm);
+        self.norm(&mut k, &w.k_norm);
         for (i, (cos, sin)) in rope.iter().enumerate() {
             ops::apply_rope(&mut q[i * qdim..(i + 1) * qdim], d, cos, sin);
             ops::apply_rope(&mut k[i * kvdim..(i + 1) * kvdim], d, cos, sin);
         }
+        self.bf16(&mut q);
+        self.bf16(&mut k);
         kv.k.extend_from_slice(&k);
         tap(Tap::Q, Some(l), &q);
         tap(Tap::K, Some(l), &k);
@@ -488,7 +536,8 @@ impl CpuModel {
             head_dim: d,
             scale: 1.0 / (d as f64).sqrt(),
         };
-        let o = self.policy.attend(l, &shape, start, &q, kv);
+        let mut o = self.policy.attend(l, &shape, start, &q, kv);
+        self.bf16(&mut o);
         tap(Tap::Attn, Some(l), &o);
         self.linear(&w.o_proj, &o, t)
     }
@@ -496,8 +545,9 @@ impl CpuModel {
     fn gated_mlp(&self, m: &GatedMlp, x: &[f32], t: usize) -> Vec<f32> {
         let g = self.linear(&m.gate_proj, x, t);
         let u = self.linear(&m.up_proj, x, t);
-        let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| ops::silu(*g) * u).collect();
-        self.linear(&m.down_proj, &act, t)
+        let mut act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| ops::silu(*g) * u).collect();
+        self.bf16(&mut act);
+        self.linear_f32(&m.down_proj, &act, t)
     }
 
     /// Sparse MoE block: router softmax (f64, rounded to f32) over all experts, top-k, renormalised when
@@ -543,6 +593,7 @@ impl CpuModel {
                 }
             }
         }
+        self.bf16(&mut y);
         y
     }
 }
