@@ -4,31 +4,15 @@
 //! GQA ratios 1, 2, 8 (and others); random split limits for decode. Outputs, LSE, decode partials and the cache
 //! past the context are poisoned. Pass: rel-L2 <= 1e-2, |LSE error| <= 1e-3.
 //! Without a CUDA device: one SKIP line per test.
+mod common;
+use common::gpu;
 use std::io::Write;
-use std::sync::OnceLock;
 
 use hga::check::attention::{attention, Path};
 use hga::check::Outcome;
 use hga::kernels::AttentionShape;
-use hga::runtime::Gpu;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-fn gpu(test: &str) -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    let g = GPU.get_or_init(|| {
-        if hga::runtime::device_count() == 0 {
-            return None;
-        }
-        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
-        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
-        Some(g)
-    });
-    if g.is_none() {
-        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
-    }
-    g.as_ref()
-}
 
 fn cases(default: u32) -> ProptestConfig {
     ProptestConfig {

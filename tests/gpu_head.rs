@@ -1,37 +1,12 @@
 //! GPU property tests of the head family (embedding gather, lm_head GEMV, argmax, sampling) against the CPU
 //! references, plus a CPU-only check of the sampling rule's distribution. Without a CUDA device each GPU test
 //! prints one SKIP line and returns.
-use std::io::Write;
-use std::sync::OnceLock;
+mod common;
+use common::{cases, gpu};
 
 use hga::check::{self, Outcome};
-use hga::runtime::Gpu;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-fn gpu(test: &str) -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    let g = GPU.get_or_init(|| {
-        if hga::runtime::device_count() == 0 {
-            return None;
-        }
-        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
-        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
-        Some(g)
-    });
-    if g.is_none() {
-        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
-    }
-    g.as_ref()
-}
-
-fn cases() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
     prop_assert!(o.ok, "{} {}: {} (rel {:.3e})", o.kernel, o.shape, o.detail, o.rel_err);

@@ -3,39 +3,13 @@
 //!
 //! Without a CUDA device each test prints one `SKIP` line (to stderr, not captured) and returns. On a GPU machine
 //! the image is the best embedded one for the device; `HGA_KERNEL_IMAGE=sm_89.ptx` (etc.) forces another.
-use std::io::Write;
-use std::sync::OnceLock;
+mod common;
+use common::{cases, gpu};
 
 use hga::check::{self, Outcome};
 use hga::kernels::selftest::ALL_SELFTESTS;
-use hga::runtime::Gpu;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-/// The shared GPU of this test binary, or None (after printing the skip line) when there is no device.
-fn gpu(test: &str) -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    let g = GPU.get_or_init(|| {
-        if hga::runtime::device_count() == 0 {
-            return None;
-        }
-        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
-        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
-        Some(g)
-    });
-    if g.is_none() {
-        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
-    }
-    g.as_ref()
-}
-
-fn cases() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
     prop_assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);

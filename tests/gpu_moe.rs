@@ -3,40 +3,16 @@
 //! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4.
 //!
 //! Without a CUDA device each test prints one `SKIP` line and returns.
+mod common;
+use common::{cases, gpu};
 use std::io::Write;
-use std::sync::OnceLock;
 
 use hga::check::moe::{self as cm, MoePath};
 use hga::check::Outcome;
 use hga::kernels::moe::RouterForm;
 use hga::reference::moe::MoeDims;
-use hga::runtime::Gpu;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-fn gpu(test: &str) -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    let g = GPU.get_or_init(|| {
-        if hga::runtime::device_count() == 0 {
-            return None;
-        }
-        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
-        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
-        Some(g)
-    });
-    if g.is_none() {
-        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
-    }
-    g.as_ref()
-}
-
-fn cases() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 fn assert_ok(o: Outcome) -> Result<(), TestCaseError> {
     let _ = writeln!(

@@ -1,6 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::Write;
+use std::sync::OnceLock;
+
+use hga::runtime::Gpu;
+use proptest::prelude::ProptestConfig;
+
 /// A byte-level BPE tokenizer.json over the printable ASCII bytes (ids 0..95, well inside tiny's vocab of 320).
 pub fn ascii_tokenizer_json() -> String {
     // GPT-2 byte-level alphabet: printable ASCII maps to itself, ' ' to 'Ġ'.
@@ -20,4 +26,31 @@ pub fn ascii_tokenizer_json() -> String {
         "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": {{{}}}, "merges": []}}}}"#,
         vocab.join(", ")
     )
+}
+
+/// The shared GPU of a test binary (opened once, its device and image printed), or None after printing a `SKIP`
+/// line for `test` (to stderr, which the test harness does not capture) when there is no CUDA device.
+pub fn gpu(test: &str) -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    let g = GPU.get_or_init(|| {
+        if hga::runtime::device_count() == 0 {
+            return None;
+        }
+        let g = hga::open_gpu(0).expect("a CUDA device is present but the kernels could not be loaded");
+        let _ = writeln!(std::io::stderr(), "GPU tests on {} with image {}", g.device_name(), g.image_name());
+        Some(g)
+    });
+    if g.is_none() {
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device (GPU test not run)");
+    }
+    g.as_ref()
+}
+
+/// Proptest cases per property: `PROPTEST_CASES`, default 24; no failure files.
+pub fn cases() -> ProptestConfig {
+    ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
