@@ -4,29 +4,11 @@
 //! `_scaled_mm` is measured by tools/bench/gemm.py in the same GPU session.
 //! Device events, warm-up, median of many; decode weights rotate through > 64 MiB (more than L2).
 //! Run: `cargo bench --bench gemm` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+mod common;
+use common::time_ms;
+use cudarc::driver::sys::CUdevice_attribute;
 use half::bf16;
 use hga::kernels::gemm::{hga_fp8_linear_with, Fp8LinearKernel};
-use hga::runtime::Gpu;
-
-fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize)) -> f64 {
-    let ctx = gpu.context();
-    for i in 0..5 {
-        f(i);
-    }
-    let mut t = Vec::with_capacity(iters);
-    for i in 0..iters {
-        let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        a.record(gpu.stream()).unwrap();
-        f(i);
-        b.record(gpu.stream()).unwrap();
-        b.synchronize().unwrap();
-        t.push(a.elapsed_ms(&b).unwrap() as f64);
-    }
-    t.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    t[t.len() / 2]
-}
 
 struct Rng(u64);
 impl Rng {
@@ -67,7 +49,7 @@ fn main() {
     let n_copy = 256 << 20;
     let src = s.clone_htod(&rng.e4m3(n_copy)).unwrap();
     let mut dst = s.alloc_zeros::<u8>(n_copy).unwrap();
-    let ms = time_ms(&gpu, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
+    let ms = time_ms(&gpu, 5, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
     let copy_gbs = 2.0 * n_copy as f64 / ms / 1e6;
     drop((src, dst));
     rows.push(("anchor: cuMemcpyDtoD".into(), "256 MiB".into(), ms * 1e3, copy_gbs, "GB/s", "-", 1.0));
@@ -76,7 +58,7 @@ fn main() {
     let blocks = sms * 8;
     let mut pk = s.alloc_zeros::<f32>(blocks * 256).unwrap();
     let mut flops = 0.0;
-    let ms = time_ms(&gpu, 20, |_| {
+    let ms = time_ms(&gpu, 5, 20, |_| {
         flops = hga::kernels::gemm::hga_bench_mma_bf16_peak(&gpu, &mut pk, blocks, 4096).unwrap();
     });
     let peak_tfs = flops / ms / 1e9;
@@ -100,7 +82,7 @@ fn main() {
         let sw: Vec<_> = (0..SETS).map(|_| s.clone_htod(&rng.scales(n / 128 * kb)).unwrap()).collect();
         let mut out: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<bf16>(m * n).unwrap()).collect();
         for kernel in [Fp8LinearKernel::Prefill, Fp8LinearKernel::PrefillS4] {
-            let ms = time_ms(&gpu, 30, |i| {
+            let ms = time_ms(&gpu, 5, 30, |i| {
                 let j = i % SETS;
                 hga_fp8_linear_with(&gpu, kernel, &a[j], &sa[j], &w[j], &sw[j], &mut out[j], m, n, k).unwrap();
             });
@@ -130,7 +112,7 @@ fn main() {
             let sa = s.clone_htod(&rng.scales(m * kb)).unwrap();
             let mut out = s.alloc_zeros::<bf16>(m * n).unwrap();
             let sw_len = n.div_ceil(128) * kb;
-            let ms = time_ms(&gpu, 200, |i| {
+            let ms = time_ms(&gpu, 5, 200, |i| {
                 let j = i % nsets;
                 let w = pool.slice(j * n * k..(j + 1) * n * k);
                 let sw = spool.slice(j * sw_len..(j + 1) * sw_len);
@@ -159,7 +141,7 @@ fn main() {
         let mut ro = s.alloc_zeros::<bf16>(r * d).unwrap();
         let mut q = s.alloc_zeros::<u8>(r * d).unwrap();
         let mut sc = s.alloc_zeros::<f32>(r * d / 128).unwrap();
-        let ms = time_ms(&gpu, 100, |_| {
+        let ms = time_ms(&gpu, 5, 100, |_| {
             hga::kernels::gemm::hga_rmsnorm_fp8_quant(
                 &gpu,
                 &x,

@@ -3,42 +3,11 @@
 //! Device events, warm-up, median of many runs, inputs rotated over several buffer sets (more bytes than L2).
 //!
 //! Run: `cargo bench --bench kernels` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
-use cudarc::driver::sys::CUevent_flags;
+mod common;
+use common::{rand_bf16, time_ms};
 use half::bf16;
-use hga::runtime::Gpu;
 
 const SETS: usize = 4;
-
-fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize)) -> f64 {
-    let ctx = gpu.context();
-    for i in 0..5 {
-        f(i);
-    }
-    let mut t = Vec::with_capacity(iters);
-    for i in 0..iters {
-        let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        a.record(gpu.stream()).unwrap();
-        f(i);
-        b.record(gpu.stream()).unwrap();
-        b.synchronize().unwrap();
-        t.push(a.elapsed_ms(&b).unwrap() as f64);
-    }
-    t.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    t[t.len() / 2]
-}
-
-fn rand_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
-        })
-        .collect()
-}
 
 fn main() {
     if hga::runtime::device_count() == 0 {
@@ -51,9 +20,9 @@ fn main() {
 
     // Anchor: device-to-device copy of 256 MiB.
     let n_copy = 128 << 20; // bf16 elements
-    let src = s.clone_htod(&rand_bf16(n_copy, 1)).unwrap();
+    let src = s.clone_htod(&rand_bf16(n_copy, 1, 2.0)).unwrap();
     let mut dst = s.alloc_zeros::<bf16>(n_copy).unwrap();
-    let ms = time_ms(&gpu, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
+    let ms = time_ms(&gpu, 5, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
     let copy_gbs = 2.0 * (n_copy * 2) as f64 / ms / 1e6;
     drop((src, dst));
     let mut rows: Vec<(String, String, f64, f64)> =
@@ -62,12 +31,12 @@ fn main() {
     // RMSNorm with fused residual, 4096 x 2048 (a prefill chunk at Qwen3-30B-A3B's hidden size), and decode (1 row).
     for (r, d) in [(4096usize, 2048usize), (1, 2048)] {
         let n = r * d;
-        let xs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(n, 10 + i as u64)).unwrap()).collect();
-        let rs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(n, 20 + i as u64)).unwrap()).collect();
-        let w = s.clone_htod(&rand_bf16(d, 3)).unwrap();
+        let xs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(n, 10 + i as u64, 2.0)).unwrap()).collect();
+        let rs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(n, 20 + i as u64, 2.0)).unwrap()).collect();
+        let w = s.clone_htod(&rand_bf16(d, 3, 2.0)).unwrap();
         let mut outs: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<bf16>(n).unwrap()).collect();
         let mut ros: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<bf16>(n).unwrap()).collect();
-        let ms = time_ms(&gpu, 100, |i| {
+        let ms = time_ms(&gpu, 5, 100, |i| {
             let k = i % SETS;
             let (o, ro) = (&mut outs[k], &mut ros[k]);
             hga::kernels::hga_rmsnorm(&gpu, &xs[k], Some((&rs[k], ro)), &w, o, r, d, 1e-6).unwrap();
@@ -78,10 +47,10 @@ fn main() {
 
     // FP8 activation quantization, 4096 x 2048.
     let (r, k) = (4096usize, 2048usize);
-    let xs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(r * k, 30 + i as u64)).unwrap()).collect();
+    let xs: Vec<_> = (0..SETS).map(|i| s.clone_htod(&rand_bf16(r * k, 30 + i as u64, 2.0)).unwrap()).collect();
     let mut qs: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<u8>(r * k).unwrap()).collect();
     let mut scs: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<f32>(r * k / 128).unwrap()).collect();
-    let ms = time_ms(&gpu, 100, |i| {
+    let ms = time_ms(&gpu, 5, 100, |i| {
         let j = i % SETS;
         hga::kernels::hga_fp8_quant(&gpu, &xs[j], &mut qs[j], &mut scs[j], r, k).unwrap();
     });

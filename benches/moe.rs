@@ -6,32 +6,13 @@
 //! Device events, warm-up, median of many; the expert weights rotate over 2 full sets of 128 experts (1.2 GB) and
 //! the activations over 16 sets, the router weights over 128 sets (64 MB), so nothing is served from L2 across
 //! iterations. Without a GPU: a SKIP line.
-use cudarc::driver::sys::CUevent_flags;
+mod common;
+use common::time_ms;
 use half::bf16;
 use hga::check::moe as cm;
 use hga::kernels::moe::{self as km, MoeExpertWeights, MoeWorkspace, RouterForm};
 use hga::reference::moe::MoeDims;
-use hga::runtime::Gpu;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize)) -> f64 {
-    let ctx = gpu.context();
-    for i in 0..5 {
-        f(i);
-    }
-    let mut t = Vec::with_capacity(iters);
-    for i in 0..iters {
-        let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-        a.record(gpu.stream()).unwrap();
-        f(i);
-        b.record(gpu.stream()).unwrap();
-        b.synchronize().unwrap();
-        t.push(a.elapsed_ms(&b).unwrap() as f64);
-    }
-    t.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    t[t.len() / 2]
-}
 
 fn bf16_vec(n: usize, lo: f32, hi: f32, rng: &mut StdRng) -> Vec<bf16> {
     (0..n).map(|_| bf16::from_f32(rng.gen_range(lo..hi))).collect()
@@ -60,7 +41,7 @@ fn main() {
     let n_copy = 128 << 20;
     let src = s.clone_htod(&vec![bf16::from_f32(1.0); n_copy]).unwrap();
     let mut dst = s.alloc_zeros::<bf16>(n_copy).unwrap();
-    let ms = time_ms(&gpu, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
+    let ms = time_ms(&gpu, 5, 30, |_| s.memcpy_dtod(&src, &mut dst).unwrap());
     let copy_gbs = 2.0 * (n_copy * 2) as f64 / ms / 1e6;
     drop((src, dst));
     rows.push(Row {
@@ -95,7 +76,7 @@ fn main() {
     {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
-        let ms = time_ms(&gpu, 200, |i| {
+        let ms = time_ms(&gpu, 5, 200, |i| {
             km::hga_moe_router(
                 &gpu,
                 &xs[i % XSETS].slice(0..t * h),
@@ -124,7 +105,7 @@ fn main() {
         let d = MoeDims::qwen3_30b_a3b(t);
         let ids = s.clone_htod(&cm::random_ids(&d, false, &mut rng)).unwrap();
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
-        let ms = time_ms(&gpu, 200, |_| {
+        let ms = time_ms(&gpu, 5, 200, |_| {
             km::hga_moe_group(&gpu, &ids, &mut ws.counts, &mut ws.offsets, &mut ws.tile_start, &mut ws.perm, t, e, k)
                 .unwrap()
         });
@@ -147,7 +128,7 @@ fn main() {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
         let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
-        let ms = time_ms(&gpu, 300, |i| {
+        let ms = time_ms(&gpu, 5, 300, |i| {
             let x = xs[i % XSETS].slice(0..t * h);
             km::moe_decode(
                 &gpu,
@@ -173,7 +154,7 @@ fn main() {
         });
         if t == 1 {
             // Parts: gate/up alone and down alone (after one full step has filled ids / inter).
-            let ms_gu = time_ms(&gpu, 300, |i| {
+            let ms_gu = time_ms(&gpu, 5, 300, |i| {
                 km::hga_moe_gate_up_decode(&gpu, &xs[i % XSETS].slice(0..h), &wsets[i % 2], &ws.ids, &mut ws.inter, &d)
                     .unwrap()
             });
@@ -185,7 +166,7 @@ fn main() {
                 metric: format!("{:.0} GB/s", gu_bytes / ms_gu / 1e6),
                 ratio: format!("{:.2}x copy", gu_bytes / ms_gu / 1e6 / copy_gbs),
             });
-            let ms_dn = time_ms(&gpu, 300, |i| {
+            let ms_dn = time_ms(&gpu, 5, 300, |i| {
                 km::hga_moe_down_decode(&gpu, &ws.inter, &wsets[i % 2], &ws.ids, &ws.weights, &mut outs[i % XSETS], &d)
                     .unwrap()
             });
@@ -206,7 +187,7 @@ fn main() {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, true).unwrap();
         let mut out = s.alloc_zeros::<bf16>(t * h).unwrap();
-        let ms = time_ms(&gpu, 20, |i| {
+        let ms = time_ms(&gpu, 5, 20, |i| {
             km::moe_grouped(
                 &gpu,
                 &xs[i % XSETS],
