@@ -45,6 +45,39 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
     for (rows, k) in [(1, 1), (5, 129), (16, 2048), (33, 4096), (3, 767)] {
         results.push(check::fp8_quant(&gpu, rows, k, &mut rng)?);
     }
+    // The kernels of the GPU forward, at Qwen3-30B-A3B shapes and small odd ones.
+    use hga::kernels::gemm::Fp8LinearKernel;
+    for (kernel, m, n, k) in [
+        (Fp8LinearKernel::Decode, 1, 4096, 2048),
+        (Fp8LinearKernel::Decode, 5, 768, 2048),
+        (Fp8LinearKernel::Prefill, 129, 2048, 768),
+        (Fp8LinearKernel::Prefill, 256, 512, 2048),
+    ] {
+        results.push(check::gemm::fp8_linear(&gpu, kernel, m, n, k, &mut rng)?);
+    }
+    for (rows, dim, fused) in [(1, 2048, true), (37, 2048, false)] {
+        results.push(check::gemm::rmsnorm_fp8_quant(&gpu, rows, dim, fused, &mut rng)?);
+    }
+    for (tokens, nh, nkv) in [(1, 32, 4), (77, 32, 4), (5, 8, 8)] {
+        results.push(check::rope::qk_norm_rope(&gpu, tokens, nh, nkv, tokens > 1, &mut rng)?);
+    }
+    for (path, tokens, start) in [
+        (check::attention::Path::Decode, 1, 1500),
+        (check::attention::Path::Prefill, 130, 0),
+        (check::attention::Path::Prefill, 64, 300),
+    ] {
+        let s = hga::kernels::AttentionShape { tokens, n_heads: 32, n_kv_heads: 4, capacity: start + tokens, start };
+        results.push(check::attention::attention(&gpu, path, s, &mut rng)?);
+    }
+    for t in [1, 4, 37] {
+        let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(t);
+        let path = if t <= 4 { check::moe::MoePath::Decode } else { check::moe::MoePath::Grouped };
+        results.push(check::moe::moe(&gpu, &d, path, &mut rng)?);
+    }
+    results.push(check::head::embed_gather(&gpu, 7, 1000, 2048, &mut rng)?);
+    results.push(check::head::lm_head(&gpu, 3, 4099, 2048, &mut rng)?);
+    results.push(check::head::argmax(&gpu, 4, 151936, &mut rng)?);
+    results.push(check::head::sample(&gpu, 2, 32000, &mut rng)?);
     let failed = results.iter().filter(|r| !r.ok).count();
     if a.json {
         let rows: Vec<_> = results
