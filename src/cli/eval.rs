@@ -144,6 +144,9 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the gap to dense against the context and against the budget (.png or .svg).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub hga: HgaOpts,
 }
@@ -191,7 +194,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         rows.extend(r);
     }
     pb.finish_and_clear();
-    print_rows(&rows, a.json)
+    print_rows(&rows, a.json)?;
+    if let Some(p) = &a.plot {
+        super::plot::plot_gap(&rows, p)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 /// The eval table (or JSON).

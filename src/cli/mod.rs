@@ -4,4 +4,5 @@ pub mod eval;
 pub mod generate;
 pub mod logits;
 pub mod needle;
+pub mod plot;
 pub mod selfcheck;
