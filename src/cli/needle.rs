@@ -17,9 +17,10 @@ use super::eval::{selectors, HgaOpts, Policy};
 #[command(
     after_help = "Example:\n  hga needle --model fixture --filler fixture/eval/a.txt --context 4096,8192 --depths 0,25,50,75,100 \
                         --budget 0.05\n\n\
-The prompt is filler text (tokens of --filler, repeated as needed) with the sentence `The secret number is NNNNN.`\n\
-inserted at each depth, ending with `The secret number is`; retrieval succeeds when the greedy continuation starts\n\
-with the number. Each (context, depth) is tried with --trials different numbers."
+The prompt is filler text (tokens of --filler, repeated as needed) with a line `[kv] <key> = <value>` (key: 6 of\n\
+a-z, value: 8 of A-Z0-9: the format the fixture model is trained to retrieve, docs/fixture.md) inserted at each\n\
+depth, ending with the line `[kv] <key> = `; retrieval succeeds when the greedy continuation is the value. Each\n\
+(context, depth) is tried with --trials different keys."
 )]
 pub struct NeedleArgs {
     /// Model directory (with tokenizer.json).
@@ -48,6 +49,22 @@ pub struct NeedleArgs {
     pub json: bool,
     #[command(flatten)]
     pub hga: HgaOpts,
+}
+
+/// A deterministic key (6 of a-z) and value (8 of A-Z0-9) from a seed (SplitMix64).
+fn key_value(seed: u64) -> (String, String) {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let key: String = (0..6).map(|_| (b'a' + (next() % 26) as u8) as char).collect();
+    let value: String = (0..8).map(|_| ALNUM[(next() % 36) as usize] as char).collect();
+    (key, value)
 }
 
 /// Greedy continuation of `prompt` for `n` tokens.
@@ -89,10 +106,11 @@ pub fn run(a: NeedleArgs) -> anyhow::Result<()> {
             for &depth in &a.depths {
                 let mut hits = 0;
                 for trial in 0..a.trials {
-                    let number = 10000 + (ctx as u64 * 7919 + depth as u64 * 104729 + trial as u64 * 15485863) % 90000;
-                    let needle = tok.encode(&format!(" The secret number is {number}. "))?;
-                    let question = tok.encode(" What is the secret number? The secret number is")?;
-                    let answer = tok.encode(&format!(" {number}"))?;
+                    let (key, value) =
+                        key_value(ctx as u64 * 7919 + depth as u64 * 104_729 + trial as u64 * 15_485_863);
+                    let needle = tok.encode(&format!("\n[kv] {key} = {value}\n"))?;
+                    let question = tok.encode(&format!("\n[kv] {key} = "))?;
+                    let answer = tok.encode(&value)?;
                     let room = ctx
                         .checked_sub(needle.len() + question.len())
                         .filter(|r| *r > 0)
