@@ -39,3 +39,11 @@ pub fn fmax(a: f32, b: f32) -> f32 {
 pub fn exp(x: f32) -> f32 {
     ex2(x * core::f32::consts::LOG2_E)
 }
+
+/// Correctly rounded square root (`sqrt.rn.f32`).
+#[inline(always)]
+pub fn sqrt_rn(x: f32) -> f32 {
+    let r: f32;
+    unsafe { core::arch::asm!("sqrt.rn.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}

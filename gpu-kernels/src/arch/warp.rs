@@ -54,3 +54,22 @@ pub fn warp_max(mut v: f32) -> f32 {
     }
     v
 }
+
+/// Sum over the block (up to 32 warps) through the first 32 f32 of the dynamic shared memory; every thread gets
+/// the result. All threads of the block must call it; the caller must not use that shared memory concurrently.
+#[inline(always)]
+pub unsafe fn block_sum(v: f32) -> f32 {
+    let s = crate::arch::smem::dyn_smem_ptr::<f32>();
+    let warp = (crate::arch::thread_x() / 32) as usize;
+    let nwarps = (crate::arch::block_dim_x() as usize).div_ceil(32);
+    let v = warp_sum(v);
+    if crate::arch::lane_id() == 0 {
+        *s.add(warp) = v;
+    }
+    crate::arch::sync::sync_threads();
+    let mut t = 0f32;
+    for k in 0..nwarps {
+        t += *s.add(k);
+    }
+    t
+}

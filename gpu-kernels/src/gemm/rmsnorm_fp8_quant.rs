@@ -85,29 +85,3 @@ pub unsafe extern "ptx-kernel" fn hga_rmsnorm_fp8_quant(p: RmsNormQuantParams) {
         gi += nwarps;
     }
 }
-
-/// Sum over the block through the dynamic shared memory (as `hga_rmsnorm`'s); every thread gets the result.
-#[inline(always)]
-unsafe fn block_sum(v: f32) -> f32 {
-    let s = dyn_smem_ptr::<f32>();
-    let warp = (thread_x() / 32) as usize;
-    let nwarps = (block_dim_x() as usize).div_ceil(32);
-    let v = warp_sum(v);
-    if lane_id() == 0 {
-        *s.add(warp) = v;
-    }
-    sync_threads();
-    let mut t = 0f32;
-    for k in 0..nwarps {
-        t += *s.add(k);
-    }
-    t
-}
-
-/// Correctly rounded square root (`sqrt.rn.f32`).
-#[inline(always)]
-fn sqrt_rn(x: f32) -> f32 {
-    let r: f32;
-    unsafe { core::arch::asm!("sqrt.rn.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack)) };
-    r
-}

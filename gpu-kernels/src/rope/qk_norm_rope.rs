@@ -104,11 +104,3 @@ fn rint_f64(x: f64) -> f64 {
     unsafe { core::arch::asm!("cvt.rni.f64.f64 {0}, {1};", out(reg64) r, in(reg64) x, options(pure, nomem, nostack)) };
     r
 }
-
-/// Correctly rounded square root (`sqrt.rn.f32`).
-#[inline(always)]
-fn sqrt_rn(x: f32) -> f32 {
-    let r: f32;
-    unsafe { core::arch::asm!("sqrt.rn.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack)) };
-    r
-}
