@@ -22,6 +22,8 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointCommand),
     /// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
     Logits(cli::logits::LogitsArgs),
+    /// HGA against dense on the committed fixture model at a few thousand tokens (CPU reference forward).
+    Demo(cli::demo::DemoArgs),
     /// Measure HGA against dense attention in nats/token on text files (CPU reference forward).
     Eval(cli::eval::EvalArgs),
     /// Generate text on the GPU (dense attention): streams tokens, prints time to first token and tokens/s.
@@ -30,14 +32,25 @@ enum Command {
     Needle(cli::needle::NeedleArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Runs the command; an error is printed with its chain of causes (no backtrace) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => cli::selfcheck::run(cli::selfcheck::SelfcheckArgs::default()),
         Some(Command::Selfcheck(a)) => cli::selfcheck::run(a),
         Some(Command::Checkpoint(c)) => cli::checkpoint::run(c),
         Some(Command::Logits(a)) => cli::logits::run(a),
         Some(Command::Eval(a)) => cli::eval::run(a),
+        Some(Command::Demo(a)) => cli::demo::run(a),
         Some(Command::Generate(a)) => cli::generate::run(a),
         Some(Command::Needle(a)) => cli::needle::run(a),
     }

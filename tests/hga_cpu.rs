@@ -234,3 +234,21 @@ fn cli_needle_runs_every_policy_and_depth() {
     assert_eq!(rows.len(), 4, "dense + hga at 2 depths: {rows:?}");
     assert!(rows.iter().all(|r| r["trials"] == 1 && r["hits"].as_u64().unwrap() <= 1));
 }
+
+#[test]
+fn cli_demo_runs_on_a_model_dir_and_explains_a_missing_fixture() {
+    let hga = env!("CARGO_BIN_EXE_hga");
+    let out = std::process::Command::new(hga).args(["demo", "--model", "/nonexistent-fixture"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no trained fixture at /nonexistent-fixture"));
+    let dir = std::env::temp_dir().join(format!("hga-demo-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_checkpoint(&dir, &Qwen3MoeConfig::preset("tiny").unwrap(), 8, &WriteOptions::default()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), common::ascii_tokenizer_json()).unwrap();
+    std::fs::create_dir_all(dir.join("eval")).unwrap();
+    std::fs::write(dir.join("eval/a.txt"), "a small text for the demo, repeated. ".repeat(12)).unwrap();
+    let out = std::process::Command::new(hga).args(["demo", "--context", "200", "--model"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("dense") && table.contains("hga") && table.contains("oracle-groups"), "{table}");
+}

@@ -1,5 +1,6 @@
 //! Subcommands of the `hga` command-line tool.
 pub mod checkpoint;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod logits;
