@@ -123,7 +123,9 @@ pub fn eval_window(
     }];
     let mut model = model;
     for p in policies {
-        let policy = Arc::new(HgaAttention::new(p.clone()).map_err(EvalError::Params)?.with_diagnostics());
+        let policy = Arc::new(
+            HgaAttention::new(p.clone()).map_err(EvalError::Params)?.with_diagnostics_from(tokens.len() - 1 - scored),
+        );
         progress(policy.name());
         model = model.with_attention_policy(Box::new(policy.clone()));
         let logits = model.prefill(tokens, &mut model.new_cache())?;

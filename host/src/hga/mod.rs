@@ -274,17 +274,26 @@ impl Geometry {
 pub struct HgaAttention {
     pub params: HgaParams,
     diagnostics: Option<Mutex<Diagnostics>>,
+    /// Queries at positions below this are not diagnosed.
+    diagnose_from: usize,
 }
 
 impl HgaAttention {
     pub fn new(params: HgaParams) -> Result<Self, String> {
         params.validate()?;
-        Ok(HgaAttention { params, diagnostics: None })
+        Ok(HgaAttention { params, diagnostics: None, diagnose_from: 0 })
     }
 
     /// Also records, per layer and KV head, how the selection compares with dense attention (costs a dense pass).
-    pub fn with_diagnostics(mut self) -> Self {
+    pub fn with_diagnostics(self) -> Self {
+        self.with_diagnostics_from(0)
+    }
+
+    /// [`Self::with_diagnostics`] for the queries at positions `>= from` only (e.g. the scored end of an evaluation
+    /// window), which spares the dense pass over the others.
+    pub fn with_diagnostics_from(mut self, from: usize) -> Self {
         self.diagnostics = Some(Mutex::new(Diagnostics::default()));
+        self.diagnose_from = from;
         self
     }
 
@@ -400,7 +409,8 @@ impl AttentionPolicy for HgaAttention {
                 };
                 let qrow = |t: usize, h: usize| &q[t * qdim + h * d..t * qdim + (h + 1) * d];
                 // Dense probabilities over [0, n) per (query, head), when an oracle or the diagnostics need them.
-                let need_dense = want_diag || p.selector != Selector::Hga;
+                let diag_block = want_diag && start + t1 > self.diagnose_from;
+                let need_dense = diag_block || p.selector != Selector::Hga;
                 let dense: Vec<Vec<f64>> = if need_dense {
                     (t0..t1)
                         .flat_map(|t| heads.iter().map(move |&h| (t, h)))
@@ -432,7 +442,7 @@ impl AttentionPolicy for HgaAttention {
                         geo.positions(p.group, &geo_groups, pos)
                     };
                     let (o, _lse) = attend_selected(qrow(t, h), kv, kv_dim, off, &idx, s.scale);
-                    if want_diag {
+                    if diag_block && pos >= self.diagnose_from {
                         let (od, _) =
                             attend_selected(qrow(t, h), kv, kv_dim, off, &(0..=pos).collect::<Vec<_>>(), s.scale);
                         stats.push(HeadStats::measure(&dense[i], &idx, &o, &od, pos + 1));
