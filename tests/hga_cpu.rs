@@ -2,7 +2,10 @@
 //! causality of the selection, and the diagnostics.
 use std::path::PathBuf;
 
-use hga::hga::{bound_score, top_k, Budget, Geometry, HgaAttention, HgaParams, Selector, Summaries, SummaryMode};
+use hga::hga::{
+    bound_score, top_k, Budget, Geometry, GqaMode, GroupScore, HgaAttention, HgaParams, Selector, Summaries,
+    SummaryMode,
+};
 use hga::model::checkpoint::Checkpoint;
 use hga::model::config::Qwen3MoeConfig;
 use hga::model::forward::{ActivationMode, CpuModel};
@@ -41,10 +44,20 @@ fn exactness_mode_equals_dense() {
     let model = tiny_model();
     let dense = model.prefill(&toks, &mut model.new_cache()).unwrap();
     let exact = HgaParams { budget: Budget::Fraction(1.0), shortlist: f64::MAX, ..small_params() };
+    // Every scoring variant selects everything when the budget covers everything.
+    for (group_score, normalize, gqa) in [
+        (GroupScore::Summary, false, GqaMode::Max),
+        (GroupScore::Sketch4, true, GqaMode::Max),
+        (GroupScore::Sketch4, false, GqaMode::PerHead),
+        (GroupScore::Summary, true, GqaMode::Mean),
+    ] {
+        let p = HgaParams { group_score, normalize, gqa, ..exact.clone() };
+        let m = tiny_model().with_attention_policy(Box::new(HgaAttention::new(p).unwrap()));
+        let got = m.prefill(&toks, &mut m.new_cache()).unwrap();
+        let e = rel_l2(&got.data, &dense.data);
+        assert!(e <= 1e-5, "exactness mode ({group_score:?}, {normalize}, {gqa:?}) differs from dense: rel L2 {e:.3e}");
+    }
     let m = tiny_model().with_attention_policy(Box::new(HgaAttention::new(exact).unwrap()));
-    let got = m.prefill(&toks, &mut m.new_cache()).unwrap();
-    let e = rel_l2(&got.data, &dense.data);
-    assert!(e <= 1e-5, "exactness mode differs from dense: rel L2 {e:.3e}");
     // And by decode, token by token.
     let mut cache = m.new_cache();
     let mut last = Vec::new();
@@ -60,8 +73,16 @@ fn sparse_budget_runs_and_reports_diagnostics() {
     let toks = tokens(150);
     let model = tiny_model();
     let dense = model.prefill(&toks, &mut model.new_cache()).unwrap();
-    for selector in [Selector::Hga, Selector::OracleTokens, Selector::OracleGroups] {
-        let p = HgaParams { budget: Budget::Fraction(0.4), selector, ..small_params() };
+    let variants = [
+        (Selector::Hga, GroupScore::Summary, false),
+        (Selector::Hga, GroupScore::Sketch4, false),
+        (Selector::Hga, GroupScore::Sketch4, true),
+        (Selector::Hga, GroupScore::Summary, true),
+        (Selector::OracleTokens, GroupScore::Summary, false),
+        (Selector::OracleGroups, GroupScore::Summary, false),
+    ];
+    for (selector, group_score, normalize) in variants {
+        let p = HgaParams { budget: Budget::Fraction(0.4), selector, group_score, normalize, ..small_params() };
         let policy = std::sync::Arc::new(HgaAttention::new(p).unwrap().with_diagnostics());
         let m = tiny_model().with_attention_policy(Box::new(ArcPolicy(policy.clone())));
         let got = m.prefill(&toks, &mut m.new_cache()).unwrap();
@@ -93,6 +114,20 @@ impl hga::model::forward::AttentionPolicy for ArcPolicy {
     ) -> Vec<f32> {
         self.0.attend(layer, s, start, q, kv)
     }
+}
+
+#[test]
+fn labels_name_what_differs_from_the_defaults() {
+    assert_eq!(HgaParams::default().label(), "default");
+    let p = HgaParams {
+        group_score: GroupScore::Sketch4,
+        normalize: true,
+        shortlist: f64::INFINITY,
+        ..HgaParams::default()
+    };
+    assert_eq!(p.label(), "sketch4 norm s-inf");
+    let p = HgaParams { chunk: 128, group: 32, gqa: GqaMode::PerHead, ..HgaParams::default() };
+    assert_eq!(p.label(), "128/32 gqa-perhead");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use super::eval::{EvalArgs, HgaOpts, Policy, Summary};
+use super::eval::{EvalArgs, GroupScoreArg, HgaOpts, Policy, Summary};
 
 /// Where the trained fixture is committed.
 pub const FIXTURE_DIR: &str = "fixtures/qwen3-moe-bytes";
@@ -49,14 +49,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         plot: None,
         hga: HgaOpts {
             budget: vec!["0.125".into(), "0.06".into()],
-            chunk: 64,
-            group: 16,
+            chunk: vec![64],
+            group: vec![16],
             sink: 64,
             local: 256,
-            summary: Summary::Minmax,
-            gqa: super::eval::Gqa::Max,
-            shortlist: 2.0,
-            dense_layers: 0,
+            summary: vec![Summary::Minmax],
+            group_score: vec![GroupScoreArg::Summary],
+            normalize: vec![false],
+            gqa: vec![super::eval::Gqa::Max],
+            shortlist: vec![2.0],
+            dense_layers: vec![0],
             query_block: 64,
         },
     })

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use hga::hga::eval::{eval_window, EvalRow};
-use hga::hga::{Budget, GqaMode, HgaParams, Selector, SummaryMode};
+use hga::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
 use hga::model::checkpoint::Checkpoint;
 use hga::model::forward::{ActivationMode, CpuModel};
 use hga::model::tokenizer::Tokenizer;
@@ -40,42 +40,56 @@ pub enum Gqa {
 }
 
 /// Shared HGA options (also used by `hga needle` and `hga demo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GroupScoreArg {
+    Summary,
+    Sketch4,
+}
+
+/// HGA parameters. Options that take a comma-separated list are swept: every combination is evaluated (on the same
+/// dense reference), and the table names each by the parameters that differ from the defaults.
 #[derive(Args, Debug, Clone)]
 pub struct HgaOpts {
-    /// Token budgets per query (sink and window included): a share of the context (0.03) or a token count (2048).
+    /// Token budgets per query (sink and window included): a share of the context (0.03) or a token count (2048)
     #[arg(long, value_delimiter = ',', default_value = "0.03")]
     pub budget: Vec<String>,
-    /// Chunk size (tokens).
-    #[arg(long, default_value_t = 64)]
-    pub chunk: usize,
-    /// Group size (tokens); divides the chunk size.
-    #[arg(long, default_value_t = 16)]
-    pub group: usize,
-    /// Always-attended first tokens.
+    /// Chunk sizes (tokens)
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub chunk: Vec<usize>,
+    /// Group sizes (tokens); each divides the chunk size
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    pub group: Vec<usize>,
+    /// Always-attended first tokens
     #[arg(long, default_value_t = 64)]
     pub sink: usize,
-    /// Always-attended local window (tokens before the query block, rounded down to a chunk boundary).
+    /// Always-attended local window (tokens before the query block, rounded down to a chunk boundary)
     #[arg(long, default_value_t = 256)]
     pub local: usize,
-    /// Summary of a chunk/group: min/max bound or mean key.
-    #[arg(long, value_enum, default_value_t = Summary::Minmax)]
-    pub summary: Summary,
-    /// How the query heads of a KV head combine their scores.
-    #[arg(long, value_enum, default_value_t = Gqa::Max)]
-    pub gqa: Gqa,
-    /// Stage 1 keeps this many times the chunks the selected groups could fill.
-    #[arg(long, default_value_t = 2.0)]
-    pub shortlist: f64,
-    /// The first N layers stay dense.
-    #[arg(long, default_value_t = 0)]
-    pub dense_layers: usize,
-    /// Prefill routes this many consecutive queries jointly.
+    /// Summary of a chunk/group: min/max bound or mean key
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "minmax")]
+    pub summary: Vec<Summary>,
+    /// Stage 2's group scores: the group summary, or the log-sum-exp of int4 key sketches (host-RAM tier)
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "summary")]
+    pub group_score: Vec<GroupScoreArg>,
+    /// Scores relative to each (query, head)'s log-sum-exp over its sink and window (true/false)
+    #[arg(long, value_delimiter = ',', default_value = "false")]
+    pub normalize: Vec<bool>,
+    /// How the query heads of a KV head combine their scores
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "max")]
+    pub gqa: Vec<Gqa>,
+    /// Stage 1 keeps this many times the chunks the selected groups could fill ("inf": no chunk stage)
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub shortlist: Vec<f64>,
+    /// The first N layers stay dense
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub dense_layers: Vec<usize>,
+    /// Prefill routes this many consecutive queries jointly
     #[arg(long, default_value_t = 64)]
     pub query_block: usize,
 }
 
 impl HgaOpts {
-    /// One parameter set per (budget, selector).
+    /// Every combination of the swept options, per budget and selector.
     pub fn params(&self, selectors: &[Selector]) -> anyhow::Result<Vec<HgaParams>> {
         let mut out = Vec::new();
         for b in &self.budget {
@@ -85,35 +99,66 @@ impl HgaOpts {
                 Budget::Tokens(b.parse().with_context(|| format!("--budget {b}"))?)
             };
             for &selector in selectors {
-                let p = HgaParams {
-                    chunk: self.chunk,
-                    group: self.group,
-                    sink: self.sink,
-                    local: self.local,
-                    budget,
-                    summary: match self.summary {
-                        Summary::Minmax => SummaryMode::MinMax,
-                        Summary::Mean => SummaryMode::Mean,
-                    },
-                    gqa: match self.gqa {
-                        Gqa::Max => GqaMode::Max,
-                        Gqa::Mean => GqaMode::Mean,
-                        Gqa::PerHead => GqaMode::PerHead,
-                    },
-                    shortlist: self.shortlist,
-                    query_block: self.query_block,
-                    dense_layers: self.dense_layers,
-                    selector,
-                };
-                p.validate().map_err(|e| anyhow::anyhow!("HGA parameters: {e}"))?;
-                out.push(p);
+                for &chunk in &self.chunk {
+                    for &group in &self.group {
+                        for &summary in &self.summary {
+                            for &gs in &self.group_score {
+                                for &normalize in &self.normalize {
+                                    for &gqa in &self.gqa {
+                                        for &shortlist in &self.shortlist {
+                                            for &dense_layers in &self.dense_layers {
+                                                let p = HgaParams {
+                                                    chunk,
+                                                    group,
+                                                    sink: self.sink,
+                                                    local: self.local,
+                                                    budget,
+                                                    summary: match summary {
+                                                        Summary::Minmax => SummaryMode::MinMax,
+                                                        Summary::Mean => SummaryMode::Mean,
+                                                    },
+                                                    group_score: match gs {
+                                                        GroupScoreArg::Summary => GroupScore::Summary,
+                                                        GroupScoreArg::Sketch4 => GroupScore::Sketch4,
+                                                    },
+                                                    normalize,
+                                                    gqa: match gqa {
+                                                        Gqa::Max => GqaMode::Max,
+                                                        Gqa::Mean => GqaMode::Mean,
+                                                        Gqa::PerHead => GqaMode::PerHead,
+                                                    },
+                                                    shortlist,
+                                                    query_block: self.query_block,
+                                                    dense_layers,
+                                                    selector,
+                                                };
+                                                p.validate().map_err(|e| anyhow::anyhow!("HGA parameters: {e}"))?;
+                                                // The ideal selectors ignore the scoring options: one of each.
+                                                if selector == Selector::Hga
+                                                    || !out.iter().any(|q: &HgaParams| {
+                                                        q.selector == selector
+                                                            && q.budget == budget
+                                                            && q.chunk == chunk
+                                                            && q.group == group
+                                                            && q.dense_layers == dense_layers
+                                                    })
+                                                {
+                                                    out.push(p);
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
         Ok(out)
     }
 }
 
-/// Measure HGA against dense attention in nats/token on text files (teacher-forced, CPU reference forward).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  hga eval --model fixture --text fixture/eval/a.txt --context 4096,8192 --budget 0.03,0.06 \
@@ -209,10 +254,11 @@ pub fn print_rows(rows: &[EvalRow], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>7} {:<14} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>8} {:>6} {:>7} {:>8}",
+        "{:<24} {:>7} {:<14} {:<24} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>8} {:>6} {:>7} {:>8}",
         "text",
         "context",
         "policy",
+        "variant",
         "budget",
         "dense",
         "nats",
@@ -232,10 +278,11 @@ pub fn print_rows(rows: &[EvalRow], json: bool) -> anyhow::Result<()> {
         };
         let name: String = r.text.chars().rev().take(24).collect::<Vec<_>>().into_iter().rev().collect();
         println!(
-            "{:<24} {:>7} {:<14} {:>8} {:>8.4} {:>8.4} {:>+9.4} {:>8.4} {:>6.3} {:>7.2}% {:>6.3} {:>7.3} {:>8.3}",
+            "{:<24} {:>7} {:<14} {:<24} {:>8} {:>8.4} {:>8.4} {:>+9.4} {:>8.4} {:>6.3} {:>7.2}% {:>6.3} {:>7.3} {:>8.3}",
             name,
             r.context,
             r.policy,
+            r.params.as_ref().map(|p| p.label()).unwrap_or_else(|| "-".into()),
             budget,
             r.nll_dense,
             r.nll,

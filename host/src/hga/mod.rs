@@ -41,6 +41,17 @@ pub enum SummaryMode {
     Mean,
 }
 
+/// How stage 2 scores the groups of the shortlisted chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum GroupScore {
+    /// The group summary of [`HgaParams::summary`] (as stage 1 does for chunks).
+    Summary,
+    /// An int4 sketch of every key (per token and KV head: 128 x 4 bits + one scale, 66 bytes; it lives in host RAM
+    /// with the K/V, and only the shortlisted chunks' sketches are read): the group's score is the log-sum-exp of the
+    /// estimated scaled scores `q . k_hat_j / sqrt(d)` of its tokens, an estimate of its attention mass.
+    Sketch4,
+}
+
 /// How the query heads that share a KV head combine their block scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum GqaMode {
@@ -81,6 +92,11 @@ pub struct HgaParams {
     pub local: usize,
     pub budget: Budget,
     pub summary: SummaryMode,
+    /// Stage 2's scores.
+    pub group_score: GroupScore,
+    /// Scores are taken relative to each (query, head)'s log-sum-exp over its sink and local window before the
+    /// max over heads and queries, so that heads of different sharpness compare on one scale.
+    pub normalize: bool,
     pub gqa: GqaMode,
     /// Stage 1 keeps `shortlist` times the chunks the selected groups could fill.
     pub shortlist: f64,
@@ -100,6 +116,8 @@ impl Default for HgaParams {
             local: 256,
             budget: Budget::Fraction(0.03),
             summary: SummaryMode::MinMax,
+            group_score: GroupScore::Summary,
+            normalize: false,
             gqa: GqaMode::Max,
             shortlist: 2.0,
             query_block: 64,
@@ -127,6 +145,42 @@ impl HgaParams {
             }
         }
         Ok(())
+    }
+
+    /// The scoring and geometry options that differ from [`Default`] (budget and selector aside), e.g.
+    /// `sketch4 norm s4`; `default` when none does.
+    pub fn label(&self) -> String {
+        let d = Self::default();
+        let mut v = Vec::new();
+        if (self.chunk, self.group) != (d.chunk, d.group) {
+            v.push(format!("{}/{}", self.chunk, self.group));
+        }
+        if self.summary != d.summary {
+            v.push(format!("{:?}", self.summary).to_lowercase());
+        }
+        if self.group_score != d.group_score {
+            v.push(format!("{:?}", self.group_score).to_lowercase());
+        }
+        if self.normalize {
+            v.push("norm".into());
+        }
+        if self.gqa != d.gqa {
+            v.push(format!("gqa-{:?}", self.gqa).to_lowercase());
+        }
+        if self.shortlist != d.shortlist {
+            v.push(if self.shortlist.is_finite() { format!("s{}", self.shortlist) } else { "s-inf".into() });
+        }
+        if self.dense_layers != d.dense_layers {
+            v.push(format!("dense{}", self.dense_layers));
+        }
+        if (self.sink, self.local, self.query_block) != (d.sink, d.local, d.query_block) {
+            v.push(format!("sink{}-local{}-qb{}", self.sink, self.local, self.query_block));
+        }
+        if v.is_empty() {
+            "default".into()
+        } else {
+            v.join(" ")
+        }
     }
 
     /// A budget that covers every position: HGA must then equal dense attention.
@@ -234,6 +288,8 @@ pub struct Geometry {
     pub n_groups: usize,
     /// Chunks kept by stage 1.
     pub n_chunks: usize,
+    /// The first query position of the block.
+    pub block_start: usize,
 }
 
 impl Geometry {
@@ -254,7 +310,12 @@ impl Geometry {
         let want = (p.shortlist * (n_groups * p.group) as f64 / c as f64).ceil();
         let n_chunks =
             if want.is_finite() { (want as usize).min(end_chunk - first_chunk) } else { end_chunk - first_chunk };
-        Geometry { sink_end, local_start, first_chunk, end_chunk, n_groups, n_chunks }
+        Geometry { sink_end, local_start, first_chunk, end_chunk, n_groups, n_chunks, block_start: b0 }
+    }
+
+    /// The always-attended positions of the block's first query: the sink and the window up to the block start.
+    pub fn always(&self) -> impl Iterator<Item = usize> + Clone {
+        (0..self.sink_end.min(self.local_start)).chain(self.local_start.max(self.sink_end)..self.block_start)
     }
 
     /// The positions attended by the query at `pos` given the selected groups (sorted, unique).
@@ -306,6 +367,7 @@ impl HgaAttention {
     }
 
     /// Selected groups (absolute group indices, sorted) for one query block and one set of query heads.
+    #[allow(clippy::too_many_arguments)]
     fn route(
         &self,
         g: &Geometry,
@@ -313,6 +375,8 @@ impl HgaAttention {
         qs: &[&[f32]],
         unit_heads: usize,
         dense_probs: Option<&[Vec<f64>]>,
+        keys: KeyView<'_>,
+        scale: f64,
     ) -> Vec<usize> {
         let p = &self.params;
         if g.n_groups == 0 {
@@ -329,23 +393,40 @@ impl HgaAttention {
         match (p.selector, dense_probs) {
             (Selector::Hga, _) | (_, None) => {
                 let (chunks, groups) = sums;
+                // Per (query, head): the log-sum-exp of its sink and window scores, subtracted when normalizing.
+                // Summary scores are unscaled `q . k` bounds or estimates, so they are scaled first.
+                let base: Vec<f64> = if p.normalize {
+                    qs.iter().map(|q| keys.lse(q, g.always(), scale)).collect()
+                } else {
+                    vec![0.0; qs.len()]
+                };
                 // `qs` is query-major ([q0h0, q0h1, .., q1h0, ..]): per head, the max over the block's queries;
                 // then the GQA aggregation over the unit's heads.
-                let score = |sm: &Summaries, b: usize| -> f64 {
+                let combine = |f: &dyn Fn(usize) -> f64| -> f64 {
                     let per_head = |h: usize| -> f64 {
-                        qs.iter()
-                            .skip(h)
-                            .step_by(unit_heads)
-                            .map(|q| sm.score(p.summary, q, b))
-                            .fold(f64::NEG_INFINITY, f64::max)
+                        (h..qs.len()).step_by(unit_heads).map(|i| f(i) - base[i]).fold(f64::NEG_INFINITY, f64::max)
                     };
                     agg(&mut (0..unit_heads).map(per_head), unit_heads)
                 };
+                let score = |sm: &Summaries, b: usize| combine(&|i| sm.score(p.summary, qs[i], b) * scale);
                 let chunk_scores: Vec<f64> = (g.first_chunk..g.end_chunk).map(|c| score(chunks, c)).collect();
                 let kept = top_k(&chunk_scores, g.n_chunks);
                 let cand: Vec<usize> =
                     kept.iter().flat_map(|&c| (g.first_chunk + c) * gpc..(g.first_chunk + c + 1) * gpc).collect();
-                let group_scores: Vec<f64> = cand.iter().map(|&gi| score(groups, gi)).collect();
+                let group_scores: Vec<f64> = match p.group_score {
+                    GroupScore::Summary => cand.iter().map(|&gi| score(groups, gi)).collect(),
+                    GroupScore::Sketch4 => cand
+                        .iter()
+                        .map(|&gi| {
+                            let sk: Vec<Vec<f32>> =
+                                (gi * p.group..(gi + 1) * p.group).map(|j| keys.sketch4(j)).collect();
+                            combine(&|i| {
+                                let s: Vec<f64> = sk.iter().map(|k| dot_f64(qs[i], k) * scale).collect();
+                                log_sum_exp(&s)
+                            })
+                        })
+                        .collect(),
+                };
                 let mut sel: Vec<usize> = top_k(&group_scores, g.n_groups).into_iter().map(|i| cand[i]).collect();
                 sel.sort_unstable();
                 sel
@@ -425,7 +506,8 @@ impl AttentionPolicy for HgaAttention {
                 } else {
                     let chunks = Summaries::build(&kv.k, kv_dim, off, d, geo.end_chunk * p.chunk, p.chunk);
                     let grp = Summaries::build(&kv.k, kv_dim, off, d, geo.end_chunk * p.chunk, p.group);
-                    self.route(&geo, (&chunks, &grp), &qs, unit_heads, need_dense.then_some(&dense[..]))
+                    let keys = KeyView { keys: &kv.k, stride: kv_dim, off, d };
+                    self.route(&geo, (&chunks, &grp), &qs, unit_heads, need_dense.then_some(&dense[..]), keys, s.scale)
                 };
                 let geo_groups = if dense_layer {
                     (geo.first_chunk * p.chunk / p.group..geo.end_chunk * p.chunk / p.group).collect()
@@ -498,4 +580,45 @@ fn oracle_tokens(g: &Geometry, p: &HgaParams, dense: &[Vec<f64>], pos: usize) ->
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// The keys of one KV head: `keys[j * stride + off..][..d]` is position `j`'s rotated key.
+#[derive(Clone, Copy)]
+struct KeyView<'a> {
+    keys: &'a [f32],
+    stride: usize,
+    off: usize,
+    d: usize,
+}
+
+impl KeyView<'_> {
+    fn key(&self, j: usize) -> &[f32] {
+        &self.keys[j * self.stride + self.off..j * self.stride + self.off + self.d]
+    }
+
+    /// Log-sum-exp of `q . k_j * scale` over `positions` (-inf when empty).
+    fn lse(&self, q: &[f32], positions: impl Iterator<Item = usize>, scale: f64) -> f64 {
+        let s: Vec<f64> = positions.map(|j| dot_f64(q, self.key(j)) * scale).collect();
+        log_sum_exp(&s)
+    }
+
+    /// Position `j`'s key through its int4 sketch: `round(k / s)` clamped to [-8, 7] with `s = max |k| / 7`,
+    /// dequantized.
+    fn sketch4(&self, j: usize) -> Vec<f32> {
+        let k = self.key(j);
+        let s = k.iter().fold(0f32, |m, v| m.max(v.abs())) / 7.0;
+        if s == 0.0 {
+            return vec![0.0; k.len()];
+        }
+        k.iter().map(|v| (v / s).round().clamp(-8.0, 7.0) * s).collect()
+    }
+}
+
+/// `ln sum exp(s_i)`, -inf for an empty slice.
+fn log_sum_exp(s: &[f64]) -> f64 {
+    let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
 }
