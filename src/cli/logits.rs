@@ -16,7 +16,7 @@ use safetensors::tensor::{Dtype, TensorView};
 pub enum Backend {
     /// The CPU reference forward (f32 weights, f64 accumulation; the oracle).
     Cpu,
-    /// The GPU forward (not available yet).
+    /// The GPU forward (Rust kernels on CUDA device 0; FP8 activations, bf16 residual stream).
     Cuda,
 }
 
@@ -27,6 +27,8 @@ pub enum Activations {
     F32,
     /// Dynamic per-token, per-128-group e4m3 quantization of the input of each FP8 linear, as the FP8 kernels do.
     Fp8,
+    /// `fp8`, with the activations also rounded to bf16 where the GPU forward stores them (the GPU's oracle).
+    Fp8Bf16,
 }
 
 /// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
@@ -65,8 +67,8 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    if args.backend == Backend::Cuda && args.activations != Activations::Fp8 {
-        bail!("--backend cuda computes FP8 activations (the FP8 kernels): pass --activations fp8");
+    if args.backend == Backend::Cuda && args.activations == Activations::F32 {
+        bail!("--backend cuda computes FP8 activations (the FP8 kernels): pass --activations fp8 (or fp8-bf16)");
     }
     let tokenizer = match &args.text {
         Some(_) => Some(Tokenizer::from_model_dir(&args.model).context("--text needs a tokenizer")?),
@@ -83,6 +85,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let mode = match args.activations {
         Activations::F32 => ActivationMode::F32,
         Activations::Fp8 => ActivationMode::Fp8,
+        Activations::Fp8Bf16 => ActivationMode::Fp8Bf16,
     };
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.model).with_context(|| format!("opening checkpoint {}", args.model.display()))?;

@@ -515,7 +515,7 @@ fn linear(
 }
 
 /// Stacks the gate/up/down FP8 weights of `modules` (`{module}.gate_proj.weight`, ...) as the MoE kernels expect.
-fn stack_experts(ck: &Checkpoint, modules: &[String]) -> Result<MoeHostWeights, GpuModelError> {
+pub(crate) fn stack_experts(ck: &Checkpoint, modules: &[String]) -> Result<MoeHostWeights, GpuModelError> {
     let mut w =
         MoeHostWeights { w_gate: vec![], s_gate: vec![], w_up: vec![], s_up: vec![], w_down: vec![], s_down: vec![] };
     for m in modules {

@@ -2,6 +2,7 @@
 //! forward and tokenizer. See ../shared/QWEN3.md (the contract) and the module docs.
 pub mod checkpoint;
 pub mod config;
+pub mod emulate;
 pub mod error;
 pub mod forward;
 pub mod generate;

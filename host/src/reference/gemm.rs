@@ -35,7 +35,7 @@ pub fn hga_fp8_linear(
             exact[i * n + j] = total;
         }
     }
-    (exact.iter().map(|&v| bf16::from_f64(v)).collect(), exact)
+    (exact.iter().map(|&v| super::bf16_rn(v)).collect(), exact)
 }
 
 /// `hga_fp8_quant(hga_rmsnorm(x, residual))`: returns `(q, scale, residual_out)`.

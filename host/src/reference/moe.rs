@@ -158,7 +158,7 @@ pub fn hga_moe_experts(x: &[bf16], ids: &[u32], weights: &[f32], w: &MoeHostWeig
                         let sc = (e * ib + i / FP8_GROUP) * hb;
                         let g = fp8_dot(&xq, &xs, &w.w_gate[r * h..(r + 1) * h], &w.s_gate[sc..sc + hb], &lut);
                         let u = fp8_dot(&xq, &xs, &w.w_up[r * h..(r + 1) * h], &w.s_up[sc..sc + hb], &lut);
-                        bf16::from_f64(silu(g) * u).to_f32()
+                        super::bf16_rn(silu(g) * u).to_f32()
                     })
                     .collect();
                 let (hq, hs) = quant_row(&hv);

@@ -20,7 +20,7 @@ pub fn hga_rmsnorm(
         let ms = row.iter().map(|v| (v.to_f32() as f64).powi(2)).sum::<f64>() / dim as f64;
         let inv = 1.0 / ((ms as f32 + eps) as f64).sqrt();
         for (v, w) in row.iter().zip(weight) {
-            let h = bf16::from_f64(v.to_f32() as f64 * inv);
+            let h = super::bf16_rn(v.to_f32() as f64 * inv);
             out.push(bf16::from_f32(w.to_f32() * h.to_f32()));
         }
     }

@@ -13,8 +13,8 @@ pub fn norm_rope_head(x: &[bf16], w: &[bf16], eps: f32, pos: u32, theta: f64) ->
         let inv_freq = (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32;
         let ang = (pos as f32 * inv_freq) as f64;
         let (s, c) = ang.sin_cos();
-        out[i] = bf16::from_f64(y[i] * c - y[i + half] * s);
-        out[i + half] = bf16::from_f64(y[i + half] * c + y[i] * s);
+        out[i] = super::bf16_rn(y[i] * c - y[i + half] * s);
+        out[i + half] = super::bf16_rn(y[i + half] * c + y[i] * s);
     }
     out
 }
@@ -26,7 +26,7 @@ pub fn norm_head(x: &[bf16], w: &[bf16], eps: f32) -> Vec<bf16> {
     x.iter()
         .zip(w)
         .map(|(v, w)| {
-            let h = bf16::from_f64(v.to_f32() as f64 * inv);
+            let h = super::bf16_rn(v.to_f32() as f64 * inv);
             bf16::from_f32(w.to_f32() * h.to_f32())
         })
         .collect()

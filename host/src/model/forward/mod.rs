@@ -60,7 +60,11 @@ pub enum ActivationMode {
     Fp8,
     /// `Fp8`, with the activations also rounded to bf16 where the GPU forward stores them (`hga_host::model::gpu`):
     /// the residual stream, norm outputs, q/k/v, the attention output, projections, the expert intermediate and the
-    /// MLP output. The oracle of the GPU forward: e4m3 rounding decisions depend on these roundings.
+    /// MLP output. The oracle of the GPU forward: e4m3 rounding decisions depend on these roundings. Each rounding is
+    /// the one the kernel's reference does (`hga_host::model::emulate`): once, f64 -> bf16; the expert / dense-MLP
+    /// gate and up outputs stay f32 (the MoE kernels round only `silu(g) * u`); q/k norm and RoPE as
+    /// `hga_qk_norm_rope`. Agreement with the emulation: bit-identical but for f32-level differences (f32 dequantized
+    /// weights), which the chaotic e4m3 quantizer amplifies to ~1.3e-2 of the logits after a few layers.
     Fp8Bf16,
 }
 
@@ -458,9 +462,16 @@ impl CpuModel {
     /// `x: [t, lin.k] -> [t, lin.n]`; in `Fp8` mode the input of an FP8-weight linear is quantized first.
     /// The output is rounded to bf16 in [`ActivationMode::Fp8Bf16`] (see [`Self::linear_f32`]).
     fn linear(&self, lin: &Linear, x: &[f32], t: usize) -> Vec<f32> {
-        let mut y = self.linear_f32(lin, x, t);
-        self.bf16(&mut y);
-        y
+        if self.mode != ActivationMode::Fp8Bf16 {
+            return self.linear_f32(lin, x, t);
+        }
+        // One rounding, f64 -> bf16 (as `hga_fp8_linear`'s reference; f64 -> f32 -> bf16 differs on f32 ties).
+        let round = |v: f64| crate::reference::bf16_rn(v).to_f32();
+        if lin.fp8 {
+            ops::linear_rounded(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, &lin.w, lin.n, round)
+        } else {
+            ops::linear_rounded(x, t, lin.k, &lin.w, lin.n, round)
+        }
     }
 
     /// As [`Self::linear`] with the output left in f32 (the expert down projections: the GPU sums them in f32).
@@ -481,18 +492,19 @@ impl CpuModel {
         }
     }
 
-    /// RMSNorm of each row; in [`ActivationMode::Fp8Bf16`] as the GPU kernels: `bf16(w * bf16(x * inv))` with the
-    /// mean of squares in f32.
+    /// RMSNorm of each row; in [`ActivationMode::Fp8Bf16`] as the GPU kernels' references (`hga_rmsnorm`,
+    /// `hga_qk_norm_rope`): `bf16(w * bf16(x * inv))`, `inv = 1 / sqrt(f32(mean(x^2)) + eps)`, the mean of squares
+    /// and `x * inv` in f64 (the kernels: f32), each rounding to bf16 done once.
     fn norm(&self, x: &mut [f32], w: &[f32]) {
         let eps = self.config.rms_norm_eps;
         if self.mode != ActivationMode::Fp8Bf16 {
             return ops::rms_norm_rows(x, w, eps);
         }
         for row in x.chunks_exact_mut(w.len()) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-            let inv = 1.0 / (ms + eps as f32).sqrt();
+            let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.len() as f64;
+            let inv = 1.0 / ((ms as f32 + eps as f32) as f64).sqrt();
             for (v, g) in row.iter_mut().zip(w) {
-                let h = half::bf16::from_f32(*v * inv).to_f32();
+                let h = crate::reference::bf16_rn(*v as f64 * inv).to_f32();
                 *v = half::bf16::from_f32(g * h).to_f32();
             }
         }
@@ -519,9 +531,19 @@ impl CpuModel {
         let v = self.linear(&w.v_proj, a, t);
         self.norm(&mut q, &w.q_norm);
         self.norm(&mut k, &w.k_norm);
-        for (i, (cos, sin)) in rope.iter().enumerate() {
-            ops::apply_rope(&mut q[i * qdim..(i + 1) * qdim], d, cos, sin);
-            ops::apply_rope(&mut k[i * kvdim..(i + 1) * kvdim], d, cos, sin);
+        if self.mode == ActivationMode::Fp8Bf16 {
+            // As `hga_qk_norm_rope`: the rotation of the bf16 normed values in full precision, one rounding to bf16.
+            let round = |v: f64| crate::reference::bf16_rn(v).to_f32();
+            for i in 0..t {
+                let pos = start + i;
+                ops::apply_rope_f64(&mut q[i * qdim..(i + 1) * qdim], d, pos, c.rope_theta, round);
+                ops::apply_rope_f64(&mut k[i * kvdim..(i + 1) * kvdim], d, pos, c.rope_theta, round);
+            }
+        } else {
+            for (i, (cos, sin)) in rope.iter().enumerate() {
+                ops::apply_rope(&mut q[i * qdim..(i + 1) * qdim], d, cos, sin);
+                ops::apply_rope(&mut k[i * kvdim..(i + 1) * kvdim], d, cos, sin);
+            }
         }
         self.bf16(&mut q);
         self.bf16(&mut k);
@@ -542,9 +564,11 @@ impl CpuModel {
         self.linear(&w.o_proj, &o, t)
     }
 
+    /// `down(silu(gate(x)) * up(x))`. Gate and up stay f32 (the MoE kernels keep them in registers and round only
+    /// `silu(g) * u` to bf16); the down output is left f32 for the caller (the weighted expert sum).
     fn gated_mlp(&self, m: &GatedMlp, x: &[f32], t: usize) -> Vec<f32> {
-        let g = self.linear(&m.gate_proj, x, t);
-        let u = self.linear(&m.up_proj, x, t);
+        let g = self.linear_f32(&m.gate_proj, x, t);
+        let u = self.linear_f32(&m.up_proj, x, t);
         let mut act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| ops::silu(*g) * u).collect();
         self.bf16(&mut act);
         self.linear_f32(&m.down_proj, &act, t)

@@ -29,6 +29,18 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 /// `y[t, o] = sum_i x[t, i] * w[o, i]` for `x: [tokens, k]`, `w: [n, k]` (the PyTorch `Linear` layout), returns
 /// `[tokens, n]`. Parallel over blocks of weight rows; each weight row is read once for all tokens.
 pub fn linear(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    linear_rounded(x, tokens, k, w, n, |v| v as f32)
+}
+
+/// [`linear`] with each f64 dot product rounded by `round` (e.g. straight to bf16, without passing through f32).
+pub fn linear_rounded(
+    x: &[f32],
+    tokens: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    round: impl Fn(f64) -> f32 + Sync,
+) -> Vec<f32> {
     assert_eq!(x.len(), tokens * k, "linear: x is not [{tokens}, {k}]");
     assert_eq!(w.len(), n * k, "linear: w is not [{n}, {k}]");
     const ROWS: usize = 16;
@@ -39,7 +51,7 @@ pub fn linear(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
         for (r, out_row) in out.chunks_mut(tokens.max(1)).enumerate() {
             let wr = &w[(o0 + r) * k..(o0 + r + 1) * k];
             for (t, y) in out_row.iter_mut().enumerate().take(tokens) {
-                *y = dot_f64(&x[t * k..(t + 1) * k], wr) as f32;
+                *y = round(dot_f64(&x[t * k..(t + 1) * k], wr));
             }
         }
     });
@@ -125,6 +137,27 @@ pub fn apply_rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
             let (a, b) = (head[i], head[i + half]);
             head[i] = a * cos[i] - b * sin[i];
             head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+/// [`apply_rope`] with the rotation in f64 and one rounding, by `round`: the angle `f32(pos) * inv_freq` in f32 as
+/// [`rope_cos_sin`], cos/sin and the products in f64 (as `hga_qk_norm_rope`'s reference; the kernel rotates in f32 and
+/// rounds once, to bf16).
+pub fn apply_rope_f64(x: &mut [f32], head_dim: usize, pos: usize, theta: f64, round: impl Fn(f64) -> f32) {
+    let half = head_dim / 2;
+    let cs: Vec<(f64, f64)> = (0..half)
+        .map(|i| {
+            let inv_freq = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32;
+            let (s, c) = ((pos as f32 * inv_freq) as f64).sin_cos();
+            (c, s)
+        })
+        .collect();
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, &(c, s)) in cs.iter().enumerate() {
+            let (a, b) = (head[i] as f64, head[i + half] as f64);
+            head[i] = round(a * c - b * s);
+            head[i + half] = round(b * c + a * s);
         }
     }
 }
