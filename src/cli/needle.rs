@@ -91,7 +91,7 @@ pub fn run(a: NeedleArgs) -> anyhow::Result<()> {
     }
     let mut model = CpuModel::load(&ckpt, a.activations)?;
     let mut policies: Vec<(String, Option<hga::hga::HgaParams>)> = vec![("dense".into(), None)];
-    policies.extend(params.into_iter().map(|p| (format!("{:?}@{:?}", p.selector, p.budget), Some(p))));
+    policies.extend(params.into_iter().map(|p| (format!("{:?} {}@{:?}", p.selector, p.label(), p.budget), Some(p))));
     let total = a.context.len() * a.depths.len() * a.trials * policies.len();
     let pb = ProgressBar::new(total as u64);
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}")?);
@@ -135,10 +135,10 @@ pub fn run(a: NeedleArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<32} {:>8} {:>6} {:>9}", "policy", "context", "depth", "accuracy");
+        println!("{:<48} {:>8} {:>6} {:>9}", "policy", "context", "depth", "accuracy");
         for r in &rows {
             println!(
-                "{:<32} {:>8} {:>5}% {:>5}/{}",
+                "{:<48} {:>8} {:>5}% {:>5}/{}",
                 r["policy"].as_str().unwrap_or("?"),
                 r["context"].as_u64().unwrap_or(0),
                 r["depth"].as_u64().unwrap_or(0),
