@@ -69,16 +69,16 @@ pub struct HgaOpts {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "minmax")]
     pub summary: Vec<Summary>,
     /// Stage 2's group scores: the group summary, or the log-sum-exp of int4 key sketches (host-RAM tier)
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "summary")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sketch4")]
     pub group_score: Vec<GroupScoreArg>,
     /// Scores relative to each (query, head)'s log-sum-exp over its sink and window (true/false)
-    #[arg(long, value_delimiter = ',', default_value = "false")]
+    #[arg(long, value_delimiter = ',', default_value = "true")]
     pub normalize: Vec<bool>,
     /// How the query heads of a KV head combine their scores
     #[arg(long, value_enum, value_delimiter = ',', default_value = "max")]
     pub gqa: Vec<Gqa>,
     /// Stage 1 keeps this many times the chunks the selected groups could fill ("inf": no chunk stage)
-    #[arg(long, value_delimiter = ',', default_value = "2")]
+    #[arg(long, value_delimiter = ',', default_value = "8")]
     pub shortlist: Vec<f64>,
     /// The first N layers stay dense
     #[arg(long, value_delimiter = ',', default_value = "0")]

@@ -83,7 +83,10 @@ pub enum Budget {
     Fraction(f64),
 }
 
-/// HGA parameters. [`Default`] is DESIGN.md's version 1.
+/// HGA parameters. [`Default`] is what the measurements of docs/quality.md chose: DESIGN.md's version 1 geometry
+/// (chunks of 64, groups of 16, sink 64, window 256, min/max chunk summaries, GQA max) with stage 2 scoring the
+/// groups of an 8x chunk shortlist by int4 key sketches, scores normalized per (query, head). Version 1 itself is
+/// [`HgaParams::version1`].
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HgaParams {
     pub chunk: usize,
@@ -116,10 +119,10 @@ impl Default for HgaParams {
             local: 256,
             budget: Budget::Fraction(0.03),
             summary: SummaryMode::MinMax,
-            group_score: GroupScore::Summary,
-            normalize: false,
+            group_score: GroupScore::Sketch4,
+            normalize: true,
             gqa: GqaMode::Max,
-            shortlist: 2.0,
+            shortlist: 8.0,
             query_block: 64,
             dense_layers: 0,
             selector: Selector::Hga,
@@ -148,7 +151,7 @@ impl HgaParams {
     }
 
     /// The scoring and geometry options that differ from [`Default`] (budget and selector aside), e.g.
-    /// `sketch4 norm s4`; `default` when none does.
+    /// `summary no-norm s2` (DESIGN.md's version 1); `default` when none does.
     pub fn label(&self) -> String {
         let d = Self::default();
         let mut v = Vec::new();
@@ -161,8 +164,8 @@ impl HgaParams {
         if self.group_score != d.group_score {
             v.push(format!("{:?}", self.group_score).to_lowercase());
         }
-        if self.normalize {
-            v.push("norm".into());
+        if self.normalize != d.normalize {
+            v.push(if self.normalize { "norm" } else { "no-norm" }.into());
         }
         if self.gqa != d.gqa {
             v.push(format!("gqa-{:?}", self.gqa).to_lowercase());
@@ -181,6 +184,11 @@ impl HgaParams {
         } else {
             v.join(" ")
         }
+    }
+
+    /// DESIGN.md's version 1: min/max summaries for both stages, a 2x chunk shortlist, raw scores.
+    pub fn version1() -> Self {
+        HgaParams { group_score: GroupScore::Summary, normalize: false, shortlist: 2.0, ..Self::default() }
     }
 
     /// A budget that covers every position: HGA must then equal dense attention.
