@@ -119,13 +119,9 @@ impl hga::model::forward::AttentionPolicy for ArcPolicy {
 #[test]
 fn labels_name_what_differs_from_the_defaults() {
     assert_eq!(HgaParams::default().label(), "default");
-    let p = HgaParams {
-        group_score: GroupScore::Sketch4,
-        normalize: true,
-        shortlist: f64::INFINITY,
-        ..HgaParams::default()
-    };
-    assert_eq!(p.label(), "sketch4 norm s-inf");
+    assert_eq!(HgaParams::version1().label(), "summary no-norm s2");
+    let p = HgaParams { shortlist: f64::INFINITY, ..HgaParams::default() };
+    assert_eq!(p.label(), "s-inf");
     let p = HgaParams { chunk: 128, group: 32, gqa: GqaMode::PerHead, ..HgaParams::default() };
     assert_eq!(p.label(), "128/32 gqa-perhead");
 }
