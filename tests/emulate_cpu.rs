@@ -18,6 +18,9 @@ use hga::model::emulate::EmulatedModel;
 use hga::model::forward::{ActivationMode, CpuModel, Tap};
 use hga::model::generate::{write_checkpoint, WriteOptions};
 
+mod common;
+use common::rel_l2;
+
 /// Small enough for debug builds: layer 0 MoE (4 experts, top-2), layer 1 dense, GQA 4:2, head_dim 128.
 fn config() -> Qwen3MoeConfig {
     let mut c = Qwen3MoeConfig::preset("small").unwrap();
@@ -43,13 +46,6 @@ fn written(c: &Qwen3MoeConfig) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     write_checkpoint(&dir, c, 11, &WriteOptions::default()).unwrap();
     dir
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let n: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (n / d).sqrt()
 }
 
 fn top1(a: &[f32], b: &[f32], v: usize) -> f64 {
@@ -85,7 +81,7 @@ fn cpu_fp8_bf16_matches_the_gpu_emulation() {
     assert_eq!(ct.len(), et.len(), "the same tap points");
 
     // The first token: bit-identical up to f32 summation order.
-    let r0 = rel(&clog[..v], &elog[..v]);
+    let r0 = rel_l2(&clog[..v], &elog[..v]);
     // The first layer: at most a few elements apart (0.5% of them; a systematic difference moves most).
     let mut worst = 0f64;
     for ((p, l), want) in &ct {
@@ -93,7 +89,7 @@ fn cpu_fp8_bf16_matches_the_gpu_emulation() {
         assert_eq!(got.len(), want.len(), "{p:?} {l:?}");
         if *l == Some(0) || *p == Tap::Embed {
             let differ = got.iter().zip(want).filter(|(a, b)| a != b).count() as f64 / want.len() as f64;
-            let r = rel(got, want);
+            let r = rel_l2(got, want);
             eprintln!("layer 0 {p:?}: {:.3}% of the elements differ, rel L2 {r:.2e}", 100.0 * differ);
             if *p == Tap::RouterLogits {
                 // f32 values: a one-ulp difference of one input element shows in the whole row.
@@ -103,7 +99,7 @@ fn cpu_fp8_bf16_matches_the_gpu_emulation() {
             }
         }
     }
-    let (r, t1) = (rel(&clog, &elog), top1(&clog, &elog, v));
+    let (r, t1) = (rel_l2(&clog, &elog), top1(&clog, &elog, v));
     eprintln!("fp8-bf16 vs emulation: first token rel L2 {r0:.2e}; all {n} tokens rel L2 {r:.3e}, top-1 {t1:.3}");
     assert!(r0 <= 1e-5, "first token: rel L2 {r0:.3e}");
     assert!(worst <= 5e-3, "layer 0: {:.3}% of the elements differ", 100.0 * worst);
@@ -117,7 +113,7 @@ fn cpu_fp8_bf16_matches_the_gpu_emulation() {
     for &t in &tokens[split..] {
         dec.extend(emu.forward(&[t], false).unwrap());
     }
-    let rd = rel(&dec, &elog[split * v..]);
+    let rd = rel_l2(&dec, &elog[split * v..]);
     eprintln!("emulation decode vs its prefill: rel L2 {rd:.2e}");
     assert!(rd <= 1e-6, "emulation decode vs prefill: {rd:.3e}");
     assert_eq!(emu.len(), n);

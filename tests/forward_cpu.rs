@@ -6,6 +6,7 @@ use std::process::Command;
 
 mod common;
 use common::ascii_tokenizer_json;
+use common::rel_l2;
 use hga::model::checkpoint::Checkpoint;
 use hga::model::config::Qwen3MoeConfig;
 use hga::model::forward::{ActivationMode, CpuModel};
@@ -28,12 +29,6 @@ fn written(tag: &str, cfg: &Qwen3MoeConfig, seed: u64) -> PathBuf {
     let dir = tmpdir(tag);
     write_checkpoint(&dir, cfg, seed, &WriteOptions::default()).unwrap();
     dir
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 /// Prefill == token-by-token decode (bit for bit), in both activation modes; fp8 is near f32 but not equal.

@@ -22,6 +22,9 @@ use hga::model::forward::{ActivationMode, CpuModel};
 use hga::model::generate::{write_checkpoint, WriteOptions};
 use hga::model::gpu::GpuModel;
 
+mod common;
+use common::rel_l2;
+
 fn mixed() -> Qwen3MoeConfig {
     let mut c = Qwen3MoeConfig::preset("small").unwrap();
     c.vocab_size = 384;
@@ -48,32 +51,19 @@ fn written(tag: &str, c: &Qwen3MoeConfig) -> PathBuf {
     dir
 }
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 fn compare(what: &str, got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, v)| if *v > r[b] { i } else { b });
     let rows = want.len() / vocab;
     let agree = (0..rows)
         .filter(|&t| argmax(&got[t * vocab..(t + 1) * vocab]) == argmax(&want[t * vocab..(t + 1) * vocab]))
         .count();
-    let rel = (num / den).sqrt();
+    let rel = rel_l2(got, want);
     let top1 = agree as f64 / rows as f64;
     // Error by position (to tell a wrong kernel from rounding that grows along the sequence through the K/V).
     let by_pos: Vec<String> = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
         .iter()
         .filter(|&&t| t < rows)
-        .map(|&t| {
-            let (g, w) = (&got[t * vocab..(t + 1) * vocab], &want[t * vocab..(t + 1) * vocab]);
-            let n: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-            let d: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-            format!("{t}:{:.1e}", (n / d).sqrt())
-        })
+        .map(|&t| format!("{t}:{:.1e}", rel_l2(&got[t * vocab..(t + 1) * vocab], &want[t * vocab..(t + 1) * vocab])))
         .collect();
     let _ =
         writeln!(std::io::stderr(), "{what}: rel L2 {rel:.3e}, top-1 {agree}/{rows}; by position {}", by_pos.join(" "));

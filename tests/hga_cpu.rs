@@ -32,12 +32,6 @@ fn tokens(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + 11) % 300 + 3).collect()
 }
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 #[test]
 fn exactness_mode_equals_dense() {
     let toks = tokens(230);
@@ -190,6 +184,7 @@ proptest! {
 }
 
 mod common;
+use common::rel_l2;
 
 #[test]
 fn cli_eval_reports_every_policy() {

@@ -54,3 +54,11 @@ pub fn cases() -> ProptestConfig {
         ..ProptestConfig::default()
     }
 }
+
+/// Relative L2 error `|a - b| / |b|` (f64 sums); the slices have the same length.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_l2 of slices of different lengths");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}

@@ -34,7 +34,7 @@ use crate::kernels::AttentionShape;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::Qwen3MoeConfig;
 use crate::model::forward::{Tap, TapFn};
-use crate::model::gpu::{stack_experts, GpuModelError};
+use crate::model::gpu::{bf16_host, check_supported, checked_fp8_weight, mlp_as_moe, stack_experts, GpuModelError};
 use crate::reference::attention::hga_attention;
 use crate::reference::gemm::hga_fp8_linear;
 use crate::reference::head::{hga_embed_gather, hga_lm_head};
@@ -96,16 +96,9 @@ pub struct EmulatedModel {
     len: usize,
 }
 
-fn bf16_tensor(ck: &Checkpoint, name: &str) -> Result<Vec<bf16>, GpuModelError> {
-    Ok(ck.tensor_f32(name)?.into_iter().map(bf16::from_f32).collect())
-}
-
 fn fp8_linear(ck: &Checkpoint, name: &str) -> Result<Fp8Linear, GpuModelError> {
-    let w = ck.fp8_weight(name)?;
+    let w = checked_fp8_weight(ck, name)?;
     let [n, k] = w.shape;
-    if w.block != [128, 128] || !n.is_multiple_of(128) || !k.is_multiple_of(128) {
-        return Err(GpuModelError::Unsupported(format!("{name}: shape [{n}, {k}] blocks {:?}", w.block)));
-    }
     Ok(Fp8Linear { w: w.data.to_vec(), s: w.scales, n, k })
 }
 
@@ -118,49 +111,27 @@ impl EmulatedModel {
     /// chunks of at most `max_tokens` tokens.
     pub fn load(ck: &Checkpoint, capacity: usize, max_tokens: usize) -> Result<Self, GpuModelError> {
         let c = ck.config.clone();
-        let unsupported = |m: String| Err(GpuModelError::Unsupported(m));
-        if c.quantization.is_none() {
-            return unsupported("the checkpoint is not FP8 (no quantization_config)".into());
-        }
-        if c.head_dim != 128 {
-            return unsupported(format!("head_dim {} (the attention kernels are built for 128)", c.head_dim));
-        }
-        if !c.hidden_size.is_multiple_of(128) {
-            return unsupported(format!("hidden_size {} is not a multiple of 128", c.hidden_size));
-        }
-        if capacity == 0 || max_tokens == 0 {
-            return Err(GpuModelError::Input("capacity and max_tokens must be > 0".into()));
-        }
+        check_supported(&c, capacity, max_tokens)?;
         let (h, nkv) = (c.hidden_size, c.num_key_value_heads);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let is_moe = c.is_moe_layer(l);
-            let (router, experts, dims) = if is_moe {
-                let dims = MoeDims {
-                    tokens: 1,
-                    hidden: h,
-                    inter: c.moe_intermediate_size,
-                    experts: c.num_experts,
-                    top_k: c.num_experts_per_tok,
-                    norm_topk: c.norm_topk_prob,
-                };
-                let names = (0..c.num_experts).map(|e| format!("{p}.mlp.experts.{e}")).collect::<Vec<_>>();
-                (bf16_tensor(ck, &format!("{p}.mlp.gate.weight"))?, stack_experts(ck, &names)?, dims)
-            } else {
-                let dims =
-                    MoeDims { tokens: 1, hidden: h, inter: c.intermediate_size, experts: 1, top_k: 1, norm_topk: true };
-                (vec![bf16::ZERO; h], stack_experts(ck, &[format!("{p}.mlp")])?, dims)
+            let (dims, router, modules) = mlp_as_moe(&c, l);
+            let router = match router {
+                Some(name) => bf16_host(ck, &name)?,
+                None => vec![bf16::ZERO; h],
             };
+            let experts = stack_experts(ck, &modules)?;
             layers.push(Layer {
-                input_layernorm: bf16_tensor(ck, &format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: bf16_tensor(ck, &format!("{p}.post_attention_layernorm.weight"))?,
+                input_layernorm: bf16_host(ck, &format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: bf16_host(ck, &format!("{p}.post_attention_layernorm.weight"))?,
                 q_proj: fp8_linear(ck, &format!("{p}.self_attn.q_proj.weight"))?,
                 k_proj: fp8_linear(ck, &format!("{p}.self_attn.k_proj.weight"))?,
                 v_proj: fp8_linear(ck, &format!("{p}.self_attn.v_proj.weight"))?,
                 o_proj: fp8_linear(ck, &format!("{p}.self_attn.o_proj.weight"))?,
-                q_norm: bf16_tensor(ck, &format!("{p}.self_attn.q_norm.weight"))?,
-                k_norm: bf16_tensor(ck, &format!("{p}.self_attn.k_norm.weight"))?,
+                q_norm: bf16_host(ck, &format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: bf16_host(ck, &format!("{p}.self_attn.k_norm.weight"))?,
                 router,
                 experts,
                 dims,
@@ -171,9 +142,9 @@ impl EmulatedModel {
         }
         let lm_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         Ok(EmulatedModel {
-            embed: bf16_tensor(ck, "model.embed_tokens.weight")?,
-            norm: bf16_tensor(ck, "model.norm.weight")?,
-            lm_head: bf16_tensor(ck, lm_name)?,
+            embed: bf16_host(ck, "model.embed_tokens.weight")?,
+            norm: bf16_host(ck, "model.norm.weight")?,
+            lm_head: bf16_host(ck, lm_name)?,
             config: c,
             layers,
             max_tokens,

@@ -27,7 +27,7 @@ use crate::kernels::head::{hga_embed_gather, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
@@ -116,12 +116,63 @@ pub struct GpuModel<'g> {
     cur: usize,
 }
 
-fn bf16_tensor(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<CudaSlice<bf16>, GpuModelError> {
-    let v: Vec<bf16> = ck.tensor_f32(name)?.into_iter().map(bf16::from_f32).collect();
-    Ok(gpu.stream().clone_htod(&v)?)
+/// Refuses what the kernels cannot run (shared with the CPU emulation's loader).
+pub(crate) fn check_supported(c: &Qwen3MoeConfig, capacity: usize, max_tokens: usize) -> Result<(), GpuModelError> {
+    let unsupported = |m: String| Err(GpuModelError::Unsupported(m));
+    if c.quantization.is_none() {
+        return unsupported("the checkpoint is not FP8 (no quantization_config)".into());
+    }
+    if c.head_dim != 128 {
+        return unsupported(format!("head_dim {} (the attention kernels are built for 128)", c.head_dim));
+    }
+    if !c.hidden_size.is_multiple_of(128) {
+        return unsupported(format!("hidden_size {} is not a multiple of 128", c.hidden_size));
+    }
+    if capacity == 0 || max_tokens == 0 {
+        return Err(GpuModelError::Input("capacity and max_tokens must be > 0".into()));
+    }
+    Ok(())
 }
 
-fn fp8_linear(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<Fp8Linear, GpuModelError> {
+/// Layer `l`'s MLP as the MoE kernels run it: its dims (`tokens` set per call), its router tensor (`None`: a
+/// dense SwiGLU MLP, run as one expert behind a zero router with routing weight 1, which is exactly
+/// `down(silu(gate(x)) * up(x))`) and its expert modules.
+pub(crate) fn mlp_as_moe(c: &Qwen3MoeConfig, l: usize) -> (MoeDims, Option<String>, Vec<String>) {
+    let p = format!("model.layers.{l}.mlp");
+    if c.is_moe_layer(l) {
+        let dims = MoeDims {
+            tokens: 1,
+            hidden: c.hidden_size,
+            inter: c.moe_intermediate_size,
+            experts: c.num_experts,
+            top_k: c.num_experts_per_tok,
+            norm_topk: c.norm_topk_prob,
+        };
+        (dims, Some(format!("{p}.gate.weight")), (0..c.num_experts).map(|e| format!("{p}.experts.{e}")).collect())
+    } else {
+        let dims = MoeDims {
+            tokens: 1,
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            experts: 1,
+            top_k: 1,
+            norm_topk: true,
+        };
+        (dims, None, vec![p])
+    }
+}
+
+/// A tensor of the checkpoint as bf16 on the host.
+pub(crate) fn bf16_host(ck: &Checkpoint, name: &str) -> Result<Vec<bf16>, GpuModelError> {
+    Ok(ck.tensor_f32(name)?.into_iter().map(bf16::from_f32).collect())
+}
+
+fn bf16_tensor(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<CudaSlice<bf16>, GpuModelError> {
+    Ok(gpu.stream().clone_htod(&bf16_host(ck, name)?)?)
+}
+
+/// An FP8 weight the kernels can take: [128, 128] blocks, both dimensions multiples of 128.
+pub(crate) fn checked_fp8_weight<'c>(ck: &'c Checkpoint, name: &str) -> Result<Fp8Weight<'c>, GpuModelError> {
     let w = ck.fp8_weight(name)?;
     if w.block != [128, 128] {
         return Err(GpuModelError::Unsupported(format!(
@@ -133,6 +184,12 @@ fn fp8_linear(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<Fp8Linear, GpuMo
     if !n.is_multiple_of(128) || !k.is_multiple_of(128) {
         return Err(GpuModelError::Unsupported(format!("{name}: shape [{n}, {k}] is not a multiple of 128")));
     }
+    Ok(w)
+}
+
+fn fp8_linear(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<Fp8Linear, GpuModelError> {
+    let w = checked_fp8_weight(ck, name)?;
+    let [n, k] = w.shape;
     let s = gpu.stream();
     Ok(Fp8Linear { w: s.clone_htod(w.data)?, s: s.clone_htod(&w.scales)?, n, k })
 }
@@ -148,19 +205,7 @@ impl<'g> GpuModel<'g> {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, GpuModelError> {
         let c = ck.config.clone();
-        let unsupported = |m: String| Err(GpuModelError::Unsupported(m));
-        if c.quantization.is_none() {
-            return unsupported("the checkpoint is not FP8 (no quantization_config)".into());
-        }
-        if c.head_dim != 128 {
-            return unsupported(format!("head_dim {} (the attention kernels are built for 128)", c.head_dim));
-        }
-        if !c.hidden_size.is_multiple_of(128) {
-            return unsupported(format!("hidden_size {} is not a multiple of 128", c.hidden_size));
-        }
-        if capacity == 0 || max_tokens == 0 {
-            return Err(GpuModelError::Input("capacity and max_tokens must be > 0".into()));
-        }
+        check_supported(&c, capacity, max_tokens)?;
         let s = gpu.stream();
         let (h, nh, nkv) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -179,34 +224,16 @@ impl<'g> GpuModel<'g> {
         for l in 0..c.num_hidden_layers {
             progress(l, c.num_hidden_layers);
             let p = format!("model.layers.{l}");
-            let mlp = if c.is_moe_layer(l) {
-                let dims = MoeDims {
-                    tokens: 1,
-                    hidden: h,
-                    inter: c.moe_intermediate_size,
-                    experts: c.num_experts,
-                    top_k: c.num_experts_per_tok,
-                    norm_topk: c.norm_topk_prob,
-                };
-                let experts = (0..c.num_experts).map(|e| format!("{p}.mlp.experts.{e}")).collect::<Vec<_>>();
-                let w = stack_experts(ck, &experts)?;
-                Mlp::Moe {
-                    router: bf16_tensor(gpu, ck, &format!("{p}.mlp.gate.weight"))?,
-                    experts: MoeExpertWeights::upload(gpu, &w)?,
-                    ws: ws_of(&dims),
-                    dims,
-                }
-            } else {
-                // A dense SwiGLU MLP is a MoE block of one expert with routing weight 1.
-                let dims =
-                    MoeDims { tokens: 1, hidden: h, inter: c.intermediate_size, experts: 1, top_k: 1, norm_topk: true };
-                let w = stack_experts(ck, &[format!("{p}.mlp")])?;
-                Mlp::Moe {
-                    router: s.clone_htod(&vec![bf16::ZERO; h])?,
-                    experts: MoeExpertWeights::upload(gpu, &w)?,
-                    ws: ws_of(&dims),
-                    dims,
-                }
+            let (dims, router, modules) = mlp_as_moe(&c, l);
+            let router = match router {
+                Some(name) => bf16_tensor(gpu, ck, &name)?,
+                None => s.clone_htod(&vec![bf16::ZERO; h])?,
+            };
+            let mlp = Mlp::Moe {
+                router,
+                experts: MoeExpertWeights::upload(gpu, &stack_experts(ck, &modules)?)?,
+                ws: ws_of(&dims),
+                dims,
             };
             layers.push(Layer {
                 input_layernorm: bf16_tensor(gpu, ck, &format!("{p}.input_layernorm.weight"))?,
