@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DeviceRepr};
 use cudarc::nvrtc::Ptx;
 
 /// What an image holds: PTX text (JIT-compiled by the driver at load) or a cubin (SASS for one exact SM).
@@ -192,7 +192,13 @@ impl Gpu {
             ImageKind::Cubin => Ptx::from_binary(image.bytes.to_vec()),
         };
         let module = ctx.load_module(ptx)?;
-        let stream = ctx.default_stream();
+        // Every buffer and launch of a `Gpu` goes through its one stream, so cudarc's cross-stream event tracking
+        // would only add host work per launch. The stream is a created (non-blocking) one, not the legacy default
+        // stream, because only such a stream can be captured into a CUDA graph (the decode step is replayed from
+        // one).
+        // SAFETY: `ctx` is this `Gpu`'s own handle, no slice exists on it yet, and all work is on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         let name = ctx.name()?;
         Ok(Gpu {
             ctx,
@@ -233,6 +239,19 @@ impl Gpu {
         let k = self.module.load_function(name)?;
         f.insert(name, k.clone());
         Ok(k)
+    }
+
+    /// Records the stream work that `f` enqueues into a CUDA graph (nothing runs while recording) and
+    /// instantiates it; [`CudaGraph::launch`] then replays all of it with one host call. `f` must only enqueue
+    /// kernels and device-to-device work on [`Gpu::stream`]: a synchronization, a host copy or an allocation inside
+    /// it fails the capture (the error is returned and the stream is usable again).
+    pub fn capture(&self, f: impl FnOnce() -> Result<(), RuntimeError>) -> Result<CudaGraph, RuntimeError> {
+        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let recorded = f();
+        // End the capture whatever happened, so the stream leaves capture mode.
+        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        ended?.ok_or_else(|| RuntimeError::Launch { kernel: "capture", msg: "the capture recorded nothing".into() })
     }
 
     /// Waits for the stream and reports any asynchronous error of earlier launches.
