@@ -63,6 +63,18 @@ fn gpu_attention_decode_matches_reference() {
     });
 }
 
+/// The decode launch of a recorded step: start read from the device, splits sized for a larger context bound
+/// (the trailing ones empty); the cache past the real context is NaN, so a read beyond it fails the case.
+#[test]
+fn gpu_attention_decode_device_start_matches_reference() {
+    let Some(gpu) = gpu("gpu_attention_decode_device_start_matches_reference") else { return };
+    let start = prop_oneof![Just(0usize), prop::sample::select(vec![1, 63, 64, 1023, 1024]), 0usize..4100];
+    proptest!(cases(24), |(seed in any::<u64>(), h in heads(), start in start)| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        assert_ok(attention(gpu, Path::DecodeUpTo, shape(1, h, start), &mut rng).unwrap())?;
+    });
+}
+
 #[test]
 fn gpu_attention_rejects_bad_shapes() {
     let Some(gpu) = gpu("gpu_attention_rejects_bad_shapes") else { return };

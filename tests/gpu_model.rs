@@ -161,6 +161,47 @@ fn gpu_model_small_matches_cpu_fp8() {
     check("small", &Qwen3MoeConfig::preset("small").unwrap(), 200, 24);
 }
 
+/// One-token steps replayed from CUDA graphs give exactly (bit for bit) the logits of the same launches issued from
+/// the host, across a change of recorded step (the context bound moves from 1024 to 2048 positions), and a
+/// recorded step is reused for every position up to its bound.
+#[test]
+fn gpu_model_decode_graphs_replay_the_host_launches() {
+    if hga::runtime::device_count() == 0 {
+        let _ = writeln!(std::io::stderr(), "SKIP gpu_model decode graphs: no CUDA device (GPU test not run)");
+        return;
+    }
+    let c = Qwen3MoeConfig::preset("small").unwrap();
+    let dir = written("graphs", &c);
+    let ck = Checkpoint::open(&dir).unwrap();
+    let gpu = hga::open_gpu(0).unwrap();
+    let tokens: Vec<u32> = (0..1030u32).map(|i| (i * 7919 + 13) % c.vocab_size as u32).collect();
+    let (prompt, steps) = tokens.split_at(1016);
+    let mut m = GpuModel::load(&gpu, &ck, 1100, 256, |_, _| {}).unwrap();
+    let run = |m: &mut GpuModel, graphs: bool| {
+        m.reset();
+        m.set_decode_graphs(graphs);
+        m.forward(prompt, false).unwrap();
+        let mut out = Vec::new();
+        for &t in steps {
+            out.push(m.forward(&[t], false).unwrap());
+        }
+        out
+    };
+    let eager = run(&mut m, false);
+    let replayed = run(&mut m, true);
+    assert_eq!(m.recorded_steps(), 2, "one recording for contexts <= 1024, one for 1025..=1100");
+    for (i, (a, b)) in eager.iter().zip(&replayed).enumerate() {
+        assert!(a.iter().all(|x| x.is_finite()), "step {i}: non-finite logits");
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "step {i} (context {}): graph replay differs from host launches", prompt.len() + i + 1);
+    }
+    // Replaying again from the start reuses the recordings.
+    let again = run(&mut m, true);
+    assert_eq!(m.recorded_steps(), 2);
+    assert!(again == replayed, "a second replay differs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn gpu_model_refuses_unsupported_shapes() {
     if hga::runtime::device_count() == 0 {

@@ -48,6 +48,17 @@ pub struct GenerateArgs {
     /// Stop at the end-of-sequence token of the config.
     #[arg(long, default_value_t = true)]
     pub stop_at_eos: bool,
+    /// Launch every kernel of a decode step from the host instead of replaying the step from a CUDA graph (same
+    /// results; for measuring what the graphs save).
+    #[arg(long)]
+    pub no_graphs: bool,
+    /// After decoding, profile one more decode step: GPU time per kind of work (sum of the parts), the bytes
+    /// floor of the step (weights + K/V over the copy bandwidth measured in the same run) and the gap to it.
+    #[arg(long)]
+    pub profile_step: bool,
+    /// Also print each prompt's figures (and the profile) as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -81,6 +92,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut model = GpuModel::load(&gpu, &ckpt, capacity, a.chunk.max(1), |d, _| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     drop(ckpt);
+    model.set_decode_graphs(!a.no_graphs);
     let (free, total) = gpu.context().mem_get_info()?;
     eprintln!(
         "{} on {} ({}): loaded in {:.1}s; GPU memory used {:.2} GB of {:.2} GB",
@@ -107,6 +119,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             None => format!("{} ", ids.last().copied().unwrap_or(0)),
         };
         let mut shown = String::new();
+        let mut first_step = None;
         while generated.len() < a.max_tokens && !(a.stop_at_eos && Some(next) == eos) && model.len() < model.capacity()
         {
             let text = show(&generated);
@@ -117,24 +130,78 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 write!(out, "{text}")?;
             }
             out.flush()?;
+            let ts = Instant::now();
             let r = model.forward(&[next], false)?;
+            first_step.get_or_insert(ts.elapsed());
             next = argmax(&r);
             generated.push(next);
         }
         let dt = t2.elapsed();
         writeln!(out)?;
+        drop(out);
         let (free, total) = gpu.context().mem_get_info()?;
+        let steps = generated.len().saturating_sub(1);
+        // The first step of a context bound records its CUDA graph: report it apart from the steady rate.
+        let first = first_step.map_or(0.0, |d| d.as_secs_f64());
+        let steady = if steps > 1 { (steps - 1) as f64 / (dt.as_secs_f64() - first).max(1e-9) } else { f64::NAN };
         eprintln!(
             "prompt {} tokens: time to first token {:.3}s ({:.0} tokens/s prefill); decode {} tokens in {:.3}s: {:.1} \
-         tokens/s; GPU memory in use at the end {:.2} GB",
+             tokens/s after the first step ({:.1} ms, {}); GPU memory in use at the end {:.2} GB",
             prompt.len(),
             ttft.as_secs_f64(),
             prompt.len() as f64 / ttft.as_secs_f64(),
-            generated.len().saturating_sub(1),
+            steps,
             dt.as_secs_f64(),
-            generated.len().saturating_sub(1) as f64 / dt.as_secs_f64().max(1e-9),
+            steady,
+            first * 1e3,
+            if a.no_graphs { "graphs off" } else { "includes recording its graph" },
             (total - free) as f64 / 1e9
         );
+        let mut report = serde_json::json!({
+            "prompt_tokens": prompt.len(),
+            "ttft_s": ttft.as_secs_f64(),
+            "decode_tokens": steps,
+            "decode_s": dt.as_secs_f64(),
+            "decode_tokens_per_s_after_first": steady,
+            "first_step_ms": first * 1e3,
+            "graphs": !a.no_graphs,
+            "gpu_memory_gb": (total - free) as f64 / 1e9,
+            "device": gpu.device_name(),
+        });
+        if a.profile_step && model.len() < model.capacity() {
+            let (p, _) = model.profile_decode_step(next)?;
+            let floor_bytes = model.decode_bytes_floor(p.context);
+            let floor_ms = floor_bytes as f64 / (p.copy_gbps * 1e9) * 1e3;
+            eprintln!(
+                "decode step profile at context {} (GPU time per kind of work, summed over the layers):",
+                p.context
+            );
+            for (what, n, ms) in &p.parts {
+                eprintln!("  {what:<34} {n:>4} x  {:>9.1} us  {:>5.1}%", ms * 1e3, 100.0 * ms / p.total_ms);
+            }
+            eprintln!(
+                "  sum of the parts {:.3} ms; bytes floor {:.2} GB / {:.0} GB/s (copy, same run) = {:.3} ms: {:.2}x \
+                 the floor{}",
+                p.total_ms,
+                floor_bytes as f64 / 1e9,
+                p.copy_gbps,
+                floor_ms,
+                p.total_ms / floor_ms,
+                if p.gpu_waited { " (the GPU waited for the host: parts include idle time)" } else { "" }
+            );
+            report["profile"] = serde_json::json!({
+                "context": p.context,
+                "parts": p.parts.iter().map(|(w, n, ms)| serde_json::json!({"what": w, "marks": n, "ms": ms})).collect::<Vec<_>>(),
+                "sum_of_parts_ms": p.total_ms,
+                "floor_bytes": floor_bytes,
+                "copy_gbps": p.copy_gbps,
+                "floor_ms": floor_ms,
+                "gpu_waited": p.gpu_waited,
+            });
+        }
+        if a.json {
+            println!("{report}");
+        }
     }
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! (g = n_heads / n_kv_heads): all the query heads of a KV head share every K/V load (8 rows for Qwen3's 32/4 at
 //! one token), 16 rows per CTA.
 //! Grid: (n_kv_heads * ceil(tokens * g / 16), n_splits). Split s takes the keys
-//! [s * tiles_per_split * 64, min(ctx, (s + 1) * tiles_per_split * 64)), ctx = start + tokens (the launcher makes
-//! every split non-empty). Block: 128 threads = 4 warps; per 64-key tile, warp w takes keys 16w..16w+15 for the
+//! [s * tiles_per_split * 64, min(ctx, (s + 1) * tiles_per_split * 64)), ctx = start + tokens (the plain launcher
+//! makes every split non-empty; with `start_dev`, start is read from the device and splits past ctx are empty). Block: 128 threads = 4 warps; per 64-key tile, warp w takes keys 16w..16w+15 for the
 //! CTA's 16 rows (S = Q K^T: 16 mma, O += P V: 16 mma) with its own online-softmax state; at the end the 4 warp
 //! states are merged through shared memory and the CTA writes O / l (f32) and the LSE of its split.
 //! Shared memory (dynamic, `ATTN_DECODE_SMEM` = 68 KB): 16 Q rows, 2 stages of (K, V) tiles of 64 keys (swizzled,
@@ -34,10 +34,12 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
     let tid = thread_x();
     let warp = tid / 32;
     let lane = lane_id();
-    let ctx = p.start + p.tokens;
+    let start = if p.start_dev != 0 { *(p.start_dev as *const u32) } else { p.start };
+    let ctx = min_u32(start + p.tokens, p.capacity); // never past the cache, whatever start_dev holds
     let span = p.tiles_per_split * BN;
     let k_begin = sp * span;
-    let k_end = min_u32(ctx, k_begin + span);
+    // A split past the context (only with `start_dev`) has no tiles: it writes O = 0, LSE = -inf.
+    let k_end = if k_begin < ctx { min_u32(ctx, k_begin + span) } else { k_begin };
     let n_tiles = (k_end - k_begin).div_ceil(BN);
 
     let smem = dyn_smem_addr();
@@ -58,13 +60,15 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
     }
     let kbase = (p.k_cache as *const u16).add(kvh as usize * p.capacity as usize * D);
     let vbase = (p.v_cache as *const u16).add(kvh as usize * p.capacity as usize * D);
-    load_rows::<BN, NTHREADS>(stage(0), kbase, k_begin, k_end, D, tid);
-    load_rows::<BN, NTHREADS>(stage(0) + TILE, vbase, k_begin, k_end, D, tid);
+    if n_tiles > 0 {
+        load_rows::<BN, NTHREADS>(stage(0), kbase, k_begin, k_end, D, tid);
+        load_rows::<BN, NTHREADS>(stage(0) + TILE, vbase, k_begin, k_end, D, tid);
+    }
     cp_async_commit();
 
     // Key limits (exclusive) of this lane's rows g and g+8.
     let row_tok = |r: u32| min_u32(rg * ROWS + r, rows_total - 1) / g;
-    let lim = [min_u32(k_end, p.start + row_tok(lane / 4) + 1), min_u32(k_end, p.start + row_tok(lane / 4 + 8) + 1)];
+    let lim = [min_u32(k_end, start + row_tok(lane / 4) + 1), min_u32(k_end, start + row_tok(lane / 4 + 8) + 1)];
 
     let mut qf = [[0u32; 4]; 8];
     let mut o = [[0f32; 4]; 16];

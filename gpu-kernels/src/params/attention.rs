@@ -40,6 +40,11 @@ pub struct AttentionParams {
     pub lse: u64,
     pub part_o: u64,
     pub part_lse: u64,
+    /// decode only: if not 0, a device `u32` holding `start` (read by the kernel instead of the `start` field), so
+    /// that one recorded launch (a CUDA graph of the decode step) serves every position. The launch must then
+    /// cover `n_splits * tiles_per_split * 64 >= start + tokens` keys; splits past the context write O = 0 and
+    /// LSE = -inf.
+    pub start_dev: u64,
     pub tokens: u32,
     pub n_heads: u32,
     pub n_kv_heads: u32,

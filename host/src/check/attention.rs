@@ -3,7 +3,8 @@
 //! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
-    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
+    hga_attention_decode, hga_attention_decode_upto, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape,
+    DecodeWorkspace,
 };
 use crate::runtime::{Gpu, RuntimeError};
 use half::bf16;
@@ -14,6 +15,9 @@ use rand::Rng;
 pub enum Path {
     Prefill,
     Decode,
+    /// Decode as a recorded (CUDA graph) step launches it: `start` read from the device, the split sized for a
+    /// random context bound between the real context and the capacity, so trailing splits are empty.
+    DecodeUpTo,
 }
 
 /// Random q [tokens, n_heads, 128] and a cache of `capacity` slots whose first `start + tokens` hold random
@@ -72,7 +76,8 @@ fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize)
 /// One check of `path` on a fresh random case of shape `s` (capacity is grown by a random margin here).
 pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -> Result<Outcome, RuntimeError> {
     let st = gpu.stream();
-    let s = AttentionShape { capacity: s.ctx() + rng.gen_range(0..100), ..s };
+    let margin = if path == Path::DecodeUpTo { rng.gen_range(0..3000) } else { rng.gen_range(0..100) };
+    let s = AttentionShape { capacity: s.ctx() + margin, ..s };
     let (q, k, v, growing) = inputs(&s, rng);
     let dq = st.clone_htod(&q)?;
     let dk = st.clone_htod(&k)?;
@@ -97,6 +102,15 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
             let n = hga_attention_decode(gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s)?;
             extra = format!(" splits={n}");
         }
+        Path::DecodeUpTo => {
+            let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, rng.gen_range(1..=256))?;
+            st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+            let bound = rng.gen_range(s.ctx()..=s.capacity);
+            let start_dev = st.clone_htod(&[s.start as u32])?;
+            let launch = AttentionShape { start: bound - s.tokens, ..s };
+            let n = hga_attention_decode_upto(gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &launch, &start_dev)?;
+            extra = format!(" bound={bound} splits={n}");
+        }
     }
     let out = st.clone_dtoh(&dout)?;
     let lse = st.clone_dtoh(&dlse)?;
@@ -116,7 +130,11 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
         }
         extra = " (+lazy)".into();
     }
-    let name = if path == Path::Prefill { "hga_attention_prefill" } else { "hga_attention_decode+merge" };
+    let name = match path {
+        Path::Prefill => "hga_attention_prefill",
+        Path::Decode => "hga_attention_decode+merge",
+        Path::DecodeUpTo => "hga_attention_decode+merge (start on the device)",
+    };
     let shape = format!(
         "tokens={} heads={}/{} start={} ctx={} capacity={}{extra}{}",
         s.tokens,

@@ -102,6 +102,7 @@ fn params(s: &AttentionShape, q: u64, k: u64, v: u64, out: u64, lse: u64, po: u6
         lse,
         part_o: po,
         part_lse: pl,
+        start_dev: 0,
         tokens: s.tokens as u32,
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
@@ -206,10 +207,7 @@ pub fn hga_attention_decode(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<usize, RuntimeError> {
-    let sms =
-        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-    hga_attention_decode_ctas(gpu, q, k_cache, v_cache, ws, out, lse, s, DECODE_CTAS_PER_SM * sms)
+    hga_attention_decode_ctas(gpu, q, k_cache, v_cache, ws, out, lse, s, decode_target_ctas(gpu)?)
 }
 
 /// [`hga_attention_decode`] with the split chosen for `target_ctas` CTAs instead of the default (for tuning).
@@ -224,6 +222,50 @@ pub fn hga_attention_decode_ctas(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
     target_ctas: usize,
+) -> Result<usize, RuntimeError> {
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, target_ctas, 0)
+}
+
+/// [`hga_attention_decode`] as one launch that serves every position up to a bound, for a recorded (CUDA graph)
+/// decode step: the kernel reads `start` from the device u32 `start_dev` when it runs, and the split is sized for
+/// the context `s.start + s.tokens` (`s.start` is the largest start the launch will see; splits past the actual
+/// context do no work). The caller keeps `*start_dev <= s.start`; the kernel never reads past the cache capacity.
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_decode_upto(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    start_dev: &impl DevicePtr<u32>,
+) -> Result<usize, RuntimeError> {
+    check_len("attention_decode start_dev", start_dev.len(), 1)?;
+    let (ps, _gs) = dptr(gpu, start_dev);
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, decode_target_ctas(gpu)?, ps)
+}
+
+fn decode_target_ctas(gpu: &Gpu) -> Result<usize, RuntimeError> {
+    let sms =
+        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+    Ok(DECODE_CTAS_PER_SM * sms)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_launch(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    target_ctas: usize,
+    start_dev: u64,
 ) -> Result<usize, RuntimeError> {
     validate("attention_decode", s, q.len(), k_cache.len(), v_cache.len(), out.len(), lse.len())?;
     if s.tokens * s.n_heads > ws.rows {
@@ -248,13 +290,15 @@ pub fn hga_attention_decode_ctas(
     let mut p = params(s, pq, pk, pv, po, pl, ppo, ppl);
     p.n_splits = n_splits as u32;
     p.tiles_per_split = tps as u32;
+    p.start_dev = start_dev;
     let cfg = LaunchConfig {
         grid_dim: ((s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS)) as u32, n_splits as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: ATTN_DECODE_SMEM as u32,
     };
-    // SAFETY: shapes checked; every split covers keys < start + tokens <= capacity; the workspace holds
-    // n_splits <= max_splits slots of tokens * n_heads <= rows rows.
+    // SAFETY: shapes checked; every split reads keys < min(start + tokens, capacity) (start from the device when
+    // start_dev is set, clamped by the kernel); the workspace holds n_splits <= max_splits slots of
+    // tokens * n_heads <= rows rows.
     unsafe { launch(gpu, "hga_attention_decode", cfg, p)? };
     let cfg = LaunchConfig {
         grid_dim: ((s.tokens * s.n_heads).div_ceil(4) as u32, 1, 1),

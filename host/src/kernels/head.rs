@@ -17,7 +17,30 @@ pub fn hga_embed_gather(
     gpu: &Gpu,
     table: &impl DevicePtr<bf16>,
     ids: &[u32],
-    ids_dev: &mut impl DevicePtrMut<u32>,
+    ids_dev: &mut (impl DevicePtrMut<u32> + DevicePtr<u32>),
+    out: &mut impl DevicePtrMut<bf16>,
+    vocab: usize,
+    hidden: usize,
+) -> Result<(), RuntimeError> {
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(RuntimeError::Shape(format!("embed_gather: ids[{i}] = {id} >= vocab {vocab}")));
+    }
+    let rows = ids.len();
+    check_len("embed_gather ids_dev", ids_dev.len(), rows)?;
+    check_len("embed_gather out", out.len(), rows * hidden)?;
+    if rows > 0 {
+        gpu.stream().memcpy_htod(ids, ids_dev)?;
+    }
+    hga_embed_gather_dev(gpu, table, ids_dev, rows, out, vocab, hidden)
+}
+
+/// [`hga_embed_gather`] of `rows` ids already on the device (`ids_dev[..rows]`), enqueueing only the kernel (so it
+/// can be recorded in a CUDA graph). An id >= vocab writes a zero row (the kernel checks).
+pub fn hga_embed_gather_dev(
+    gpu: &Gpu,
+    table: &impl DevicePtr<bf16>,
+    ids_dev: &impl DevicePtr<u32>,
+    rows: usize,
     out: &mut impl DevicePtrMut<bf16>,
     vocab: usize,
     hidden: usize,
@@ -25,28 +48,25 @@ pub fn hga_embed_gather(
     if vocab == 0 || hidden == 0 {
         return Err(RuntimeError::Shape("embed_gather: vocab and hidden must be > 0".into()));
     }
-    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-        return Err(RuntimeError::Shape(format!("embed_gather: ids[{i}] = {id} >= vocab {vocab}")));
-    }
-    let rows = ids.len();
     let vh = vocab.checked_mul(hidden).ok_or_else(|| RuntimeError::Shape("embed_gather: overflow".into()))?;
     check_len("embed_gather table", table.len(), vh)?;
-    check_len("embed_gather ids_dev", ids_dev.len(), rows)?;
+    if ids_dev.len() < rows {
+        return Err(RuntimeError::Shape(format!("embed_gather: ids_dev holds {} ids, {rows} asked", ids_dev.len())));
+    }
     check_len("embed_gather out", out.len(), rows * hidden)?;
     let (rows32, v32, h32) = (dim_u32("rows", rows)?, dim_u32("vocab", vocab)?, dim_u32("hidden", hidden)?);
     if rows == 0 {
         return Ok(());
     }
-    gpu.stream().memcpy_htod(ids, ids_dev)?;
     let (pt, _gt) = dptr(gpu, table);
-    let (pi, _gi) = dptr_mut(gpu, ids_dev);
+    let (pi, _gi) = dptr(gpu, ids_dev);
     let (po, _go) = dptr_mut(gpu, out);
     if hidden.is_multiple_of(8) && (pt % 16 != 0 || po % 16 != 0) {
         return Err(RuntimeError::Shape("embed_gather: table and out must be 16-byte aligned".into()));
     }
     let p = EmbedParams { table: pt, ids: pi, out: po, rows: rows32, vocab: v32, hidden: h32, _pad: 0 };
     let cfg = LaunchConfig { grid_dim: (rows32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: lengths and ids checked above.
+    // SAFETY: lengths checked above; the kernel writes a zero row for an id >= vocab.
     unsafe { launch(gpu, "hga_embed_gather", cfg, p) }
 }
 

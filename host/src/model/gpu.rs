@@ -16,14 +16,15 @@
 //! Then `model.norm` (with the last residual add) and the bf16 `lm_head` (f32 logits). The residual stream is bf16,
 //! as in transformers. What it needs: an FP8 checkpoint (`quantization_config`), head_dim 128, hidden and
 //! intermediate sizes multiples of 128 (all true of Qwen3-30B-A3B); anything else is refused with a clear error.
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
 
 use crate::kernels::attention::{
-    hga_attention_decode, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
+    hga_attention_decode_upto, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
 };
 use crate::kernels::gemm::{hga_fp8_linear, hga_rmsnorm_fp8_quant};
-use crate::kernels::head::{hga_embed_gather, hga_lm_head, LM_HEAD_MAX_M};
+use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
@@ -112,8 +113,65 @@ pub struct GpuModel<'g> {
     scratch: Scratch,
     capacity: usize,
     len: usize,
-    /// Which of `scratch.h` holds the residual stream.
+    /// Which of `scratch.h` holds the residual stream (a forward flips it 2 x layers times: it never changes).
     cur: usize,
+    /// Replay one-token steps from CUDA graphs (see [`GpuModel::set_decode_graphs`]).
+    use_graphs: bool,
+    /// Recorded one-token steps, one per context bound (`decode_bound`), in the order recorded.
+    graphs: Vec<(usize, CudaGraph)>,
+}
+
+/// How a chunk's attention finds its start position.
+#[derive(Clone, Copy)]
+enum StartAt {
+    /// Known on the host: a launch for exactly this start (prefill chunks: causal prefill attention).
+    Host(usize),
+    /// One token whose position is read from `scratch.positions[0]` when the kernel runs: split-K decode attention
+    /// sized for any context up to this bound, so the same launches serve (and a recorded step replays) every
+    /// position up to it.
+    DeviceUpTo(usize),
+}
+
+/// Event marks between the launches of a profiled step ([`GpuModel::profile_decode_step`]).
+enum Marks {
+    Off,
+    On(Vec<(&'static str, CudaEvent)>),
+}
+
+impl Marks {
+    /// Records an event after the work enqueued so far, labelled with the work since the previous mark.
+    fn mark(&mut self, gpu: &Gpu, label: &'static str) -> Result<(), RuntimeError> {
+        if let Marks::On(v) = self {
+            let e = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            e.record(gpu.stream())?;
+            v.push((label, e));
+        }
+        Ok(())
+    }
+}
+
+/// Where the GPU time of one decode step goes ([`GpuModel::profile_decode_step`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepProfile {
+    /// Context length the step attended over (its position + 1).
+    pub context: usize,
+    /// (what, launches' marks merged, GPU ms over the whole step), in step order.
+    pub parts: Vec<(&'static str, usize, f64)>,
+    /// Sum of the parts, ms: the step's kernels back to back with the GPU never waiting for the host.
+    pub total_ms: f64,
+    /// Device-to-device copy bandwidth measured in the same call (GB/s, bytes read + written).
+    pub copy_gbps: f64,
+    /// The host had not finished enqueueing the step when the GPU got to it (then the parts include idle time).
+    pub gpu_waited: bool,
+}
+
+/// The context bound of the recorded one-token step that serves context length `ctx`: the key tiles (64) rounded
+/// up to a quarter of their power of two (at least 16 tiles), so the decode attention's split, sized for the
+/// bound, runs at least 3/4 of its CTAs on real keys, and a 64K context needs about 30 recordings in all.
+fn decode_bound(ctx: usize, capacity: usize) -> usize {
+    let tiles = ctx.div_ceil(64).max(1);
+    let step = (tiles.next_power_of_two() / 4).max(16);
+    (tiles.div_ceil(step) * step * 64).min(capacity)
 }
 
 /// Refuses what the kernels cannot run (shared with the CPU emulation's loader).
@@ -288,6 +346,8 @@ impl<'g> GpuModel<'g> {
             capacity,
             len: 0,
             cur: 0,
+            use_graphs: true,
+            graphs: Vec::new(),
         })
     }
 
@@ -308,6 +368,17 @@ impl<'g> GpuModel<'g> {
     /// Cache capacity in positions.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+    /// Whether one-token steps are replayed from CUDA graphs (the default): the whole step (about 12 launches per
+    /// layer) is recorded once per context bound and then costs one host call, so the GPU never waits for the
+    /// host between kernels. Off: the same launches, with the same parameters, are issued from the host one by
+    /// one (the results are identical, bit for bit).
+    pub fn set_decode_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+    }
+    /// How many one-token steps are recorded (CUDA graphs held).
+    pub fn recorded_steps(&self) -> usize {
+        self.graphs.len()
     }
 
     /// Runs `tokens` (in chunks of at most `max_tokens`) after the cached positions and returns the f32 logits of
@@ -339,26 +410,165 @@ impl<'g> GpuModel<'g> {
     fn forward_chunk(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, GpuModelError> {
         let gpu = self.gpu;
         let s = gpu.stream().clone();
-        let c = &self.config;
-        let t = tokens.len();
-        let (h, nh, nkv, v) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size);
-        let (qw, kw) = (nh * 128, nkv * 128);
+        let (t, v) = (tokens.len(), self.config.vocab_size);
+        if let Some((i, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            return Err(GpuModelError::Input(format!("token {i} is {id}, not below the vocabulary size {v}")));
+        }
         let start = self.len;
-        let eps = c.rms_norm_eps as f32;
-        let sc = &mut self.scratch;
         let pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        let sc = &mut self.scratch;
         s.memcpy_htod(&pos, &mut sc.positions.slice_mut(0..t))?;
-        // Embeddings into the residual stream.
-        let cur = self.cur;
-        hga_embed_gather(
-            gpu,
-            &self.embed,
-            tokens,
-            &mut sc.ids.slice_mut(0..t),
-            &mut sc.h[cur].slice_mut(0..t * h),
+        s.memcpy_htod(tokens, &mut sc.ids.slice_mut(0..t))?;
+        let mut out = Vec::with_capacity(if all_logits { t * v } else { v });
+        if t == 1 {
+            // One token: the recorded step (or, with graphs off, the same launches from the host: same results).
+            let bound = decode_bound(start + 1, self.capacity);
+            if self.use_graphs {
+                let at = match self.graphs.iter().position(|(b, _)| *b == bound) {
+                    Some(i) => i,
+                    None => {
+                        let cur = self.cur;
+                        let graph = gpu.capture(|| {
+                            let c = self.enqueue_layers(1, StartAt::DeviceUpTo(bound), &mut Marks::Off)?;
+                            debug_assert_eq!(c, cur, "a forward flips the residual buffers an even number of times");
+                            self.enqueue_lm_head(0, 1)
+                        })?;
+                        self.graphs.push((bound, graph));
+                        self.graphs.len() - 1
+                    }
+                };
+                self.graphs[at].1.launch()?;
+            } else {
+                self.cur = self.enqueue_layers(1, StartAt::DeviceUpTo(bound), &mut Marks::Off)?;
+                self.enqueue_lm_head(0, 1)?;
+            }
+            out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..v))?);
+        } else {
+            self.cur = self.enqueue_layers(t, StartAt::Host(start), &mut Marks::Off)?;
+            let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
+            for r in rows.chunks(LM_HEAD_MAX_M) {
+                self.enqueue_lm_head(r[0], r.len())?;
+                out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..r.len() * v))?);
+            }
+        }
+        self.len += t;
+        gpu.synchronize()?;
+        Ok(out)
+    }
+
+    /// Runs one decode step of `token` (like `forward(&[token], false)`, whose logits it returns) with an event
+    /// between its kinds of work, and reports the GPU time of each: the parts, summed, are the step as its kernels
+    /// run back to back. The launches are the ones a recorded step replays (issued from the host here); the GPU is
+    /// first kept busy with device copies (which also give the copy bandwidth of this call) so that the host has
+    /// queued the whole step before the GPU starts it.
+    pub fn profile_decode_step(&mut self, token: u32) -> Result<(StepProfile, Vec<f32>), GpuModelError> {
+        let gpu = self.gpu;
+        let s = gpu.stream().clone();
+        let v = self.config.vocab_size;
+        if token as usize >= v {
+            return Err(GpuModelError::Input(format!("token {token} is not below the vocabulary size {v}")));
+        }
+        if self.len + 1 > self.capacity {
+            return Err(GpuModelError::Input(format!("the K/V cache is full ({} positions)", self.capacity)));
+        }
+        let start = self.len;
+        s.memcpy_htod(&[start as u32], &mut self.scratch.positions.slice_mut(0..1))?;
+        s.memcpy_htod(&[token], &mut self.scratch.ids.slice_mut(0..1))?;
+        const COPY: usize = 256 << 20;
+        const COPIES: usize = 64;
+        let (mut a, mut b) = (s.alloc_zeros::<u8>(COPY)?, s.alloc_zeros::<u8>(COPY)?);
+        let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let (c0, c1) = (ev()?, ev()?);
+        c0.record(&s)?;
+        for i in 0..COPIES {
+            if i % 2 == 0 {
+                s.memcpy_dtod(&a, &mut b)?;
+            } else {
+                s.memcpy_dtod(&b, &mut a)?;
+            }
+        }
+        c1.record(&s)?;
+        let mut marks = Marks::On(Vec::new());
+        marks.mark(gpu, "start")?;
+        let bound = decode_bound(start + 1, self.capacity);
+        self.cur = self.enqueue_layers(1, StartAt::DeviceUpTo(bound), &mut marks)?;
+        self.enqueue_lm_head(0, 1)?;
+        marks.mark(gpu, "lm_head")?;
+        let gpu_waited = c1.try_is_complete()?;
+        let logits = s.clone_dtoh(&self.scratch.logits.slice(0..v))?;
+        gpu.synchronize()?;
+        self.len += 1;
+        let copy_gbps = (2 * COPY * COPIES) as f64 / (c0.elapsed_ms(&c1)? as f64 * 1e-3) / 1e9;
+        let Marks::On(marks) = marks else { unreachable!("marks were on") };
+        let mut parts: Vec<(&'static str, usize, f64)> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1)? as f64;
+            match parts.iter_mut().find(|p| p.0 == w[1].0) {
+                Some(p) => {
+                    p.1 += 1;
+                    p.2 += ms;
+                }
+                None => parts.push((w[1].0, 1, ms)),
+            }
+        }
+        let total_ms = parts.iter().map(|p| p.2).sum();
+        Ok((StepProfile { context: start + 1, parts, total_ms, copy_gbps, gpu_waited }, logits))
+    }
+
+    /// Bytes a decode step at context `ctx` must read at least: every weight it uses once (attention projections,
+    /// norms, routers, the top-k experts of every MoE layer or the dense MLP, lm_head, one embedding row) and the
+    /// K/V cache of `ctx` positions in every layer.
+    pub fn decode_bytes_floor(&self, ctx: usize) -> u64 {
+        let c = &self.config;
+        let (h, nh, nkv) = (c.hidden_size as u64, c.num_attention_heads as u64, c.num_key_value_heads as u64);
+        let fp8 = |n: u64, k: u64| n * k + (n / 128) * (k / 128) * 4;
+        let mut total = 2 * c.vocab_size as u64 * h + 2 * h + 2 * h; // lm_head, an embedding row, the final norm
+        for l in 0..c.num_hidden_layers {
+            total += fp8(nh * 128, h) + 2 * fp8(nkv * 128, h) + fp8(h, nh * 128) + 2 * 2 * h + 2 * 2 * 128;
+            let (d, router, _) = mlp_as_moe(c, l);
+            if router.is_some() {
+                total += 2 * d.experts as u64 * h;
+            }
+            let i = d.inter as u64;
+            total += d.top_k as u64 * (2 * fp8(i, h) + fp8(h, i));
+            total += 2 * 2 * nkv * 128 * ctx as u64;
+        }
+        total
+    }
+
+    /// lm_head of the final-norm rows `r0 .. r0 + m` (m <= LM_HEAD_MAX_M) into `scratch.logits`.
+    fn enqueue_lm_head(&mut self, r0: usize, m: usize) -> Result<(), RuntimeError> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let sc = &mut self.scratch;
+        hga_lm_head(
+            self.gpu,
+            &sc.xn.slice(r0 * h..(r0 + m) * h),
+            &self.lm_head,
+            &mut sc.logits.slice_mut(0..m * v),
+            m,
             v,
             h,
-        )?;
+        )
+    }
+
+    /// Enqueues the forward of the `t` tokens whose ids and positions are in `scratch.ids` / `scratch.positions`
+    /// (embedding, every layer, the final norm into `scratch.xn`) and returns the residual buffer index after it.
+    /// Only kernel launches (and, when profiling, event records): it can be recorded into a CUDA graph.
+    fn enqueue_layers(&mut self, t: usize, at: StartAt, marks: &mut Marks) -> Result<usize, RuntimeError> {
+        let gpu = self.gpu;
+        let c = &self.config;
+        let (h, nh, nkv, v) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size);
+        let (qw, kw) = (nh * 128, nkv * 128);
+        let start = match at {
+            StartAt::Host(s) => s,
+            StartAt::DeviceUpTo(bound) => bound - t,
+        };
+        let eps = c.rms_norm_eps as f32;
+        let sc = &mut self.scratch;
+        // Embeddings into the residual stream.
+        let cur = self.cur;
+        hga_embed_gather_dev(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[cur].slice_mut(0..t * h), v, h)?;
+        marks.mark(gpu, "embedding")?;
         let mut cur = cur;
         let ashape = AttentionShape { tokens: t, n_heads: nh, n_kv_heads: nkv, capacity: self.capacity, start };
         for (l, layer) in self.layers.iter_mut().enumerate() {
@@ -390,11 +600,13 @@ impl<'g> GpuModel<'g> {
                 )?;
                 cur ^= 1;
             }
+            marks.mark(gpu, "input norm + FP8 quant")?;
             // 2. q, k, v.
             let (xq, xs) = (sc.xq.slice(0..t * h), sc.xs.slice(0..t * h / 128));
             linear(gpu, &layer.q_proj, &xq, &xs, &mut sc.q.slice_mut(0..t * qw), t)?;
             linear(gpu, &layer.k_proj, &xq, &xs, &mut sc.k.slice_mut(0..t * kw), t)?;
             linear(gpu, &layer.v_proj, &xq, &xs, &mut sc.v.slice_mut(0..t * kw), t)?;
+            marks.mark(gpu, "q/k/v FP8 linears")?;
             // 3. q/k norm + RoPE, K/V into the cache.
             let rs = QkNormRopeShape {
                 tokens: t,
@@ -420,17 +632,19 @@ impl<'g> GpuModel<'g> {
                 &mut layer.v_cache,
                 &rs,
             )?;
+            marks.mark(gpu, "q/k norm + RoPE + cache write")?;
             // 4. attention.
-            if t == 1 {
-                hga_attention_decode(
+            if let StartAt::DeviceUpTo(_) = at {
+                hga_attention_decode_upto(
                     gpu,
-                    &sc.qr.slice(0..qw),
+                    &sc.qr.slice(0..t * qw),
                     &layer.k_cache,
                     &layer.v_cache,
                     &mut sc.decode,
-                    &mut sc.attn.slice_mut(0..qw),
-                    &mut sc.lse.slice_mut(0..nh),
+                    &mut sc.attn.slice_mut(0..t * qw),
+                    &mut sc.lse.slice_mut(0..t * nh),
                     &ashape,
+                    &sc.positions.slice(0..1),
                 )?;
             } else {
                 hga_attention_prefill(
@@ -443,6 +657,7 @@ impl<'g> GpuModel<'g> {
                     &ashape,
                 )?;
             }
+            marks.mark(gpu, "attention")?;
             // 5. o_proj.
             hga_fp8_quant(
                 gpu,
@@ -460,6 +675,7 @@ impl<'g> GpuModel<'g> {
                 &mut sc.mlp_out.slice_mut(0..t * h),
                 t,
             )?;
+            marks.mark(gpu, "attention FP8 quant + o_proj")?;
             // 6. post-attention norm (+ the attention output into the residual), bf16 out.
             let (a, b) = split_pair(&mut sc.h, cur);
             hga_rmsnorm(
@@ -473,6 +689,7 @@ impl<'g> GpuModel<'g> {
                 eps,
             )?;
             cur ^= 1;
+            marks.mark(gpu, "post-attention norm")?;
             // 7. MoE (or the dense MLP as a one-expert MoE).
             let Mlp::Moe { router, experts, dims, ws } = &layer.mlp;
             let d = MoeDims { tokens: t, ..*dims };
@@ -484,8 +701,9 @@ impl<'g> GpuModel<'g> {
             } else {
                 moe_grouped(gpu, &x, router, experts, ws, &mut o, &d, RouterForm::Auto)?;
             }
+            marks.mark(gpu, "MoE (router, gate/up, down)")?;
         }
-        // Final norm (+ the last MLP output into the residual), then lm_head in slices of LM_HEAD_MAX_M rows.
+        // Final norm (+ the last MLP output into the residual).
         let (a, b) = split_pair(&mut sc.h, cur);
         hga_rmsnorm(
             gpu,
@@ -497,26 +715,8 @@ impl<'g> GpuModel<'g> {
             h,
             eps,
         )?;
-        cur ^= 1;
-        self.cur = cur;
-        self.len += t;
-        let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
-        let mut out = Vec::with_capacity(rows.len() * v);
-        for r in rows.chunks(LM_HEAD_MAX_M) {
-            let (r0, m) = (r[0], r.len());
-            hga_lm_head(
-                gpu,
-                &sc.xn.slice(r0 * h..(r0 + m) * h),
-                &self.lm_head,
-                &mut sc.logits.slice_mut(0..m * v),
-                m,
-                v,
-                h,
-            )?;
-            out.extend(s.clone_dtoh(&sc.logits.slice(0..m * v))?);
-        }
-        gpu.synchronize()?;
-        Ok(out)
+        marks.mark(gpu, "final norm")?;
+        Ok(cur ^ 1)
     }
 }
 
