@@ -4,23 +4,130 @@
 //!
 //! Shapes: x, residual, residual_out bf16 [rows, dim]; weight bf16 [dim]; q e4m3 [rows, dim]; scale f32
 //! [rows, ceil(dim/128)]. Grid: one block per row; block = 256 threads (8 warps).
-//! Phase 1 is `hga_rmsnorm`'s, thread for thread (same element order, same block sum, same `1 / sqrt.rn`), so the
-//! normalized bf16 row `h = bf16(weight * bf16(x' * inv))` is bit-identical to what `hga_rmsnorm` writes. Phase 2:
-//! warp w quantizes groups w, w + 8, ... exactly as `hga_fp8_quant` does (lane handles elements lane + 32 i of the
-//! group, warp absmax, `scale = max(absmax, 1e-10) / 448`, `q = e4m3(h / scale)`): the output equals
-//! `hga_fp8_quant(hga_rmsnorm(x))` bit for bit, without the bf16 round trip through memory (reads x (and residual)
-//! twice, the second time from L1/L2; writes 1 byte per element instead of 2 + 2 + 1).
+//! Two paths, chosen per launch (uniformly): when dim is whole 128-groups of aligned 16-byte vectors that fit 4 per
+//! thread, the vector path (`rmsnorm_quant_vec`: the row in registers, one round trip to memory, a half-warp per
+//! group); else the scalar path: phase 1 is `hga_rmsnorm`'s scalar loop, then warp w quantizes groups w, w + 8, ...
+//! (lane handles elements lane + 32 i of the group). Both: warp/half-warp absmax, `scale = max(absmax, 1e-10) / 448`,
+//! `q = e4m3(h / scale)` with h = bf16(weight * bf16(x' * inv)): the output is `hga_fp8_quant(hga_rmsnorm(x))`
+//! up to the f32 order of the sum of squares, without the bf16 round trip through memory.
 //! Shared memory: 32 f32 (the block sum); launch with >= 128 bytes.
 use crate::arch::*;
 use crate::num::{E4M3_MAX, FP8_ACT_EPS, FP8_GROUP};
 use crate::params::RmsNormQuantParams;
 
+/// 16-byte vectors (8 elements) per thread held in registers by the vector path.
+const VPT: usize = 4;
+
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_rmsnorm_fp8_quant(p: RmsNormQuantParams) {
-    let row = block_x();
-    if row >= p.rows {
+    if block_x() >= p.rows {
         return;
     }
+    // One uniform choice per launch: the register-resident vector path when the row is whole 128-groups of
+    // aligned 16-byte vectors that fit VPT per thread (Qwen3: dim 2048, one vector per thread), else the scalar
+    // two-pass loop.
+    let aligned = (p.x | p.residual | p.residual_out | p.weight) % 16 == 0 && p.q % 8 == 0;
+    if aligned && p.dim % FP8_GROUP as u32 == 0 && p.dim / 8 <= VPT as u32 * block_dim_x() && block_dim_x() % 32 == 0 {
+        rmsnorm_quant_vec(&p)
+    } else {
+        rmsnorm_quant_scalar(&p)
+    }
+}
+
+/// The vector path: every thread loads its (up to VPT) 16-byte vectors of x (and the residual) at once, writes the
+/// sum, and keeps it in registers; after the block sum each 128-group is 16 consecutive vectors, i.e. one half-warp,
+/// whose absmax is a 4-step shuffle; each thread then writes its 8 e4m3 bytes (one 8-byte store). One round trip to
+/// memory instead of one per element loop step (the scalar loop's loads cannot pass its residual stores: they may
+/// alias). Sums: per thread in vector order, then `block_sum` (the f32 order differs from the scalar path's; the
+/// reference takes the mean of squares in f64).
+#[inline(always)]
+unsafe fn rmsnorm_quant_vec(p: &RmsNormQuantParams) {
+    let nv = (p.dim / 8) as usize;
+    let row = block_x() as usize;
+    let base = 2 * row * p.dim as usize; // byte offset of the row (bf16)
+    let tid = thread_x() as usize;
+    let nt = block_dim_x() as usize;
+    let (x0, s0) = load_sum(p, base, nv, tid);
+    let (x1, s1) = load_sum(p, base, nv, tid + nt);
+    let (x2, s2) = load_sum(p, base, nv, tid + 2 * nt);
+    let (x3, s3) = load_sum(p, base, nv, tid + 3 * nt);
+    let total = block_sum((s0 + s1) + (s2 + s3));
+    let inv = 1.0 / sqrt_rn(total / p.dim as f32 + p.eps);
+    quant_vec(p, row, nv, tid, x0, inv);
+    quant_vec(p, row, nv, tid + nt, x1, inv);
+    quant_vec(p, row, nv, tid + 2 * nt, x2, inv);
+    quant_vec(p, row, nv, tid + 3 * nt, x3, inv);
+}
+
+/// Vector `v` of the row: bf16(x + residual) (written to residual_out) or x, and its sum of squares.
+#[inline(always)]
+unsafe fn load_sum(p: &RmsNormQuantParams, base: usize, nv: usize, v: usize) -> ([u32; 4], f32) {
+    if v >= nv {
+        return ([0; 4], 0.0);
+    }
+    let off = base + 16 * v;
+    let mut w = ld_global_v4((p.x as *const u8).add(off));
+    if p.residual != 0 {
+        let r = ld_global_v4((p.residual as *const u8).add(off));
+        for k in 0..4 {
+            let (a0, a1) = bf16x2_to_f32(w[k]);
+            let (b0, b1) = bf16x2_to_f32(r[k]);
+            w[k] = f32x2_to_bf16x2(a0 + b0, a1 + b1);
+        }
+        st_global_v4((p.residual_out as *mut u8).add(off), w);
+    }
+    let mut ss = 0f32;
+    for &wk in &w {
+        let (a0, a1) = bf16x2_to_f32(wk);
+        ss += a0 * a0 + a1 * a1;
+    }
+    (w, ss)
+}
+
+/// Normalizes vector `v` (h = bf16(weight * bf16(x * inv))) and quantizes it with its 128-group's scale: the group
+/// is the half-warp holding vectors 16 g .. 16 g + 15 (all 16 in range or none, as dim % 128 == 0).
+#[inline(always)]
+unsafe fn quant_vec(p: &RmsNormQuantParams, row: usize, nv: usize, v: usize, x: [u32; 4], inv: f32) {
+    let live = v < nv;
+    let mut h = [0f32; 8];
+    let mut amax = 0f32;
+    if live {
+        let wt = ld_global_v4((p.weight as *const u8).add(16 * v));
+        for k in 0..4 {
+            let (a0, a1) = bf16x2_to_f32(x[k]);
+            let (w0, w1) = bf16x2_to_f32(wt[k]);
+            let (n0, n1) = bf16x2_to_f32(f32x2_to_bf16x2(a0 * inv, a1 * inv));
+            let (h0, h1) = bf16x2_to_f32(f32x2_to_bf16x2(w0 * n0, w1 * n1));
+            h[2 * k] = h0;
+            h[2 * k + 1] = h1;
+            amax = fmax(amax, fmax(fabs(h0), fabs(h1)));
+        }
+    }
+    // Every lane shuffles (the whole warp is converged here); lanes of a half-warp share one group.
+    amax = fmax(amax, shfl_xor_f32(amax, 8));
+    amax = fmax(amax, shfl_xor_f32(amax, 4));
+    amax = fmax(amax, shfl_xor_f32(amax, 2));
+    amax = fmax(amax, shfl_xor_f32(amax, 1));
+    if !live {
+        return;
+    }
+    let a = if amax > FP8_ACT_EPS { amax } else { FP8_ACT_EPS };
+    let scale = a / E4M3_MAX;
+    let q2 = |k: usize| f32x2_to_e4m3x2(h[2 * k] / scale, h[2 * k + 1] / scale) as u32;
+    let lo = q2(0) | (q2(1) << 16);
+    let hi = q2(2) | (q2(3) << 16);
+    let dst = (p.q as *mut u8).add(row * p.dim as usize + 8 * v);
+    core::arch::asm!("st.global.v2.u32 [{0}], {{{1}, {2}}};", in(reg64) dst, in(reg32) lo, in(reg32) hi,
+        options(nostack));
+    if v % 16 == 0 {
+        *(p.scale as *mut f32).add(row * (p.dim as usize / FP8_GROUP) + v / 16) = scale;
+    }
+}
+
+#[inline(always)]
+unsafe fn rmsnorm_quant_scalar(p: &RmsNormQuantParams) {
+    let p = *p;
+    let row = block_x();
     let dim = p.dim as usize;
     let base = row as usize * dim;
     let x = (p.x as *const u16).add(base);
