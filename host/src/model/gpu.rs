@@ -3,8 +3,8 @@
 //! Per layer (QWEN3.md), for a chunk of `t` tokens at positions `start..start + t`:
 //! 1. `input_layernorm` fused with the residual add of the previous layer's MLP output and with the FP8 activation
 //!    quantization (`hga_rmsnorm_fp8_quant`);
-//! 2. q/k/v block-scaled FP8 linears (`hga_fp8_linear`: the decode kernel up to 16 rows, the mma.sync pipeline
-//!    above);
+//! 2. q/k/v as one block-scaled FP8 linear (the three weights stacked along n at load; `hga_fp8_linear`: the
+//!    decode kernel up to 16 rows, the mma.sync pipeline above);
 //! 3. per-head q/k RMSNorm + NeoX RoPE, K and V written into the layer's cache (`hga_qk_norm_rope`);
 //! 4. causal GQA attention over the cache: split-K decode for one token, FlashAttention-style prefill otherwise;
 //! 5. FP8 quantization of the attention output, `o_proj`;
@@ -68,9 +68,8 @@ enum Mlp {
 struct Layer {
     input_layernorm: CudaSlice<bf16>,
     post_attention_layernorm: CudaSlice<bf16>,
-    q_proj: Fp8Linear,
-    k_proj: Fp8Linear,
-    v_proj: Fp8Linear,
+    /// q_proj, k_proj and v_proj stacked along n: one launch, outputs side by side in a row of `qkv`.
+    qkv_proj: Fp8Linear,
     o_proj: Fp8Linear,
     q_norm: CudaSlice<bf16>,
     k_norm: CudaSlice<bf16>,
@@ -87,9 +86,8 @@ struct Scratch {
     xn: CudaSlice<bf16>,
     xq: CudaSlice<u8>,
     xs: CudaSlice<f32>,
-    q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    /// [t, q | k | v] (the stacked projection's output)
+    qkv: CudaSlice<bf16>,
     qr: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
@@ -246,10 +244,31 @@ pub(crate) fn checked_fp8_weight<'c>(ck: &'c Checkpoint, name: &str) -> Result<F
 }
 
 fn fp8_linear(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<Fp8Linear, GpuModelError> {
-    let w = checked_fp8_weight(ck, name)?;
-    let [n, k] = w.shape;
+    fp8_linear_stacked(gpu, ck, &[name])
+}
+
+/// FP8 linears of one input stacked along n into one: their rows one after the other, and (n being multiples of
+/// 128) their [n/128, k/128] scale blocks too. Each output is the same dot product as in its own linear; the
+/// outputs of one input row lie side by side.
+fn fp8_linear_stacked(gpu: &Gpu, ck: &Checkpoint, names: &[impl AsRef<str>]) -> Result<Fp8Linear, GpuModelError> {
+    let (mut data, mut scales, mut n, mut k) = (Vec::new(), Vec::new(), 0, None);
+    for name in names {
+        let w = checked_fp8_weight(ck, name.as_ref())?;
+        if k.is_some_and(|k| k != w.shape[1]) {
+            return Err(GpuModelError::Unsupported(format!(
+                "{}: {} input features, the linears stacked with it have {}",
+                name.as_ref(),
+                w.shape[1],
+                k.unwrap_or(0)
+            )));
+        }
+        k = Some(w.shape[1]);
+        n += w.shape[0];
+        data.extend_from_slice(w.data);
+        scales.extend_from_slice(&w.scales);
+    }
     let s = gpu.stream();
-    Ok(Fp8Linear { w: s.clone_htod(w.data)?, s: s.clone_htod(&w.scales)?, n, k })
+    Ok(Fp8Linear { w: s.clone_htod(&data)?, s: s.clone_htod(&scales)?, n, k: k.unwrap_or(0) })
 }
 
 impl<'g> GpuModel<'g> {
@@ -296,9 +315,11 @@ impl<'g> GpuModel<'g> {
             layers.push(Layer {
                 input_layernorm: bf16_tensor(gpu, ck, &format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: bf16_tensor(gpu, ck, &format!("{p}.post_attention_layernorm.weight"))?,
-                q_proj: fp8_linear(gpu, ck, &format!("{p}.self_attn.q_proj.weight"))?,
-                k_proj: fp8_linear(gpu, ck, &format!("{p}.self_attn.k_proj.weight"))?,
-                v_proj: fp8_linear(gpu, ck, &format!("{p}.self_attn.v_proj.weight"))?,
+                qkv_proj: fp8_linear_stacked(
+                    gpu,
+                    ck,
+                    &["q_proj", "k_proj", "v_proj"].map(|m| format!("{p}.self_attn.{m}.weight")),
+                )?,
                 o_proj: fp8_linear(gpu, ck, &format!("{p}.self_attn.o_proj.weight"))?,
                 q_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.k_norm.weight"))?,
@@ -318,9 +339,7 @@ impl<'g> GpuModel<'g> {
             xn: z16(t * h)?,
             xq: s.alloc_zeros::<u8>(t * h)?,
             xs: s.alloc_zeros::<f32>(t * h / 128)?,
-            q: z16(t * nh * 128)?,
-            k: z16(t * nkv * 128)?,
-            v: z16(t * nkv * 128)?,
+            qkv: z16(t * (nh + 2 * nkv) * 128)?,
             qr: z16(t * nh * 128)?,
             attn: z16(t * nh * 128)?,
             lse: s.alloc_zeros::<f32>(t * nh)?,
@@ -603,27 +622,26 @@ impl<'g> GpuModel<'g> {
             marks.mark(gpu, "input norm + FP8 quant")?;
             // 2. q, k, v.
             let (xq, xs) = (sc.xq.slice(0..t * h), sc.xs.slice(0..t * h / 128));
-            linear(gpu, &layer.q_proj, &xq, &xs, &mut sc.q.slice_mut(0..t * qw), t)?;
-            linear(gpu, &layer.k_proj, &xq, &xs, &mut sc.k.slice_mut(0..t * kw), t)?;
-            linear(gpu, &layer.v_proj, &xq, &xs, &mut sc.v.slice_mut(0..t * kw), t)?;
-            marks.mark(gpu, "q/k/v FP8 linears")?;
+            let qkvw = qw + 2 * kw;
+            linear(gpu, &layer.qkv_proj, &xq, &xs, &mut sc.qkv.slice_mut(0..t * qkvw), t)?;
+            marks.mark(gpu, "q/k/v FP8 linear (stacked)")?;
             // 3. q/k norm + RoPE, K/V into the cache.
             let rs = QkNormRopeShape {
                 tokens: t,
                 n_heads: nh,
                 n_kv_heads: nkv,
                 capacity: self.capacity,
-                q_stride: qw,
-                k_stride: kw,
-                v_stride: kw,
+                q_stride: qkvw,
+                k_stride: qkvw,
+                v_stride: qkvw,
                 eps,
                 theta: c.rope_theta,
             };
             hga_qk_norm_rope(
                 gpu,
-                &sc.q.slice(0..t * qw),
-                &sc.k.slice(0..t * kw),
-                &sc.v.slice(0..t * kw),
+                &sc.qkv.slice(0..t * qkvw),
+                &sc.qkv.slice(qw..t * qkvw),
+                &sc.qkv.slice(qw + kw..t * qkvw),
                 &sc.positions.slice(0..t),
                 &layer.q_norm,
                 &layer.k_norm,
