@@ -5,9 +5,12 @@
 //!
 //! Device events, warm-up, median of many; the expert weights rotate over 2 full sets of 128 experts (1.2 GB) and
 //! the activations over 16 sets, the router weights over 128 sets (64 MB), so nothing is served from L2 across
-//! iterations. Without a GPU: a SKIP line.
+//! iterations (the decode kernels timed alone rotate over 16 disjoint sets of 8 experts in each weight set).
+//! The decode layer and the decode expert kernels are timed in both versions (v1 and v2, docs/perf-moe.md), each
+//! twice: replayed from a CUDA graph (`time_graph_ms`: no host launch cost, the figure compared with the floor)
+//! and with host launches (`time_ms`, labelled "with host launch"). Without a GPU: a SKIP line.
 mod common;
-use common::time_ms;
+use common::{time_graph_ms, time_ms};
 use half::bf16;
 use hga::check::moe as cm;
 use hga::kernels::moe::{self as km, MoeExpertWeights, MoeWorkspace, RouterForm};
@@ -76,7 +79,7 @@ fn main() {
     {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
-        let ms = time_ms(&gpu, 5, 200, |i| {
+        let mut router = |i: usize| {
             km::hga_moe_router(
                 &gpu,
                 &xs[i % XSETS].slice(0..t * h),
@@ -89,15 +92,22 @@ fn main() {
                 form,
             )
             .unwrap()
-        });
+        };
+        let ms = time_ms(&gpu, 5, 200, &mut router);
+        // The decode layer's router (T = 1, Auto) also without host launch cost.
+        let ms_g =
+            if t == 1 && form == RouterForm::Auto { Some(time_graph_ms(&gpu, 32, 50, &mut router)) } else { None };
         let bytes = (e * h * 2 + t * h * 2) as f64;
-        rows.push(Row {
-            name: format!("hga_moe_router {form:?}"),
-            shape: format!("T={t} E={e} k={k}"),
-            us: ms * 1e3,
-            metric: format!("{:.0} GB/s", bytes / ms / 1e6),
-            ratio: String::new(),
-        });
+        for (how, ms) in [("", Some(ms)), (" (graph)", ms_g)] {
+            let Some(ms) = ms else { continue };
+            rows.push(Row {
+                name: format!("hga_moe_router {form:?}{how}"),
+                shape: format!("T={t} E={e} k={k}"),
+                us: ms * 1e3,
+                metric: format!("{:.0} GB/s", bytes / ms / 1e6),
+                ratio: String::new(),
+            });
+        }
     }
 
     // Grouping.
@@ -123,61 +133,89 @@ fn main() {
     let wsets: Vec<MoeExpertWeights> =
         (0..2).map(|_| MoeExpertWeights::upload(&gpu, &cm::random_experts(&d1, &mut rng)).unwrap()).collect();
 
-    // Decode: the whole layer (router + gate/up + down) and its parts, T = 1 and T = 4.
-    for t in [1usize, 4] {
-        let d = MoeDims::qwen3_30b_a3b(t);
-        let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
-        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
-        let ms = time_ms(&gpu, 5, 300, |i| {
-            let x = xs[i % XSETS].slice(0..t * h);
-            km::moe_decode(
-                &gpu,
-                &x,
-                &rws[i % RSETS],
-                &wsets[i % 2],
-                &mut ws,
-                &mut outs[i % XSETS],
-                &d,
-                RouterForm::Auto,
-            )
+    // Decode, both versions of the expert kernels: the whole layer (router + gate/up + down) at T = 1 and T = 4,
+    // and each expert kernel alone at T = 1. Each is timed twice: replayed from a CUDA graph (no host launch cost;
+    // the figure to compare with the floor) and with host launches (`time_ms`, the version-1 table's method).
+    // A graph holds GRAPH_REPS consecutive calls, so the rotation below is inside every replay.
+    const GRAPH_REPS: usize = 32;
+    const ID_SETS: usize = 16;
+    // Expert ids for the kernels alone: set j picks experts 8j .. 8j + 8 (disjoint sets), and call i uses weight set
+    // i % 2 with id set (i / 2) % 16, so 32 consecutive calls read 32 x 37.75 MB of distinct weights.
+    let id_sets: Vec<_> = (0..ID_SETS)
+        .map(|j| s.clone_htod(&(0..k as u32).map(|i| (8 * j as u32 + i) % e as u32).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let rw_set = s.clone_htod(&vec![1.0f32 / k as f32; k]).unwrap();
+    let gu_bytes = (k * 2 * h * inter) as f64;
+    let dn_bytes = (k * h * inter) as f64;
+    for v in [km::DecodeVersion::V1, km::DecodeVersion::V2] {
+        let tag = if v == km::DecodeVersion::V1 { "v1" } else { "v2" };
+        for t in [1usize, 4] {
+            let d = MoeDims::qwen3_30b_a3b(t);
+            let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
+            let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
+            let mut layer = |i: usize| {
+                let x = xs[i % XSETS].slice(0..t * h);
+                km::moe_decode_version(
+                    &gpu,
+                    &x,
+                    &rws[i % RSETS],
+                    &wsets[i % 2],
+                    &mut ws,
+                    &mut outs[i % XSETS],
+                    &d,
+                    RouterForm::Auto,
+                    v,
+                )
+                .unwrap()
+            };
+            let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
+            let ms_h = time_ms(&gpu, 5, 300, &mut layer);
+            // T = 4: up to 32 expert streams (tokens may share experts; each (token, slot) streams its own copy).
+            let bytes = expert_bytes * t as f64;
+            for (how, ms) in [("graph", ms_g), ("with host launch", ms_h)] {
+                rows.push(Row {
+                    name: format!("MoE decode layer {tag} ({how})"),
+                    shape: format!("T={t}"),
+                    us: ms * 1e3,
+                    metric: format!("{:.0} GB/s", bytes / ms / 1e6),
+                    ratio: format!("{:.2}x floor", ms * 1e3 / (floor_us * t as f64)),
+                });
+            }
+        }
+        // Kernels alone at T = 1 (ids / weights / inter from the fixed sets above; inter is whatever the last call
+        // left, which does not change the bytes streamed).
+        let d = MoeDims::qwen3_30b_a3b(1);
+        let mut inter_buf = s.alloc_zeros::<bf16>(k * inter).unwrap();
+        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(h).unwrap()).collect();
+        let mut gate_up = |i: usize| {
+            let (x, wt, ids) = (xs[i % XSETS].slice(0..h), &wsets[i % 2], &id_sets[(i / 2) % ID_SETS]);
+            match v {
+                km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d),
+                km::DecodeVersion::V2 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d),
+            }
             .unwrap()
-        });
-        // Distinct experts actually streamed (T = 4 tokens may share some).
-        let bytes = expert_bytes * t as f64;
-        let floor = if t == 1 { floor_us } else { f64::NAN };
-        rows.push(Row {
-            name: "MoE decode layer (3 launches)".into(),
-            shape: format!("T={t}"),
-            us: ms * 1e3,
-            metric: format!("{:.0} GB/s", bytes.min(expert_bytes * 128.0) / ms / 1e6),
-            ratio: if t == 1 { format!("{:.2}x floor", ms * 1e3 / floor) } else { "(<= T*8 experts)".into() },
-        });
-        if t == 1 {
-            // Parts: gate/up alone and down alone (after one full step has filled ids / inter).
-            let ms_gu = time_ms(&gpu, 5, 300, |i| {
-                km::hga_moe_gate_up_decode(&gpu, &xs[i % XSETS].slice(0..h), &wsets[i % 2], &ws.ids, &mut ws.inter, &d)
-                    .unwrap()
-            });
-            let gu_bytes = (k * 2 * h * inter) as f64;
-            rows.push(Row {
-                name: "  hga_moe_gate_up_decode".into(),
-                shape: "T=1".into(),
-                us: ms_gu * 1e3,
-                metric: format!("{:.0} GB/s", gu_bytes / ms_gu / 1e6),
-                ratio: format!("{:.2}x copy", gu_bytes / ms_gu / 1e6 / copy_gbs),
-            });
-            let ms_dn = time_ms(&gpu, 5, 300, |i| {
-                km::hga_moe_down_decode(&gpu, &ws.inter, &wsets[i % 2], &ws.ids, &ws.weights, &mut outs[i % XSETS], &d)
-                    .unwrap()
-            });
-            let dn_bytes = (k * h * inter) as f64;
-            rows.push(Row {
-                name: "  hga_moe_down_decode".into(),
-                shape: "T=1".into(),
-                us: ms_dn * 1e3,
-                metric: format!("{:.0} GB/s", dn_bytes / ms_dn / 1e6),
-                ratio: format!("{:.2}x copy", dn_bytes / ms_dn / 1e6 / copy_gbs),
-            });
+        };
+        let gu = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut gate_up), time_ms(&gpu, 5, 300, &mut gate_up)];
+        let mut down = |i: usize| {
+            let (wt, ids, o) = (&wsets[i % 2], &id_sets[(i / 2) % ID_SETS], &mut outs[i % XSETS]);
+            match v {
+                km::DecodeVersion::V1 => km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+                km::DecodeVersion::V2 => km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+            }
+            .unwrap()
+        };
+        let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
+        for (kname, bytes, ms2) in [("gate_up", gu_bytes, gu), ("down", dn_bytes, dn)] {
+            for (how, ms) in [("graph", ms2[0]), ("with host launch", ms2[1])] {
+                let gbs = bytes / ms / 1e6;
+                rows.push(Row {
+                    name: format!("  hga_moe_{kname}_decode{} ({how})", if tag == "v1" { "_v1" } else { "" }),
+                    shape: "T=1".into(),
+                    us: ms * 1e3,
+                    metric: format!("{gbs:.0} GB/s"),
+                    ratio: format!("{:.2}x copy", gbs / copy_gbs),
+                });
+            }
         }
     }
 

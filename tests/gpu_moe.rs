@@ -96,6 +96,37 @@ fn gpu_moe_decode_matches_reference() {
     });
 }
 
+/// Version 1 of the decode expert kernels (kept for comparison in bench_moe) stays correct too.
+#[test]
+fn gpu_moe_decode_v1_matches_reference() {
+    let Some(gpu) = gpu("gpu_moe_decode_v1_matches_reference") else { return };
+    let t = prop_oneof![Just(1usize), prop::sample::select(vec![2usize, 3, 4, 5, 7, 8, 13, 17])];
+    proptest!(cases(), |(seed in any::<u64>(), t in t, (h, i, e, k, n) in small_dims())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV1, &mut rng).unwrap())?;
+    });
+}
+
+/// The decode path at top-k 9..=32 (the launchers allow up to `MOE_MAX_TOPK`; an odd number of (slot, k block)
+/// units pairs the last one with zeros in version 2's down kernel) and at larger hidden / inter.
+#[test]
+fn gpu_moe_decode_wide_topk() {
+    let Some(gpu) = gpu("gpu_moe_decode_wide_topk") else { return };
+    let dims = (
+        prop::sample::select(vec![128usize, 640, 2048]),
+        prop::sample::select(vec![128usize, 384, 768, 1152]),
+        prop::sample::select(vec![32usize, 33]),
+        9usize..=32,
+    );
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=5, (h, i, e, k) in dims, v1 in any::<bool>())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: true };
+        let path = if v1 { MoePath::DecodeV1 } else { MoePath::Decode };
+        assert_ok(cm::moe(gpu, &d, path, &mut rng).unwrap())?;
+    });
+}
+
 #[test]
 fn gpu_moe_grouped_matches_reference() {
     let Some(gpu) = gpu("gpu_moe_grouped_matches_reference") else { return };
@@ -113,7 +144,7 @@ fn gpu_moe_qwen3_shape_both_paths() {
     for t in [1usize, 4] {
         let d = MoeDims::qwen3_30b_a3b(t);
         let inp = cm::random_inputs(&d, &mut rng);
-        for path in [MoePath::Decode, MoePath::Grouped] {
+        for path in [MoePath::Decode, MoePath::DecodeV1, MoePath::Grouped] {
             assert_ok(cm::moe_with(gpu, &d, path, &inp).unwrap()).unwrap();
         }
     }

@@ -5,7 +5,10 @@
 //! - [`group`]: counts, offsets and a deterministic permutation of the (token, slot) entries by expert.
 //! - [`gate_up_decode`] / [`down_decode`]: the few-token path; every (token, slot) streams its expert's weights
 //!   once with 16-byte loads, all experts of the step in one launch each. The down kernel sums the slots of a token
-//!   in fixed order in shared memory (no atomics).
+//!   in fixed order in shared memory (no atomics). Version 2: each warp issues its whole share of the weight stream
+//!   before the activation quantization (warp-cooperative, [`quant_group_warp`]) that it overlaps; 8-row blocks
+//!   (768 + 256 blocks at the Qwen3 shape). [`gate_up_decode_v1`] / [`down_decode_v1`] are version 1, kept for
+//!   comparison (docs/perf-moe.md).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
@@ -18,12 +21,22 @@ use crate::arch::*;
 
 pub mod combine;
 pub mod down_decode;
+pub mod down_decode_v1;
 pub mod down_grouped;
 pub mod gate_up_decode;
+pub mod gate_up_decode_v1;
 pub mod gate_up_grouped;
 pub mod group;
 pub mod router;
 pub mod router_splitk;
+
+/// `unroll!(u in [0, 1, 2] { body })`: the body once per listed literal, with `u: usize` bound to it, so arrays
+/// indexed by `u` stay in registers (a `for` loop with a large body is not always unrolled by LLVM, and a
+/// dynamically indexed array goes to local memory).
+macro_rules! unroll {
+    ($u:ident in [$($i:literal),*] $body:block) => { $( { let $u: usize = $i; $body } )* };
+}
+pub(crate) use unroll;
 
 /// 16-byte read-only global load (`ld.global.nc.v4.u32`).
 ///
@@ -47,6 +60,62 @@ pub(crate) unsafe fn ld_stream_v4(p: *const u8) -> [u32; 4] {
     core::arch::asm!("ld.global.nc.L1::no_allocate.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
         out(reg32) r[0], out(reg32) r[1], out(reg32) r[2], out(reg32) r[3], in(reg64) p, options(nostack, readonly));
     r
+}
+
+/// 8-byte read-only global load (`ld.global.nc.v2.u32`); not `pure`, so it stays after the loads issued before it
+/// in program order (the decode kernels issue their weight stream first).
+///
+/// # Safety
+/// `p` is 8-byte aligned and readable.
+#[inline(always)]
+pub(crate) unsafe fn ld_nc_v2(p: *const u8) -> [u32; 2] {
+    let mut r = [0u32; 2];
+    core::arch::asm!("ld.global.nc.v2.u32 {{{0}, {1}}}, [{2}];",
+        out(reg32) r[0], out(reg32) r[1], in(reg64) p, options(nostack, readonly));
+    r
+}
+
+/// 4-byte read-only global load (`ld.global.nc.b32`) of small per-block values (ids, scales, routing weights).
+///
+/// # Safety
+/// `p` is 4-byte aligned and readable.
+#[inline(always)]
+pub(crate) unsafe fn ld_nc_b32(p: *const u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("ld.global.nc.b32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack, readonly));
+    r
+}
+
+/// Warp-cooperative quantization of one 128-wide bf16 activation group (`row` points at its first element):
+/// lane L loads elements 4L..4L+4 (one 8-byte load; the warp reads the group's 256 bytes once) and returns their
+/// 4 e4m3 bytes in element order (= bytes 4L..4L+4 of the quantized group) and the group scale (every lane).
+/// The rule is `hga_fp8_quant`'s: `scale = max(absmax, 1e-10) / 448`, `q = e4m3(x / scale)` (IEEE division).
+///
+/// # Safety
+/// `row` is 8-byte aligned with 128 readable bf16; all 32 lanes call.
+#[inline(always)]
+pub(crate) unsafe fn quant_group_warp(row: *const u16, lane: u32) -> (u32, f32) {
+    let v = ld_nc_v2(row.add(4 * lane as usize) as *const u8);
+    let (a, b) = bf16x2_to_f32(v[0]);
+    let (c, d) = bf16x2_to_f32(v[1]);
+    let amax = warp_max(fmax(fmax(fabs(a), fabs(b)), fmax(fabs(c), fabs(d))));
+    let m = if amax > crate::num::FP8_ACT_EPS { amax } else { crate::num::FP8_ACT_EPS };
+    let scale = m / crate::num::E4M3_MAX;
+    let lo = f32x2_to_e4m3x2(a / scale, b / scale) as u32;
+    let hi = f32x2_to_e4m3x2(c / scale, d / scale) as u32;
+    (lo | (hi << 16), scale)
+}
+
+/// The B fragment (k-permuted, as [`mma_e4m3_chunk`] takes it) of lane (g, t) from [`quant_group_warp`]'s
+/// per-lane bytes `q`: bytes 16 t .. 16 t + 16 (lanes 4t .. 4t+4) and 64 + 16 t .. (lanes 16 + 4t ..) of the
+/// quantized group, by 8 `shfl.idx`. Every lane gets the fragment of its t, so every column of B is the activation.
+#[inline(always)]
+pub(crate) fn group_frag(q: u32, t: u32) -> ([u32; 4], [u32; 4]) {
+    let s = 4 * t;
+    (
+        [shfl_idx_u32(q, s), shfl_idx_u32(q, s + 1), shfl_idx_u32(q, s + 2), shfl_idx_u32(q, s + 3)],
+        [shfl_idx_u32(q, 16 + s), shfl_idx_u32(q, 17 + s), shfl_idx_u32(q, 18 + s), shfl_idx_u32(q, 19 + s)],
+    )
 }
 
 /// Two m16n8k32 e4m3 products over one 64-byte k chunk with k-permuted fragments: `ag` / `ag8` are the 16 bytes

@@ -8,6 +8,12 @@ pub const MOE_ROUTER_TILE: usize = 16;
 pub const MOE_MAX_EXPERTS: usize = 256;
 /// Largest top-k.
 pub const MOE_MAX_TOPK: usize = 32;
+/// Warps per block of `hga_moe_gate_up_decode` (version 2); a block owns 8 intermediate columns of one (token, slot).
+pub const MOE_GATE_UP_DECODE_WARPS: usize = 4;
+/// Warps per block of `hga_moe_down_decode` (version 2); a block owns 8 output rows of one token.
+pub const MOE_DOWN_DECODE_WARPS: usize = 8;
+/// Rows (gate/up: intermediate columns; down: output rows) per block of the version-2 decode kernels.
+pub const MOE_DECODE_ROWS: usize = 8;
 /// Rows (sorted (token, slot) entries) per block tile of the grouped (prefill) expert kernels.
 pub const MOE_GROUP_TILE_M: usize = 64;
 

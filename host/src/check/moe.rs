@@ -22,7 +22,10 @@ use rand::Rng;
 /// Which expert path to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
+    /// `moe_decode` (decode expert kernels, version 2)
     Decode,
+    /// the decode path on version 1 of the decode expert kernels (kept for comparison)
+    DecodeV1,
     Grouped,
 }
 
@@ -255,6 +258,10 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
     let mut out = s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * d.hidden])?;
     match path {
         MoePath::Decode => km::moe_decode(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
+        MoePath::DecodeV1 => {
+            let v = km::DecodeVersion::V1;
+            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, v)?
+        }
         MoePath::Grouped => km::moe_grouped(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
     }
     let got: Vec<f32> = s.clone_dtoh(&out)?.iter().map(|v| v.to_f32()).collect();

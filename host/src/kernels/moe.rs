@@ -1,6 +1,6 @@
 //! Launchers of the MoE kernels (gpu-kernels/src/moe/*) and the two composed paths:
 //! [`moe_decode`] (router + fused decode expert kernels, 3 launches, no grouping needed: the expert kernels read
-//! the router's ids directly) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
+//! the router's ids directly; [`moe_decode_version`] also runs version 1 of the expert kernels) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
 //! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::reference::moe::{MoeDims, MoeHostWeights};
@@ -8,7 +8,8 @@ use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
-    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK, MOE_ROUTER_TILE,
+    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS,
+    MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK, MOE_ROUTER_TILE,
 };
 use half::bf16;
 
@@ -245,8 +246,22 @@ impl MoeExpertWeights {
     }
 }
 
+/// Which version of the decode expert kernels to run (see docs/perf-moe.md). [`moe_decode`] runs the current
+/// one; version 1 is kept so that the bench and the tests can compare both in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeVersion {
+    /// `hga_moe_{gate_up,down}_decode_v1`: grid (inter / 16, pairs) and (hidden / 16, tokens)
+    V1,
+    /// `hga_moe_{gate_up,down}_decode`: grid (inter / 8, pairs) x 4 warps and (hidden / 8, tokens) x 8 warps,
+    /// weight stream issued before the activation quantization
+    V2,
+}
+
+/// Largest grid.y of a launch.
+const GRID_Y_MAX: usize = 65535;
+
 /// Decode gate/up: x bf16 [tokens, hidden], ids [tokens, top_k] -> inter bf16 [tokens * top_k, inter]
-/// (row = token * top_k + slot).
+/// (row = token * top_k + slot). Runs version 2 (`hga_moe_gate_up_decode`).
 pub fn hga_moe_gate_up_decode(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
@@ -254,6 +269,30 @@ pub fn hga_moe_gate_up_decode(
     ids: &impl DevicePtr<u32>,
     inter: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V2)
+}
+
+/// Version 1 of [`hga_moe_gate_up_decode`] (`hga_moe_gate_up_decode_v1`), same arguments and result.
+pub fn hga_moe_gate_up_decode_v1(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    inter: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V1)
+}
+
+fn gate_up_decode(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    inter: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+    v: DecodeVersion,
 ) -> Result<(), RuntimeError> {
     check_dims(d)?;
     let n = d.tokens * d.top_k;
@@ -263,22 +302,32 @@ pub fn hga_moe_gate_up_decode(
     if n == 0 {
         return Ok(());
     }
+    if n > GRID_Y_MAX {
+        return Err(shape_err(format!(
+            "moe gate_up decode: tokens * top_k = {n} > {GRID_Y_MAX} (use the grouped path)"
+        )));
+    }
     let (mut p, _g) = w.params(gpu, d)?;
     let (px, _a) = dptr(gpu, x);
     let (pi, _b) = dptr(gpu, ids);
     let (ph, _c) = dptr_mut(gpu, inter);
     (p.x, p.ids, p.inter) = (px, pi, ph);
+    let (name, cols, threads) = match v {
+        DecodeVersion::V1 => ("hga_moe_gate_up_decode_v1", 16usize, 128usize),
+        DecodeVersion::V2 => ("hga_moe_gate_up_decode", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
+    };
     let cfg = LaunchConfig {
-        grid_dim: ((d.inter / 16) as u32, dim_u32("moe gate_up pairs", n)?, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 512,
+        grid_dim: ((d.inter / cols) as u32, n as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        // [warps][columns][gate, up] f32
+        shared_mem_bytes: (threads / 32 * cols * 2 * 4) as u32,
     };
     // SAFETY: lengths checked above; ids must be < experts (router output).
-    unsafe { launch(gpu, "hga_moe_gate_up_decode", cfg, p) }
+    unsafe { launch(gpu, name, cfg, p) }
 }
 
 /// Decode down + weighted slot sum: inter bf16 [tokens * top_k, inter], ids / weights [tokens, top_k] ->
-/// out bf16 [tokens, hidden].
+/// out bf16 [tokens, hidden]. Runs version 2 (`hga_moe_down_decode`).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_moe_down_decode(
     gpu: &Gpu,
@@ -289,6 +338,35 @@ pub fn hga_moe_down_decode(
     out: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
 ) -> Result<(), RuntimeError> {
+    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V2)
+}
+
+/// Version 1 of [`hga_moe_down_decode`] (`hga_moe_down_decode_v1`), same arguments and result (up to the
+/// order of the f32 sum).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_moe_down_decode_v1(
+    gpu: &Gpu,
+    inter: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    weights: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V1)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn down_decode(
+    gpu: &Gpu,
+    inter: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    weights: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+    v: DecodeVersion,
+) -> Result<(), RuntimeError> {
     check_dims(d)?;
     let n = d.tokens * d.top_k;
     check_len("moe down inter", inter.len(), n * d.inter)?;
@@ -298,19 +376,30 @@ pub fn hga_moe_down_decode(
     if n == 0 {
         return Ok(());
     }
+    if d.tokens > GRID_Y_MAX {
+        return Err(shape_err(format!("moe down decode: tokens = {} > {GRID_Y_MAX}", d.tokens)));
+    }
     let (mut p, _g) = w.params(gpu, d)?;
     let (ph, _a) = dptr(gpu, inter);
     let (pi, _b) = dptr(gpu, ids);
     let (pw, _c) = dptr(gpu, weights);
     let (po, _d) = dptr_mut(gpu, out);
     (p.inter, p.ids, p.weights, p.out) = (ph, pi, pw, po);
-    let cfg = LaunchConfig {
-        grid_dim: ((d.hidden / 16) as u32, dim_u32("moe down tokens", d.tokens)?, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: (d.top_k * 16 * 4) as u32,
+    let cfg = match v {
+        DecodeVersion::V1 => LaunchConfig {
+            grid_dim: ((d.hidden / 16) as u32, d.tokens as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (d.top_k * 16 * 4) as u32, // [top_k][16 rows] f32
+        },
+        DecodeVersion::V2 => LaunchConfig {
+            grid_dim: ((d.hidden / MOE_DECODE_ROWS) as u32, d.tokens as u32, 1),
+            block_dim: (32 * MOE_DOWN_DECODE_WARPS as u32, 1, 1),
+            shared_mem_bytes: (MOE_DOWN_DECODE_WARPS * MOE_DECODE_ROWS * 4) as u32, // [warps][rows] f32
+        },
     };
-    // SAFETY: lengths checked above.
-    unsafe { launch(gpu, "hga_moe_down_decode", cfg, p) }
+    let name = if v == DecodeVersion::V1 { "hga_moe_down_decode_v1" } else { "hga_moe_down_decode" };
+    // SAFETY: lengths checked above; ids must be < experts (router output).
+    unsafe { launch(gpu, name, cfg, p) }
 }
 
 /// Upper bound of the grouped kernels' block tiles: ceil(tokens * top_k / 64) + experts.
@@ -498,8 +587,8 @@ impl MoeWorkspace {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The decode path: router (split-K for few tokens) + gate/up decode + down decode. x bf16 [tokens, hidden],
-/// router_w bf16 [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
+/// The decode path: router (split-K for few tokens) + gate/up decode + down decode (version 2). x bf16
+/// [tokens, hidden], router_w bf16 [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
 pub fn moe_decode(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
@@ -509,6 +598,22 @@ pub fn moe_decode(
     out: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
     form: RouterForm,
+) -> Result<(), RuntimeError> {
+    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, DecodeVersion::V2)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// [`moe_decode`] with a chosen version of the decode expert kernels.
+pub fn moe_decode_version(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    router_w: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ws: &mut MoeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+    form: RouterForm,
+    v: DecodeVersion,
 ) -> Result<(), RuntimeError> {
     ws.fits(d)?;
     let (t, k) = (d.tokens, d.top_k);
@@ -523,8 +628,8 @@ pub fn moe_decode(
         d,
         form,
     )?;
-    hga_moe_gate_up_decode(gpu, x, w, &ws.ids.slice(0..t * k), &mut ws.inter.slice_mut(0..t * k * d.inter), d)?;
-    hga_moe_down_decode(
+    gate_up_decode(gpu, x, w, &ws.ids.slice(0..t * k), &mut ws.inter.slice_mut(0..t * k * d.inter), d, v)?;
+    down_decode(
         gpu,
         &ws.inter.slice(0..t * k * d.inter),
         w,
@@ -532,6 +637,7 @@ pub fn moe_decode(
         &ws.weights.slice(0..t * k),
         out,
         d,
+        v,
     )
 }
 
