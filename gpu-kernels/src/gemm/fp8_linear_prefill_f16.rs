@@ -44,7 +44,10 @@
 //!   (conversion-bound, ~0.9x at best). `_f16` is the split with headroom under both rates, hence the default.
 //! - FMA pipe (IMAD.SHL, FMUL; 0.5 warp instruction / clk / SMSP): < 25%.
 //! - shared memory: cp.async 32 KB in + ldmatrix 64 x 4 x 512 B = 128 KB out = 160 KB at 128 B/clk = 1280 clk
-//!   (32-36%); L2 -> SM: 32 KB per block per K block (v1's tile).
+//!   (32-36%).
+//! - L2 -> SM: 32 KB per block and K block (v1's tile): (M/128)(N/128)(K/128) x 32 KB = 256 MB at 4096x2048x2048,
+//!   3.5 TB/s at the predicted 74 us (512 MB, 3.5 TB/s at 4096x4096x2048). Not measured here: if L2 cannot deliver
+//!   that, a 256 x 128 block tile (8 warps, 144 KiB shared memory, sm_90 only) cuts it by a quarter.
 //! Predicted: ~0.85x of the bf16 mma.sync ceiling for `_f16` (every pipe <= 72% of the tensor time; losses: one
 //! barrier per K block, tail waves (1.94 and 3.88 waves of 264 resident blocks at the bench shapes), the epilogue).
 //! The conversions of a chunk run before its 32 HMMA (no software pipelining inside a warp): the two warps per SMSP
