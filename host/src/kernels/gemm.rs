@@ -81,7 +81,8 @@ pub fn hga_fp8_linear(
 }
 
 /// [`hga_fp8_linear`] with the kernel chosen by the caller (tests and benchmarks): same checks, any kernel on any
-/// arch (the prefill kernels' 96-98 KiB of shared memory fit sm_89 / sm_90 / sm_120).
+/// arch (the prefill kernels' 96 KiB / 99888 B of shared memory fit sm_89 / sm_90 / sm_120; `_s4`'s 128 KiB needs
+/// Hopper).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_fp8_linear_with(
     gpu: &Gpu,
