@@ -95,9 +95,18 @@ fn build_all(
     images: &mut Vec<(String, &'static str, PathBuf)>,
 ) -> Result<(), String> {
     let target_root = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    // One kernel target dir per source tree: worktrees sharing a CARGO_TARGET_DIR would otherwise overwrite each
+    // other's `gpu_kernels.ptx` between the kernel build and the copy below (seen: another worktree's kernels
+    // embedded and copied over gpu-kernels/ptx).
+    let tree = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        root.hash(&mut h);
+        format!("{:016x}", h.finish())
+    };
     let update = env::var("HGA_UPDATE_PTX").as_deref() == Ok("1");
     for (arch, feat) in ARCHES {
-        let tdir = target_root.join("kernels").join(arch);
+        let tdir = target_root.join("kernels").join(&tree).join(arch);
         let mut flags = format!("-C target-cpu={arch}");
         if !feat.is_empty() {
             flags += &format!(" -C target-feature={feat}");

@@ -3,9 +3,13 @@
 //! (`hga_bench_mma_bf16_peak`, the portable tensor-core ceiling the prefill kernel is held against). torch's
 //! `_scaled_mm` is measured by tools/bench/gemm.py in the same GPU session.
 //! Device events, warm-up, median of many; decode weights rotate through > 64 MiB (more than L2).
+//! Kernel rows are timed as CUDA-graph replays (`time_graph_ms`: no host launch cost in the figure); v1 prefill is
+//! also shown through plain launches ("with host launch", the figure of earlier runs). The prefill rows hold the
+//! native-e4m3 v1 (`hga_fp8_linear_prefill`, `_s4`) and the f16-conversion kernels (`_f16`, picked on sm_90;
+//! `_f16_alu`, `_f16_cvt`) against the bf16 mma.sync ceiling measured in the same run.
 //! Run: `cargo bench --bench gemm` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
-use common::time_ms;
+use common::{time_graph_ms, time_ms};
 use cudarc::driver::sys::CUdevice_attribute;
 use half::bf16;
 use hga::kernels::gemm::{hga_fp8_linear_with, Fp8LinearKernel};
@@ -72,7 +76,7 @@ fn main() {
         1.0,
     ));
 
-    // Prefill: M=4096 at N=K=2048 and at q_proj (N=4096, K=2048); both pipeline depths.
+    // Prefill: M=4096 at N=K=2048 and at q_proj (N=4096, K=2048): v1 (both pipeline depths) and the f16 kernels.
     const SETS: usize = 3;
     for (m, n, k) in [(4096usize, 2048usize, 2048usize), (4096, 4096, 2048)] {
         let kb = k / 128;
@@ -81,26 +85,32 @@ fn main() {
         let w: Vec<_> = (0..SETS).map(|_| s.clone_htod(&rng.e4m3(n * k)).unwrap()).collect();
         let sw: Vec<_> = (0..SETS).map(|_| s.clone_htod(&rng.scales(n / 128 * kb)).unwrap()).collect();
         let mut out: Vec<_> = (0..SETS).map(|_| s.alloc_zeros::<bf16>(m * n).unwrap()).collect();
-        for kernel in [Fp8LinearKernel::Prefill, Fp8LinearKernel::PrefillS4] {
-            let ms = time_ms(&gpu, 5, 30, |i| {
+        let kernels = [
+            (Fp8LinearKernel::Prefill, true),
+            (Fp8LinearKernel::Prefill, false),
+            (Fp8LinearKernel::PrefillS4, false),
+            (Fp8LinearKernel::PrefillF16, false),
+            (Fp8LinearKernel::PrefillF16Alu, false),
+            (Fp8LinearKernel::PrefillF16Cvt, false),
+        ];
+        for (kernel, host_launch) in kernels {
+            let mut run = |i: usize| {
                 let j = i % SETS;
                 hga_fp8_linear_with(&gpu, kernel, &a[j], &sa[j], &w[j], &sw[j], &mut out[j], m, n, k).unwrap();
-            });
+            };
+            let (ms, name) = if host_launch {
+                (time_ms(&gpu, 5, 30, &mut run), format!("{} (with host launch)", kernel.name()))
+            } else {
+                (time_graph_ms(&gpu, 2 * SETS, 20, &mut run), kernel.name().to_string())
+            };
             let tfs = 2.0 * (m * n * k) as f64 / ms / 1e9;
-            rows.push((
-                kernel.name().into(),
-                format!("{m}x{n}x{k}"),
-                ms * 1e3,
-                tfs,
-                "TFLOP/s",
-                "mma peak",
-                tfs / peak_tfs,
-            ));
+            rows.push((name, format!("{m}x{n}x{k}"), ms * 1e3, tfs, "TFLOP/s", "mma peak", tfs / peak_tfs));
         }
     }
 
     // Decode: M = 1, 4 (and 16) at q_proj, expert gate/up (768x2048) and down (2048x768). Weights rotate through a
-    // 96 MiB pool (more than L2), activations are tiny.
+    // 96 MiB pool (more than L2), activations are tiny. Graph replays of one launch per weight set (kernel times:
+    // single host launches measured ~8-10 us whatever the kernel).
     let pool_bytes = 96usize << 20;
     let pool = s.clone_htod(&rng.e4m3(pool_bytes)).unwrap();
     let spool = s.clone_htod(&rng.scales(1 << 20)).unwrap();
@@ -112,7 +122,7 @@ fn main() {
             let sa = s.clone_htod(&rng.scales(m * kb)).unwrap();
             let mut out = s.alloc_zeros::<bf16>(m * n).unwrap();
             let sw_len = n.div_ceil(128) * kb;
-            let ms = time_ms(&gpu, 5, 200, |i| {
+            let ms = time_graph_ms(&gpu, nsets.max(24), 20, |i| {
                 let j = i % nsets;
                 let w = pool.slice(j * n * k..(j + 1) * n * k);
                 let sw = spool.slice(j * sw_len..(j + 1) * sw_len);
@@ -141,7 +151,7 @@ fn main() {
         let mut ro = s.alloc_zeros::<bf16>(r * d).unwrap();
         let mut q = s.alloc_zeros::<u8>(r * d).unwrap();
         let mut sc = s.alloc_zeros::<f32>(r * d / 128).unwrap();
-        let ms = time_ms(&gpu, 5, 100, |_| {
+        let ms = time_graph_ms(&gpu, 20, 20, |_| {
             hga::kernels::gemm::hga_rmsnorm_fp8_quant(
                 &gpu,
                 &x,
@@ -168,8 +178,8 @@ fn main() {
         ));
     }
 
-    println!("{:<34} {:>16} {:>11} {:>10} {:<8} {:>14}", "kernel", "shape", "median us", "value", "unit", "vs anchor");
+    println!("{:<50} {:>16} {:>11} {:>10} {:<8} {:>14}", "kernel", "shape", "median us", "value", "unit", "vs anchor");
     for (name, shape, us, v, unit, anchor, ratio) in &rows {
-        println!("{name:<34} {shape:>16} {us:>11.2} {v:>10.1} {unit:<8} {ratio:>6.3}x {anchor}");
+        println!("{name:<50} {shape:>16} {us:>11.2} {v:>10.1} {unit:<8} {ratio:>6.3}x {anchor}");
     }
 }

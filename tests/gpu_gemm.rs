@@ -50,6 +50,52 @@ fn gpu_fp8_linear_prefill_matches_reference() {
     }
 }
 
+/// The f16-conversion prefill kernels (picked on sm_90), forced so they run on any arch: the same properties and
+/// tolerances as v1 (m of 1, tile sizes +-1 and ragged, several N and K blocks), plus the Qwen3-30B-A3B prefill
+/// shapes (q_proj, expert gate/up and down, o_proj) at m not a multiple of 128.
+#[test]
+fn gpu_fp8_linear_prefill_f16_matches_reference() {
+    let Some(gpu) = gpu("gpu_fp8_linear_prefill_f16_matches_reference") else { return };
+    let m_s =
+        prop_oneof![prop::sample::select(vec![1usize, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257]), 1usize..400,];
+    let variants = [Fp8LinearKernel::PrefillF16, Fp8LinearKernel::PrefillF16Alu, Fp8LinearKernel::PrefillF16Cvt];
+    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, v in 0usize..3)| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let kernel = variants[v];
+        assert_ok(check::gemm::fp8_linear(gpu, kernel, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
+    });
+    let mut rng = StdRng::seed_from_u64(13);
+    for kernel in variants {
+        // k/v_proj, small, expert gate/up, expert down, q_proj, o_proj.
+        for (m, n, k) in [
+            (200, 512, 2048),
+            (129, 256, 768),
+            (300, 768, 2048),
+            (257, 2048, 768),
+            (160, 4096, 2048),
+            (130, 2048, 4096),
+        ] {
+            let o = check::gemm::fp8_linear(gpu, kernel, m, n, k, &mut rng).unwrap();
+            assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+            eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
+        }
+    }
+}
+
+/// `hga_fp8_linear` picks the f16 kernel on sm_90 only, and its result matches the reference on this device.
+#[test]
+fn gpu_fp8_linear_dispatch() {
+    assert_eq!(Fp8LinearKernel::pick(16, (9, 0)), Fp8LinearKernel::Decode);
+    assert_eq!(Fp8LinearKernel::pick(17, (9, 0)), Fp8LinearKernel::PrefillF16);
+    assert_eq!(Fp8LinearKernel::pick(17, (8, 9)), Fp8LinearKernel::Prefill);
+    assert_eq!(Fp8LinearKernel::pick(4096, (12, 0)), Fp8LinearKernel::Prefill);
+    let Some(gpu) = gpu("gpu_fp8_linear_dispatch") else { return };
+    let kernel = Fp8LinearKernel::pick(300, gpu.compute_capability());
+    let o = check::gemm::fp8_linear(gpu, kernel, 300, 512, 1024, &mut StdRng::seed_from_u64(14)).unwrap();
+    assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+    eprintln!("{:?} picks {}: rel {:.2e}", gpu.compute_capability(), o.kernel, o.rel_err);
+}
+
 #[test]
 fn gpu_rmsnorm_fp8_quant_matches_reference() {
     let Some(gpu) = gpu("gpu_rmsnorm_fp8_quant_matches_reference") else { return };
@@ -80,6 +126,8 @@ fn gpu_fp8_linear_rejects_bad_shapes() {
     assert!(e.contains("multiple of 128"), "{e}");
     let e = lin(gpu, Fp8LinearKernel::Prefill, &a, &sa, &w, &sw, &mut out, 17, 200, 200).unwrap_err().to_string();
     assert!(e.contains("k = 200 must be a multiple of 128"), "{e}");
+    let e = lin(gpu, Fp8LinearKernel::PrefillF16, &a, &sa, &w, &sw, &mut out, 17, 200, 256).unwrap_err().to_string();
+    assert!(e.contains("multiple of 128"), "{e}");
     let e = lin(gpu, Fp8LinearKernel::Decode, &a, &sa, &w, &sw, &mut out, 16, 200, 256).unwrap_err().to_string();
     assert!(e.contains("fp8_linear a:"), "{e}");
 }

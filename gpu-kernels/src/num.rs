@@ -78,6 +78,17 @@ pub fn fp8_group_scale(absmax: f32) -> f32 {
     a / E4M3_MAX
 }
 
+/// The ALU e4m3 -> f16 conversion of the f16 prefill kernel (`arch::convert::e4m3x4_to_f16x2x2_scaled`: `prmt`
+/// with sign replication, `shl 7`, `and 0xBF80BF80`), bit for bit, for the CPU tests: four e4m3 in a u32 (byte i =
+/// element i) -> f16x2 [e0, e1] and [e2, e3] (low half first), each f16 = e4m3 value * 2^-8 exactly.
+pub fn e4m3x4_to_f16x2x2_scaled_bits(v: u32) -> [u32; 2] {
+    let byte = |i: u32| (v >> (8 * i)) & 0xFF;
+    // prmt sign-replicate mode: the high byte of each half is the byte's sign bit repeated.
+    let sext = |b: u32| if b & 0x80 != 0 { 0xFF00 | b } else { b };
+    let spread = |b0: u32, b1: u32| ((sext(b0) | (sext(b1) << 16)) << 7) & 0xBF80_BF80;
+    [spread(byte(0), byte(1)), spread(byte(2), byte(3))]
+}
+
 #[inline]
 fn round_half_even(x: f32) -> f32 {
     // x is small and non-negative here (< 9).
@@ -98,6 +109,32 @@ fn exp2i(e: i32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn f16_bits_to_f32(h: u32) -> f32 {
+        let s = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+        let (e, m) = (((h >> 10) & 0x1F) as i32, (h & 0x3FF) as f32);
+        s * if e == 0 { m * exp2i(-24) } else { (1.0 + m / 1024.0) * exp2i(e - 15) }
+    }
+
+    #[test]
+    fn e4m3_to_f16_scaled_every_pair_of_codes() {
+        for b0 in 0u32..=255 {
+            for b1 in 0u32..=255 {
+                if b0 & 0x7F == 0x7F || b1 & 0x7F == 0x7F {
+                    continue;
+                }
+                let codes = [b0, b1, b1, b0];
+                let v = codes.iter().enumerate().fold(0u32, |v, (i, b)| v | (b << (8 * i)));
+                let [lo, hi] = e4m3x4_to_f16x2x2_scaled_bits(v);
+                let got = [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16];
+                for (c, h) in codes.iter().zip(got) {
+                    let want = e4m3_to_f32(*c as u8) * exp2i(-8);
+                    let g = f16_bits_to_f32(h);
+                    assert!(g == want && g.is_sign_negative() == want.is_sign_negative(), "{c:#x}: {g} vs {want}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn e4m3_roundtrip_every_code() {

@@ -12,6 +12,17 @@ pub unsafe fn cp_async_16(dst: u32, src: *const u8) {
     core::arch::asm!("cp.async.cg.shared.global [{0}], [{1}], 16;", in(reg32) dst, in(reg64) src, options(nostack));
 }
 
+/// Starts a 4-byte copy from global `src` to shared `dst` (`cp.async.ca.shared.global`, through L1; small
+/// strided data such as per-row scales).
+///
+/// # Safety
+/// `dst` is a 4-byte aligned shared address inside the launch's shared memory; `src` a 4-byte aligned readable
+/// global pointer.
+#[inline(always)]
+pub unsafe fn cp_async_4(dst: u32, src: *const u8) {
+    core::arch::asm!("cp.async.ca.shared.global [{0}], [{1}], 4;", in(reg32) dst, in(reg64) src, options(nostack));
+}
+
 /// Closes the current group of `cp.async` copies of this thread.
 #[inline(always)]
 pub fn cp_async_commit() {

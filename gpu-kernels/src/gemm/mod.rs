@@ -1,7 +1,8 @@
-//! FP8 block-scaled linear layers (decode GEMV-like and prefill mma.sync tiles), the fused RMSNorm -> FP8
+//! FP8 block-scaled linear layers (decode GEMV-like, prefill mma.sync tiles with native e4m3 and with own f16 conversion), the fused RMSNorm -> FP8
 //! quantizer that feeds them, and the bf16 mma.sync peak microbenchmark (the portable ceiling).
 pub mod fp8_linear_decode;
 pub mod fp8_linear_prefill;
+pub mod fp8_linear_prefill_f16;
 pub mod mma_peak;
 pub mod rmsnorm_fp8_quant;
 

@@ -1,11 +1,12 @@
 //! Launchers of the gemm family (gpu-kernels/src/gemm/): `hga_fp8_linear` (dispatching to
-//! `hga_fp8_linear_decode` for m <= 16 and `hga_fp8_linear_prefill` above), the two kernels by name,
-//! `hga_rmsnorm_fp8_quant`, and the bf16 mma.sync peak microbenchmark.
+//! `hga_fp8_linear_decode` for m <= 16 and above that to `hga_fp8_linear_prefill_f16` on sm_90, which has no FP8
+//! mma.sync, or `hga_fp8_linear_prefill` (native e4m3 mma) elsewhere), every kernel by name
+//! ([`hga_fp8_linear_with`]), `hga_rmsnorm_fp8_quant`, and the bf16 mma.sync peak microbenchmark.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
-use gpu_kernels::params::{Fp8LinearParams, MmaPeakParams, RmsNormQuantParams};
+use gpu_kernels::params::{Fp8LinearParams, MmaPeakParams, RmsNormQuantParams, FP8_PREFILL_F16_SMEM_BYTES};
 use half::bf16;
 
 /// Largest m the decode kernel takes.
@@ -20,6 +21,13 @@ pub enum Fp8LinearKernel {
     Prefill,
     /// `hga_fp8_linear_prefill_s4` (4 stages).
     PrefillS4,
+    /// `hga_fp8_linear_prefill_f16`: own e4m3 -> f16 conversion (half of A on the conversion pipe, the rest on the
+    /// ALU) and f16 mma.sync, for sm_90 (n % 128 == 0, k % 128 == 0). Runs on every arch.
+    PrefillF16,
+    /// `hga_fp8_linear_prefill_f16_alu`: as `PrefillF16`, every conversion on the ALU.
+    PrefillF16Alu,
+    /// `hga_fp8_linear_prefill_f16_cvt`: as `PrefillF16`, all of A on the conversion pipe.
+    PrefillF16Cvt,
 }
 
 impl Fp8LinearKernel {
@@ -28,22 +36,34 @@ impl Fp8LinearKernel {
             Fp8LinearKernel::Decode => "hga_fp8_linear_decode",
             Fp8LinearKernel::Prefill => "hga_fp8_linear_prefill",
             Fp8LinearKernel::PrefillS4 => "hga_fp8_linear_prefill_s4",
+            Fp8LinearKernel::PrefillF16 => "hga_fp8_linear_prefill_f16",
+            Fp8LinearKernel::PrefillF16Alu => "hga_fp8_linear_prefill_f16_alu",
+            Fp8LinearKernel::PrefillF16Cvt => "hga_fp8_linear_prefill_f16_cvt",
         }
     }
-    /// The kernel `hga_fp8_linear` picks for `m` rows.
-    pub fn for_rows(m: usize) -> Self {
+    /// The kernel `hga_fp8_linear` picks for `m` rows on a device of compute capability `cc` (major, minor):
+    /// decode for m <= 16; above, the f16-conversion kernel on sm_90 (Hopper has no FP8 mma.sync: ptxas's
+    /// emulation is conversion-bound, docs/perf-gemm.md), else the native e4m3 kernel (sm_89, sm_120).
+    pub fn pick(m: usize, cc: (u32, u32)) -> Self {
         if m <= DECODE_MAX_M {
             Fp8LinearKernel::Decode
+        } else if cc == (9, 0) {
+            Fp8LinearKernel::PrefillF16
         } else {
             Fp8LinearKernel::Prefill
         }
+    }
+    /// Whether this is one of the m > 16 kernels (n % 128 == 0 required).
+    pub fn is_prefill(self) -> bool {
+        self != Fp8LinearKernel::Decode
     }
 }
 
 /// Block-scaled FP8 linear `out[m, n] = sum_kb (qa[m, kb] . qw[n, kb]) * a_scale[m, kb] * w_scale[n/128, kb]`
 /// (bf16 out, f32 accumulation): a e4m3 [m, k], a_scale f32 [m, k/128] (from `hga_fp8_quant` or
 /// `hga_rmsnorm_fp8_quant`), w e4m3 [n, k], w_scale f32 [ceil(n/128), k/128] (the checkpoint's `weight_scale_inv`),
-/// out bf16 [m, n]. Picks the decode kernel for m <= 16, else the prefill kernel.
+/// out bf16 [m, n]. Picks the kernel with [`Fp8LinearKernel::pick`] (decode for m <= 16, prefill above: the f16
+/// one on sm_90, the native e4m3 one elsewhere); [`hga_fp8_linear_with`] runs a given kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_fp8_linear(
     gpu: &Gpu,
@@ -56,10 +76,13 @@ pub fn hga_fp8_linear(
     n: usize,
     k: usize,
 ) -> Result<(), RuntimeError> {
-    hga_fp8_linear_with(gpu, Fp8LinearKernel::for_rows(m), a, a_scale, w, w_scale, out, m, n, k)
+    let kernel = Fp8LinearKernel::pick(m, gpu.compute_capability());
+    hga_fp8_linear_with(gpu, kernel, a, a_scale, w, w_scale, out, m, n, k)
 }
 
-/// [`hga_fp8_linear`] with the kernel chosen by the caller (tests and benchmarks).
+/// [`hga_fp8_linear`] with the kernel chosen by the caller (tests and benchmarks): same checks, any kernel on any
+/// arch (the prefill kernels' 96 KiB / 99888 B of shared memory fit sm_89 / sm_90 / sm_120; `_s4`'s 128 KiB needs
+/// Hopper).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_fp8_linear_with(
     gpu: &Gpu,
@@ -84,7 +107,7 @@ pub fn hga_fp8_linear_with(
         Fp8LinearKernel::Decode if m > DECODE_MAX_M => {
             return Err(RuntimeError::Shape(format!("{name}: m = {m} > {DECODE_MAX_M}")));
         }
-        Fp8LinearKernel::Prefill | Fp8LinearKernel::PrefillS4 if !n.is_multiple_of(128) => {
+        _ if kernel.is_prefill() && !n.is_multiple_of(128) => {
             return Err(RuntimeError::Shape(format!("{name}: n = {n} must be a multiple of 128")));
         }
         _ => {}
@@ -131,6 +154,11 @@ pub fn hga_fp8_linear_with(
                 shared_mem_bytes: stages * 32 * 1024,
             }
         }
+        Fp8LinearKernel::PrefillF16 | Fp8LinearKernel::PrefillF16Alu | Fp8LinearKernel::PrefillF16Cvt => LaunchConfig {
+            grid_dim: ((n / 128) as u32, dim_u32("blocks", m.div_ceil(128))?, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: FP8_PREFILL_F16_SMEM_BYTES as u32,
+        },
     };
     // SAFETY: lengths, divisibility and alignment checked above; the guards live across the launch.
     unsafe { launch(gpu, name, cfg, p) }
