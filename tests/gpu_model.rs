@@ -109,9 +109,20 @@ fn check_dir(tag: &str, dir: &std::path::Path, tokens: &[u32], decode: usize) {
     assert!(p0 <= 1e-5, "{tag}: position 0, gpu vs emulation: rel L2 {p0:.3e}");
     let (rel, top1) = compare(&format!("{tag} prefill"), &got, &want, v);
     // Prefill all but the last `decode` tokens, then decode them one by one.
-    m.reset();
     let split = n - decode;
-    m.forward(&tokens[..split], false).unwrap();
+    // Only the last row's logits (earlier chunks skip the lm_head): the same numbers, bit for bit, as the last row
+    // of the same prefill with every row's logits.
+    m.reset();
+    let every = m.forward(&tokens[..split], true).unwrap();
+    m.reset();
+    let mut chunks_seen = 0;
+    let last = m.forward_with_progress(&tokens[..split], false, |done, total| {
+        chunks_seen += 1;
+        assert!(done <= total && total == split);
+    });
+    let last = last.unwrap();
+    assert_eq!(chunks_seen, split.div_ceil(64));
+    assert!(last == every[(split - 1) * v..], "{tag}: last-row logits differ from the all-logits run");
     let mut got = Vec::new();
     for &t in &tokens[split..] {
         got.extend(m.forward(&[t], false).unwrap());

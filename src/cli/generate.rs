@@ -107,7 +107,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     for prompt in &prompts {
         model.reset();
         let t1 = Instant::now();
-        let logits = model.forward(prompt, false)?;
+        // A progress bar for prefills of more than one chunk (hidden when stderr is not a terminal).
+        let pb = ProgressBar::new(prompt.len() as u64);
+        if prompt.len() > a.chunk {
+            pb.set_style(ProgressStyle::with_template(
+                "prefill {bar:30} {pos}/{len} tokens {elapsed_precise} ({per_sec})",
+            )?);
+        } else {
+            pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let logits = model.forward_with_progress(prompt, false, |done, _| pb.set_position(done as u64))?;
+        pb.finish_and_clear();
         let ttft = t1.elapsed();
         let mut next = argmax(&logits);
         let eos = model.config().eos_token_id;

@@ -403,6 +403,17 @@ impl<'g> GpuModel<'g> {
     /// Runs `tokens` (in chunks of at most `max_tokens`) after the cached positions and returns the f32 logits of
     /// every token ([tokens, vocab], row-major) when `all_logits`, else of the last one only.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, GpuModelError> {
+        self.forward_with_progress(tokens, all_logits, |_, _| {})
+    }
+
+    /// [`GpuModel::forward`], calling `progress(tokens done, tokens)` after each chunk (for a progress bar on long
+    /// prefills).
+    pub fn forward_with_progress(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<f32>, GpuModelError> {
         if tokens.is_empty() {
             return Err(GpuModelError::Input("no tokens given".into()));
         }
@@ -415,18 +426,35 @@ impl<'g> GpuModel<'g> {
             )));
         }
         let mut out = Vec::new();
-        for chunk in tokens.chunks(self.scratch.max_tokens) {
-            let logits = self.forward_chunk(chunk, all_logits)?;
-            out.extend(logits);
-        }
-        if !all_logits {
-            let v = self.config.vocab_size;
-            out.drain(..out.len() - v);
+        let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
+        for (i, c) in tokens.chunks(chunk).enumerate() {
+            // Without all_logits only the last chunk's last row is wanted: earlier chunks skip the lm_head.
+            let last = (i + 1) * chunk >= n;
+            out = if all_logits || last {
+                let logits = self.forward_chunk(c, all_logits, true)?;
+                if all_logits {
+                    out.extend(logits);
+                    out
+                } else {
+                    logits
+                }
+            } else {
+                self.forward_chunk(c, false, false)?;
+                out
+            };
+            progress((i * chunk + c.len()).min(n), n);
         }
         Ok(out)
     }
 
-    fn forward_chunk(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, GpuModelError> {
+    /// One chunk: the logits of every token (`all_logits`) or of the last, or none (`!want_logits`: the chunk only
+    /// fills the cache).
+    fn forward_chunk(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        want_logits: bool,
+    ) -> Result<Vec<f32>, GpuModelError> {
         let gpu = self.gpu;
         let s = gpu.stream().clone();
         let (t, v) = (tokens.len(), self.config.vocab_size);
@@ -464,7 +492,11 @@ impl<'g> GpuModel<'g> {
             out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..v))?);
         } else {
             self.cur = self.enqueue_layers(t, StartAt::Host(start), &mut Marks::Off)?;
-            let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
+            let rows: Vec<usize> = match (want_logits, all_logits) {
+                (false, _) => vec![],
+                (true, true) => (0..t).collect(),
+                (true, false) => vec![t - 1],
+            };
             for r in rows.chunks(LM_HEAD_MAX_M) {
                 self.enqueue_lm_head(r[0], r.len())?;
                 out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..r.len() * v))?);
