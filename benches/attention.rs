@@ -4,10 +4,16 @@
 //! `tools/bench/attention.py` in the same GPU run; it reads the `RESULT` lines printed here and prints the ratios.
 //! Device events, warm-up, median of many runs, inputs rotated over enough buffer sets to exceed L2.
 //!
+//! Decode kernels compared inside CUDA graphs (`common::time_graph_ms`: no host launch cost, as in the model's
+//! recorded decode step): v2 (double buffer) against v3 with 3 / 4 / 6 ring stages (those the device's shared
+//! memory allows), and the default v3 with the merge's fused FP8 quantization against v2 + `hga_fp8_quant` (the
+//! model's old step), each against the K/V bytes floor at this run's copy bandwidth.
+//!
 //! Run: `cargo bench --bench attention` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
+mod common;
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
-use hga::kernels::{AttentionShape, DecodeWorkspace, QkNormRopeShape};
+use hga::kernels::{AttentionShape, DecodeKernel, DecodeWorkspace, QkNormRopeShape};
 use hga::runtime::Gpu;
 
 const NH: usize = 32;
@@ -112,6 +118,94 @@ fn main() {
             gbs / copy_gbs,
             iso * 1e3
         ));
+    }
+    // Decode kernels inside CUDA graphs (device time only), T = 1, contexts 4K / 16K / 64K.
+    {
+        let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let max_smem = gpu.context().attribute(a).unwrap().max(0) as usize;
+        let auto = hga::kernels::attention::decode_kernel_auto(&gpu).unwrap();
+        println!("decode kernels: shared memory per block {max_smem} B; default {auto:?}");
+        let kernels: Vec<DecodeKernel> =
+            [DecodeKernel::V2, DecodeKernel::V3(3), DecodeKernel::V3(4), DecodeKernel::V3(6)]
+                .into_iter()
+                .filter(|k| k.smem_bytes() <= max_smem)
+                .collect();
+        let tokens = 1;
+        for ctx in [4096usize, 16384, 65536] {
+            let cache = NKV * ctx * D;
+            let kv_bytes = 2 * cache * 2;
+            let sets = sets_for(kv_bytes);
+            let ks: Vec<_> =
+                (0..sets).map(|i| s.clone_htod(&rand_bf16(cache, 1100 + i as u64, 1.0)).unwrap()).collect();
+            let vs: Vec<_> =
+                (0..sets).map(|i| s.clone_htod(&rand_bf16(cache, 1200 + i as u64, 1.0)).unwrap()).collect();
+            let q = s.clone_htod(&rand_bf16(tokens * NH * D, 11, 1.0)).unwrap();
+            let mut out = s.alloc_zeros::<bf16>(tokens * NH * D).unwrap();
+            let mut lse = s.alloc_zeros::<f32>(tokens * NH).unwrap();
+            let mut aq = s.alloc_zeros::<u8>(tokens * NH * D).unwrap();
+            let mut asc = s.alloc_zeros::<f32>(tokens * NH).unwrap();
+            let start_dev = s.clone_htod(&[(ctx - tokens) as u32]).unwrap();
+            let shape = AttentionShape { tokens, n_heads: NH, n_kv_heads: NKV, capacity: ctx, start: ctx - tokens };
+            let floor_us = kv_bytes as f64 / copy_gbs / 1e3;
+            let reps = (2 * sets).max(8);
+            let report = |name: String, ms: f64, splits: usize, rows: &mut Vec<String>| {
+                let us = ms * 1e3;
+                let gbs = kv_bytes as f64 / ms / 1e6;
+                println!(
+                    "RESULT decode_graph ctx={ctx} tokens={tokens} kernel={name} {us:.3} {gbs:.1} floor_us={floor_us:.2} \
+                     vs_floor={:.3} splits={splits}",
+                    us / floor_us
+                );
+                rows.push(format!(
+                    "{:<30} {:>14} {:>10.2} {:>9.1} GB/s  ({:.2}x copy; {:.2}x the floor {floor_us:.1} us; graph)",
+                    format!("decode {name}"),
+                    format!("ctx={ctx} T={tokens}"),
+                    us,
+                    gbs,
+                    gbs / copy_gbs,
+                    us / floor_us
+                ));
+            };
+            for &k in &kernels {
+                let mut splits = 0;
+                let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
+                    let j = i % sets;
+                    splits = hga::kernels::hga_attention_decode_kernel(
+                        &gpu, k, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
+                    )
+                    .unwrap();
+                });
+                report(format!("{k:?}"), ms, splits, &mut rows);
+            }
+            // The model's step: v2 + separate FP8 quantization (before) and the default with the fused one (now).
+            let mut splits = 0;
+            let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
+                let j = i % sets;
+                splits = hga::kernels::hga_attention_decode_kernel(
+                    &gpu,
+                    DecodeKernel::V2,
+                    &q,
+                    &ks[j],
+                    &vs[j],
+                    &mut ws,
+                    &mut out,
+                    &mut lse,
+                    &shape,
+                    None,
+                )
+                .unwrap();
+                hga::kernels::hga_fp8_quant(&gpu, &out, &mut aq, &mut asc, tokens, NH * D).unwrap();
+            });
+            report("V2+fp8_quant".into(), ms, splits, &mut rows);
+            let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
+                let j = i % sets;
+                splits = hga::kernels::hga_attention_decode_upto_quant(
+                    &gpu, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &mut aq, &mut asc, &shape, &start_dev,
+                )
+                .unwrap();
+            });
+            report(format!("{auto:?}+fused_fp8(upto)"), ms, splits, &mut rows);
+        }
     }
     // Sensitivity of decode at 64K to the split (target CTAs per SM; DECODE_CTAS_PER_SM is the default), pipelined.
     {

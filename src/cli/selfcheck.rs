@@ -66,6 +66,7 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
     for (path, tokens, start) in [
         (check::attention::Path::Decode, 1, 1500),
         (check::attention::Path::DecodeUpTo, 1, 1500),
+        (check::attention::Path::DecodeUpTo, 3, 700),
         (check::attention::Path::Prefill, 130, 0),
         (check::attention::Path::Prefill, 64, 300),
     ] {

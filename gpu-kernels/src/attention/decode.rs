@@ -1,5 +1,7 @@
-//! `hga_attention_decode`: split-K (flash-decoding) causal GQA attention for a few query tokens; writes per-split
-//! partial outputs and their LSE, merged by `hga_attention_merge`.
+//! `hga_attention_decode_v2`: split-K (flash-decoding) causal GQA attention for a few query tokens; writes per-split
+//! partial outputs and their LSE, merged by `hga_attention_merge`. Superseded by the deeper-ring v3
+//! ([`super::decode_v3`], same semantics and split), kept for the benchmark and as a tested alternative; the
+//! cross-warp merge epilogue ([`write_split`]) is shared with v3.
 //!
 //! Rows: the (token, query head) pairs of one KV head, row r = t * g + j for query head kvh * g + j
 //! (g = n_heads / n_kv_heads): all the query heads of a KV head share every K/V load (8 rows for Qwen3's 32/4 at
@@ -24,7 +26,7 @@ const NTHREADS: u32 = 128;
 const TILE: u32 = BN * ROW_BYTES;
 
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
+pub unsafe extern "ptx-kernel" fn hga_attention_decode_v2(p: AttentionParams) {
     let g = p.n_heads / p.n_kv_heads;
     let rows_total = p.tokens * g;
     let rgroups = rows_total.div_ceil(ROWS);
@@ -112,9 +114,36 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
         kt += 1;
     }
 
-    // Merge the 4 warps' states: O (unnormalized) f32 [warp][16][128], then m and l [warp][16].
+    // The cross-warp merge reuses the stages (after the Q rows).
+    write_split(&p, dyn_smem_ptr::<f32>().add((ROWS * ROW_BYTES / 4) as usize), &o, m, l, kvh, rg, sp, g, rows_total);
+}
+
+/// End of a decode split: merges the 4 warps' online-softmax states through shared memory at `o_s` (f32: O
+/// [4][16][128] unnormalized, then m and l [4][16]: 33280 bytes) and writes the split's normalized partial O and
+/// its LSE (O = 0, LSE = -inf for a row with no visible key). All 128 threads call, after every warp's last read
+/// of the shared memory it overwrites (the caller's barrier).
+///
+/// # Safety
+/// `o_s` is 33280 bytes of the launch's shared memory; `p.part_o` / `p.part_lse` hold split `sp`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) unsafe fn write_split(
+    p: &AttentionParams,
+    o_s: *mut f32,
+    o: &[[f32; 4]; 16],
+    m: [f32; 2],
+    l: [f32; 2],
+    kvh: u32,
+    rg: u32,
+    sp: u32,
+    g: u32,
+    rows_total: u32,
+) {
+    let tid = thread_x();
+    let warp = tid / 32;
+    let lane = lane_id();
+    // O (unnormalized) f32 [warp][16][128], then m and l [warp][16].
     let ls = row_sums(l);
-    let o_s = dyn_smem_ptr::<f32>().add((ROWS * ROW_BYTES / 4) as usize);
     let m_s = o_s.add(4 * 16 * D);
     let l_s = m_s.add(64);
     let t4 = lane % 4;
@@ -178,7 +207,7 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode(p: AttentionParams) {
 }
 
 #[inline(always)]
-fn min_u32(a: u32, b: u32) -> u32 {
+pub(super) fn min_u32(a: u32, b: u32) -> u32 {
     if a < b {
         a
     } else {

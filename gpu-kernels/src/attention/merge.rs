@@ -1,14 +1,24 @@
-//! `hga_attention_merge`: merges the split partials of `hga_attention_decode` by log-sum-exp (as FlashInfer's
+//! `hga_attention_merge`: merges the split partials of the decode kernels by log-sum-exp (as FlashInfer's
 //! state merge): with M = max_s lse_s and w_s = exp(lse_s - M), out = sum_s w_s o_s / sum_s w_s (bf16) and
 //! lse = M + ln(sum_s w_s). Splits with lse = -inf weigh 0.
 //!
 //! Shapes: part_o f32 [n_splits, tokens, n_heads, 128], part_lse f32 [n_splits, tokens, n_heads] -> out bf16
 //! [tokens, n_heads, 128], lse f32 [tokens, n_heads].
 //! Grid / block: one warp per (token, head), 4 warps per block, grid.x = ceil(tokens * n_heads / 4); lane l owns
-//! dims 4l..4l+3 (16-byte loads). Shared memory: none.
+//! dims 4l..4l+3 (`ld.global.v4`); the partials are read 8 splits at a time (8 independent loads in flight per
+//! lane; the accumulation order is still s = 0, 1, ...). Shared memory: none.
+//! Fused FP8 quantization (`p.out_q != 0`): the warp's row of 128 is one 128-group of `hga_fp8_quant` on
+//! out [tokens, n_heads * 128]: absmax of the bf16-rounded outputs (warp max), scale = max(absmax, 1e-10) / 448,
+//! q = e4m3(x / scale) (IEEE division, saturating), scale to `out_scale[t * n_heads + h]`: bit-identical to
+//! `hga_fp8_quant` of `out` (the same operations on the same values), one launch and one read of `out` fewer.
+//! A warp-uniform branch on a launch constant (not per element).
 //! Assumes: n_splits >= 1 and at least one split of every row has a finite LSE (key 0 is visible to every query).
 use crate::arch::*;
+use crate::num::{E4M3_MAX, FP8_ACT_EPS};
 use crate::params::AttentionParams;
+
+/// Splits read per batch (independent loads in flight per lane).
+const U: usize = 8;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_merge(p: AttentionParams) {
@@ -33,20 +43,50 @@ pub unsafe extern "ptx-kernel" fn hga_attention_merge(p: AttentionParams) {
     let po = (p.part_o as *const f32).add(row as usize * 128 + 4 * lane);
     let mut s = 0;
     while s < ns {
-        let w = ex2((*lse_in.add(s * stride) - mx) * core::f32::consts::LOG2_E);
-        let v = *(po.add(s * stride * 128) as *const [f32; 4]);
-        acc[0] += w * v[0];
-        acc[1] += w * v[1];
-        acc[2] += w * v[2];
-        acc[3] += w * v[3];
-        wsum += w;
-        s += 1;
+        // Loads first (indices clamped to the last split, so all are in bounds and unconditional), then the sums.
+        let mut lv = [0f32; U];
+        let mut v = [[0f32; 4]; U];
+        let mut u = 0;
+        while u < U {
+            let si = if s + u < ns { s + u } else { ns - 1 };
+            lv[u] = *lse_in.add(si * stride);
+            v[u] = ld_global_v4(po.add(si * stride * 128) as *const u8).map(f32::from_bits);
+            u += 1;
+        }
+        let mut u = 0;
+        while u < U {
+            // Past the last split: weight 0 on a repeated (finite) partial, branch-free so the loads stay batched.
+            let w = ex2((lv[u] - mx) * core::f32::consts::LOG2_E);
+            let w = if s + u < ns { w } else { 0.0 };
+            acc[0] += w * v[u][0];
+            acc[1] += w * v[u][1];
+            acc[2] += w * v[u][2];
+            acc[3] += w * v[u][3];
+            wsum += w;
+            u += 1;
+        }
+        s += U;
     }
     let inv = 1.0 / wsum;
+    let b01 = f32x2_to_bf16x2(acc[0] * inv, acc[1] * inv);
+    let b23 = f32x2_to_bf16x2(acc[2] * inv, acc[3] * inv);
     let dst = (p.out as *mut u16).add(row as usize * 128 + 4 * lane);
-    *(dst as *mut [u32; 2]) =
-        [f32x2_to_bf16x2(acc[0] * inv, acc[1] * inv), f32x2_to_bf16x2(acc[2] * inv, acc[3] * inv)];
+    *(dst as *mut [u32; 2]) = [b01, b23];
     if lane == 0 {
         *(p.lse as *mut f32).add(row as usize) = mx + lg2(wsum) * core::f32::consts::LN_2;
+    }
+    if p.out_q != 0 {
+        // As hga_fp8_quant: the bf16 values, absmax from 0 over the group, IEEE division by the scale.
+        let (x0, x1) = bf16x2_to_f32(b01);
+        let (x2, x3) = bf16x2_to_f32(b23);
+        let amax = fmax(fmax(fmax(fmax(0.0, fabs(x0)), fabs(x1)), fabs(x2)), fabs(x3));
+        let amax = warp_max(amax);
+        let a = if amax > FP8_ACT_EPS { amax } else { FP8_ACT_EPS };
+        let scale = a / E4M3_MAX;
+        let q = f32x2_to_e4m3x2(x0 / scale, x1 / scale) as u32 | (f32x2_to_e4m3x2(x2 / scale, x3 / scale) as u32) << 16;
+        *((p.out_q as *mut u8).add(row as usize * 128 + 4 * lane) as *mut u32) = q;
+        if lane == 0 {
+            *(p.out_scale as *mut f32).add(row as usize) = scale;
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Parameter struct of the attention family: `hga_attention_prefill`, `hga_attention_decode` and
-//! `hga_attention_merge` (gpu-kernels/src/attention/). One struct for the three: they share shapes and buffers.
+//! Parameter struct of the attention family: `hga_attention_prefill`, `hga_attention_decode_v2`,
+//! `hga_attention_decode_v3_s{3,4,6}` and `hga_attention_merge` (gpu-kernels/src/attention/). One struct for all:
+//! they share shapes and buffers.
 
 #[cfg(feature = "host")]
 use bytemuck::{Pod, Zeroable};
@@ -14,9 +15,19 @@ pub const ATTN_BN: usize = 64;
 pub const ATTN_DECODE_ROWS: usize = 16;
 /// Dynamic shared memory of the prefill kernel: Q tile + 2 stages of (K, V) tiles.
 pub const ATTN_PREFILL_SMEM: usize = ATTN_PREFILL_BM * 256 + 2 * 2 * ATTN_BN * 256;
-/// Dynamic shared memory of the decode kernel: Q rows + 2 stages of (K, V) tiles (the final cross-warp merge
+/// Dynamic shared memory of the v2 decode kernel: Q rows + 2 stages of (K, V) tiles (the final cross-warp merge
 /// reuses the stages).
 pub const ATTN_DECODE_SMEM: usize = ATTN_DECODE_ROWS * 256 + 2 * 2 * ATTN_BN * 256;
+/// Bytes of one stage of the v3 decode ring: a K and a V tile of 64 keys.
+pub const ATTN_DECODE_STAGE_BYTES: usize = 2 * ATTN_BN * 256;
+/// Stage counts of the v3 decode entry points `hga_attention_decode_v3_s{N}`.
+pub const ATTN_DECODE_V3_STAGES: [usize; 3] = [3, 4, 6];
+/// Dynamic shared memory of the v3 decode kernel with `stages` stages: the ring only (the Q rows are staged in the
+/// last slot before its first K/V fill; the final cross-warp merge reuses the ring). 3 stages = 96 KB fits the
+/// 99 KB per-block limit of sm_89 / sm_120; 6 stages = 192 KB needs sm_90's 227 KB.
+pub const fn attn_decode_v3_smem(stages: usize) -> usize {
+    stages * ATTN_DECODE_STAGE_BYTES
+}
 
 /// Causal GQA attention of the query tokens at positions `[start, start + tokens)` over the cache positions
 /// `[0, start + tokens)`: query token t attends to cache positions `0..=start + t`; query head h uses KV head
@@ -45,6 +56,12 @@ pub struct AttentionParams {
     /// cover `n_splits * tiles_per_split * 64 >= start + tokens` keys; splits past the context write O = 0 and
     /// LSE = -inf.
     pub start_dev: u64,
+    /// merge only: if not 0, e4m3 [tokens, n_heads * 128], the FP8 quantization of `out` with one 128-group per
+    /// (token, head) row, exactly as `hga_fp8_quant` of the bf16 `out` (scale = max(absmax, 1e-10) / 448, IEEE
+    /// division); `out_scale` (f32 [tokens, n_heads]) must then be non-zero too.
+    pub out_q: u64,
+    /// merge only: f32 [tokens, n_heads], the group scales of `out_q` (used when `out_q` is not 0).
+    pub out_scale: u64,
     pub tokens: u32,
     pub n_heads: u32,
     pub n_kv_heads: u32,

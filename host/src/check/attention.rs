@@ -1,11 +1,15 @@
 //! GPU checks of the dense attention kernels against `reference::attention` (f64): fresh random q and cache,
 //! the cache slots past the context poisoned with NaN (a read past the end shows), outputs poisoned.
 //! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
+//! Decode paths check the default kernel (v3, the deepest ring that fits) and every other decode kernel the device
+//! can launch (v2, v3 with 3 / 4 / 6 stages), each into its own poisoned outputs and workspace; the device-start
+//! path also checks the merge's fused FP8 quantization bit for bit against `hga_fp8_quant` of the bf16 output.
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
-    hga_attention_decode, hga_attention_decode_upto, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape,
-    DecodeWorkspace,
+    decode_kernel_auto, hga_attention_decode_kernel, hga_attention_decode_upto_kernel, hga_attention_decode_upto_quant,
+    hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeKernel, DecodeWorkspace,
 };
+use crate::kernels::hga_fp8_quant;
 use crate::runtime::{Gpu, RuntimeError};
 use half::bf16;
 use rand::Rng;
@@ -84,8 +88,17 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let dv = st.clone_htod(&v)?;
     let mut dout = st.clone_htod(&poison_bf16(q.len()))?;
     let mut dlse = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
-    let mut extra = String::new();
-    let mut lazy = None;
+    let extra: String;
+    // Other variants on the same inputs, each into its own poisoned outputs: (label, out, lse).
+    let mut variants = Vec::new();
+    // The fused FP8 quantization (device-start path): (merge's q, scale, hga_fp8_quant's q, scale).
+    let mut quant = None;
+    let max_splits = rng.gen_range(1..=256);
+    let auto = decode_kernel_auto(gpu)?;
+    let others: Vec<DecodeKernel> = [DecodeKernel::V2, DecodeKernel::V3(3), DecodeKernel::V3(4), DecodeKernel::V3(6)]
+        .into_iter()
+        .filter(|&k| k != auto && k.smem_bytes() <= max_smem_optin(gpu))
+        .collect();
     match path {
         Path::Prefill => {
             hga_attention_prefill(gpu, &dq, &dk, &dv, &mut dout, &mut dlse, &s)?;
@@ -93,47 +106,85 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
             let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
             let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
             hga_attention_prefill_lazy(gpu, &dq, &dk, &dv, &mut eo, &mut el, &s)?;
-            lazy = Some((eo, el));
+            variants.push(("lazy".to_string(), eo, el));
+            extra = " (+lazy)".into();
         }
         Path::Decode => {
-            let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, rng.gen_range(1..=256))?;
-            // Poison the partials too: every slot the merge reads must have been written.
-            st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
-            let n = hga_attention_decode(gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s)?;
-            extra = format!(" splits={n}");
+            let mut n = 0;
+            for k in std::iter::once(auto).chain(others.iter().copied()) {
+                let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, max_splits)?;
+                // Poison the partials too: every slot the merge reads must have been written.
+                st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+                if k == auto {
+                    n = hga_attention_decode_kernel(gpu, k, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s, None)?;
+                } else {
+                    let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
+                    let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+                    hga_attention_decode_kernel(gpu, k, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &s, None)?;
+                    variants.push((format!("{k:?}"), eo, el));
+                }
+                gpu.synchronize()?; // the workspace is freed at the end of the iteration
+            }
+            extra = format!(" splits={n} kernel={auto:?} (+{others:?})");
         }
         Path::DecodeUpTo => {
-            let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, rng.gen_range(1..=256))?;
-            st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
             let bound = rng.gen_range(s.ctx()..=s.capacity);
             let start_dev = st.clone_htod(&[s.start as u32])?;
             let launch = AttentionShape { start: bound - s.tokens, ..s };
-            let n = hga_attention_decode_upto(gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &launch, &start_dev)?;
-            extra = format!(" bound={bound} splits={n}");
+            let rows = s.tokens * s.n_heads;
+            let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, max_splits)?;
+            st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+            // The default kernel with the fused FP8 quantization (outputs poisoned: 0x7f is e4m3 NaN).
+            let mut q8 = st.clone_htod(&vec![0x7fu8; rows * 128])?;
+            let mut sc = st.clone_htod(&vec![f32::NAN; rows])?;
+            let n = hga_attention_decode_upto_quant(
+                gpu, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &mut q8, &mut sc, &launch, &start_dev,
+            )?;
+            let mut rq8 = st.clone_htod(&vec![0x7fu8; rows * 128])?;
+            let mut rsc = st.clone_htod(&vec![f32::NAN; rows])?;
+            hga_fp8_quant(gpu, &dout, &mut rq8, &mut rsc, s.tokens, s.n_heads * 128)?;
+            quant = Some((st.clone_dtoh(&q8)?, st.clone_dtoh(&sc)?, st.clone_dtoh(&rq8)?, st.clone_dtoh(&rsc)?));
+            gpu.synchronize()?;
+            for &k in &others {
+                let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, max_splits)?;
+                st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+                let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
+                let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+                hga_attention_decode_upto_kernel(
+                    gpu, k, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &launch, &start_dev,
+                )?;
+                variants.push((format!("{k:?}"), eo, el));
+                gpu.synchronize()?;
+            }
+            extra = format!(" bound={bound} splits={n} kernel={auto:?}+fp8 (+{others:?})");
         }
     }
     let out = st.clone_dtoh(&dout)?;
     let lse = st.clone_dtoh(&dlse)?;
     gpu.synchronize()?;
-    let lazy = match lazy {
-        Some((eo, el)) => Some((st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?)),
-        None => None,
-    };
+    let mut fetched = Vec::new();
+    for (label, eo, el) in variants {
+        fetched.push((label, st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?));
+    }
     gpu.synchronize()?;
     let want = crate::reference::attention::hga_attention(&q, &k, &v, &s);
     let (mut rel, mut bad) = judge(&out, &lse, &want, s.n_heads);
-    if let Some((eo, el)) = lazy {
+    for (label, eo, el) in fetched {
         let (erel, ebad) = judge(&eo, &el, &want, s.n_heads);
         rel = rel.max(erel);
         if bad.is_none() {
-            bad = ebad.map(|b| format!("lazy variant: {b}"));
+            bad = ebad.map(|b| format!("{label} variant: {b}"));
         }
-        extra = " (+lazy)".into();
+    }
+    if let Some((q8, sc, rq8, rsc)) = quant {
+        if bad.is_none() {
+            bad = quant_mismatch(&q8, &sc, &rq8, &rsc, s.n_heads);
+        }
     }
     let name = match path {
         Path::Prefill => "hga_attention_prefill",
         Path::Decode => "hga_attention_decode+merge",
-        Path::DecodeUpTo => "hga_attention_decode+merge (start on the device)",
+        Path::DecodeUpTo => "hga_attention_decode+merge+fp8 (start on the device)",
     };
     let shape = format!(
         "tokens={} heads={}/{} start={} ctx={} capacity={}{extra}{}",
@@ -146,4 +197,34 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
         if growing { " growing-keys" } else { "" }
     );
     Ok(Outcome::new(name, shape, rel, bad))
+}
+
+/// The device's shared memory per block (opt-in maximum), 0 if the query fails.
+fn max_smem_optin(gpu: &Gpu) -> usize {
+    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    gpu.context().attribute(a).map_or(0, |v| v.max(0) as usize)
+}
+
+/// The first difference between the merge's fused FP8 quantization (q8, sc) and `hga_fp8_quant`'s (rq8, rsc):
+/// bytes and scale bits must be identical.
+fn quant_mismatch(q8: &[u8], sc: &[f32], rq8: &[u8], rsc: &[f32], n_heads: usize) -> Option<String> {
+    if let Some(i) = (0..sc.len()).find(|&i| sc[i].to_bits() != rsc[i].to_bits()) {
+        return Some(format!(
+            "fused FP8 scale[{i}] (token {}, head {}) = {:e}, hga_fp8_quant gives {:e}",
+            i / n_heads,
+            i % n_heads,
+            sc[i],
+            rsc[i]
+        ));
+    }
+    (0..q8.len()).find(|&i| q8[i] != rq8[i]).map(|i| {
+        format!(
+            "fused FP8 q[{i}] (token {}, head {}, dim {}) = {:#04x}, hga_fp8_quant gives {:#04x}",
+            i / 128 / n_heads,
+            i / 128 % n_heads,
+            i % 128,
+            q8[i],
+            rq8[i]
+        )
+    })
 }

@@ -1,10 +1,13 @@
-//! Launchers of the dense attention kernels (gpu-kernels/src/attention/): `hga_attention_prefill`, and
-//! `hga_attention_decode` + `hga_attention_merge` (split-K decode).
+//! Launchers of the dense attention kernels (gpu-kernels/src/attention/): `hga_attention_prefill`, and split-K
+//! decode: `hga_attention_decode_v3_s{3,4,6}` (default: the deepest ring the device's shared memory per block
+//! allows) or `hga_attention_decode_v2`, then `hga_attention_merge` (optionally fused with the FP8 quantization of
+//! the output).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
-    AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_SMEM, ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
+    attn_decode_v3_smem, AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_SMEM, ATTN_DECODE_V3_STAGES,
+    ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
 };
 use half::bf16;
 
@@ -103,6 +106,8 @@ fn params(s: &AttentionShape, q: u64, k: u64, v: u64, out: u64, lse: u64, po: u6
         part_o: po,
         part_lse: pl,
         start_dev: 0,
+        out_q: 0,
+        out_scale: 0,
         tokens: s.tokens as u32,
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
@@ -179,9 +184,10 @@ pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize) -> (usiz
     decode_splits_for(DECODE_CTAS_PER_SM * sms, s, max_splits)
 }
 
-/// CTAs per SM that [`decode_splits`] aims at. 3 fit on sm_90 (168 registers x 128 threads, 68 KB of shared
-/// memory), but measured on the H100 at 64K context fewer splits stream faster: 1 CTA/SM 61 us, 2: 70 us,
-/// 3: 80 us, 4: 91 us (docs/perf-attention.md), so one CTA per SM (each streaming a long contiguous range).
+/// CTAs per SM that [`decode_splits`] aims at. With v2, 3 fit on sm_90 (168 registers x 128 threads, 68 KB of
+/// shared memory), but measured on the H100 at 64K context fewer splits stream faster: 1 CTA/SM 61 us, 2: 70 us,
+/// 3: 80 us, 4: 91 us (docs/perf-attention.md), so one CTA per SM (each streaming a long contiguous range); v3's
+/// ring (96-192 KB of shared memory) is built for one CTA per SM.
 pub const DECODE_CTAS_PER_SM: usize = 1;
 
 /// [`decode_splits`] for a given target number of CTAs.
@@ -194,8 +200,54 @@ pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usi
     (tiles.div_ceil(tps), tps)
 }
 
-/// Split-K decode attention of `s.tokens` (a few) query tokens: `hga_attention_decode` writes per-split partials
-/// into `ws`, `hga_attention_merge` combines them into `out` and `lse`. Returns the number of splits used.
+/// Which split-K decode kernel a call launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// The deepest v3 ring whose shared memory the device allows per block ([`decode_kernel_for`]).
+    Auto,
+    /// `hga_attention_decode_v2`: double-buffered (68 KB of shared memory).
+    V2,
+    /// `hga_attention_decode_v3_s{N}`: an N-stage ring (N in `ATTN_DECODE_V3_STAGES`: 3, 4, 6; N x 32 KB).
+    V3(usize),
+}
+
+impl DecodeKernel {
+    /// (entry point, dynamic shared memory bytes); `Auto` must be resolved first.
+    fn entry(self) -> Result<(&'static str, usize), RuntimeError> {
+        match self {
+            DecodeKernel::V2 => Ok(("hga_attention_decode_v2", ATTN_DECODE_SMEM)),
+            DecodeKernel::V3(3) => Ok(("hga_attention_decode_v3_s3", attn_decode_v3_smem(3))),
+            DecodeKernel::V3(4) => Ok(("hga_attention_decode_v3_s4", attn_decode_v3_smem(4))),
+            DecodeKernel::V3(6) => Ok(("hga_attention_decode_v3_s6", attn_decode_v3_smem(6))),
+            k => Err(RuntimeError::Shape(format!("attention_decode: no kernel {k:?} (v3 stages: 3, 4, 6)"))),
+        }
+    }
+
+    /// Dynamic shared memory of the kernel (`Auto`: 0).
+    pub fn smem_bytes(self) -> usize {
+        self.entry().map(|e| e.1).unwrap_or(0)
+    }
+}
+
+/// The decode kernel `Auto` picks for a device allowing `max_smem_optin` bytes of shared memory per block: the v3
+/// ring with the most stages that fits (6 on sm_90's 227 KB, 3 on the 99 KB of sm_89 / sm_120), else v2.
+pub fn decode_kernel_for(max_smem_optin: usize) -> DecodeKernel {
+    ATTN_DECODE_V3_STAGES
+        .iter()
+        .rev()
+        .find(|&&n| attn_decode_v3_smem(n) <= max_smem_optin)
+        .map_or(DecodeKernel::V2, |&n| DecodeKernel::V3(n))
+}
+
+/// The kernel [`DecodeKernel::Auto`] resolves to on this device (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+pub fn decode_kernel_auto(gpu: &Gpu) -> Result<DecodeKernel, RuntimeError> {
+    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    Ok(decode_kernel_for(gpu.context().attribute(a)?.max(0) as usize))
+}
+
+/// Split-K decode attention of `s.tokens` (a few) query tokens: the decode kernel ([`DecodeKernel::Auto`]) writes
+/// per-split partials into `ws`, `hga_attention_merge` combines them into `out` and `lse`. Returns the number of
+/// splits used.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_decode(
     gpu: &Gpu,
@@ -207,7 +259,8 @@ pub fn hga_attention_decode(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<usize, RuntimeError> {
-    hga_attention_decode_ctas(gpu, q, k_cache, v_cache, ws, out, lse, s, decode_target_ctas(gpu)?)
+    let c = DecodeCall { kernel: DecodeKernel::Auto, target_ctas: decode_target_ctas(gpu)?, start_dev: 0, quant: None };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
 /// [`hga_attention_decode`] with the split chosen for `target_ctas` CTAs instead of the default (for tuning).
@@ -223,7 +276,31 @@ pub fn hga_attention_decode_ctas(
     s: &AttentionShape,
     target_ctas: usize,
 ) -> Result<usize, RuntimeError> {
-    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, target_ctas, 0)
+    let c = DecodeCall { kernel: DecodeKernel::Auto, target_ctas, start_dev: 0, quant: None };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+}
+
+/// [`hga_attention_decode`] with a chosen kernel (v2 or a v3 stage count; for tests and benchmarks). With
+/// `target_ctas` = None the default split.
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_decode_kernel(
+    gpu: &Gpu,
+    kernel: DecodeKernel,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    target_ctas: Option<usize>,
+) -> Result<usize, RuntimeError> {
+    let target_ctas = match target_ctas {
+        Some(t) => t,
+        None => decode_target_ctas(gpu)?,
+    };
+    let c = DecodeCall { kernel, target_ctas, start_dev: 0, quant: None };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
 /// [`hga_attention_decode`] as one launch that serves every position up to a bound, for a recorded (CUDA graph)
@@ -244,7 +321,61 @@ pub fn hga_attention_decode_upto(
 ) -> Result<usize, RuntimeError> {
     check_len("attention_decode start_dev", start_dev.len(), 1)?;
     let (ps, _gs) = dptr(gpu, start_dev);
-    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, decode_target_ctas(gpu)?, ps)
+    let c =
+        DecodeCall { kernel: DecodeKernel::Auto, target_ctas: decode_target_ctas(gpu)?, start_dev: ps, quant: None };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+}
+
+/// [`hga_attention_decode_upto`] with a chosen kernel (for tests and benchmarks).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_decode_upto_kernel(
+    gpu: &Gpu,
+    kernel: DecodeKernel,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    start_dev: &impl DevicePtr<u32>,
+) -> Result<usize, RuntimeError> {
+    check_len("attention_decode start_dev", start_dev.len(), 1)?;
+    let (ps, _gs) = dptr(gpu, start_dev);
+    let c = DecodeCall { kernel, target_ctas: decode_target_ctas(gpu)?, start_dev: ps, quant: None };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+}
+
+/// [`hga_attention_decode_upto`] whose merge also writes the FP8 (e4m3) quantization of `out` for the next FP8
+/// linear: `out_q` e4m3 [tokens, n_heads * 128] and `out_scale` f32 [tokens, n_heads], one 128-group per (token,
+/// head), bit-identical to `hga_fp8_quant(out)` with k = n_heads * 128 (which it replaces: one launch fewer).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attention_decode_upto_quant(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    out_q: &mut impl DevicePtrMut<u8>,
+    out_scale: &mut impl DevicePtrMut<f32>,
+    s: &AttentionShape,
+    start_dev: &impl DevicePtr<u32>,
+) -> Result<usize, RuntimeError> {
+    check_len("attention_decode start_dev", start_dev.len(), 1)?;
+    check_len("attention_decode out_q", out_q.len(), s.tokens * s.n_heads * ATTN_HEAD_DIM)?;
+    check_len("attention_decode out_scale", out_scale.len(), s.tokens * s.n_heads)?;
+    let (ps, _gs) = dptr(gpu, start_dev);
+    let (pq, _gq) = dptr_mut(gpu, out_q);
+    let (pc, _gc) = dptr_mut(gpu, out_scale);
+    let c = DecodeCall {
+        kernel: DecodeKernel::Auto,
+        target_ctas: decode_target_ctas(gpu)?,
+        start_dev: ps,
+        quant: Some((pq, pc)),
+    };
+    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
 fn decode_target_ctas(gpu: &Gpu) -> Result<usize, RuntimeError> {
@@ -252,6 +383,16 @@ fn decode_target_ctas(gpu: &Gpu) -> Result<usize, RuntimeError> {
         gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
     Ok(DECODE_CTAS_PER_SM * sms)
+}
+
+/// The choices of one decode launch besides its buffers.
+struct DecodeCall {
+    kernel: DecodeKernel,
+    target_ctas: usize,
+    /// Device address of `start` (0: `s.start`).
+    start_dev: u64,
+    /// Device addresses of (out_q, out_scale), already checked, for the fused FP8 quantization in the merge.
+    quant: Option<(u64, u64)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -264,8 +405,7 @@ fn decode_launch(
     out: &mut impl DevicePtrMut<bf16>,
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
-    target_ctas: usize,
-    start_dev: u64,
+    c: DecodeCall,
 ) -> Result<usize, RuntimeError> {
     validate("attention_decode", s, q.len(), k_cache.len(), v_cache.len(), out.len(), lse.len())?;
     if s.tokens * s.n_heads > ws.rows {
@@ -275,10 +415,15 @@ fn decode_launch(
             s.tokens * s.n_heads
         )));
     }
+    let kernel = match c.kernel {
+        DecodeKernel::Auto => decode_kernel_auto(gpu)?,
+        k => k,
+    };
+    let (name, smem) = kernel.entry()?;
     if s.tokens == 0 {
         return Ok(0);
     }
-    let (n_splits, tps) = decode_splits_for(target_ctas, s, ws.max_splits);
+    let (n_splits, tps) = decode_splits_for(c.target_ctas, s, ws.max_splits);
     let g = s.n_heads / s.n_kv_heads;
     let (pq, _g1) = dptr(gpu, q);
     let (pk, _g2) = dptr(gpu, k_cache);
@@ -290,22 +435,44 @@ fn decode_launch(
     let mut p = params(s, pq, pk, pv, po, pl, ppo, ppl);
     p.n_splits = n_splits as u32;
     p.tiles_per_split = tps as u32;
-    p.start_dev = start_dev;
+    p.start_dev = c.start_dev;
     let cfg = LaunchConfig {
         grid_dim: ((s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS)) as u32, n_splits as u32, 1),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: ATTN_DECODE_SMEM as u32,
+        shared_mem_bytes: smem as u32,
     };
     // SAFETY: shapes checked; every split reads keys < min(start + tokens, capacity) (start from the device when
     // start_dev is set, clamped by the kernel); the workspace holds n_splits <= max_splits slots of
     // tokens * n_heads <= rows rows.
-    unsafe { launch(gpu, "hga_attention_decode", cfg, p)? };
+    unsafe { launch(gpu, name, cfg, p)? };
+    if let Some((q8, sc)) = c.quant {
+        p.out_q = q8;
+        p.out_scale = sc;
+    }
     let cfg = LaunchConfig {
         grid_dim: ((s.tokens * s.n_heads).div_ceil(4) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: as above; the merge reads the n_splits partials the decode kernel wrote (same stream).
+    // SAFETY: as above; the merge reads the n_splits partials the decode kernel wrote (same stream); with the
+    // fused quantization, out_q / out_scale were checked to hold tokens * n_heads rows of 128 / 1 by the caller.
     unsafe { launch(gpu, "hga_attention_merge", cfg, p)? };
     Ok(n_splits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_kernel_follows_shared_memory_per_block() {
+        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(6)); // sm_90: 227 KB
+        assert_eq!(decode_kernel_for(166_912), DecodeKernel::V3(4)); // sm_80: 163 KB
+        assert_eq!(decode_kernel_for(101_376), DecodeKernel::V3(3)); // sm_89 / sm_120: 99 KB
+        assert_eq!(decode_kernel_for(70_000), DecodeKernel::V2);
+        assert_eq!(DecodeKernel::V3(6).smem_bytes(), 196_608);
+        assert_eq!(DecodeKernel::V2.smem_bytes(), ATTN_DECODE_SMEM);
+        assert_eq!(DecodeKernel::Auto.smem_bytes(), 0);
+        assert!(DecodeKernel::V3(5).entry().is_err());
+    }
 }

@@ -10,7 +10,8 @@ pub mod rope;
 pub mod selftest;
 
 pub use attention::{
-    hga_attention_decode, hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeWorkspace,
+    hga_attention_decode, hga_attention_decode_kernel, hga_attention_decode_upto_quant, hga_attention_prefill,
+    hga_attention_prefill_lazy, AttentionShape, DecodeKernel, DecodeWorkspace,
 };
 pub use norm::hga_rmsnorm;
 pub use quant::{hga_fp8_dequant, hga_fp8_quant};

@@ -7,7 +7,7 @@
 //!    decode kernel up to 16 rows, the mma.sync pipeline above);
 //! 3. per-head q/k RMSNorm + NeoX RoPE, K and V written into the layer's cache (`hga_qk_norm_rope`);
 //! 4. causal GQA attention over the cache: split-K decode for one token, FlashAttention-style prefill otherwise;
-//! 5. FP8 quantization of the attention output, `o_proj`;
+//! 5. FP8 quantization of the attention output (fused into the decode merge for one token), `o_proj`;
 //! 6. `post_attention_layernorm` fused with the residual add (`hga_rmsnorm`, bf16 out: the router reads bf16);
 //! 7. the MoE block (router, experts; the decode path for a few tokens, the grouped path above). A dense-MLP layer
 //!    (`mlp_only_layers`, `decoder_sparse_step`) runs as a MoE block with one expert and weight 1, which is exactly
@@ -21,7 +21,7 @@ use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
 
 use crate::kernels::attention::{
-    hga_attention_decode_upto, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
+    hga_attention_decode_upto_quant, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
 };
 use crate::kernels::gemm::{hga_fp8_linear, hga_rmsnorm_fp8_quant};
 use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
@@ -683,9 +683,9 @@ impl<'g> GpuModel<'g> {
                 &rs,
             )?;
             marks.mark(gpu, "q/k norm + RoPE + cache write")?;
-            // 4. attention.
+            // 4. attention; 5. its FP8 quantization (fused into the decode merge for one token), o_proj.
             if let StartAt::DeviceUpTo(_) = at {
-                hga_attention_decode_upto(
+                hga_attention_decode_upto_quant(
                     gpu,
                     &sc.qr.slice(0..t * qw),
                     &layer.k_cache,
@@ -693,6 +693,8 @@ impl<'g> GpuModel<'g> {
                     &mut sc.decode,
                     &mut sc.attn.slice_mut(0..t * qw),
                     &mut sc.lse.slice_mut(0..t * nh),
+                    &mut sc.aq.slice_mut(0..t * qw),
+                    &mut sc.as_.slice_mut(0..t * nh),
                     &ashape,
                     &sc.positions.slice(0..1),
                 )?;
@@ -706,17 +708,16 @@ impl<'g> GpuModel<'g> {
                     &mut sc.lse.slice_mut(0..t * nh),
                     &ashape,
                 )?;
+                hga_fp8_quant(
+                    gpu,
+                    &sc.attn.slice(0..t * qw),
+                    &mut sc.aq.slice_mut(0..t * qw),
+                    &mut sc.as_.slice_mut(0..t * nh),
+                    t,
+                    qw,
+                )?;
             }
-            marks.mark(gpu, "attention")?;
-            // 5. o_proj.
-            hga_fp8_quant(
-                gpu,
-                &sc.attn.slice(0..t * qw),
-                &mut sc.aq.slice_mut(0..t * qw),
-                &mut sc.as_.slice_mut(0..t * nh),
-                t,
-                qw,
-            )?;
+            marks.mark(gpu, "attention (+ FP8 quant)")?;
             linear(
                 gpu,
                 &layer.o_proj,
@@ -725,7 +726,7 @@ impl<'g> GpuModel<'g> {
                 &mut sc.mlp_out.slice_mut(0..t * h),
                 t,
             )?;
-            marks.mark(gpu, "attention FP8 quant + o_proj")?;
+            marks.mark(gpu, "o_proj")?;
             // 6. post-attention norm (+ the attention output into the residual), bf16 out.
             let (a, b) = split_pair(&mut sc.h, cur);
             hga_rmsnorm(
