@@ -67,35 +67,33 @@ pub unsafe extern "ptx-kernel" fn hga_moe_down_decode_v3(p: MoeExpertParams) {
     let (mut tg, mut tg8) = (0f32, 0f32);
     let mut u0 = warp;
     while u0 < units {
-        // 0. Nothing here waits on anything: the round's activation loads (L2), ids and routing weights.
+        // 0. Nothing here waits on anything: the round's activation loads (L2), ids and routing weights. Past the
+        // last unit the loads repeat the last unit (no branch around a load, so no value is merged with a
+        // placeholder before it arrives; the products below skip those units).
         let mut sl = [0usize; U];
         let mut kb = [0usize; U];
         let mut e = [0u32; U];
         let mut rw = [0f32; U];
         let mut xv = [[0u32; 2]; U];
         unroll!(u in [0, 1, 2] {
-            let unit = u0 + WARPS * u;
-            if unit < units {
-                (sl[u], kb[u]) = (unit / kbs, unit % kbs);
-                xv[u] = ld_group_warp(act.add(sl[u] * inter + kb[u] * 128), lane);
-                e[u] = ld_nc_b32(ids.add(sl[u]));
-                rw[u] = f32::from_bits(ld_nc_b32(rws.add(sl[u])));
-            }
+            let unit = (u0 + WARPS * u).min(units - 1);
+            (sl[u], kb[u]) = (unit / kbs, unit % kbs);
+            xv[u] = ld_group_warp(act.add(sl[u] * inter + kb[u] * 128), lane);
+            e[u] = ld_nc_b32(ids.add(sl[u]));
+            rw[u] = f32::from_bits(ld_nc_b32(rws.add(sl[u])));
         });
         // 1. The weight stream of the round (after the ids): [rows g lo, rows g hi, rows g+8 lo, rows g+8 hi].
         let mut a = [[[0u32; 4]; 4]; U];
         let mut f = [0f32; U];
         unroll!(u in [0, 1, 2] {
-            if u0 + WARPS * u < units {
-                let w = wd.add(e[u] as usize * h * inter + kb[u] * 128);
-                let w8 = w.add(8 * inter);
-                a[u][0] = ld_stream_v4(w);
-                a[u][1] = ld_stream_v4(w.add(64));
-                a[u][2] = ld_stream_v4(w8);
-                a[u][3] = ld_stream_v4(w8.add(64));
-                let si = (e[u] as usize * hblk + n0 / 128) * kbs + kb[u];
-                f[u] = f32::from_bits(ld_nc_b32(sd0.add(si))) * rw[u];
-            }
+            let w = wd.add(e[u] as usize * h * inter + kb[u] * 128);
+            let w8 = w.add(8 * inter);
+            a[u][0] = ld_stream_v4(w);
+            a[u][1] = ld_stream_v4(w.add(64));
+            a[u][2] = ld_stream_v4(w8);
+            a[u][3] = ld_stream_v4(w8.add(64));
+            let si = (e[u] as usize * hblk + n0 / 128) * kbs + kb[u];
+            f[u] = f32::from_bits(ld_nc_b32(sd0.add(si))) * rw[u];
         });
         // 2. Quantize the activations while the weights are on their way; f becomes the unit's whole factor.
         let mut q = [0u32; U];
