@@ -31,7 +31,10 @@
 //! Analysis at the Qwen3-30B-A3B shape (H 2048, I 768, top-8), T = 1, 132 SMs:
 //! - Bytes 12.6 MB; 128 blocks of 96 KB (one per SM; 4 SMs idle), 48 units = 3 per warp = one round: every block
 //!   requests its whole 96 KB up front (12.6 MB GPU-wide in flight, Little's law needs ~4-6 MB).
-//! - Registers: 512 threads per block need <= 128 per thread (12 x 4 weight registers + 3 x 2 activation + ~40).
+//! - Registers: 512 threads per block need <= 128 per thread (ptxas 13.0: 121 / 118 / 120 on sm_89 / 90 / 120;
+//!   a launch with more fails, scripts/ptxas-report shows it). Loads past the last unit repeat the last unit
+//!   (clamped index) instead of being branched around: with a branch, LLVM merged each loaded value with its
+//!   placeholder right after the load, which waits for it before the weight loads go out.
 //! - Instructions per warp: 12 LDG.128 + 3 LDG.64 + 9 scalar loads, 3 quantizations (~240), 3 x 8 SHFL, 12 `mma`
 //!   (~170 on sm_90), ~20 scaling: ~480 per 6 KB (v2: ~550 per 6 KB with 6 quantizations); ~7.7 K per SM, ~1 us
 //!   of issue per SM, now overlapping the stream.

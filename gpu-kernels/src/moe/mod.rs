@@ -9,6 +9,9 @@
 //!   before the activation quantization (warp-cooperative, [`quant_group_warp`]) that it overlaps; 8-row blocks
 //!   (768 + 256 blocks at the Qwen3 shape). [`gate_up_decode_v1`] / [`down_decode_v1`] are version 1, kept for
 //!   comparison (docs/perf-moe.md).
+//! - Version 3 of the decode layer (what `moe_decode` runs): [`router_rows`] (one expert row per block, 128
+//!   blocks instead of 16), [`gate_up_decode_v3`] (version 2 plus activation loads first and the chosen experts'
+//!   down weights prefetched into L2) and [`down_decode_v3`] (16 rows per block, one quantization per 2 KB).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
