@@ -228,7 +228,27 @@ fn main() {
                 .unwrap()
             };
             let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
-            for (kname, bytes, ms2) in [("gate_up", gu_bytes * t as f64, gu), ("down", dn_bytes * t as f64, dn)] {
+            // The two expert kernels back to back (no router): with v3, down reads what gate/up prefetched, so
+            // (this - gate_up alone) is v3's down time inside the layer.
+            let mut both = |i: usize| {
+                let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
+                let o = &mut outs[i % XSETS];
+                match v {
+                    km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                    km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                    km::DecodeVersion::V3 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                }
+                .unwrap()
+            };
+            let gd = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut both), time_ms(&gpu, 5, 300, &mut both)];
+            for (kname, bytes, ms2) in [
+                ("gate_up", gu_bytes * t as f64, gu),
+                ("down", dn_bytes * t as f64, dn),
+                ("gate_up+down", (gu_bytes + dn_bytes) * t as f64, gd),
+            ] {
                 for (how, ms) in [("graph", ms2[0]), ("with host launch", ms2[1])] {
                     let gbs = bytes / ms / 1e6;
                     rows.push(Row {
@@ -272,8 +292,8 @@ fn main() {
         });
     }
 
-    println!("{:<32} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
+    println!("{:<44} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
     for r in &rows {
-        println!("{:<32} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
+        println!("{:<44} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
     }
 }
