@@ -6,9 +6,12 @@
 //! Device events, warm-up, median of many; the expert weights rotate over 2 full sets of 128 experts (1.2 GB) and
 //! the activations over 16 sets, the router weights over 128 sets (64 MB), so nothing is served from L2 across
 //! iterations (the decode kernels timed alone rotate over 16 disjoint sets of 8 experts in each weight set).
-//! The decode layer and the decode expert kernels are timed in both versions (v1 and v2, docs/perf-moe.md), each
-//! twice: replayed from a CUDA graph (`time_graph_ms`: no host launch cost, the figure compared with the floor)
-//! and with host launches (`time_ms`, labelled "with host launch"). Without a GPU: a SKIP line.
+//! The decode layer and the decode expert kernels are timed in all three versions (v1, v2, v3, docs/perf-moe.md) at
+//! T = 1 and T = 4, each twice: replayed from a CUDA graph (`time_graph_ms`: no host launch cost, the figure
+//! compared with the floor) and with host launches (`time_ms`, labelled "with host launch"). The v1 / v2 layers
+//! use the split-K router (as measured before), the v3 layer `Auto` (the one-expert-per-block router). The v3
+//! down kernel timed alone streams from DRAM; in the v3 layer its weights were prefetched into L2 by gate/up v3
+//! (whose time alone includes issuing that prefetch). Without a GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
 use half::bf16;
@@ -74,9 +77,15 @@ fn main() {
     let xs: Vec<_> = (0..XSETS).map(|_| s.clone_htod(&bf16_vec(4096 * h, -2.0, 2.0, &mut rng)).unwrap()).collect();
 
     // Router alone.
-    for (t, form) in
-        [(1usize, RouterForm::Auto), (1, RouterForm::Batch), (4096, RouterForm::Auto), (4096, RouterForm::SplitK)]
-    {
+    for (t, form) in [
+        (1usize, RouterForm::Auto),
+        (1, RouterForm::SplitK),
+        (1, RouterForm::Batch),
+        (4, RouterForm::Auto),
+        (4, RouterForm::SplitK),
+        (4096, RouterForm::Auto),
+        (4096, RouterForm::SplitK),
+    ] {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
         let mut router = |i: usize| {
@@ -94,9 +103,9 @@ fn main() {
             .unwrap()
         };
         let ms = time_ms(&gpu, 5, 200, &mut router);
-        // The decode layer's router (T = 1, Auto) also without host launch cost.
+        // The decode layers' routers (T <= 4: Auto = rows form, and split-K) also without host launch cost.
         let ms_g =
-            if t == 1 && form == RouterForm::Auto { Some(time_graph_ms(&gpu, 32, 50, &mut router)) } else { None };
+            if t <= 4 && form != RouterForm::Batch { Some(time_graph_ms(&gpu, 32, 50, &mut router)) } else { None };
         let bytes = (e * h * 2 + t * h * 2) as f64;
         for (how, ms) in [("", Some(ms)), (" (graph)", ms_g)] {
             let Some(ms) = ms else { continue };
@@ -139,16 +148,25 @@ fn main() {
     // A graph holds GRAPH_REPS consecutive calls, so the rotation below is inside every replay.
     const GRAPH_REPS: usize = 32;
     const ID_SETS: usize = 16;
-    // Expert ids for the kernels alone: set j picks experts 8j .. 8j + 8 (disjoint sets), and call i uses weight set
-    // i % 2 with id set (i / 2) % 16, so 32 consecutive calls read 32 x 37.75 MB of distinct weights.
-    let id_sets: Vec<_> = (0..ID_SETS)
-        .map(|j| s.clone_htod(&(0..k as u32).map(|i| (8 * j as u32 + i) % e as u32).collect::<Vec<_>>()).unwrap())
-        .collect();
-    let rw_set = s.clone_htod(&vec![1.0f32 / k as f32; k]).unwrap();
+    // Expert ids for the kernels alone: set j gives token tau the experts 8 T j + 8 tau .. + 8 (mod 128; disjoint
+    // within a set), and call i uses weight set i % 2 with id set (i / 2) % 16, so 32 consecutive calls read distinct
+    // weights (T = 1: 32 x 37.75 MB, as before; T = 4: 8 distinct sets of 151 MB, repeating after 1.2 GB).
+    let id_sets = |t: usize| -> Vec<_> {
+        (0..ID_SETS)
+            .map(|j| {
+                let ids: Vec<u32> = (0..t * k).map(|i| ((8 * t * j + 8 * (i / k) + i % k) % e) as u32).collect();
+                s.clone_htod(&ids).unwrap()
+            })
+            .collect()
+    };
     let gu_bytes = (k * 2 * h * inter) as f64;
     let dn_bytes = (k * h * inter) as f64;
-    for v in [km::DecodeVersion::V1, km::DecodeVersion::V2] {
-        let tag = if v == km::DecodeVersion::V1 { "v1" } else { "v2" };
+    for v in [km::DecodeVersion::V1, km::DecodeVersion::V2, km::DecodeVersion::V3] {
+        let (tag, form) = match v {
+            km::DecodeVersion::V1 => ("v1", RouterForm::SplitK),
+            km::DecodeVersion::V2 => ("v2", RouterForm::SplitK),
+            km::DecodeVersion::V3 => ("v3", RouterForm::Auto),
+        };
         for t in [1usize, 4] {
             let d = MoeDims::qwen3_30b_a3b(t);
             let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
@@ -163,7 +181,7 @@ fn main() {
                     &mut ws,
                     &mut outs[i % XSETS],
                     &d,
-                    RouterForm::Auto,
+                    form,
                     v,
                 )
                 .unwrap()
@@ -182,39 +200,65 @@ fn main() {
                 });
             }
         }
-        // Kernels alone at T = 1 (ids / weights / inter from the fixed sets above; inter is whatever the last call
-        // left, which does not change the bytes streamed).
-        let d = MoeDims::qwen3_30b_a3b(1);
-        let mut inter_buf = s.alloc_zeros::<bf16>(k * inter).unwrap();
-        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(h).unwrap()).collect();
-        let mut gate_up = |i: usize| {
-            let (x, wt, ids) = (xs[i % XSETS].slice(0..h), &wsets[i % 2], &id_sets[(i / 2) % ID_SETS]);
-            match v {
-                km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d),
-                km::DecodeVersion::V2 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d),
-            }
-            .unwrap()
-        };
-        let gu = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut gate_up), time_ms(&gpu, 5, 300, &mut gate_up)];
-        let mut down = |i: usize| {
-            let (wt, ids, o) = (&wsets[i % 2], &id_sets[(i / 2) % ID_SETS], &mut outs[i % XSETS]);
-            match v {
-                km::DecodeVersion::V1 => km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
-                km::DecodeVersion::V2 => km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
-            }
-            .unwrap()
-        };
-        let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
-        for (kname, bytes, ms2) in [("gate_up", gu_bytes, gu), ("down", dn_bytes, dn)] {
-            for (how, ms) in [("graph", ms2[0]), ("with host launch", ms2[1])] {
-                let gbs = bytes / ms / 1e6;
-                rows.push(Row {
-                    name: format!("  hga_moe_{kname}_decode{} ({how})", if tag == "v1" { "_v1" } else { "" }),
-                    shape: "T=1".into(),
-                    us: ms * 1e3,
-                    metric: format!("{gbs:.0} GB/s"),
-                    ratio: format!("{:.2}x copy", gbs / copy_gbs),
-                });
+        // Kernels alone at T = 1 and 4 (ids / weights / inter from the fixed sets above; inter is whatever the last
+        // call left, which does not change the bytes streamed).
+        for t in [1usize, 4] {
+            let d = MoeDims::qwen3_30b_a3b(t);
+            let ids_t = id_sets(t);
+            let rw_set = s.clone_htod(&vec![1.0f32 / k as f32; t * k]).unwrap();
+            let mut inter_buf = s.alloc_zeros::<bf16>(t * k * inter).unwrap();
+            let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
+            let mut gate_up = |i: usize| {
+                let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
+                match v {
+                    km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d),
+                    km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d),
+                    km::DecodeVersion::V3 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d),
+                }
+                .unwrap()
+            };
+            let gu = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut gate_up), time_ms(&gpu, 5, 300, &mut gate_up)];
+            let mut down = |i: usize| {
+                let (wt, ids, o) = (&wsets[i % 2], &ids_t[(i / 2) % ID_SETS], &mut outs[i % XSETS]);
+                match v {
+                    km::DecodeVersion::V1 => km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+                    km::DecodeVersion::V2 => km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+                    km::DecodeVersion::V3 => km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+                }
+                .unwrap()
+            };
+            let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
+            // The two expert kernels back to back (no router): with v3, down reads what gate/up prefetched, so
+            // (this - gate_up alone) is v3's down time inside the layer.
+            let mut both = |i: usize| {
+                let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
+                let o = &mut outs[i % XSETS];
+                match v {
+                    km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                    km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                    km::DecodeVersion::V3 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                        .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                }
+                .unwrap()
+            };
+            let gd = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut both), time_ms(&gpu, 5, 300, &mut both)];
+            for (kname, bytes, ms2) in [
+                ("gate_up", gu_bytes * t as f64, gu),
+                ("down", dn_bytes * t as f64, dn),
+                ("gate_up+down", (gu_bytes + dn_bytes) * t as f64, gd),
+            ] {
+                for (how, ms) in [("graph", ms2[0]), ("with host launch", ms2[1])] {
+                    let gbs = bytes / ms / 1e6;
+                    rows.push(Row {
+                        name: format!("  {kname} decode {tag} ({how})"),
+                        shape: format!("T={t}"),
+                        us: ms * 1e3,
+                        metric: format!("{gbs:.0} GB/s"),
+                        ratio: format!("{:.2}x copy", gbs / copy_gbs),
+                    });
+                }
             }
         }
     }
@@ -248,8 +292,8 @@ fn main() {
         });
     }
 
-    println!("{:<32} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
+    println!("{:<44} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
     for r in &rows {
-        println!("{:<32} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
+        println!("{:<44} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
     }
 }

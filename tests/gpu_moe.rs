@@ -1,6 +1,7 @@
 //! GPU property tests of the MoE kernels (router in both forms, grouping, the decode and the grouped expert
 //! paths) against the CPU reference, over random shapes (see `hga::check::moe` for what is compared), plus the
-//! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4.
+//! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4. The decode path
+//! runs version 3 (`moe_decode`); versions 1 and 2 keep their own tests.
 //!
 //! Without a CUDA device each test prints one `SKIP` line and returns.
 mod common;
@@ -54,10 +55,10 @@ fn gpu_moe_router_matches_reference() {
     let experts = prop::sample::select(vec![1usize, 2, 3, 8, 13, 64, 127, 128, 129, 200, 256]);
     let hidden = prop::sample::select(vec![128usize, 256, 640, 2048]);
     proptest!(cases(), |(seed in any::<u64>(), t in tokens(), h in hidden, e in experts, k in 1usize..=16,
-                         norm in any::<bool>(), splitk in any::<bool>())| {
+                         norm in any::<bool>(), f in 0usize..3)| {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = MoeDims { tokens: t, hidden: h, inter: 128, experts: e, top_k: k.min(e), norm_topk: norm };
-        let form = if splitk { RouterForm::SplitK } else { RouterForm::Batch };
+        let form = [RouterForm::SplitK, RouterForm::Batch, RouterForm::Rows][f];
         assert_ok(cm::router(gpu, &d, form, &mut rng).unwrap())?;
     });
 }
@@ -67,7 +68,7 @@ fn gpu_moe_router_qwen3_shape() {
     let Some(gpu) = gpu("gpu_moe_router_qwen3_shape") else { return };
     let mut rng = StdRng::seed_from_u64(11);
     for t in [1usize, 4, 17, 1000] {
-        for form in [RouterForm::Batch, RouterForm::SplitK, RouterForm::Auto] {
+        for form in [RouterForm::Batch, RouterForm::SplitK, RouterForm::Rows, RouterForm::Auto] {
             let o = cm::router(gpu, &MoeDims::qwen3_30b_a3b(t), form, &mut rng).unwrap();
             assert_ok(o).unwrap();
         }
@@ -96,6 +97,19 @@ fn gpu_moe_decode_matches_reference() {
     });
 }
 
+/// Version 2 of the decode expert kernels (with the split-K router; kept for comparison in bench_moe) stays
+/// correct too.
+#[test]
+fn gpu_moe_decode_v2_matches_reference() {
+    let Some(gpu) = gpu("gpu_moe_decode_v2_matches_reference") else { return };
+    let t = prop_oneof![Just(1usize), prop::sample::select(vec![2usize, 3, 4, 5, 7, 8, 13, 17])];
+    proptest!(cases(), |(seed in any::<u64>(), t in t, (h, i, e, k, n) in small_dims())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV2, &mut rng).unwrap())?;
+    });
+}
+
 /// Version 1 of the decode expert kernels (kept for comparison in bench_moe) stays correct too.
 #[test]
 fn gpu_moe_decode_v1_matches_reference() {
@@ -109,7 +123,8 @@ fn gpu_moe_decode_v1_matches_reference() {
 }
 
 /// The decode path at top-k 9..=32 (the launchers allow up to `MOE_MAX_TOPK`; an odd number of (slot, k block)
-/// units pairs the last one with zeros in version 2's down kernel) and at larger hidden / inter.
+/// units pairs the last one with zeros in version 2's down kernel; version 3's down kernel gives a warp fewer
+/// units) and at larger hidden / inter, on all three versions.
 #[test]
 fn gpu_moe_decode_wide_topk() {
     let Some(gpu) = gpu("gpu_moe_decode_wide_topk") else { return };
@@ -119,10 +134,10 @@ fn gpu_moe_decode_wide_topk() {
         prop::sample::select(vec![32usize, 33]),
         9usize..=32,
     );
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=5, (h, i, e, k) in dims, v1 in any::<bool>())| {
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=5, (h, i, e, k) in dims, v in 0usize..3)| {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: true };
-        let path = if v1 { MoePath::DecodeV1 } else { MoePath::Decode };
+        let path = [MoePath::Decode, MoePath::DecodeV2, MoePath::DecodeV1][v];
         assert_ok(cm::moe(gpu, &d, path, &mut rng).unwrap())?;
     });
 }
@@ -144,7 +159,7 @@ fn gpu_moe_qwen3_shape_both_paths() {
     for t in [1usize, 4] {
         let d = MoeDims::qwen3_30b_a3b(t);
         let inp = cm::random_inputs(&d, &mut rng);
-        for path in [MoePath::Decode, MoePath::DecodeV1, MoePath::Grouped] {
+        for path in [MoePath::Decode, MoePath::DecodeV2, MoePath::DecodeV1, MoePath::Grouped] {
             assert_ok(cm::moe_with(gpu, &d, path, &inp).unwrap()).unwrap();
         }
     }

@@ -9,6 +9,9 @@
 //!   before the activation quantization (warp-cooperative, [`quant_group_warp`]) that it overlaps; 8-row blocks
 //!   (768 + 256 blocks at the Qwen3 shape). [`gate_up_decode_v1`] / [`down_decode_v1`] are version 1, kept for
 //!   comparison (docs/perf-moe.md).
+//! - Version 3 of the decode layer (what `moe_decode` runs): [`router_rows`] (one expert row per block, 128
+//!   blocks instead of 16), [`gate_up_decode_v3`] (version 2 plus activation loads first and the chosen experts'
+//!   down weights prefetched into L2) and [`down_decode_v3`] (16 rows per block, one quantization per 2 KB).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
@@ -22,12 +25,15 @@ use crate::arch::*;
 pub mod combine;
 pub mod down_decode;
 pub mod down_decode_v1;
+pub mod down_decode_v3;
 pub mod down_grouped;
 pub mod gate_up_decode;
 pub mod gate_up_decode_v1;
+pub mod gate_up_decode_v3;
 pub mod gate_up_grouped;
 pub mod group;
 pub mod router;
+pub mod router_rows;
 pub mod router_splitk;
 
 /// `unroll!(u in [0, 1, 2] { body })`: the body once per listed literal, with `u: usize` bound to it, so arrays
@@ -95,6 +101,8 @@ pub(crate) unsafe fn ld_nc_b32(p: *const u32) -> u32 {
 /// `row` is 8-byte aligned with 128 readable bf16; all 32 lanes call.
 #[inline(always)]
 pub(crate) unsafe fn quant_group_warp(row: *const u16, lane: u32) -> (u32, f32) {
+    // Written out (not `quant_group_vals(ld_group_warp(..))`): that form changed LLVM's output for version 2's down
+    // kernel (123 -> 136 registers on sm_90, one block per SM fewer); version 2 stays as measured.
     let v = ld_nc_v2(row.add(4 * lane as usize) as *const u8);
     let (a, b) = bf16x2_to_f32(v[0]);
     let (c, d) = bf16x2_to_f32(v[1]);
@@ -104,6 +112,38 @@ pub(crate) unsafe fn quant_group_warp(row: *const u16, lane: u32) -> (u32, f32) 
     let lo = f32x2_to_e4m3x2(a / scale, b / scale) as u32;
     let hi = f32x2_to_e4m3x2(c / scale, d / scale) as u32;
     (lo | (hi << 16), scale)
+}
+
+/// The load half of [`quant_group_warp`]: lane L's 4 bf16 (elements 4L..4L+4) of the group at `row`. Lets a
+/// kernel issue its activation loads before loads that wait on something else (the version-3 decode kernels).
+///
+/// # Safety
+/// As [`quant_group_warp`].
+#[inline(always)]
+pub(crate) unsafe fn ld_group_warp(row: *const u16, lane: u32) -> [u32; 2] {
+    ld_nc_v2(row.add(4 * lane as usize) as *const u8)
+}
+
+/// The arithmetic half of [`quant_group_warp`] on [`ld_group_warp`]'s values (all 32 lanes call).
+#[inline(always)]
+pub(crate) fn quant_group_vals(v: [u32; 2]) -> (u32, f32) {
+    let (a, b) = bf16x2_to_f32(v[0]);
+    let (c, d) = bf16x2_to_f32(v[1]);
+    let amax = warp_max(fmax(fmax(fabs(a), fabs(b)), fmax(fabs(c), fabs(d))));
+    let m = if amax > crate::num::FP8_ACT_EPS { amax } else { crate::num::FP8_ACT_EPS };
+    let scale = m / crate::num::E4M3_MAX;
+    let lo = f32x2_to_e4m3x2(a / scale, b / scale) as u32;
+    let hi = f32x2_to_e4m3x2(c / scale, d / scale) as u32;
+    (lo | (hi << 16), scale)
+}
+
+/// `prefetch.global.L2`: asks L2 to fetch the 128-byte line holding `p` (no register result, nothing waits).
+///
+/// # Safety
+/// `p` points into a global allocation.
+#[inline(always)]
+pub(crate) unsafe fn prefetch_l2(p: *const u8) {
+    core::arch::asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
 }
 
 /// The B fragment (k-permuted, as [`mma_e4m3_chunk`] takes it) of lane (g, t) from [`quant_group_warp`]'s

@@ -14,6 +14,13 @@ pub const MOE_GATE_UP_DECODE_WARPS: usize = 4;
 pub const MOE_DOWN_DECODE_WARPS: usize = 8;
 /// Rows (gate/up: intermediate columns; down: output rows) per block of the version-2 decode kernels.
 pub const MOE_DECODE_ROWS: usize = 8;
+/// Warps per block of `hga_moe_down_decode_v3` (version 3); a block owns `MOE_DOWN_DECODE_V3_ROWS` output rows of
+/// one token. 512 threads: the kernel must stay at <= 128 registers (scripts/ptxas-report).
+pub const MOE_DOWN_DECODE_V3_WARPS: usize = 16;
+/// Output rows per block of `hga_moe_down_decode_v3` (one `mma` A tile: rows g and g + 8).
+pub const MOE_DOWN_DECODE_V3_ROWS: usize = 16;
+/// Warps per block of `hga_moe_router_rows` (one expert row per block, K split over the warps).
+pub const MOE_ROUTER_ROWS_WARPS: usize = 8;
 /// Rows (sorted (token, slot) entries) per block tile of the grouped (prefill) expert kernels.
 pub const MOE_GROUP_TILE_M: usize = 64;
 

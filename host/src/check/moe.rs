@@ -22,10 +22,12 @@ use rand::Rng;
 /// Which expert path to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
-    /// `moe_decode` (decode expert kernels, version 2)
+    /// `moe_decode` (decode expert kernels, version 3; router `Auto`)
     Decode,
     /// the decode path on version 1 of the decode expert kernels (kept for comparison)
     DecodeV1,
+    /// the decode path on version 2 of the decode expert kernels, with the split-K router (kept for comparison)
+    DecodeV2,
     Grouped,
 }
 
@@ -261,6 +263,11 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
         MoePath::DecodeV1 => {
             let v = km::DecodeVersion::V1;
             km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, v)?
+        }
+        MoePath::DecodeV2 => {
+            let v = km::DecodeVersion::V2;
+            let form = if t <= km::ROUTER_SPLITK_MAX_TOKENS { RouterForm::SplitK } else { RouterForm::Auto };
+            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, form, v)?
         }
         MoePath::Grouped => km::moe_grouped(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
     }

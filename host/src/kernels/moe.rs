@@ -1,6 +1,6 @@
 //! Launchers of the MoE kernels (gpu-kernels/src/moe/*) and the two composed paths:
 //! [`moe_decode`] (router + fused decode expert kernels, 3 launches, no grouping needed: the expert kernels read
-//! the router's ids directly; [`moe_decode_version`] also runs version 1 of the expert kernels) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
+//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
 //! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::reference::moe::{MoeDims, MoeHostWeights};
@@ -8,12 +8,14 @@ use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
-    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS,
-    MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK, MOE_ROUTER_TILE,
+    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_V3_ROWS,
+    MOE_DOWN_DECODE_V3_WARPS, MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS,
+    MOE_MAX_TOPK, MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
 };
 use half::bf16;
 
-/// Up to this many tokens [`hga_moe_router`] uses the split-K form (weights spread over many blocks).
+/// Up to this many tokens [`hga_moe_router`] (`Auto`) uses the one-expert-per-block form (weights spread over
+/// `experts` blocks).
 pub const ROUTER_SPLITK_MAX_TOKENS: usize = 64;
 
 fn shape_err(s: String) -> RuntimeError {
@@ -44,14 +46,19 @@ pub fn check_dims(d: &MoeDims) -> Result<(), RuntimeError> {
 /// Which router kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterForm {
-    /// split-K up to [`ROUTER_SPLITK_MAX_TOKENS`] tokens, else batch
+    /// [`RouterForm::Rows`] up to [`ROUTER_SPLITK_MAX_TOKENS`] tokens, else batch
     Auto,
+    /// `hga_moe_router`: 32-token tiles x all experts per block
     Batch,
+    /// `hga_moe_router_splitk`: 8 experts per block, K over 8 warps, last block does the top-k (the decode
+    /// router of versions 1 and 2)
     SplitK,
+    /// `hga_moe_router_rows`: one expert per block (CUDA-core dot products), last block does the top-k (version 3)
+    Rows,
 }
 
 /// Router: x bf16 [tokens, hidden], w bf16 [experts, hidden] -> ids u32 [tokens, top_k], weights f32 [tokens,
-/// top_k]. The split-K form also needs `logits` f32 [tokens, experts] scratch and `counter` u32
+/// top_k]. The split-K and rows forms also need `logits` f32 [tokens, experts] scratch and `counter` u32
 /// [ceil(tokens / 16)], zero before the first use (the kernel leaves it zero).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_moe_router(
@@ -74,11 +81,12 @@ pub fn hga_moe_router(
     if t == 0 {
         return Ok(());
     }
-    let splitk = match form {
-        RouterForm::Auto => t <= ROUTER_SPLITK_MAX_TOKENS,
-        RouterForm::Batch => false,
-        RouterForm::SplitK => true,
+    let form = match form {
+        RouterForm::Auto if t <= ROUTER_SPLITK_MAX_TOKENS => RouterForm::Rows,
+        RouterForm::Auto => RouterForm::Batch,
+        f => f,
     };
+    let splitk = form != RouterForm::Batch;
     if splitk {
         check_len("moe router logits", logits.len(), t * ne)?;
         check_len("moe router counter", counter.len(), t.div_ceil(MOE_ROUTER_TILE))?;
@@ -103,7 +111,15 @@ pub fn hga_moe_router(
         norm_topk: d.norm_topk as u32,
         _pad: 0,
     };
-    if splitk {
+    if form == RouterForm::Rows {
+        let cfg = LaunchConfig {
+            grid_dim: (ne as u32, dim_u32("moe router tiles", t.div_ceil(MOE_ROUTER_TILE))?, 1),
+            block_dim: (32 * MOE_ROUTER_ROWS_WARPS as u32, 1, 1),
+            shared_mem_bytes: (MOE_ROUTER_ROWS_WARPS * MOE_ROUTER_TILE * 4 + 16) as u32, // [warps][16] f32 + flag
+        };
+        // SAFETY: lengths checked above.
+        unsafe { launch(gpu, "hga_moe_router_rows", cfg, p) }
+    } else if splitk {
         let cfg = LaunchConfig {
             grid_dim: (ne.div_ceil(8) as u32, dim_u32("moe router tiles", t.div_ceil(MOE_ROUTER_TILE))?, 1),
             block_dim: (256, 1, 1),
@@ -247,7 +263,7 @@ impl MoeExpertWeights {
 }
 
 /// Which version of the decode expert kernels to run (see docs/perf-moe.md). [`moe_decode`] runs the current
-/// one; version 1 is kept so that the bench and the tests can compare both in one run.
+/// one (version 3); versions 1 and 2 are kept so that the bench and the tests can compare them in one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeVersion {
     /// `hga_moe_{gate_up,down}_decode_v1`: grid (inter / 16, pairs) and (hidden / 16, tokens)
@@ -255,14 +271,30 @@ pub enum DecodeVersion {
     /// `hga_moe_{gate_up,down}_decode`: grid (inter / 8, pairs) x 4 warps and (hidden / 8, tokens) x 8 warps,
     /// weight stream issued before the activation quantization
     V2,
+    /// `hga_moe_{gate_up,down}_decode_v3`: gate/up as version 2 plus activation loads first and the chosen experts'
+    /// down weights prefetched into L2; down with 16 rows per block, grid (hidden / 16, tokens) x 16 warps
+    V3,
 }
 
 /// Largest grid.y of a launch.
 const GRID_Y_MAX: usize = 65535;
 
 /// Decode gate/up: x bf16 [tokens, hidden], ids [tokens, top_k] -> inter bf16 [tokens * top_k, inter]
-/// (row = token * top_k + slot). Runs version 2 (`hga_moe_gate_up_decode`).
+/// (row = token * top_k + slot). Runs version 3 (`hga_moe_gate_up_decode_v3`, which also prefetches the chosen
+/// experts' down weights into L2).
 pub fn hga_moe_gate_up_decode(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    inter: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V3)
+}
+
+/// Version 2 of [`hga_moe_gate_up_decode`] (kernel `hga_moe_gate_up_decode`), same arguments and result.
+pub fn hga_moe_gate_up_decode_v2(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
     w: &MoeExpertWeights,
@@ -315,6 +347,7 @@ fn gate_up_decode(
     let (name, cols, threads) = match v {
         DecodeVersion::V1 => ("hga_moe_gate_up_decode_v1", 16usize, 128usize),
         DecodeVersion::V2 => ("hga_moe_gate_up_decode", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
+        DecodeVersion::V3 => ("hga_moe_gate_up_decode_v3", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
     };
     let cfg = LaunchConfig {
         grid_dim: ((d.inter / cols) as u32, n as u32, 1),
@@ -327,9 +360,24 @@ fn gate_up_decode(
 }
 
 /// Decode down + weighted slot sum: inter bf16 [tokens * top_k, inter], ids / weights [tokens, top_k] ->
-/// out bf16 [tokens, hidden]. Runs version 2 (`hga_moe_down_decode`).
+/// out bf16 [tokens, hidden]. Runs version 3 (`hga_moe_down_decode_v3`).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_moe_down_decode(
+    gpu: &Gpu,
+    inter: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ids: &impl DevicePtr<u32>,
+    weights: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V3)
+}
+
+/// Version 2 of [`hga_moe_down_decode`] (kernel `hga_moe_down_decode`), same arguments and result (up to the
+/// order of the f32 sum).
+#[allow(clippy::too_many_arguments)]
+pub fn hga_moe_down_decode_v2(
     gpu: &Gpu,
     inter: &impl DevicePtr<bf16>,
     w: &MoeExpertWeights,
@@ -396,8 +444,17 @@ fn down_decode(
             block_dim: (32 * MOE_DOWN_DECODE_WARPS as u32, 1, 1),
             shared_mem_bytes: (MOE_DOWN_DECODE_WARPS * MOE_DECODE_ROWS * 4) as u32, // [warps][rows] f32
         },
+        DecodeVersion::V3 => LaunchConfig {
+            grid_dim: ((d.hidden / MOE_DOWN_DECODE_V3_ROWS) as u32, d.tokens as u32, 1),
+            block_dim: (32 * MOE_DOWN_DECODE_V3_WARPS as u32, 1, 1),
+            shared_mem_bytes: (MOE_DOWN_DECODE_V3_WARPS * MOE_DOWN_DECODE_V3_ROWS * 4) as u32, // [warps][rows] f32
+        },
     };
-    let name = if v == DecodeVersion::V1 { "hga_moe_down_decode_v1" } else { "hga_moe_down_decode" };
+    let name = match v {
+        DecodeVersion::V1 => "hga_moe_down_decode_v1",
+        DecodeVersion::V2 => "hga_moe_down_decode",
+        DecodeVersion::V3 => "hga_moe_down_decode_v3",
+    };
     // SAFETY: lengths checked above; ids must be < experts (router output).
     unsafe { launch(gpu, name, cfg, p) }
 }
@@ -587,7 +644,8 @@ impl MoeWorkspace {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The decode path: router (split-K for few tokens) + gate/up decode + down decode (version 2). x bf16
+/// The decode path: router (one expert per block for few tokens with `Auto`) + gate/up decode + down decode
+/// (version 3: gate/up also prefetches the chosen experts' down weights into L2). x bf16
 /// [tokens, hidden], router_w bf16 [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
 pub fn moe_decode(
     gpu: &Gpu,
@@ -599,7 +657,7 @@ pub fn moe_decode(
     d: &MoeDims,
     form: RouterForm,
 ) -> Result<(), RuntimeError> {
-    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, DecodeVersion::V2)
+    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, DecodeVersion::V3)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,145 @@
+//! `hga_moe_router_rows`: the router for few tokens (decode), one expert row per block. Same outputs as
+//! [`super::router::hga_moe_router`] and [`super::router_splitk::hga_moe_router_splitk`] (logits in f32 from bf16
+//! products, f32 softmax, top-k with ties to the lower expert index, renormalisation), with the weight stream
+//! spread over `experts` blocks instead of `experts / 8`.
+//!
+//! Why: the split-K form (one `mma` n-tile of 8 experts per block) runs 16 blocks at Qwen3 (128 experts): 16 SMs
+//! pull 32 KB each in two dependent rounds of loads, then the last block does the top-k; measured 6.9 us for
+//! 0.5 MB at T = 1 (H200, graph replay), i.e. latency, not bandwidth. Here block (e, tile) computes expert e's
+//! logit for the (up to 16) tokens of the tile on CUDA cores: warp w, lane L takes the 8-element chunks
+//! c = 32 w + L, + 256, ... of hidden (one 16-byte load of the weight row per chunk; at hidden 2048 exactly one per
+//! lane, the block's 4 KB in one round trip), multiplies by the token's 8 bf16 (16-byte loads, L1/L2) with f32 FMA
+//! (bf16 x bf16 products are exact in f32), then a warp sum per token and the 8 warps' sums in warp order in
+//! shared memory (deterministic). Two experts with identical rows get bit-identical logits (same code, same
+//! order), which the exact-tie rule of the checks needs.
+//!
+//! Then as in the split-K form: every thread fences (`fence.acq_rel.gpu`), thread 0 bumps `counter[tile]`; the
+//! block that arrives last (of the `experts` blocks of its token tile) reads the tile's logits back through L2
+//! (`ld.global.cg`), does the softmax and top-k (warp w: tokens w, w + 8) and resets the counter to 0 for the next
+//! launch. The top-k reads only finished logits, so the result does not depend on which block came last.
+//!
+//! Grid: (experts, ceil(tokens / 16)); block = 256 threads (`MOE_ROUTER_ROWS_WARPS` = 8 warps). Shared memory:
+//! 8 warps x 16 tokens f32 + 1 word (516 bytes). Cost at T = 16: 16 x 16-byte x loads and 128 FMA per lane per
+//! chunk, fine up to the 64 tokens the launcher sends here (`Auto`); more tokens use the batch form.
+//! Assumes hidden % 128 == 0, experts <= 256, top_k <= experts; `counter` zero before the first launch.
+use super::{ld_nc_v4, unroll, warp_topk_softmax};
+use crate::arch::*;
+use crate::params::{MoeRouterParams, MOE_ROUTER_ROWS_WARPS};
+
+const WARPS: usize = MOE_ROUTER_ROWS_WARPS;
+
+#[inline(always)]
+unsafe fn ld_cg_f32(p: *const f32) -> f32 {
+    let v: f32;
+    core::arch::asm!("ld.global.cg.f32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack, readonly));
+    v
+}
+
+#[inline(always)]
+fn fence_gpu() {
+    unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
+}
+
+#[inline(always)]
+unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("atom.global.add.u32 {0}, [{1}], {2};", out(reg32) r, in(reg64) p, in(reg32) v, options(nostack));
+    r
+}
+
+/// sum over 8 bf16 pairs of w * x (f32 FMA, in element order).
+#[inline(always)]
+fn dot8(w: [u32; 4], x: [u32; 4], mut acc: f32) -> f32 {
+    for j in 0..4 {
+        let (w0, w1) = bf16x2_to_f32(w[j]);
+        let (x0, x1) = bf16x2_to_f32(x[j]);
+        acc = fma_f32(w0, x0, acc);
+        acc = fma_f32(w1, x1, acc);
+    }
+    acc
+}
+
+#[inline(always)]
+fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        core::arch::asm!("fma.rn.f32 {0}, {1}, {2}, {3};", out(reg32) r, in(reg32) a, in(reg32) b, in(reg32) c,
+            options(pure, nomem, nostack));
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
+    let (nt, h, ne, k) = (p.tokens as usize, p.hidden as usize, p.experts as usize, p.top_k as usize);
+    let ex = block_x() as usize;
+    let tile = block_y() as usize;
+    let tok0 = tile * 16;
+    let ntile = (nt - tok0).min(16);
+    let tid = thread_x() as usize;
+    let warp = tid / 32;
+    let lane = lane_id() as usize;
+    let x = (p.x as *const u16).add(tok0 * h) as *const u8;
+    let wrow = (p.w as *const u16).add(ex * h) as *const u8;
+    let part = dyn_smem_ptr::<f32>(); // [WARPS][16 tokens]
+    let flag = part.add(WARPS * 16) as *mut u32;
+
+    let chunks = h / 8;
+    let mut acc = [0f32; 16];
+    let mut c = tid;
+    while c < chunks {
+        let w = ld_nc_v4(wrow.add(16 * c));
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            if i < ntile {
+                acc[i] = dot8(w, ld_nc_v4(x.add(i * 2 * h + 16 * c)), acc[i]);
+            }
+        });
+        c += 32 * WARPS;
+    }
+    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+        if i < ntile {
+            let s = warp_sum(acc[i]);
+            if lane == 0 {
+                *part.add(warp * 16 + i) = s;
+            }
+        }
+    });
+    sync_threads();
+    if tid < ntile {
+        let mut s = 0f32;
+        for wi in 0..WARPS {
+            s += *part.add(wi * 16 + tid);
+        }
+        *(p.logits as *mut f32).add((tok0 + tid) * ne + ex) = s;
+    }
+    fence_gpu();
+    sync_threads();
+    if tid == 0 {
+        let ctr = (p.counter as *mut u32).add(tile);
+        let old = atomic_add_u32(ctr, 1);
+        let last = old == grid_dim_x() - 1;
+        if last {
+            *ctr = 0;
+        }
+        *flag = last as u32;
+    }
+    sync_threads();
+    if *flag == 0 {
+        return;
+    }
+    fence_gpu();
+    let mut i = warp;
+    while i < ntile {
+        let tok = tok0 + i;
+        let row = (p.logits as *const f32).add(tok * ne);
+        warp_topk_softmax(
+            |e| ld_cg_f32(row.add(e)),
+            ne,
+            k,
+            p.norm_topk != 0,
+            (p.ids as *mut u32).add(tok * k),
+            (p.weights as *mut f32).add(tok * k),
+        );
+        i += WARPS;
+    }
+}
