@@ -203,7 +203,7 @@ pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usi
 /// Which split-K decode kernel a call launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// The deepest v3 ring whose shared memory the device allows per block ([`decode_kernel_for`]).
+    /// The v3 ring [`decode_kernel_for`] picks for the device (at most 4 stages).
     Auto,
     /// `hga_attention_decode_v2`: double-buffered (68 KB of shared memory).
     V2,
@@ -229,13 +229,17 @@ impl DecodeKernel {
     }
 }
 
+/// Deepest v3 ring `Auto` uses: on an H200 at 64K (graph replay, one run) 4 stages took 44.0 us, 6 stages 44.9 and
+/// 3 stages 44.5 (v2: 47.4): more than 4 tiles in flight per SM buys nothing (docs/perf-attention.md).
+const DECODE_AUTO_MAX_STAGES: usize = 4;
+
 /// The decode kernel `Auto` picks for a device allowing `max_smem_optin` bytes of shared memory per block: the v3
-/// ring with the most stages that fits (6 on sm_90's 227 KB, 3 on the 99 KB of sm_89 / sm_120), else v2.
+/// ring with the most stages, up to 4, that fits (4 on sm_90's 227 KB, 3 on the 99 KB of sm_89 / sm_120), else v2.
 pub fn decode_kernel_for(max_smem_optin: usize) -> DecodeKernel {
     ATTN_DECODE_V3_STAGES
         .iter()
         .rev()
-        .find(|&&n| attn_decode_v3_smem(n) <= max_smem_optin)
+        .find(|&&n| n <= DECODE_AUTO_MAX_STAGES && attn_decode_v3_smem(n) <= max_smem_optin)
         .map_or(DecodeKernel::V2, |&n| DecodeKernel::V3(n))
 }
 
@@ -466,7 +470,7 @@ mod tests {
 
     #[test]
     fn decode_kernel_follows_shared_memory_per_block() {
-        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(6)); // sm_90: 227 KB
+        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(4)); // sm_90: 227 KB (4 stages measured fastest)
         assert_eq!(decode_kernel_for(166_912), DecodeKernel::V3(4)); // sm_80: 163 KB
         assert_eq!(decode_kernel_for(101_376), DecodeKernel::V3(3)); // sm_89 / sm_120: 99 KB
         assert_eq!(decode_kernel_for(70_000), DecodeKernel::V2);
