@@ -36,13 +36,7 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode_v2(p: AttentionParams) {
     let tid = thread_x();
     let warp = tid / 32;
     let lane = lane_id();
-    let start = if p.start_dev != 0 { *(p.start_dev as *const u32) } else { p.start };
-    let ctx = min_u32(start + p.tokens, p.capacity); // never past the cache, whatever start_dev holds
-    let span = p.tiles_per_split * BN;
-    let k_begin = sp * span;
-    // A split past the context (only with `start_dev`) has no tiles: it writes O = 0, LSE = -inf.
-    let k_end = if k_begin < ctx { min_u32(ctx, k_begin + span) } else { k_begin };
-    let n_tiles = (k_end - k_begin).div_ceil(BN);
+    let (start, k_begin, k_end, n_tiles) = split_keys(&p, sp);
 
     let smem = dyn_smem_addr();
     let q_s = smem;
@@ -204,6 +198,22 @@ pub(super) unsafe fn write_split(
                 if lsum > 0.0 { (mx + lg2(lsum)) * core::f32::consts::LN_2 } else { f32::NEG_INFINITY };
         }
     }
+}
+
+/// The keys of split `sp`: (start, first key, end key (exclusive), 64-key tiles). `start` comes from `start_dev`
+/// when set; the context is clamped to the cache capacity (never read past it, whatever `start_dev` holds), and a
+/// split past the context (only with `start_dev`) has no tiles: it writes O = 0, LSE = -inf.
+///
+/// # Safety
+/// `p.start_dev` is 0 or points at a readable u32.
+#[inline(always)]
+pub(super) unsafe fn split_keys(p: &AttentionParams, sp: u32) -> (u32, u32, u32, u32) {
+    let start = if p.start_dev != 0 { *(p.start_dev as *const u32) } else { p.start };
+    let ctx = min_u32(start + p.tokens, p.capacity);
+    let span = p.tiles_per_split * BN;
+    let k_begin = sp * span;
+    let k_end = if k_begin < ctx { min_u32(ctx, k_begin + span) } else { k_begin };
+    (start, k_begin, k_end, (k_end - k_begin).div_ceil(BN))
 }
 
 #[inline(always)]

@@ -20,7 +20,7 @@
 //! Causal / bounds: as v2 (start from `start_dev` when set; keys < min(start + tokens, capacity); splits past the
 //! context write O = 0, LSE = -inf; rows past a split's end repeat its last key and are masked).
 //! Assumes: head_dim 128, n_heads a multiple of n_kv_heads, start + tokens <= capacity.
-use super::decode::{min_u32, write_split};
+use super::decode::{min_u32, split_keys, write_split};
 use super::tile::*;
 use crate::arch::*;
 use crate::params::AttentionParams;
@@ -60,13 +60,7 @@ unsafe fn decode_ring<const S: u32, const W: u32>(p: AttentionParams) {
     let tid = thread_x();
     let warp = tid / 32;
     let lane = lane_id();
-    let start = if p.start_dev != 0 { *(p.start_dev as *const u32) } else { p.start };
-    let ctx = min_u32(start + p.tokens, p.capacity); // never past the cache, whatever start_dev holds
-    let span = p.tiles_per_split * BN;
-    let k_begin = sp * span;
-    // A split past the context (only with `start_dev`) has no tiles: it writes O = 0, LSE = -inf.
-    let k_end = if k_begin < ctx { min_u32(ctx, k_begin + span) } else { k_begin };
-    let n_tiles = (k_end - k_begin).div_ceil(BN);
+    let (start, k_begin, k_end, n_tiles) = split_keys(&p, sp);
 
     let smem = dyn_smem_addr();
     let slot = |i: u32| smem + i * STAGE;

@@ -59,29 +59,11 @@ unsafe fn rmsnorm_quant_vec(p: &RmsNormQuantParams) {
     quant_vec(p, row, nv, tid + 3 * nt, x3, inv);
 }
 
-/// Vector `v` of the row: bf16(x + residual) (written to residual_out) or x, and its sum of squares.
+/// Vector `v` of the row: bf16(x + residual) (written to residual_out) or x, and its sum of squares (the code of
+/// `hga_rmsnorm`'s vector path).
 #[inline(always)]
 unsafe fn load_sum(p: &RmsNormQuantParams, base: usize, nv: usize, v: usize) -> ([u32; 4], f32) {
-    if v >= nv {
-        return ([0; 4], 0.0);
-    }
-    let off = base + 16 * v;
-    let mut w = ld_global_v4((p.x as *const u8).add(off));
-    if p.residual != 0 {
-        let r = ld_global_v4((p.residual as *const u8).add(off));
-        for k in 0..4 {
-            let (a0, a1) = bf16x2_to_f32(w[k]);
-            let (b0, b1) = bf16x2_to_f32(r[k]);
-            w[k] = f32x2_to_bf16x2(a0 + b0, a1 + b1);
-        }
-        st_global_v4((p.residual_out as *mut u8).add(off), w);
-    }
-    let mut ss = 0f32;
-    for &wk in &w {
-        let (a0, a1) = bf16x2_to_f32(wk);
-        ss += a0 * a0 + a1 * a1;
-    }
-    (w, ss)
+    crate::norm::rmsnorm::load_residual_vec(p.x, p.residual, p.residual_out, base, nv, v)
 }
 
 /// Normalizes vector `v` (h = bf16(weight * bf16(x * inv))) and quantizes it with its 128-group's scale: the group

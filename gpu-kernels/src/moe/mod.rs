@@ -44,6 +44,55 @@ macro_rules! unroll {
 }
 pub(crate) use unroll;
 
+/// f32 load that bypasses L1 (`ld.global.cg`): for values other blocks of the same launch wrote.
+///
+/// # Safety
+/// `p` is a readable, aligned global f32.
+#[inline(always)]
+pub(crate) unsafe fn ld_cg_f32(p: *const f32) -> f32 {
+    let v: f32;
+    core::arch::asm!("ld.global.cg.f32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack, readonly));
+    v
+}
+
+#[inline(always)]
+fn fence_gpu() {
+    unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
+}
+
+#[inline(always)]
+unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("atom.global.add.u32 {0}, [{1}], {2};", out(reg32) r, in(reg64) p, in(reg32) v, options(nostack));
+    r
+}
+
+/// The split-K routers' hand-off: every block publishes its global writes (gpu-scope fence) and counts itself in
+/// `counter`; the block that completes the count of `blocks` resets it to 0 (ready for the next launch, so the
+/// kernels stay graph-replayable) and returns true in all its threads, after an acquire fence, so it reads every
+/// other block's writes. Every thread of the block calls it; `flag` is one word of shared memory.
+///
+/// # Safety
+/// `counter` is a global u32 shared by exactly `blocks` blocks of this launch; `flag` points into shared memory.
+#[inline(always)]
+pub(crate) unsafe fn last_block_arrives(counter: *mut u32, blocks: u32, flag: *mut u32) -> bool {
+    fence_gpu();
+    sync_threads();
+    if thread_x() == 0 {
+        let last = atomic_add_u32(counter, 1) == blocks - 1;
+        if last {
+            *counter = 0;
+        }
+        *flag = last as u32;
+    }
+    sync_threads();
+    if *flag == 0 {
+        return false;
+    }
+    fence_gpu();
+    true
+}
+
 /// 16-byte read-only global load (`ld.global.nc.v4.u32`).
 ///
 /// # Safety

@@ -11,28 +11,9 @@
 //! came last.
 //! Shared memory: 8 * 16 * 8 f32 partials + 1 word (4100 bytes).
 //! Assumes hidden % 128 == 0, experts <= 256, top_k <= experts; `counter` zero before the first launch.
-use super::{router_product, warp_topk_softmax};
+use super::{last_block_arrives, ld_cg_f32, router_product, warp_topk_softmax};
 use crate::arch::*;
 use crate::params::MoeRouterParams;
-
-#[inline(always)]
-unsafe fn ld_cg_f32(p: *const f32) -> f32 {
-    let v: f32;
-    core::arch::asm!("ld.global.cg.f32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack, readonly));
-    v
-}
-
-#[inline(always)]
-fn fence_gpu() {
-    unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
-}
-
-#[inline(always)]
-unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
-    let r: u32;
-    core::arch::asm!("atom.global.add.u32 {0}, [{1}], {2};", out(reg32) r, in(reg64) p, in(reg32) v, options(nostack));
-    r
-}
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_splitk(p: MoeRouterParams) {
@@ -71,22 +52,9 @@ pub unsafe extern "ptx-kernel" fn hga_moe_router_splitk(p: MoeRouterParams) {
             *(p.logits as *mut f32).add((tok0 + r) * ne + e0 + c) = s;
         }
     }
-    fence_gpu();
-    sync_threads();
-    if tid == 0 {
-        let ctr = (p.counter as *mut u32).add(tile);
-        let old = atomic_add_u32(ctr, 1);
-        let last = old == grid_dim_x() - 1;
-        if last {
-            *ctr = 0;
-        }
-        *flag = last as u32;
-    }
-    sync_threads();
-    if *flag == 0 {
+    if !last_block_arrives((p.counter as *mut u32).add(tile), grid_dim_x(), flag) {
         return;
     }
-    fence_gpu();
     let mut i = warp;
     while i < 16 {
         let tok = tok0 + i;

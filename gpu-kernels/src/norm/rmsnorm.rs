@@ -53,19 +53,37 @@ unsafe fn rmsnorm_vec(p: &RmsNormParams) {
 /// squares. Out-of-range `v` gives zeros.
 #[inline(always)]
 unsafe fn load_vec(p: &RmsNormParams, base: usize, nv: usize, v: usize) -> ([u32; 4], f32) {
+    load_residual_vec(p.x, p.residual, p.residual_out, base, nv, v)
+}
+
+/// 16-byte vector `v` (bytes `base + 16 v`) of a row: x, or bf16(x + residual) written to `residual_out` when
+/// `residual != 0`; with its sum of squares (f32, in element order). Out-of-range `v` (>= nv) gives zeros. Shared
+/// by `hga_rmsnorm` and `hga_rmsnorm_fp8_quant`, whose vector paths must sum alike (bit-identical outputs).
+///
+/// # Safety
+/// The pointers are 16-byte aligned global addresses holding the row.
+#[inline(always)]
+pub(crate) unsafe fn load_residual_vec(
+    x: u64,
+    residual: u64,
+    residual_out: u64,
+    base: usize,
+    nv: usize,
+    v: usize,
+) -> ([u32; 4], f32) {
     if v >= nv {
         return ([0; 4], 0.0);
     }
     let off = base + 16 * v;
-    let mut w = ld_global_v4((p.x as *const u8).add(off));
-    if p.residual != 0 {
-        let r = ld_global_v4((p.residual as *const u8).add(off));
+    let mut w = ld_global_v4((x as *const u8).add(off));
+    if residual != 0 {
+        let r = ld_global_v4((residual as *const u8).add(off));
         for k in 0..4 {
             let (a0, a1) = bf16x2_to_f32(w[k]);
             let (b0, b1) = bf16x2_to_f32(r[k]);
             w[k] = f32x2_to_bf16x2(a0 + b0, a1 + b1);
         }
-        st_global_v4((p.residual_out as *mut u8).add(off), w);
+        st_global_v4((residual_out as *mut u8).add(off), w);
     }
     let mut ss = 0f32;
     for &wk in &w {
@@ -75,7 +93,6 @@ unsafe fn load_vec(p: &RmsNormParams, base: usize, nv: usize, v: usize) -> ([u32
     (w, ss)
 }
 
-/// Writes vector `v` of the output: bf16(weight * bf16(x * inv)).
 #[inline(always)]
 unsafe fn store_vec(p: &RmsNormParams, base: usize, nv: usize, v: usize, x: [u32; 4], inv: f32) {
     if v >= nv {

@@ -263,8 +263,7 @@ pub fn hga_attention_decode(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<usize, RuntimeError> {
-    let c = DecodeCall { kernel: DecodeKernel::Auto, target_ctas: decode_target_ctas(gpu)?, start_dev: 0, quant: None };
-    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, None)
 }
 
 /// [`hga_attention_decode`] with the split chosen for `target_ctas` CTAs instead of the default (for tuning).
@@ -280,8 +279,7 @@ pub fn hga_attention_decode_ctas(
     s: &AttentionShape,
     target_ctas: usize,
 ) -> Result<usize, RuntimeError> {
-    let c = DecodeCall { kernel: DecodeKernel::Auto, target_ctas, start_dev: 0, quant: None };
-    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, Some(target_ctas))
 }
 
 /// [`hga_attention_decode`] with a chosen kernel (v2 or a v3 stage count; for tests and benchmarks). With
@@ -323,11 +321,7 @@ pub fn hga_attention_decode_upto(
     s: &AttentionShape,
     start_dev: &impl DevicePtr<u32>,
 ) -> Result<usize, RuntimeError> {
-    check_len("attention_decode start_dev", start_dev.len(), 1)?;
-    let (ps, _gs) = dptr(gpu, start_dev);
-    let c =
-        DecodeCall { kernel: DecodeKernel::Auto, target_ctas: decode_target_ctas(gpu)?, start_dev: ps, quant: None };
-    decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
+    hga_attention_decode_upto_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, start_dev)
 }
 
 /// [`hga_attention_decode_upto`] with a chosen kernel (for tests and benchmarks).
