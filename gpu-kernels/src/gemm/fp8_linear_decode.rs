@@ -24,6 +24,7 @@ const BATCH: usize = 4;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_decode(p: Fp8LinearParams) {
+    entry_prologue();
     let warp = (thread_x() / 32) as usize;
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);

@@ -18,6 +18,7 @@ const BATCH: usize = 8;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_lm_head(p: LmHeadParams) {
+    entry_prologue();
     let warp = (thread_x() / 32) as usize;
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);

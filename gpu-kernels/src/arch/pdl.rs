@@ -1,0 +1,42 @@
+//! Programmatic dependent launch (PDL, sm_90+): the host launches kernel N+1 with the attribute
+//! `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so the GPU may start it while kernel N is still running;
+//! N+1 must then execute [`grid_dependency_wait`] before it touches any memory that N (or anything before N) reads
+//! or writes. The wait returns once every block of N has completed and N's memory operations are visible. Ordering
+//! is transitive only when every kernel of the stream waits, so every entry point starts with [`entry_prologue`].
+//!
+//! The instructions exist from PTX ISA 7.8 on sm_90. build.rs passes `--cfg hga_pdl` to the sm_90 and sm_120 kernel
+//! builds only; without it (the sm_89 image) these functions are empty and the image has no `griddepcontrol`, so
+//! the host launches it without the attribute. (`cfg(target_feature = "sm_90")` is also set by rustc for
+//! `-C target-cpu=sm_90`/`sm_120`, but only on a nightly or bootstrapped compiler, and it is an unstable feature
+//! name; an explicit cfg that build.rs controls is the one the host's per-image record can rely on.)
+
+/// `griddepcontrol.wait`: blocks until the grids this one depends on (the previous kernel of the stream, when it
+/// was launched with PDL) have completed and their memory is visible. A no-op when the launch had no programmatic
+/// dependency. A memory clobber: no load or store is moved above it.
+#[inline(always)]
+pub fn grid_dependency_wait() {
+    #[cfg(hga_pdl)]
+    unsafe {
+        core::arch::asm!("griddepcontrol.wait;", options(nostack))
+    };
+}
+
+/// `griddepcontrol.launch_dependents`: once every block of this grid has executed it (or exited), the next kernel
+/// of the stream may be scheduled. That kernel still waits for this grid's full completion in its own
+/// [`grid_dependency_wait`], so calling it early is always safe; it only lets the dependent's launch and block
+/// ramp-up overlap our tail.
+#[inline(always)]
+pub fn grid_dependency_launch_dependents() {
+    #[cfg(hga_pdl)]
+    unsafe {
+        core::arch::asm!("griddepcontrol.launch_dependents;", options(nostack))
+    };
+}
+
+/// What every kernel entry point runs first, before its first global-memory access (reading its by-value
+/// parameter is fine): wait for the predecessor, then allow the successor to launch.
+#[inline(always)]
+pub fn entry_prologue() {
+    grid_dependency_wait();
+    grid_dependency_launch_dependents();
+}
