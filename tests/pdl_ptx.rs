@@ -1,7 +1,9 @@
 //! Programmatic dependent launch (PDL) needs every kernel to wait for its predecessor before touching memory
 //! (gpu-kernels/src/arch/pdl.rs). CPU checks of the committed PTX (what CI embeds without a kernel toolchain, and
 //! what `HGA_UPDATE_PTX=1 cargo build` refreshes): in the sm_90 and sm_120 images every `.entry` executes
-//! `griddepcontrol.wait` before its first global load / store / `cp.async` / atomic / reduction (textual order);
+//! `griddepcontrol.wait` before its first global load / store / `cp.async` / atomic / reduction (textual order),
+//! except the L2 prefetches marked `pdl-early-constant` (decode FP8 linear and lm_head: constant weights asked for
+//! while the previous kernel finishes);
 //! the sm_89 image has no `griddepcontrol` at all (it is launched without PDL, also on an sm_90 device through the
 //! driver JIT). Also the checker itself, on small texts, and what the embedded images record.
 use hga::runtime::{ptx_pdl_check, ImageKind};
@@ -26,7 +28,27 @@ fn pdl_images_wait_before_any_global_access() {
         // One wait and one launch_dependents per entry (the shared prologue).
         assert_eq!(ptx.matches("griddepcontrol.wait;").count(), n, "{arch}: one wait per entry");
         assert_eq!(ptx.matches("griddepcontrol.launch_dependents;").count(), n, "{arch}: one trigger per entry");
+        // The early weight prefetches are where they are meant to be, and only there.
+        for (name, early) in early_loads_per_entry(&ptx) {
+            let want = matches!(name.as_str(), "hga_fp8_linear_decode" | "hga_lm_head");
+            assert_eq!(early > 0, want, "{arch} {name}: {early} instructions marked pdl-early-constant");
+        }
     }
+}
+
+/// (entry name, number of `pdl-early-constant` prefetches in it) for every entry.
+fn early_loads_per_entry(ptx: &str) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for l in ptx.lines() {
+        if let Some((_, rest)) = l.split("//").next().unwrap_or("").split_once(".entry ") {
+            out.push((rest.split('(').next().unwrap_or("").trim().to_string(), 0));
+        } else if l.contains("// pdl-early-constant") {
+            let last = out.last_mut().expect("a marked prefetch outside an entry");
+            assert!(l.trim_start().starts_with("prefetch.global.L2 "), "marked: {l}");
+            last.1 += 1;
+        }
+    }
+    out
 }
 
 #[test]
@@ -64,6 +86,14 @@ fn checker_catches_accesses_before_the_wait() {
          // end inline asm\n\tld.global.u32 %r2, [%rd1];",
     );
     assert_eq!(ptx_pdl_check(&ok), Ok(1));
+    // Marked constant-weight prefetches may come first; unmarked ones, or a marked load, may not.
+    let early = "\tprefetch.global.L2 [%rd1]; // pdl-early-constant";
+    assert_eq!(ptx_pdl_check(&entry(&format!("{early}\n\tgriddepcontrol.wait;"))), Ok(1));
+    for bad in
+        ["\tprefetch.global.L2 [%rd1];", "\tld.global.nc.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1]; // pdl-early-constant"]
+    {
+        assert!(ptx_pdl_check(&entry(&format!("{bad}\n\tgriddepcontrol.wait;"))).is_err(), "{bad}");
+    }
     // Shared and local memory before the wait are fine; two entries are each checked.
     let shared = entry("\tst.shared.u32 [%r1], %r1;\n\tld.shared::cta.u32 %r2, [%r1];\n\tgriddepcontrol.wait;");
     assert_eq!(ptx_pdl_check(&format!("{ok}{shared}")), Ok(2));

@@ -124,8 +124,10 @@ pub fn select_image(images: &[KernelImage], major: u32, minor: u32) -> Result<&K
 /// Checks that every kernel entry (`.entry`) of a PTX text executes `griddepcontrol.wait` before its first
 /// instruction that may touch global memory (a load or store other than `.param` / `.shared` / `.local` / `.const`
 /// ones, including generic ones; any `atom`, `red`, `cp.*`, `prefetch`, texture or surface access; a `call`), in
-/// textual order, which is what PDL needs: see [`Gpu::set_pdl`]. Returns the number of entries checked, or names
-/// the first entry that does not and the instruction.
+/// textual order, which is what PDL needs: see [`Gpu::set_pdl`]. The one exception is an L2 prefetch
+/// (`prefetch.global.L2`) whose line carries the marker comment `pdl-early-constant`: the kernels issue those for
+/// model weights, which no kernel writes, so that their stream overlaps the previous kernel. Returns the number of
+/// entries checked, or names the first entry that does not and the instruction.
 pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
     fn code(line: &str) -> &str {
         line.split("//").next().unwrap_or("").trim()
@@ -166,6 +168,7 @@ pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
         for line in lines.by_ref() {
             let l = code(line);
             opened |= l.contains('{');
+            let early_constant = line.contains("// pdl-early-constant");
             if opened && !waited {
                 for stmt in l.split(';') {
                     let op = opcode(stmt);
@@ -173,7 +176,7 @@ pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
                         waited = true;
                         break;
                     }
-                    if touches_global(op) {
+                    if touches_global(op) && !(early_constant && op == "prefetch.global.L2") {
                         return Err(format!("{name}: `{}` before griddepcontrol.wait", stmt.trim()));
                     }
                 }

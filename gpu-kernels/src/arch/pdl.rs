@@ -40,3 +40,27 @@ pub fn entry_prologue() {
     grid_dependency_wait();
     grid_dependency_launch_dependents();
 }
+
+/// Before [`entry_prologue`]: asks L2 for the `bytes` from `base` (`prefetch.global.L2`, one per 128-byte line,
+/// `nthreads` threads sharing them from `tid`; no register result, nothing waits), so that a kernel's weight
+/// stream starts while the previous kernel finishes. Only for model weights: data that no kernel writes (uploaded
+/// by copies), since nothing orders it against the previous kernel. Each PTX line carries the marker
+/// `pdl-early-constant`, the only access the host's `ptx_pdl_check` accepts before the wait. Without `hga_pdl`
+/// (the sm_89 build) it is empty: the kernel's own loads follow at once, there is nothing to overlap.
+///
+/// # Safety
+/// `base .. base + bytes` lies in one global allocation.
+#[inline(always)]
+pub unsafe fn prefetch_l2_early(base: *const u8, bytes: usize, tid: usize, nthreads: usize) {
+    #[cfg(hga_pdl)]
+    {
+        let mut off = tid * 128;
+        while off < bytes {
+            core::arch::asm!("prefetch.global.L2 [{0}]; // pdl-early-constant", in(reg64) base.add(off),
+                options(nostack, readonly));
+            off += nthreads * 128;
+        }
+    }
+    #[cfg(not(hga_pdl))]
+    let _ = (base, bytes, tid, nthreads);
+}
