@@ -292,7 +292,7 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let name = ctx.name()?;
         let pdl_supported = image.pdl && major >= 9;
-        let pdl_env = std::env::var("HGA_PDL").map_or(true, |v| v != "0");
+        let pdl_env = std::env::var("HGA_PDL").map_or(true, |v| !matches!(v.trim(), "0" | "off" | "false"));
         Ok(Gpu {
             ctx,
             stream,

@@ -44,7 +44,9 @@ pub fn entry_prologue() {
 /// Before [`entry_prologue`]: asks L2 for the `bytes` from `base` (`prefetch.global.L2`, one per 128-byte line,
 /// `nthreads` threads sharing them from `tid`; no register result, nothing waits), so that a kernel's weight
 /// stream starts while the previous kernel finishes. Only for model weights: data that no kernel writes (uploaded
-/// by copies), since nothing orders it against the previous kernel. Each PTX line carries the marker
+/// by copies). A prefetch is only a hint into L2, the GPU's point of coherence, so even a racing write could not
+/// make the kernel's later loads stale; the rule keeps it useful (bytes the kernel will read as they are) and the
+/// PTX check simple. Each PTX line carries the marker
 /// `pdl-early-constant`, the only access the host's `ptx_pdl_check` accepts before the wait. Without `hga_pdl`
 /// (the sm_89 build) it is empty: the kernel's own loads follow at once, there is nothing to overlap.
 ///
