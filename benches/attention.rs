@@ -70,7 +70,7 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
-    println!("device: {}  image: {}", gpu.device_name(), gpu.image_name());
+    println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
 
     let n_copy = 128 << 20; // bf16 elements: 256 MiB
     let src = s.clone_htod(&rand_bf16(n_copy, 1, 1.0)).unwrap();

@@ -45,7 +45,7 @@ fn main() {
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
     let sms = gpu.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
-    println!("device: {}  image: {}  SMs: {sms}", gpu.device_name(), gpu.image_name());
+    println!("device: {}  image: {}  PDL: {}  SMs: {sms}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut rows: Vec<Row> = Vec::new();
 

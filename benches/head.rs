@@ -13,7 +13,7 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
-    println!("device: {}  image: {}", gpu.device_name(), gpu.image_name());
+    println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
     let mut rows: Vec<(String, String, f64, f64, f64)> = Vec::new();
 
     let n_copy = 128 << 20;

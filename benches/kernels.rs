@@ -16,7 +16,7 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
-    println!("device: {}  image: {}", gpu.device_name(), gpu.image_name());
+    println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
 
     // Anchor: device-to-device copy of 256 MiB.
     let n_copy = 128 << 20; // bf16 elements

@@ -39,7 +39,7 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
-    println!("device: {}  image: {}", gpu.device_name(), gpu.image_name());
+    println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
     let mut rng = StdRng::seed_from_u64(1);
     let mut rows: Vec<Row> = Vec::new();
 

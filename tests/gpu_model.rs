@@ -213,6 +213,62 @@ fn gpu_model_decode_graphs_replay_the_host_launches() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Programmatic dependent launch changes when kernels start, never what they compute: decode logits with PDL on
+/// and off are bit-identical, with the steps replayed from CUDA graphs (recorded again when the setting changes)
+/// and with host launches, prefill included. Where PDL is unsupported (compute capability < 9.0, or the sm_89 image
+/// through `HGA_KERNEL_IMAGE`) it stays off and the comparison is off against off.
+#[test]
+fn gpu_model_decode_pdl_on_off_bit_identical() {
+    if hga::runtime::device_count() == 0 {
+        let _ = writeln!(std::io::stderr(), "SKIP gpu_model decode pdl: no CUDA device (GPU test not run)");
+        return;
+    }
+    let c = Qwen3MoeConfig::preset("small").unwrap();
+    let dir = written("pdl", &c);
+    let ck = Checkpoint::open(&dir).unwrap();
+    let gpu = hga::open_gpu(0).unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "gpu_model decode pdl: {} with {}: PDL {}",
+        gpu.device_name(),
+        gpu.image_name(),
+        gpu.pdl_state()
+    );
+    let tokens: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % c.vocab_size as u32).collect();
+    let (prompt, steps) = tokens.split_at(280);
+    let mut m = GpuModel::load(&gpu, &ck, 320, 128, |_, _| {}).unwrap();
+    let mut run = |graphs: bool, pdl: bool| {
+        gpu.set_pdl(pdl);
+        assert_eq!(gpu.pdl_enabled(), pdl && gpu.pdl_supported());
+        m.reset();
+        m.set_decode_graphs(graphs);
+        let mut out = vec![m.forward(prompt, false).unwrap()];
+        for &t in steps {
+            out.push(m.forward(&[t], false).unwrap());
+        }
+        // A graph capture that the driver refused with PDL would have turned it off (with a warning).
+        assert_eq!(gpu.pdl_enabled(), pdl && gpu.pdl_supported(), "PDL was turned off while recording");
+        out
+    };
+    let reference = run(false, false);
+    assert!(reference.iter().flatten().all(|x| x.is_finite()), "non-finite logits");
+    for (graphs, pdl) in [(false, true), (true, false), (true, true), (false, true), (true, false)] {
+        let got = run(graphs, pdl);
+        for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "graphs {graphs}, PDL {pdl}: {} differs from host launches without PDL",
+                match i {
+                    0 => "the prefill's last logits".to_string(),
+                    i => format!("decode step {i}"),
+                }
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn gpu_model_refuses_unsupported_shapes() {
     if hga::runtime::device_count() == 0 {

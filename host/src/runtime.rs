@@ -7,13 +7,19 @@
 //! arches available. Images can also come from a file or bytes (for embedding in other runtimes), and the
 //! environment variable `HGA_KERNEL_IMAGE` overrides the choice: `sm_89.ptx`, `sm_90.cubin`, ... (one of the
 //! embedded images) or a path to a `.ptx` / `.cubin` file.
+//!
+//! Programmatic dependent launch (PDL): on a device of compute capability >= 9.0 with an image whose kernels all
+//! start with `griddepcontrol.wait` ([`KernelImage::pdl`]; the sm_90 and sm_120 builds), every kernel is launched
+//! with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so the GPU may launch it while its predecessor
+//! finishes ([`Gpu::set_pdl`]; the environment variable `HGA_PDL=0` turns it off).
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DeviceRepr};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 /// What an image holds: PTX text (JIT-compiled by the driver at load) or a cubin (SASS for one exact SM).
@@ -30,6 +36,12 @@ pub struct KernelImage {
     pub sm: u32,
     pub kind: ImageKind,
     pub bytes: Cow<'static, [u8]>,
+    /// Whether every kernel of the image executes `griddepcontrol.wait` before its first memory access, so that it
+    /// may be launched with programmatic dependent launch (PDL) on sm_90+. For PTX this is read from the text
+    /// ([`ptx_pdl_check`]); a cubin cannot be read, so one from a file or bytes says false (the embedded cubins
+    /// take it from the PTX they were assembled from). Launching kernels that do not wait with PDL would let them
+    /// overlap their predecessor: never set it for an image that was not built for it.
+    pub pdl: bool,
 }
 
 impl KernelImage {
@@ -62,7 +74,8 @@ impl KernelImage {
                 RuntimeError::Image(format!("cannot tell the SM of cubin `{hint}` (name it sm_NN.cubin)"))
             })?,
         };
-        Ok(KernelImage { sm, kind, bytes: Cow::Owned(bytes) })
+        let pdl = kind == ImageKind::Ptx && std::str::from_utf8(&bytes).is_ok_and(|t| ptx_pdl_check(t).is_ok());
+        Ok(KernelImage { sm, kind, bytes: Cow::Owned(bytes), pdl })
     }
 
     /// `sm_90.cubin`, `sm_89.ptx`.
@@ -108,6 +121,87 @@ pub fn select_image(images: &[KernelImage], major: u32, minor: u32) -> Result<&K
     })
 }
 
+/// Checks that every kernel entry (`.entry`) of a PTX text executes `griddepcontrol.wait` before its first
+/// instruction that may touch global memory (a load or store other than `.param` / `.shared` / `.local` / `.const`
+/// ones, including generic ones; any `atom`, `red`, `cp.*`, `prefetch`, texture or surface access; a `call`), in
+/// textual order, which is what PDL needs: see [`Gpu::set_pdl`]. The one exception is an L2 prefetch
+/// (`prefetch.global.L2`) whose line carries the marker comment `pdl-early-constant`: the kernels issue those for
+/// model weights, which no kernel writes, so that their stream overlaps the previous kernel. Returns the number of
+/// entries checked, or names the first entry that does not and the instruction.
+pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
+    fn code(line: &str) -> &str {
+        line.split("//").next().unwrap_or("").trim()
+    }
+    // One PTX statement, without braces, label and guard predicate: its opcode, e.g. `ld.global.nc.v4.u32`.
+    fn opcode(stmt: &str) -> &str {
+        let mut s = stmt.trim_start_matches(|c: char| c == '{' || c == '}' || c.is_whitespace());
+        if let Some((label, rest)) = s.split_once(':') {
+            if !label.contains(char::is_whitespace) && !label.is_empty() && !rest.starts_with(':') {
+                s = rest.trim_start();
+            }
+        }
+        if s.starts_with('@') {
+            s = s.split_once(char::is_whitespace).map_or("", |(_, r)| r.trim_start());
+        }
+        s.split(|c: char| c.is_whitespace() || c == ';').next().unwrap_or("")
+    }
+    fn touches_global(op: &str) -> bool {
+        let mut parts = op.split('.');
+        let root = parts.next().unwrap_or("");
+        let mut quals = parts;
+        match root {
+            "ld" | "ldu" | "st" => {
+                !quals.any(|q| ["param", "shared", "local", "const"].iter().any(|space| q.starts_with(space)))
+            }
+            "atom" | "red" | "cp" | "prefetch" | "prefetchu" | "multimem" | "tex" | "tld4" | "suld" | "sust"
+            | "sured" | "call" => true,
+            _ => false,
+        }
+    }
+    let mut entries = 0;
+    let mut lines = ptx.lines();
+    while let Some(line) = lines.next() {
+        let Some((_, rest)) = code(line).split_once(".entry ") else { continue };
+        let name = rest.split(|c: char| c == '(' || c.is_whitespace()).next().unwrap_or("?").to_string();
+        entries += 1;
+        let (mut depth, mut opened, mut waited) = (0i32, false, false);
+        for line in lines.by_ref() {
+            let l = code(line);
+            opened |= l.contains('{');
+            let early_constant = line.contains("// pdl-early-constant");
+            if opened && !waited {
+                for stmt in l.split(';') {
+                    let op = opcode(stmt);
+                    if op == "griddepcontrol.wait" {
+                        waited = true;
+                        break;
+                    }
+                    if touches_global(op) && !(early_constant && op == "prefetch.global.L2") {
+                        return Err(format!("{name}: `{}` before griddepcontrol.wait", stmt.trim()));
+                    }
+                }
+            }
+            for c in l.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if opened && depth <= 0 {
+                break;
+            }
+        }
+        if !waited {
+            return Err(format!("{name}: no griddepcontrol.wait"));
+        }
+    }
+    if entries == 0 {
+        return Err("no .entry in the PTX".into());
+    }
+    Ok(entries)
+}
+
 /// Whether a CUDA driver and at least one device exist. Never panics (cudarc's dynamic loader would).
 pub fn device_count() -> usize {
     // SAFETY: only probes for the library.
@@ -116,13 +210,6 @@ pub fn device_count() -> usize {
     }
     std::panic::catch_unwind(|| CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)).unwrap_or(0)
 }
-
-/// A kernel parameter struct passed by value (the kernel's single `.param`): any `Pod` struct of `gpu-kernels`.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-pub(crate) struct Param<T: bytemuck::Pod>(pub T);
-// SAFETY: `Pod` types are plain bytes with no pointers the host owns; the kernel reads them by value.
-unsafe impl<T: bytemuck::Pod> DeviceRepr for Param<T> {}
 
 /// A device, its stream and the loaded kernels.
 pub struct Gpu {
@@ -133,11 +220,15 @@ pub struct Gpu {
     name: String,
     cc: (u32, u32),
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// The image was built for PDL and the device has compute capability >= 9.0.
+    pdl_supported: bool,
+    /// Launch with PDL (see [`Gpu::set_pdl`]).
+    pdl: AtomicBool,
 }
 
 impl fmt::Debug for Gpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Gpu({}, sm_{}{}, image {})", self.name, self.cc.0, self.cc.1, self.image)
+        write!(f, "Gpu({}, sm_{}{}, image {}, PDL {})", self.name, self.cc.0, self.cc.1, self.image, self.pdl_state())
     }
 }
 
@@ -200,6 +291,8 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let name = ctx.name()?;
+        let pdl_supported = image.pdl && major >= 9;
+        let pdl_env = std::env::var("HGA_PDL").map_or(true, |v| !matches!(v.trim(), "0" | "off" | "false"));
         Ok(Gpu {
             ctx,
             stream,
@@ -208,6 +301,8 @@ impl Gpu {
             name,
             cc: (major, minor),
             functions: Mutex::new(HashMap::new()),
+            pdl_supported,
+            pdl: AtomicBool::new(pdl_supported && pdl_env),
         })
     }
 
@@ -230,6 +325,36 @@ impl Gpu {
         self.cc
     }
 
+    /// Whether kernels can be launched with programmatic dependent launch (PDL): the loaded image was built for it
+    /// (every kernel starts with `griddepcontrol.wait`: [`KernelImage::pdl`]) and the device has compute capability
+    /// >= 9.0. False for the sm_89 image, also when it is JIT-compiled on an sm_90 device.
+    pub fn pdl_supported(&self) -> bool {
+        self.pdl_supported
+    }
+    /// Whether launches use PDL now (the default where supported, unless the environment says `HGA_PDL=0`).
+    pub fn pdl_enabled(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+    /// Turns programmatic dependent launch on or off for later launches (on only takes effect where
+    /// [`Gpu::pdl_supported`]). With it on, every kernel is launched with
+    /// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`: the GPU may launch it as soon as every block of the
+    /// previous kernel has executed `griddepcontrol.launch_dependents` (our kernels do so right after their
+    /// `griddepcontrol.wait`), and the new kernel's own wait holds it until the previous one has completed and its
+    /// memory is visible: the launch and block start-up overlap the predecessor's tail, and results are identical.
+    /// A CUDA graph captured with it on keeps programmatic edges; switching it off does not change a recorded graph.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.pdl_supported, Ordering::Relaxed);
+    }
+    /// `on`, `off` or `unsupported` (with the reason), for reports.
+    pub fn pdl_state(&self) -> &'static str {
+        match (self.pdl_enabled(), self.pdl_supported) {
+            (true, _) => "on",
+            (false, true) => "off",
+            (false, false) if self.cc.0 < 9 => "unsupported (compute capability < 9.0)",
+            (false, false) => "unsupported (the kernel image is not built for it)",
+        }
+    }
+
     /// A kernel of the loaded module (cached).
     pub fn function(&self, name: &'static str) -> Result<CudaFunction, RuntimeError> {
         let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,7 +370,25 @@ impl Gpu {
     /// instantiates it; [`CudaGraph::launch`] then replays all of it with one host call. `f` must only enqueue
     /// kernels and device-to-device work on [`Gpu::stream`]: a synchronization, a host copy or an allocation inside
     /// it fails the capture (the error is returned and the stream is usable again).
-    pub fn capture(&self, f: impl FnOnce() -> Result<(), RuntimeError>) -> Result<CudaGraph, RuntimeError> {
+    ///
+    /// With PDL on ([`Gpu::pdl_enabled`]), the capture turns the programmatic launches into programmatic edges of
+    /// the graph. Should the driver refuse that (a CUDA error while recording or instantiating), PDL is turned off
+    /// for this `Gpu`, a warning says so on stderr, and `f` is recorded again without it.
+    pub fn capture(&self, mut f: impl FnMut() -> Result<(), RuntimeError>) -> Result<CudaGraph, RuntimeError> {
+        match self.capture_once(&mut f) {
+            Err(e @ (RuntimeError::Driver(_) | RuntimeError::Launch { .. })) if self.pdl_enabled() => {
+                eprintln!(
+                    "warning: recording a CUDA graph with programmatic dependent launch failed ({e}); PDL is now off \
+                     on this GPU and the graph is recorded without it (HGA_PDL=0 or `--no-pdl` avoid the attempt)"
+                );
+                self.set_pdl(false);
+                self.capture_once(&mut f)
+            }
+            r => r,
+        }
+    }
+
+    fn capture_once(&self, f: &mut impl FnMut() -> Result<(), RuntimeError>) -> Result<CudaGraph, RuntimeError> {
         self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let recorded = f();
         // End the capture whatever happened, so the stream leaves capture mode.
@@ -271,7 +414,7 @@ mod tests {
     use super::*;
 
     fn img(sm: u32, kind: ImageKind) -> KernelImage {
-        KernelImage { sm, kind, bytes: Cow::Borrowed(b"") }
+        KernelImage { sm, kind, bytes: Cow::Borrowed(b""), pdl: false }
     }
 
     #[test]

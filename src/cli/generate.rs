@@ -52,6 +52,12 @@ pub struct GenerateArgs {
     /// results; for measuring what the graphs save).
     #[arg(long)]
     pub no_graphs: bool,
+    /// Launch kernels without programmatic dependent launch (PDL). By default, on compute capability >= 9.0 with
+    /// the sm_90 / sm_120 kernel images, each kernel may be launched while the previous one finishes (it waits in
+    /// `griddepcontrol.wait` for the predecessor's results), hiding launch and ramp-up gaps between kernels; same
+    /// results. For measuring what PDL saves (the environment variable HGA_PDL=0 does the same).
+    #[arg(long)]
+    pub no_pdl: bool,
     /// After decoding, profile one more decode step: GPU time per kind of work (sum of the parts), the bytes
     /// floor of the step (weights + K/V over the copy bandwidth measured in the same run) and the gap to it.
     #[arg(long)]
@@ -85,6 +91,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let gpu = hga::open_gpu(a.device).context("opening the GPU")?;
+    if a.no_pdl {
+        gpu.set_pdl(false);
+    }
     let capacity = a.context.unwrap_or(longest + a.max_tokens);
     let t0 = Instant::now();
     let pb = ProgressBar::new(ckpt.config.num_hidden_layers as u64);
@@ -95,10 +104,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     model.set_decode_graphs(!a.no_graphs);
     let (free, total) = gpu.context().mem_get_info()?;
     eprintln!(
-        "{} on {} ({}): loaded in {:.1}s; GPU memory used {:.2} GB of {:.2} GB",
+        "{} on {} ({}, PDL {}): loaded in {:.1}s; GPU memory used {:.2} GB of {:.2} GB",
         a.model.display(),
         gpu.device_name(),
         gpu.image_name(),
+        gpu.pdl_state(),
         t0.elapsed().as_secs_f64(),
         (total - free) as f64 / 1e9,
         total as f64 / 1e9
@@ -156,7 +166,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let steady = if steps > 1 { (steps - 1) as f64 / (dt.as_secs_f64() - first).max(1e-9) } else { f64::NAN };
         eprintln!(
             "prompt {} tokens: time to first token {:.3}s ({:.0} tokens/s prefill); decode {} tokens in {:.3}s: {:.1} \
-             tokens/s after the first step ({:.1} ms, {}); GPU memory in use at the end {:.2} GB",
+             tokens/s after the first step ({:.1} ms, {}; PDL {}); GPU memory in use at the end {:.2} GB",
             prompt.len(),
             ttft.as_secs_f64(),
             prompt.len() as f64 / ttft.as_secs_f64(),
@@ -165,6 +175,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             steady,
             first * 1e3,
             if a.no_graphs { "graphs off" } else { "includes recording its graph" },
+            gpu.pdl_state(),
             (total - free) as f64 / 1e9
         );
         let mut report = serde_json::json!({
@@ -175,6 +186,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "decode_tokens_per_s_after_first": steady,
             "first_step_ms": first * 1e3,
             "graphs": !a.no_graphs,
+            "pdl": gpu.pdl_enabled(),
             "gpu_memory_gb": (total - free) as f64 / 1e9,
             "device": gpu.device_name(),
         });
@@ -183,8 +195,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             let floor_bytes = model.decode_bytes_floor(p.context);
             let floor_ms = floor_bytes as f64 / (p.copy_gbps * 1e9) * 1e3;
             eprintln!(
-                "decode step profile at context {} (GPU time per kind of work, summed over the layers):",
-                p.context
+                "decode step profile at context {} (GPU time per kind of work, summed over the layers; PDL {}, which \
+                 cannot overlap kernels across the events between the parts):",
+                p.context,
+                gpu.pdl_state()
             );
             for (what, n, ms) in &p.parts {
                 eprintln!("  {what:<34} {n:>4} x  {:>9.1} us  {:>5.1}%", ms * 1e3, 100.0 * ms / p.total_ms);

@@ -89,12 +89,12 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
             .map(|r| serde_json::json!({"kernel": r.kernel, "shape": r.shape, "rel_err": r.rel_err, "ok": r.ok, "detail": r.detail}))
             .collect();
         let doc = serde_json::json!({
-            "device": gpu.device_name(), "image": gpu.image_name(), "seed": seed,
+            "device": gpu.device_name(), "image": gpu.image_name(), "pdl": gpu.pdl_enabled(), "seed": seed,
             "checks": rows, "failed": failed,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("device: {}  image: {}  seed: {seed}", gpu.device_name(), gpu.image_name());
+        println!("device: {}  image: {}  PDL: {}  seed: {seed}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
         println!("{:<26} {:<26} {:>10}  result", "kernel", "shape", "rel err");
         for r in &results {
             println!(

@@ -2,13 +2,15 @@
 //! self-test kernel (`kernels::selftest`) that the host checks against a CPU expectation.
 //!
 //! Everything here targets PTX ISA >= 8.5 on sm_89 / sm_90 (8.7 on sm_120) and uses only instructions that exist on
-//! all three (no wgmma, no TMA): the portable path.
+//! all three (no wgmma, no TMA): the portable path. The one exception is `pdl` (`griddepcontrol`, sm_90+), which
+//! compiles to nothing in the sm_89 build.
 pub mod convert;
 pub mod cp_async;
 pub mod ldmatrix;
 pub mod math;
 pub mod mem;
 pub mod mma;
+pub mod pdl;
 pub mod smem;
 pub mod sync;
 pub mod warp;
@@ -19,6 +21,7 @@ pub use ldmatrix::*;
 pub use math::*;
 pub use mem::*;
 pub use mma::*;
+pub use pdl::*;
 pub use smem::*;
 pub use sync::*;
 pub use warp::*;

@@ -27,6 +27,7 @@ const TILE: u32 = BN * ROW_BYTES;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v2(p: AttentionParams) {
+    entry_prologue();
     let g = p.n_heads / p.n_kv_heads;
     let rows_total = p.tokens * g;
     let rgroups = rows_total.div_ceil(ROWS);

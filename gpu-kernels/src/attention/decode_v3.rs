@@ -33,16 +33,19 @@ const STAGE: u32 = 2 * TILE;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s3(p: AttentionParams) {
+    entry_prologue();
     decode_ring::<3, 1>(p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s4(p: AttentionParams) {
+    entry_prologue();
     decode_ring::<4, 2>(p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s6(p: AttentionParams) {
+    entry_prologue();
     decode_ring::<6, 4>(p)
 }
 

@@ -22,6 +22,7 @@ const U: usize = 8;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_merge(p: AttentionParams) {
+    entry_prologue();
     let rows = p.tokens * p.n_heads;
     let row = block_x() * 4 + thread_x() / 32;
     if row >= rows {

@@ -26,12 +26,14 @@ const TILE: u32 = BN * ROW_BYTES;
 /// H100 than the lazy variant: 311 vs 297 TFLOP/s at T=16K, docs/perf-attention.md).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_prefill(p: AttentionParams) {
+    entry_prologue();
     prefill::<false>(p)
 }
 
 /// The same with lazy (exact) rescaling, see `tile::softmax_step`; kept as a tested alternative for other cards.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_prefill_lazy(p: AttentionParams) {
+    entry_prologue();
     prefill::<true>(p)
 }
 

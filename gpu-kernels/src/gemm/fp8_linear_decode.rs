@@ -13,6 +13,9 @@
 //! into a zeroed tile that is then scaled by a_scale[row, kb] * w_scale[n/128, kb] and added to the accumulator
 //! (f32). Shared memory: 4 x 32 x 4 f32 = 2 KiB (dynamic).
 //! Rows n >= the weight's rows are clamped to the last row (loaded, computed, never stored).
+//! Programmatic dependent launch: before the entry prologue's `griddepcontrol.wait`, the block asks L2 for its 8
+//! weight rows (`prefetch_l2_early`; weights are never written by a kernel), so the weight stream overlaps the
+//! previous kernel's tail; activations and scales are read after the wait.
 use super::{ld_ro_v4, ld_stream_v4};
 use crate::arch::*;
 use crate::params::Fp8LinearParams;
@@ -30,6 +33,9 @@ pub unsafe extern "ptx-kernel" fn hga_fp8_linear_decode(p: Fp8LinearParams) {
     let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
     let kbs = k / 128;
     let n0 = block_x() as usize * 8;
+    let rows = n.saturating_sub(n0).min(8);
+    prefetch_l2_early((p.w as *const u8).add(n0 * k), rows * k, thread_x() as usize, 32 * WARPS);
+    entry_prologue();
     let wrow = (n0 + g).min(n - 1);
     let w = (p.w as *const u8).add(wrow * k + 16 * t);
     let a = p.a as *const u8;

@@ -37,11 +37,13 @@ pub const STAGE_BYTES: usize = (BM + BN) * BK;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill(p: Fp8LinearParams) {
+    entry_prologue();
     body::<3, 1>(&p);
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_s4(p: Fp8LinearParams) {
+    entry_prologue();
     body::<4, 2>(&p);
 }
 

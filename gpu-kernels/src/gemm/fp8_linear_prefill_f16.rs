@@ -86,18 +86,21 @@ const _: () = assert!(SMEM_BYTES == crate::params::FP8_PREFILL_F16_SMEM_BYTES);
 /// A m-tiles 0 and 1 (of 4) converted on the conversion pipe, m-tiles 2, 3 and W on the ALU.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_f16(p: Fp8LinearParams) {
+    entry_prologue();
     body::<2>(&p);
 }
 
 /// All conversions on the ALU.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_f16_alu(p: Fp8LinearParams) {
+    entry_prologue();
     body::<0>(&p);
 }
 
 /// All of A on the conversion pipe, W on the ALU.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_f16_cvt(p: Fp8LinearParams) {
+    entry_prologue();
     body::<4>(&p);
 }
 

@@ -11,6 +11,7 @@ use crate::params::MmaPeakParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_bench_mma_bf16_peak(p: MmaPeakParams) {
+    entry_prologue();
     let tid = thread_x() + block_x() * block_dim_x();
     // bf16 values near 1 (0x3F80) with per-thread mantissa bits.
     let base = 0x3F80_3F80u32 | ((tid ^ p.seed) & 0x003F_003F);

@@ -20,6 +20,7 @@ const VPT: usize = 4;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_rmsnorm_fp8_quant(p: RmsNormQuantParams) {
+    entry_prologue();
     if block_x() >= p.rows {
         return;
     }

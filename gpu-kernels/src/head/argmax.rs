@@ -52,6 +52,7 @@ pub(crate) unsafe fn block_max_u64(mut v: u64, smem: *mut u64) -> u64 {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_argmax(p: ArgmaxParams) {
+    entry_prologue();
     let row = block_x() as usize;
     if row >= p.rows as usize {
         return;

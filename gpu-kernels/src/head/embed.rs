@@ -10,6 +10,7 @@ use crate::params::EmbedParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_embed_gather(p: EmbedParams) {
+    entry_prologue();
     let row = block_x() as usize;
     if row >= p.rows as usize {
         return;

@@ -9,6 +9,8 @@
 //! h = 32 r + 8 t with `ld.global.nc.L1::no_allocate`, BATCH rounds in flight, and the tensor cores multiply them
 //! with all m rows (`mma.sync m16n8k16 bf16`; the 8 k of each lane are relabelled into fragment slots identically
 //! for A and B: words 0,1 -> first product, words 2,3 -> second). Rows of w beyond vocab are clamped (not stored).
+//! Programmatic dependent launch: before the entry prologue's `griddepcontrol.wait`, the block asks L2 for its 8
+//! weight rows (`prefetch_l2_early`; the weight is never written by a kernel); x is read after the wait.
 use crate::arch::*;
 use crate::gemm::{ld_ro_v4, ld_stream_v4};
 use crate::params::LmHeadParams;
@@ -24,6 +26,9 @@ pub unsafe extern "ptx-kernel" fn hga_lm_head(p: LmHeadParams) {
     let (m, v, h) = (p.m as usize, p.vocab as usize, p.hidden as usize);
     let rounds = h / 32;
     let n0 = block_x() as usize * 8;
+    let rows = v.saturating_sub(n0).min(8);
+    prefetch_l2_early((p.w as *const u8).add(n0 * h * 2), rows * h * 2, thread_x() as usize, 32 * WARPS);
+    entry_prologue();
     let wrow = (n0 + g).min(v - 1);
     let w = (p.w as *const u8).add((wrow * h + 8 * t) * 2);
     let x = p.x as *const u8;

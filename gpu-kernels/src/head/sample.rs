@@ -29,6 +29,7 @@ unsafe fn red_add_u64(smem_addr: u32, v: u64) {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_sample(p: SampleParams) {
+    entry_prologue();
     let row = block_x() as usize;
     if row >= p.rows as usize {
         return;

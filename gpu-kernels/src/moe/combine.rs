@@ -8,6 +8,7 @@ use crate::params::MoeExpertParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_combine(p: MoeExpertParams) {
+    entry_prologue();
     let (h, k) = (p.hidden as usize, p.top_k as usize);
     let i = (block_x() * block_dim_x() + thread_x()) as usize;
     if i >= p.tokens as usize * h {

@@ -51,6 +51,7 @@ const U: usize = 3;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_down_decode_v3(p: MoeExpertParams) {
+    entry_prologue();
     let (h, inter, k) = (p.hidden as usize, p.inter_dim as usize, p.top_k as usize);
     let token = block_y() as usize;
     let n0 = block_x() as usize * ROWS;

@@ -47,6 +47,7 @@ const U: usize = 4;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode(p: MoeExpertParams) {
+    entry_prologue();
     let (h, inter) = (p.hidden as usize, p.inter_dim as usize);
     let pair = block_y() as usize;
     let token = pair / p.top_k as usize;

@@ -122,6 +122,7 @@ unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2];
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode_v3(p: MoeExpertParams) {
+    entry_prologue();
     let (h, inter) = (p.hidden as usize, p.inter_dim as usize);
     let pair = block_y() as usize;
     let token = pair / p.top_k as usize;

@@ -16,6 +16,7 @@ use crate::params::{MoeExpertParams, MOE_GROUP_TILE_M};
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_grouped(p: MoeExpertParams) {
+    entry_prologue();
     let (h, inter, ne, k) = (p.hidden as usize, p.inter_dim as usize, p.experts as usize, p.top_k as usize);
     let ts = p.tile_start as *const u32;
     let Some(e) = tile_expert(ts, ne, block_y()) else { return };

@@ -49,6 +49,7 @@ unsafe fn atomic_add_shared(p: *mut u32, v: u32) {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_group(p: MoeGroupParams) {
+    entry_prologue();
     let ne = p.experts as usize;
     let n = p.tokens as usize * p.top_k as usize;
     let tid = thread_x() as usize;

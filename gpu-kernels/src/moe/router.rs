@@ -19,6 +19,7 @@ const TILE: usize = 32;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router(p: MoeRouterParams) {
+    entry_prologue();
     let (nt, h, ne, k) = (p.tokens as usize, p.hidden as usize, p.experts as usize, p.top_k as usize);
     let tok0 = block_x() as usize * TILE;
     let warp = (thread_x() / 32) as usize;

@@ -52,6 +52,7 @@ fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
+    entry_prologue();
     let (nt, h, ne, k) = (p.tokens as usize, p.hidden as usize, p.experts as usize, p.top_k as usize);
     let ex = block_x() as usize;
     let tile = block_y() as usize;

@@ -17,6 +17,7 @@ use crate::params::MoeRouterParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_splitk(p: MoeRouterParams) {
+    entry_prologue();
     let (nt, h, ne, k) = (p.tokens as usize, p.hidden as usize, p.experts as usize, p.top_k as usize);
     let e0 = block_x() as usize * 8;
     let tile = block_y() as usize;

@@ -13,6 +13,7 @@ use crate::params::RmsNormParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_rmsnorm(p: RmsNormParams) {
+    entry_prologue();
     if block_x() >= p.rows {
         return;
     }

@@ -22,6 +22,7 @@ fn warp_group(p: &Fp8QuantParams) -> Option<(usize, usize, usize)> {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_quant(p: Fp8QuantParams) {
+    entry_prologue();
     let Some((row, g, groups)) = warp_group(&p) else { return };
     let k = p.k as usize;
     let x = p.x as *const u16;
@@ -52,6 +53,7 @@ pub unsafe extern "ptx-kernel" fn hga_fp8_quant(p: Fp8QuantParams) {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_dequant(p: Fp8QuantParams) {
+    entry_prologue();
     let Some((row, g, groups)) = warp_group(&p) else { return };
     let k = p.k as usize;
     let x = p.x as *mut u16;

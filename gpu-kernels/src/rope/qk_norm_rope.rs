@@ -22,6 +22,7 @@ const D: usize = 128;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_qk_norm_rope(p: QkNormRopeParams) {
+    entry_prologue();
     let slots = p.n_heads + p.n_kv_heads;
     let item = block_x() * 4 + thread_x() / 32;
     if item >= p.tokens * slots {

@@ -8,6 +8,7 @@ use crate::params::SelfTestParams;
 /// Dynamic shared memory: 8n bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_smem(p: SelfTestParams) {
+    entry_prologue();
     let n = p.n as usize;
     let i = thread_x() as usize;
     let inp = p.input as *const f32;
@@ -29,6 +30,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_smem(p: SelfTestParams) {
 /// out[5i..5i+5] = warp_sum, warp_max, shfl_xor(v, 5), shfl_down(v, 3), bits of shfl_idx(bits(v), 7).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_warp(p: SelfTestParams) {
+    entry_prologue();
     let i = (block_x() * block_dim_x() + thread_x()) as usize;
     if i >= p.n as usize {
         return;
@@ -45,6 +47,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_warp(p: SelfTestParams) {
 /// Fast math. input f32 [n], output f32 [4n]: ex2(x), lg2(|x|), rcp(x), rsqrt(|x|).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_math(p: SelfTestParams) {
+    entry_prologue();
     let i = (block_x() * block_dim_x() + thread_x()) as usize;
     if i >= p.n as usize {
         return;
@@ -63,6 +66,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_math(p: SelfTestParams) {
 /// and the hi decode is checked by a second launch with swapped codes (the host does that).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_convert(p: SelfTestParams) {
+    entry_prologue();
     let i = (block_x() * block_dim_x() + thread_x()) as usize;
     if i >= p.n as usize {
         return;

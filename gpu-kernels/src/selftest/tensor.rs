@@ -7,6 +7,7 @@ use crate::params::SelfTestParams;
 /// Dynamic shared memory: 512 bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_ldmatrix(p: SelfTestParams) {
+    entry_prologue();
     let lane = lane_id() as usize;
     let s = dyn_smem_ptr::<u32>();
     let inp = p.input as *const u32;
@@ -34,6 +35,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_ldmatrix(p: SelfTestParams) {
 /// output f32 [16, 8] = A B + C. Fragments loaded straight from global in the PTX ISA layout.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_mma_bf16(p: SelfTestParams) {
+    entry_prologue();
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);
     let base = (p.input as *const u8).add(block_x() as usize * 1280);
@@ -60,6 +62,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_mma_bf16(p: SelfTestParams) {
 /// B^T e4m3 [8, 32] (n-major), C f32 [16, 8] (1280 bytes); output f32 [16, 8] = A B + C.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_mma_e4m3(p: SelfTestParams) {
+    entry_prologue();
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);
     let base = (p.input as *const u8).add(block_x() as usize * 1280);
@@ -88,6 +91,7 @@ pub unsafe extern "ptx-kernel" fn hga_selftest_mma_e4m3(p: SelfTestParams) {
 /// `wait_group 0`. Dynamic shared memory: 16n bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_selftest_cp_async(p: SelfTestParams) {
+    entry_prologue();
     let n = p.n as usize;
     let half = n / 2;
     let tid = thread_x() as usize;

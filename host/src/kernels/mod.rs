@@ -18,10 +18,12 @@ pub use quant::{hga_fp8_dequant, hga_fp8_quant};
 pub use rope::{hga_qk_norm_rope, QkNormRopeShape};
 pub use selftest::{hga_selftest, SelfTest};
 
-use crate::runtime::{Gpu, Param, RuntimeError};
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use crate::runtime::{Gpu, RuntimeError};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-/// Launches `name` with the parameter struct `p` (its single by-value parameter).
+/// Launches `name` with the parameter struct `p` (its single by-value parameter) on the `Gpu`'s stream, with
+/// programmatic dependent launch when [`Gpu::pdl_enabled`] (the attribute
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`; without it `cuLaunchKernelEx` is the plain launch).
 ///
 /// # Safety
 /// `p` must describe buffers that are valid for the kernel's whole access pattern under `cfg`, and they must stay
@@ -32,18 +34,38 @@ pub(crate) unsafe fn launch<T: bytemuck::Pod>(
     cfg: LaunchConfig,
     p: T,
 ) -> Result<(), RuntimeError> {
+    use cudarc::driver::sys;
     let f = gpu.function(name)?;
     if cfg.shared_mem_bytes > 48 * 1024 {
         f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             cfg.shared_mem_bytes as i32,
         )?;
     }
-    let p = Param(p);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&p);
-    b.launch(cfg).map_err(|e| RuntimeError::Launch { kernel: name, msg: e.to_string() })?;
-    Ok(())
+    // Every kernel takes one by-value `Pod` struct: the parameter array holds one pointer to it.
+    let mut p = p;
+    let mut params = [(&mut p as *mut T).cast::<std::ffi::c_void>()];
+    // SAFETY: plain C structs and unions, for which all-zero bytes are valid.
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(gpu.pdl_enabled()),
+    };
+    let launch_err = |e: cudarc::driver::DriverError| RuntimeError::Launch { kernel: name, msg: e.to_string() };
+    gpu.context().bind_to_thread().map_err(launch_err)?;
+    // SAFETY: `f` belongs to the `Gpu`'s loaded module, `params` points at the kernel's one parameter, which the
+    // driver copies before returning; the buffers are the caller's contract.
+    sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(launch_err)
 }
 
 /// Checks that a buffer holds exactly `want` elements.

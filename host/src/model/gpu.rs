@@ -117,6 +117,9 @@ pub struct GpuModel<'g> {
     use_graphs: bool,
     /// Recorded one-token steps, one per context bound (`decode_bound`), in the order recorded.
     graphs: Vec<(usize, CudaGraph)>,
+    /// Whether the GPU launched with programmatic dependent launch when `graphs` were recorded: a recording keeps
+    /// the launch mode of its time, so they are recorded again when [`Gpu::set_pdl`] changed it.
+    graphs_pdl: bool,
 }
 
 /// How a chunk's attention finds its start position.
@@ -367,6 +370,7 @@ impl<'g> GpuModel<'g> {
             cur: 0,
             use_graphs: true,
             graphs: Vec::new(),
+            graphs_pdl: gpu.pdl_enabled(),
         })
     }
 
@@ -391,7 +395,9 @@ impl<'g> GpuModel<'g> {
     /// Whether one-token steps are replayed from CUDA graphs (the default): the whole step (about 12 launches per
     /// layer) is recorded once per context bound and then costs one host call, so the GPU never waits for the
     /// host between kernels. Off: the same launches, with the same parameters, are issued from the host one by
-    /// one (the results are identical, bit for bit).
+    /// one (the results are identical, bit for bit). Either way the kernels are launched with programmatic
+    /// dependent launch where the `Gpu` has it on ([`Gpu::set_pdl`]); recorded steps follow a change of that
+    /// setting (they are recorded again).
     pub fn set_decode_graphs(&mut self, on: bool) {
         self.use_graphs = on;
     }
@@ -471,6 +477,10 @@ impl<'g> GpuModel<'g> {
             // One token: the recorded step (or, with graphs off, the same launches from the host: same results).
             let bound = decode_bound(start + 1, self.capacity);
             if self.use_graphs {
+                if self.graphs_pdl != gpu.pdl_enabled() {
+                    self.graphs.clear();
+                    self.graphs_pdl = gpu.pdl_enabled();
+                }
                 let at = match self.graphs.iter().position(|(b, _)| *b == bound) {
                     Some(i) => i,
                     None => {
@@ -480,6 +490,8 @@ impl<'g> GpuModel<'g> {
                             debug_assert_eq!(c, cur, "a forward flips the residual buffers an even number of times");
                             self.enqueue_lm_head(0, 1)
                         })?;
+                        // A capture that the driver refused with PDL is recorded without it (Gpu::capture).
+                        self.graphs_pdl = gpu.pdl_enabled();
                         self.graphs.push((bound, graph));
                         self.graphs.len() - 1
                     }
