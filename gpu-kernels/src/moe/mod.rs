@@ -23,6 +23,7 @@
 use crate::arch::*;
 
 pub mod combine;
+pub mod decode_v4;
 pub mod down_decode;
 pub mod down_decode_v1;
 pub mod down_decode_v3;
@@ -55,8 +56,9 @@ pub(crate) unsafe fn ld_cg_f32(p: *const f32) -> f32 {
     v
 }
 
+/// `fence.acq_rel.gpu`: orders this thread's earlier and later memory operations at GPU scope.
 #[inline(always)]
-fn fence_gpu() {
+pub(crate) fn fence_gpu() {
     unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
 }
 
@@ -91,6 +93,64 @@ pub(crate) unsafe fn last_block_arrives(counter: *mut u32, blocks: u32, flag: *m
     }
     fence_gpu();
     true
+}
+
+/// `ld.acquire.gpu` of a u32 (a counter other blocks of the same launch bump with [`red_release_add_u32`]): the
+/// loads this thread issues after it see every write the releasing threads made before their release. An `asm!`
+/// without `pure`, so it is re-executed in a spin loop and no load is hoisted above it.
+///
+/// # Safety
+/// `p` is an aligned global u32.
+#[inline(always)]
+pub(crate) unsafe fn ld_acquire_u32(p: *const u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("ld.acquire.gpu.global.u32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack));
+    r
+}
+
+/// `red.release.gpu.global.add.u32`: adds `v` to a counter with release semantics (this thread's earlier writes,
+/// and those ordered before them by a barrier and a fence, are visible to whoever acquires the new value).
+///
+/// # Safety
+/// `p` is an aligned global u32.
+#[inline(always)]
+pub(crate) unsafe fn red_release_add_u32(p: *mut u32, v: u32) {
+    core::arch::asm!("red.release.gpu.global.add.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
+}
+
+/// Spins (with `nanosleep` backoff) until the counter at `p` is >= `target`, with acquire semantics for the
+/// calling thread.
+///
+/// # Safety
+/// `p` is an aligned global u32 that another block of the same launch (co-resident) will raise to `target`.
+#[inline(always)]
+pub(crate) unsafe fn wait_count(p: *const u32, target: u32) {
+    while ld_acquire_u32(p) < target {
+        core::arch::asm!("nanosleep.u32 32;", options(nostack));
+    }
+}
+
+/// `barrier.sync id, threads`: a named barrier for `threads` threads (a multiple of 32) of the block. The
+/// non-`.aligned` form, so it stays correct if LLVM duplicates it into divergent arms (see [`group`]).
+///
+/// # Safety
+/// Exactly `threads` threads (whole warps) reach barrier `id` each time; `id` in 1..16 (0 is `sync_threads`).
+#[inline(always)]
+pub(crate) unsafe fn barrier_named(id: u32, threads: u32) {
+    core::arch::asm!("barrier.sync {0}, {1};", in(reg32) id, in(reg32) threads, options(nostack));
+}
+
+/// 8-byte global load through L2 (`ld.global.cg.v2.u32`): for values other blocks of the same launch wrote (the
+/// read-only `.nc` path must not be used for them).
+///
+/// # Safety
+/// `p` is 8-byte aligned and readable.
+#[inline(always)]
+pub(crate) unsafe fn ld_cg_v2(p: *const u8) -> [u32; 2] {
+    let mut r = [0u32; 2];
+    core::arch::asm!("ld.global.cg.v2.u32 {{{0}, {1}}}, [{2}];",
+        out(reg32) r[0], out(reg32) r[1], in(reg64) p, options(nostack, readonly));
+    r
 }
 
 /// 16-byte read-only global load (`ld.global.nc.v4.u32`).
