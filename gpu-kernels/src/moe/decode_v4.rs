@@ -76,6 +76,16 @@ const SM_IDS: usize = SM_DN + DWARPS * 16;
 const SM_WTS: usize = SM_IDS + MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK;
 const SM_FLAG: usize = SM_WTS + MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK;
 
+/// `prefetch.global.L2` of `lines` 128-byte lines, line l at `addr(l)`, shared by `n` threads from `first`.
+#[inline(always)]
+unsafe fn prefetch_lines(lines: usize, first: usize, n: usize, addr: impl Fn(usize) -> *const u8) {
+    let mut l = first;
+    while l < lines {
+        prefetch_l2(addr(l));
+        l += n;
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_decode_v4(p: MoeDecodeV4Params) {
     let (r, q) = (&p.router, &p.expert);
@@ -149,6 +159,24 @@ pub unsafe extern "ptx-kernel" fn hga_moe_decode_v4(p: MoeDecodeV4Params) {
     while j < n_gu {
         let pair = j / cols;
         let e = *ids_sm.add(pair) as usize;
+        // Towards L2 while this unit streams: the group's next unit (16 rows of h bytes), or after the last one
+        // this group's half of the block's first down unit (16 rows x top_k slots of inter bytes).
+        let next = j + slots;
+        if next < n_gu {
+            let (en, r0) = (*ids_sm.add(next / cols) as usize, (next % cols) * 8);
+            prefetch_lines(16 * kbs, gtid, 128, |l| {
+                let (r, kb) = (l / kbs, l % kbs);
+                let w = if r < 8 { q.w_gate } else { q.w_up } as *const u8;
+                w.add((en * inter + r0 + r % 8) * h + kb * 128)
+            });
+        } else if b < nt * (h / 16) {
+            let (token, n0, dk) = (b / (h / 16), (b % (h / 16)) * 16, inter / 128);
+            prefetch_lines(k * 16 * dk, gtid + 128 * grp, 256, |l| {
+                let (sl, r, kb) = (l / (16 * dk), (l / dk) % 16, l % dk);
+                let ed = *ids_sm.add(token * k + sl) as usize;
+                (q.w_down as *const u8).add((ed * h + n0 + r) * inter + kb * 128)
+            });
+        }
         gate_up_unit::<false>(q, pair, (j % cols) * 8, e, xv, gw, gtid, gsm, bar);
         if gtid < 8 {
             fence_gpu(); // this thread's inter store, before the group's release below
@@ -200,9 +228,9 @@ pub unsafe extern "ptx-kernel" fn hga_moe_decode_v4(p: MoeDecodeV4Params) {
                     e[u] = *idt.add(sl[u]);
                     rw[u] = *wtt.add(sl[u]);
                 });
-                // Weights first (they need only the ids), then the readiness of the slots, then the intermediate.
-                // Weights first (they need only the ids), then the readiness of the slots, then the intermediate.
-                let xv = {
+                // Weights first (they need only the ids; the macro issues them before it evaluates its `xv`
+                // argument), then the readiness of the round's slots, then the intermediate.
+                down_round!(wd, sd0, e, kb, rw, (h, inter, n0, hblk, dkbs), (u0, units, t), {
                     let mut xv = [[0u32; 2]; DU];
                     unroll!(u in [0, 1, 2] {
                         if u0 + DWARPS * u < units {
@@ -211,8 +239,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_decode_v4(p: MoeDecodeV4Params) {
                         xv[u] = ld_cg_v2(act.add(sl[u] * inter + kb[u] * 128 + 4 * lane as usize) as *const u8);
                     });
                     xv
-                };
-                down_round!(wd, sd0, e, kb, rw, (h, inter, n0, hblk, dkbs), (u0, units, t), xv, tg, tg8);
+                }, tg, tg8);
                 u0 += DWARPS * DU;
             }
             store_rows(dsm, vw, tg, tg8);
