@@ -12,6 +12,9 @@
 //! - Version 3 of the decode layer (what `moe_decode` runs): [`router_rows`] (one expert row per block, 128
 //!   blocks instead of 16), [`gate_up_decode_v3`] (version 2 plus activation loads first and the chosen experts'
 //!   down weights prefetched into L2) and [`down_decode_v3`] (16 rows per block, one quantization per 2 KB).
+//! - Version 4 of the decode layer: [`decode_v4`], router + gate/up + down of up to 4 tokens in one persistent
+//!   launch (co-resident grid; release/acquire counters instead of kernel boundaries), running version 3's device
+//!   code in version 3's orders (same result bit for bit).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
@@ -119,14 +122,20 @@ pub(crate) unsafe fn red_release_add_u32(p: *mut u32, v: u32) {
 }
 
 /// Spins (with `nanosleep` backoff) until the counter at `p` is >= `target`, with acquire semantics for the
-/// calling thread.
+/// calling thread. After 2^26 polls (seconds, where a real wait lasts microseconds) it traps: a grid whose blocks
+/// are not all co-resident then fails its launch with an error instead of hanging the device.
 ///
 /// # Safety
 /// `p` is an aligned global u32 that another block of the same launch (co-resident) will raise to `target`.
 #[inline(always)]
 pub(crate) unsafe fn wait_count(p: *const u32, target: u32) {
+    let mut polls = 0u32;
     while ld_acquire_u32(p) < target {
         core::arch::asm!("nanosleep.u32 32;", options(nostack));
+        polls += 1;
+        if polls == 1 << 26 {
+            core::arch::nvptx::trap();
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Launchers of the MoE kernels (gpu-kernels/src/moe/*) and the two composed paths:
 //! [`moe_decode`] (router + fused decode expert kernels, 3 launches, no grouping needed: the expert kernels read
-//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
+//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels, and version 4,
+//! [`moe_decode_v4`]: the whole layer in one persistent launch) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
 //! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::reference::moe::{MoeDims, MoeHostWeights};
