@@ -6,7 +6,7 @@
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
     MoeDecodeV4Params, MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DECODE_V4_MAX_TOKENS,
@@ -736,8 +736,8 @@ pub fn decode_v4_grid(gpu: &Gpu) -> Result<u32, RuntimeError> {
 /// Version 4 of the decode layer (`hga_moe_decode_v4`): router, gate/up and down in ONE persistent launch,
 /// 1..=[`MOE_DECODE_V4_MAX_TOKENS`] tokens. Same arguments as [`moe_decode`] and the same result as version 3 bit
 /// for bit (ids and weights also land in `ws`). The grid is [`decode_v4_grid`] (all blocks co-resident) and the
-/// launch is cooperative (`cuLaunchCooperativeKernel`): the driver refuses a grid that cannot be co-resident
-/// instead of letting the spinning blocks deadlock. The kernel's flags live in `ws.sync` and are zero again after
+/// launch is cooperative (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`): the driver refuses a grid
+/// that cannot be co-resident instead of letting the spinning blocks deadlock. The kernel's flags live in `ws.sync` and are zero again after
 /// each launch (graph replay re-runs the same launch).
 pub fn moe_decode_v4(
     gpu: &Gpu,
@@ -754,7 +754,7 @@ pub fn moe_decode_v4(
 /// How [`moe_decode_v4_launch`] launches the persistent kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum V4Launch {
-    /// `cuLaunchCooperativeKernel` (the default): the driver guarantees co-residency or fails the launch
+    /// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` (the default): the driver guarantees co-residency or fails the launch
     Cooperative,
     /// an ordinary launch of the same grid (co-resident by the occupancy computation as long as nothing else runs
     /// on the device at the same time); for a driver or a graph path that refuses cooperative launches
@@ -818,18 +818,45 @@ pub fn moe_decode_v4_launch(
         block_dim: (DECODE_V4_THREADS, 1, 1),
         shared_mem_bytes: (MOE_DECODE_V4_SMEM_WORDS * 4) as u32,
     };
-    if how == V4Launch::Plain {
-        // SAFETY: lengths checked above; the grid is at most the co-resident blocks (occupancy x SMs).
-        return unsafe { launch(gpu, "hga_moe_decode_v4", cfg, p) };
-    }
-    let f = gpu.function("hga_moe_decode_v4")?;
-    let p = crate::runtime::Param(p);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&p);
-    // SAFETY: lengths checked above; every block is co-resident (grid from the occupancy API, cooperative launch).
-    unsafe { b.launch_cooperative(cfg) }
-        .map_err(|e| RuntimeError::Launch { kernel: "hga_moe_decode_v4", msg: e.to_string() })?;
-    Ok(())
+    // SAFETY: lengths checked above; the grid is at most the co-resident blocks (occupancy x SMs), and with
+    // `Cooperative` the driver guarantees co-residency.
+    unsafe { launch_v4(gpu, cfg, p, how == V4Launch::Cooperative) }
+}
+
+/// The launch of `hga_moe_decode_v4`: `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` when `cooperative`
+/// (the attribute form of `cuLaunchCooperativeKernel`, which stream capture records as a cooperative kernel
+/// node), else with no attribute. No programmatic-dependent-launch attribute: the kernel has no
+/// `griddepcontrol.wait` prologue yet, so it must start after the previous kernel completed (plain stream order).
+///
+/// # Safety
+/// As [`launch`]: `p` describes buffers valid for the kernel under `cfg` and alive until it completes.
+unsafe fn launch_v4(gpu: &Gpu, cfg: LaunchConfig, p: MoeDecodeV4Params, cooperative: bool) -> Result<(), RuntimeError> {
+    use cudarc::driver::sys;
+    let name = "hga_moe_decode_v4";
+    let f = gpu.function(name)?;
+    let mut p = p;
+    let mut params = [(&mut p as *mut MoeDecodeV4Params).cast::<std::ffi::c_void>()];
+    // SAFETY: plain C structs and unions, for which all-zero bytes are valid.
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attr.value.cooperative = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(cooperative),
+    };
+    let launch_err = |e: cudarc::driver::DriverError| RuntimeError::Launch { kernel: name, msg: e.to_string() };
+    gpu.context().bind_to_thread().map_err(launch_err)?;
+    // SAFETY: `f` belongs to the `Gpu`'s module, `params` points at the kernel's one by-value parameter (copied by
+    // the driver before returning); the buffers are the caller's contract.
+    sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(launch_err)
 }
 
 #[allow(clippy::too_many_arguments)]
