@@ -11,7 +11,10 @@
 //! compared with the floor) and with host launches (`time_ms`, labelled "with host launch"). The v1 / v2 layers
 //! use the split-K router (as measured before), the v3 layer `Auto` (the one-expert-per-block router). The v3
 //! down kernel timed alone streams from DRAM; in the v3 layer its weights were prefetched into L2 by gate/up v3
-//! (whose time alone includes issuing that prefetch). Without a GPU: a SKIP line.
+//! (whose time alone includes issuing that prefetch). Version 4 (`hga_moe_decode_v4`: the whole layer in one
+//! persistent launch, T <= 4) is timed as a layer only, the same two ways, with a cooperative launch when the
+//! graph capture takes one (else a plain launch of the same co-resident grid; the table says which). Without a
+//! GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
 use half::bf16;
@@ -165,7 +168,7 @@ fn main() {
         let (tag, form) = match v {
             km::DecodeVersion::V1 => ("v1", RouterForm::SplitK),
             km::DecodeVersion::V2 => ("v2", RouterForm::SplitK),
-            km::DecodeVersion::V3 => ("v3", RouterForm::Auto),
+            km::DecodeVersion::V3 | km::DecodeVersion::V4 => ("v3", RouterForm::Auto),
         };
         for t in [1usize, 4] {
             let d = MoeDims::qwen3_30b_a3b(t);
@@ -213,7 +216,9 @@ fn main() {
                 match v {
                     km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d),
                     km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d),
-                    km::DecodeVersion::V3 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d),
+                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
+                        km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                    }
                 }
                 .unwrap()
             };
@@ -223,7 +228,9 @@ fn main() {
                 match v {
                     km::DecodeVersion::V1 => km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
                     km::DecodeVersion::V2 => km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
-                    km::DecodeVersion::V3 => km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
+                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
+                        km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)
+                    }
                 }
                 .unwrap()
             };
@@ -238,8 +245,10 @@ fn main() {
                         .and_then(|_| km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
                     km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d)
                         .and_then(|_| km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
-                    km::DecodeVersion::V3 => km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
-                        .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
+                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
+                        km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                            .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d))
+                    }
                 }
                 .unwrap()
             };
@@ -260,6 +269,54 @@ fn main() {
                     });
                 }
             }
+        }
+    }
+
+    // Version 4: the layer in one persistent launch (no separate expert kernels to time).
+    println!("v4 grid: {} blocks (co-resident: occupancy x SMs)", km::decode_v4_grid(&gpu).unwrap());
+    for t in [1usize, 4] {
+        let d = MoeDims::qwen3_30b_a3b(t);
+        let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
+        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
+        // Can a cooperative launch be captured into a graph here? (Else time the plain launch of the same grid.)
+        let how = {
+            let x = xs[0].slice(0..t * h);
+            let probe = gpu.capture(|| {
+                km::moe_decode_v4_launch(
+                    &gpu,
+                    &x,
+                    &rws[0],
+                    &wsets[0],
+                    &mut ws,
+                    &mut outs[0],
+                    &d,
+                    km::V4Launch::Cooperative,
+                )
+            });
+            match probe {
+                Ok(_) => km::V4Launch::Cooperative,
+                Err(e) => {
+                    println!("  (v4: a cooperative launch is not capturable here: {e}; plain launches)");
+                    km::V4Launch::Plain
+                }
+            }
+        };
+        let mut layer = |i: usize| {
+            let x = xs[i % XSETS].slice(0..t * h);
+            km::moe_decode_v4_launch(&gpu, &x, &rws[i % RSETS], &wsets[i % 2], &mut ws, &mut outs[i % XSETS], &d, how)
+                .unwrap()
+        };
+        let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
+        let ms_h = time_ms(&gpu, 5, 300, &mut layer);
+        let bytes = expert_bytes * t as f64;
+        for (what, ms) in [("graph", ms_g), ("with host launch", ms_h)] {
+            rows.push(Row {
+                name: format!("MoE decode layer v4 ({what}, {how:?})"),
+                shape: format!("T={t}"),
+                us: ms * 1e3,
+                metric: format!("{:.0} GB/s", bytes / ms / 1e6),
+                ratio: format!("{:.2}x floor", ms * 1e3 / (floor_us * t as f64)),
+            });
         }
     }
 
@@ -292,8 +349,8 @@ fn main() {
         });
     }
 
-    println!("{:<44} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
+    println!("{:<52} {:>16} {:>12} {:>14} {:>16}", "what", "shape", "median us", "rate", "ratio");
     for r in &rows {
-        println!("{:<44} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
+        println!("{:<52} {:>16} {:>12.2} {:>14} {:>16}", r.name, r.shape, r.us, r.metric, r.ratio);
     }
 }

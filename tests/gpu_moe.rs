@@ -1,7 +1,9 @@
 //! GPU property tests of the MoE kernels (router in both forms, grouping, the decode and the grouped expert
 //! paths) against the CPU reference, over random shapes (see `hga::check::moe` for what is compared), plus the
 //! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4. The decode path
-//! runs version 3 (`moe_decode`); versions 1 and 2 keep their own tests.
+//! runs version 3 (`moe_decode`); versions 1 and 2 keep their own tests. Version 4 (`hga_moe_decode_v4`, one
+//! persistent launch, T <= 4) is checked against the reference and, bit for bit, against version 3, over repeated
+//! launches and graph replays (its flags must reset themselves).
 //!
 //! Without a CUDA device each test prints one `SKIP` line and returns.
 mod common;
@@ -10,7 +12,7 @@ use std::io::Write;
 
 use hga::check::moe::{self as cm, MoePath};
 use hga::check::Outcome;
-use hga::kernels::moe::RouterForm;
+use hga::kernels::moe::{RouterForm, V4Launch};
 use hga::reference::moe::MoeDims;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -142,6 +144,52 @@ fn gpu_moe_decode_wide_topk() {
     });
 }
 
+/// Version 4 (one persistent launch) against the reference: T = 1..=4, small random shapes, and top-k up to 32 at
+/// larger hidden / inter.
+#[test]
+fn gpu_moe_decode_v4_matches_reference() {
+    let Some(gpu) = gpu("gpu_moe_decode_v4_matches_reference") else { return };
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k, n) in small_dims())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV4, &mut rng).unwrap())?;
+    });
+    let dims = (
+        prop::sample::select(vec![128usize, 640, 2048]),
+        prop::sample::select(vec![128usize, 384, 768, 1152]),
+        prop::sample::select(vec![32usize, 33, 256]),
+        9usize..=32,
+    );
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k) in dims)| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: true };
+        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV4, &mut rng).unwrap())?;
+    });
+}
+
+/// Version 4 gives version 3's output, ids and weights bit for bit, over 3 back-to-back launches and 3 graph
+/// replays with the scratch poisoned in between (the flag reset), cooperative and plain launches; random shapes
+/// (exact-tie router rows included) and the Qwen3 shape at T = 1 and 4.
+#[test]
+fn gpu_moe_decode_v4_bit_identical_to_v3() {
+    let Some(gpu) = gpu("gpu_moe_decode_v4_bit_identical_to_v3") else { return };
+    let mut rng = StdRng::seed_from_u64(41);
+    for t in [1usize, 4] {
+        let d = MoeDims::qwen3_30b_a3b(t);
+        let inp = cm::random_inputs(&d, &mut rng);
+        for how in [V4Launch::Cooperative, V4Launch::Plain] {
+            assert_ok(cm::v4_matches_v3(gpu, &d, &inp, how, 3).unwrap()).unwrap();
+        }
+    }
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k, n) in small_dims(), dups in any::<bool>())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+        let mut inp = cm::random_inputs(&d, &mut rng);
+        inp.router_w = cm::random_router(&d, dups, &mut rng);
+        assert_ok(cm::v4_matches_v3(gpu, &d, &inp, V4Launch::Cooperative, 2).unwrap())?;
+    });
+}
+
 #[test]
 fn gpu_moe_grouped_matches_reference() {
     let Some(gpu) = gpu("gpu_moe_grouped_matches_reference") else { return };
@@ -159,7 +207,7 @@ fn gpu_moe_qwen3_shape_both_paths() {
     for t in [1usize, 4] {
         let d = MoeDims::qwen3_30b_a3b(t);
         let inp = cm::random_inputs(&d, &mut rng);
-        for path in [MoePath::Decode, MoePath::DecodeV2, MoePath::DecodeV1, MoePath::Grouped] {
+        for path in [MoePath::Decode, MoePath::DecodeV4, MoePath::DecodeV2, MoePath::DecodeV1, MoePath::Grouped] {
             assert_ok(cm::moe_with(gpu, &d, path, &inp).unwrap()).unwrap();
         }
     }
@@ -190,4 +238,18 @@ fn gpu_moe_launchers_reject_bad_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("moe router x: 200 elements, expected 256"), "{e}");
+    // Version 4 takes 1..=4 tokens.
+    let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(5);
+    let w = hga::kernels::moe::MoeExpertWeights::upload(
+        gpu,
+        &cm::random_experts(&MoeDims { experts: 2, ..d }, &mut StdRng::seed_from_u64(1)),
+    )
+    .unwrap();
+    let d = MoeDims { experts: 2, top_k: 2, ..d };
+    let mut ws = hga::kernels::moe::MoeWorkspace::new(gpu, &d, 5, false).unwrap();
+    let x = s.alloc_zeros::<half::bf16>(5 * 2048).unwrap();
+    let rw = s.alloc_zeros::<half::bf16>(2 * 2048).unwrap();
+    let mut out = s.alloc_zeros::<half::bf16>(5 * 2048).unwrap();
+    let e = hga::kernels::moe::moe_decode_v4(gpu, &x, &rw, &w, &mut ws, &mut out, &d).unwrap_err().to_string();
+    assert!(e.contains("tokens = 5 must be in 1..=4"), "{e}");
 }

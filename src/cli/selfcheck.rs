@@ -77,6 +77,9 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
         let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(t);
         let path = if t <= 4 { check::moe::MoePath::Decode } else { check::moe::MoePath::Grouped };
         results.push(check::moe::moe(&gpu, &d, path, &mut rng)?);
+        if t <= 4 {
+            results.push(check::moe::moe(&gpu, &d, check::moe::MoePath::DecodeV4, &mut rng)?);
+        }
     }
     results.push(check::head::embed_gather(&gpu, 7, 1000, 2048, &mut rng)?);
     results.push(check::head::lm_head(&gpu, 3, 4099, 2048, &mut rng)?);

@@ -40,14 +40,99 @@
 //!   of issue per SM, now overlapping the stream.
 //!
 //! Assumes hidden % 128 == 0, inter % 128 == 0, ids < experts (launcher checks the shapes).
-use super::{group_frag, ld_group_warp, ld_nc_b32, ld_stream_v4, mma_e4m3_chunk, quant_group_vals, unroll};
+use super::{ld_group_warp, ld_nc_b32, unroll};
 use crate::arch::*;
 use crate::params::{MoeExpertParams, MOE_DOWN_DECODE_V3_ROWS, MOE_DOWN_DECODE_V3_WARPS};
 
-const WARPS: usize = MOE_DOWN_DECODE_V3_WARPS;
+pub(crate) const WARPS: usize = MOE_DOWN_DECODE_V3_WARPS;
 const ROWS: usize = MOE_DOWN_DECODE_V3_ROWS;
 /// Units per warp per round (loads issued together); the `unroll!` lists below name 0..U.
-const U: usize = 3;
+pub(crate) const U: usize = 3;
+
+/// Steps 1-3 of a round of warp-unit `u0` (shared with [`super::decode_v4`]): lane (g, t)'s weight loads of the
+/// round's units (unit u: k block `kb[u]` of expert `e[u]`, routing weight `rw[u]`; `wd` = rows n0 + g of expert 0
+/// at this lane's 16 bytes, `sd0` the down scales), then the activation values `$xv` (an expression evaluated
+/// after the weight loads: version 3 passes values loaded before them, version 4 waits for their readiness and
+/// loads them there), their quantization, and the products of the units below `units`, added to rows g / g + 8
+/// in `tg` / `tg8`. A macro, not a function: as a function the same code changed LLVM's output for version 3
+/// (118 -> 120 registers on sm_90); expanded, version 3 is its original code.
+macro_rules! down_round {
+    ($wd:ident, $sd0:ident, $e:ident, $kb:ident, $rw:ident, ($h:ident, $inter:ident, $n0:ident, $hblk:ident, $kbs:ident),
+     ($u0:ident, $units:ident, $t:ident), $xv:expr, $tg:ident, $tg8:ident) => {{
+        // 1. The weight stream of the round (after the ids): [rows g lo, rows g hi, rows g+8 lo, rows g+8 hi].
+        let mut a = [[[0u32; 4]; 4]; $crate::moe::down_decode_v3::U];
+        let mut f = [0f32; $crate::moe::down_decode_v3::U];
+        $crate::moe::unroll!(u in [0, 1, 2] {
+            let w = $wd.add($e[u] as usize * $h * $inter + $kb[u] * 128);
+            let w8 = w.add(8 * $inter);
+            a[u][0] = $crate::moe::ld_stream_v4(w);
+            a[u][1] = $crate::moe::ld_stream_v4(w.add(64));
+            a[u][2] = $crate::moe::ld_stream_v4(w8);
+            a[u][3] = $crate::moe::ld_stream_v4(w8.add(64));
+            let si = ($e[u] as usize * $hblk + $n0 / 128) * $kbs + $kb[u];
+            f[u] = f32::from_bits($crate::moe::ld_nc_b32($sd0.add(si))) * $rw[u];
+        });
+        let xv: [[u32; 2]; $crate::moe::down_decode_v3::U] = $xv;
+        // 2. Quantize the activations while the weights are on their way; f becomes the unit's whole factor.
+        let mut q = [0u32; $crate::moe::down_decode_v3::U];
+        $crate::moe::unroll!(u in [0, 1, 2] {
+            if $u0 + $crate::moe::down_decode_v3::WARPS * u < $units {
+                let (qq, xs) = $crate::moe::quant_group_vals(xv[u]);
+                q[u] = qq;
+                f[u] *= xs;
+            }
+        });
+        // 3. Products: A rows g / g + 8 = output rows n0 + g / n0 + g + 8; every B column = the activation.
+        $crate::moe::unroll!(u in [0, 1, 2] {
+            if $u0 + $crate::moe::down_decode_v3::WARPS * u < $units {
+                let b = $crate::moe::group_frag(q[u], $t);
+                let c = $crate::moe::mma_e4m3_chunk(a[u][0], a[u][2], b.0, [0.0; 4]);
+                let c = $crate::moe::mma_e4m3_chunk(a[u][1], a[u][3], b.1, c);
+                $tg += c[0] * f[u];
+                $tg8 += c[2] * f[u];
+            }
+        });
+    }};
+}
+pub(crate) use down_round;
+
+/// The (slot, k block) of unit u0 + 16 u of a round (past the last unit: the last unit, see the module docs).
+#[inline(always)]
+pub(crate) fn round_unit(u0: usize, u: usize, units: usize, kbs: usize) -> (usize, usize) {
+    let unit = (u0 + WARPS * u).min(units - 1);
+    (unit / kbs, unit % kbs)
+}
+
+/// The end of a block: (virtual) warp `vw`'s row sums `tg` / `tg8` into `sm` (`[16 warps][16 rows]` f32 of shared
+/// memory); after a block barrier, [`sum_rows`] adds them in warp order.
+///
+/// # Safety
+/// `sm` is shared memory, `vw` < 16.
+#[inline(always)]
+pub(crate) unsafe fn store_rows(sm: *mut f32, vw: usize, tg: f32, tg8: f32) {
+    let lane = lane_id();
+    let (g, t) = ((lane / 4) as usize, lane % 4);
+    if t == 0 {
+        *sm.add(vw * ROWS + g) = tg;
+        *sm.add(vw * ROWS + g + 8) = tg8;
+    }
+}
+
+/// The fixed-order sum of [`store_rows`]' values after the block barrier: thread `tid` < 16 writes row `tid` as
+/// bf16 to `out` (the block's 16 rows).
+///
+/// # Safety
+/// As [`store_rows`]; `out` writable for 16 bf16.
+#[inline(always)]
+pub(crate) unsafe fn sum_rows(sm: *const f32, tid: usize, out: *mut u16) {
+    if tid < ROWS {
+        let mut acc = 0f32;
+        for w in 0..WARPS {
+            acc += *sm.add(w * ROWS + tid);
+        }
+        *out.add(tid) = f32_to_bf16(acc);
+    }
+}
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_down_decode_v3(p: MoeExpertParams) {
@@ -73,64 +158,24 @@ pub unsafe extern "ptx-kernel" fn hga_moe_down_decode_v3(p: MoeExpertParams) {
     while u0 < units {
         // 0. Nothing here waits on anything: the round's activation loads (L2), ids and routing weights. Past the
         // last unit the loads repeat the last unit (no branch around a load, so no value is merged with a
-        // placeholder before it arrives; the products below skip those units).
+        // placeholder before it arrives; the products skip those units).
         let mut sl = [0usize; U];
         let mut kb = [0usize; U];
         let mut e = [0u32; U];
         let mut rw = [0f32; U];
         let mut xv = [[0u32; 2]; U];
         unroll!(u in [0, 1, 2] {
-            let unit = (u0 + WARPS * u).min(units - 1);
-            (sl[u], kb[u]) = (unit / kbs, unit % kbs);
+            (sl[u], kb[u]) = round_unit(u0, u, units, kbs);
             xv[u] = ld_group_warp(act.add(sl[u] * inter + kb[u] * 128), lane);
             e[u] = ld_nc_b32(ids.add(sl[u]));
             rw[u] = f32::from_bits(ld_nc_b32(rws.add(sl[u])));
         });
-        // 1. The weight stream of the round (after the ids): [rows g lo, rows g hi, rows g+8 lo, rows g+8 hi].
-        let mut a = [[[0u32; 4]; 4]; U];
-        let mut f = [0f32; U];
-        unroll!(u in [0, 1, 2] {
-            let w = wd.add(e[u] as usize * h * inter + kb[u] * 128);
-            let w8 = w.add(8 * inter);
-            a[u][0] = ld_stream_v4(w);
-            a[u][1] = ld_stream_v4(w.add(64));
-            a[u][2] = ld_stream_v4(w8);
-            a[u][3] = ld_stream_v4(w8.add(64));
-            let si = (e[u] as usize * hblk + n0 / 128) * kbs + kb[u];
-            f[u] = f32::from_bits(ld_nc_b32(sd0.add(si))) * rw[u];
-        });
-        // 2. Quantize the activations while the weights are on their way; f becomes the unit's whole factor.
-        let mut q = [0u32; U];
-        unroll!(u in [0, 1, 2] {
-            if u0 + WARPS * u < units {
-                let (qq, xs) = quant_group_vals(xv[u]);
-                q[u] = qq;
-                f[u] *= xs;
-            }
-        });
-        // 3. Products: A rows g / g + 8 = output rows n0 + g / n0 + g + 8; every B column = the activation.
-        unroll!(u in [0, 1, 2] {
-            if u0 + WARPS * u < units {
-                let b = group_frag(q[u], t);
-                let c = mma_e4m3_chunk(a[u][0], a[u][2], b.0, [0.0; 4]);
-                let c = mma_e4m3_chunk(a[u][1], a[u][3], b.1, c);
-                tg += c[0] * f[u];
-                tg8 += c[2] * f[u];
-            }
-        });
+        // 1. The weight stream of the round (after the ids), 2. quantization, 3. products.
+        down_round!(wd, sd0, e, kb, rw, (h, inter, n0, hblk, kbs), (u0, units, t), xv, tg, tg8);
         u0 += WARPS * U;
     }
     let sm = dyn_smem_ptr::<f32>(); // [WARPS][ROWS]
-    if t == 0 {
-        *sm.add(warp * ROWS + g) = tg;
-        *sm.add(warp * ROWS + g + 8) = tg8;
-    }
+    store_rows(sm, warp, tg, tg8);
     sync_threads();
-    if tid < ROWS {
-        let mut acc = 0f32;
-        for w in 0..WARPS {
-            acc += *sm.add(w * ROWS + tid);
-        }
-        *(p.out as *mut u16).add(token * h + n0 + tid) = f32_to_bf16(acc);
-    }
+    sum_rows(sm, tid, (p.out as *mut u16).add(token * h + n0));
 }

@@ -23,7 +23,7 @@ use crate::params::{MoeExpertParams, MOE_GATE_UP_DECODE_WARPS};
 
 const WARPS: usize = MOE_GATE_UP_DECODE_WARPS;
 /// k blocks per warp per round (loads issued together); the `unroll!` lists below name 0..U.
-const U: usize = 4;
+pub(crate) const U: usize = 4;
 
 /// Per-block pointers of the round function (row g of gate / up at this lane's 16 bytes, the scale rows).
 struct Rows {
@@ -112,7 +112,7 @@ unsafe fn round<const FIRST: bool>(
 
 /// The round's activation values (one 8-byte load per lane per k block; past the last k block, the last one).
 #[inline(always)]
-unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2]; U] {
+pub(crate) unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2]; U] {
     let mut xv = [[0u32; 2]; U];
     unroll!(u in [0, 1, 2, 3] {
         xv[u] = ld_group_warp(x.add((kb0 + WARPS * u).min(kbs - 1) * 128), lane);
@@ -120,23 +120,36 @@ unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2];
     xv
 }
 
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode_v3(p: MoeExpertParams) {
-    entry_prologue();
+/// The 8 intermediate columns i0 .. i0 + 8 of (token, slot) `pair` for expert `e`, by the 4 warps (`warp` 0..4,
+/// `tid` 0..128 within them) that call it: every round, the warp sums in warp order through `sm` (`[4][8][2]` f32
+/// of shared memory, `bar` the barrier of those 4 warps), silu(gate) * up rounded to bf16 into `inter` by
+/// `tid` < 8. `xv0` is the first round's activations ([`load_x`] of k block `warp`), loaded by the caller before
+/// the id. With `PREFETCH`, the block's share of `w_down[e]` goes to L2 (version 3). Also the gate/up phase of
+/// [`super::decode_v4`] (same code, so the same result bit for bit).
+///
+/// # Safety
+/// As the kernel (shapes, e < experts); `sm` is this group's shared memory and `bar` synchronizes exactly the 4
+/// warps that call.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) unsafe fn gate_up_unit<const PREFETCH: bool>(
+    p: &MoeExpertParams,
+    pair: usize,
+    i0: usize,
+    e: usize,
+    xv0: [[u32; 2]; U],
+    warp: usize,
+    tid: usize,
+    sm: *mut f32,
+    bar: impl Fn(),
+) {
     let (h, inter) = (p.hidden as usize, p.inter_dim as usize);
-    let pair = block_y() as usize;
     let token = pair / p.top_k as usize;
-    let i0 = block_x() as usize * 8;
-    let tid = thread_x() as usize;
-    let warp = tid / 32;
     let lane = lane_id();
     let (g, t) = ((lane / 4) as usize, lane % 4);
     let kbs = h / 128;
     let sblk = inter / 128;
     let x = (p.x as *const u16).add(token * h);
-    // The first round's activations before the id load: nothing before them waits on the id.
-    let xv0 = load_x(x, warp, kbs, lane);
-    let e = ld_nc_b32((p.ids as *const u32).add(pair)) as usize;
     let r = Rows {
         wg: (p.w_gate as *const u8).add((e * inter + i0 + g) * h + 16 * t as usize),
         wu: (p.w_up as *const u8).add((e * inter + i0 + g) * h + 16 * t as usize),
@@ -145,23 +158,22 @@ pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode_v3(p: MoeExpertParams) 
     };
     let mut acc = (0f32, 0f32);
     if warp < kbs {
-        round::<true>(&p, &r, e, warp, xv0, t, tid, &mut acc);
-    } else {
-        prefetch_down(&p, e, tid); // a warp without k blocks (hidden < 512) still takes its share of the lines
+        round::<PREFETCH>(p, &r, e, warp, xv0, t, tid, &mut acc);
+    } else if PREFETCH {
+        prefetch_down(p, e, tid); // a warp without k blocks (hidden < 512) still takes its share of the lines
     }
     let mut kb0 = warp + WARPS * U;
     while kb0 < kbs {
         let xv = load_x(x, kb0, kbs, lane);
-        round::<false>(&p, &r, e, kb0, xv, t, tid, &mut acc);
+        round::<false>(p, &r, e, kb0, xv, t, tid, &mut acc);
         kb0 += WARPS * U;
     }
     let (tg, tu) = acc;
-    let sm = dyn_smem_ptr::<f32>(); // [WARPS][8 columns][gate, up]
     if t == 0 {
         *sm.add(warp * 16 + 2 * g) = tg;
         *sm.add(warp * 16 + 2 * g + 1) = tu;
     }
-    sync_threads();
+    bar();
     if tid < 8 {
         let (mut gs, mut us) = (0f32, 0f32);
         for w in 0..WARPS {
@@ -170,4 +182,22 @@ pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode_v3(p: MoeExpertParams) 
         }
         *(p.inter as *mut u16).add(pair * inter + i0 + tid) = f32_to_bf16(silu(gs) * us);
     }
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn hga_moe_gate_up_decode_v3(p: MoeExpertParams) {
+    entry_prologue();
+    let h = p.hidden as usize;
+    let pair = block_y() as usize;
+    let token = pair / p.top_k as usize;
+    let i0 = block_x() as usize * 8;
+    let tid = thread_x() as usize;
+    let warp = tid / 32;
+    let lane = lane_id();
+    let kbs = h / 128;
+    let x = (p.x as *const u16).add(token * h);
+    // The first round's activations before the id load: nothing before them waits on the id.
+    let xv0 = load_x(x, warp, kbs, lane);
+    let e = ld_nc_b32((p.ids as *const u32).add(pair)) as usize;
+    gate_up_unit::<true>(&p, pair, i0, e, xv0, warp, tid, dyn_smem_ptr::<f32>(), sync_threads);
 }

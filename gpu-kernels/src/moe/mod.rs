@@ -12,6 +12,9 @@
 //! - Version 3 of the decode layer (what `moe_decode` runs): [`router_rows`] (one expert row per block, 128
 //!   blocks instead of 16), [`gate_up_decode_v3`] (version 2 plus activation loads first and the chosen experts'
 //!   down weights prefetched into L2) and [`down_decode_v3`] (16 rows per block, one quantization per 2 KB).
+//! - Version 4 of the decode layer: [`decode_v4`], router + gate/up + down of up to 4 tokens in one persistent
+//!   launch (co-resident grid; release/acquire counters instead of kernel boundaries), running version 3's device
+//!   code in version 3's orders (same result bit for bit).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
@@ -23,6 +26,7 @@
 use crate::arch::*;
 
 pub mod combine;
+pub mod decode_v4;
 pub mod down_decode;
 pub mod down_decode_v1;
 pub mod down_decode_v3;
@@ -55,8 +59,9 @@ pub(crate) unsafe fn ld_cg_f32(p: *const f32) -> f32 {
     v
 }
 
+/// `fence.acq_rel.gpu`: orders this thread's earlier and later memory operations at GPU scope.
 #[inline(always)]
-fn fence_gpu() {
+pub(crate) fn fence_gpu() {
     unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
 }
 
@@ -91,6 +96,70 @@ pub(crate) unsafe fn last_block_arrives(counter: *mut u32, blocks: u32, flag: *m
     }
     fence_gpu();
     true
+}
+
+/// `ld.acquire.gpu` of a u32 (a counter other blocks of the same launch bump with [`red_release_add_u32`]): the
+/// loads this thread issues after it see every write the releasing threads made before their release. An `asm!`
+/// without `pure`, so it is re-executed in a spin loop and no load is hoisted above it.
+///
+/// # Safety
+/// `p` is an aligned global u32.
+#[inline(always)]
+pub(crate) unsafe fn ld_acquire_u32(p: *const u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("ld.acquire.gpu.global.u32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack));
+    r
+}
+
+/// `red.release.gpu.global.add.u32`: adds `v` to a counter with release semantics (this thread's earlier writes,
+/// and those ordered before them by a barrier and a fence, are visible to whoever acquires the new value).
+///
+/// # Safety
+/// `p` is an aligned global u32.
+#[inline(always)]
+pub(crate) unsafe fn red_release_add_u32(p: *mut u32, v: u32) {
+    core::arch::asm!("red.release.gpu.global.add.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
+}
+
+/// Spins (with `nanosleep` backoff) until the counter at `p` is >= `target`, with acquire semantics for the
+/// calling thread. After 2^26 polls (seconds, where a real wait lasts microseconds) it traps: a grid whose blocks
+/// are not all co-resident then fails its launch with an error instead of hanging the device.
+///
+/// # Safety
+/// `p` is an aligned global u32 that another block of the same launch (co-resident) will raise to `target`.
+#[inline(always)]
+pub(crate) unsafe fn wait_count(p: *const u32, target: u32) {
+    let mut polls = 0u32;
+    while ld_acquire_u32(p) < target {
+        core::arch::asm!("nanosleep.u32 32;", options(nostack));
+        polls += 1;
+        if polls == 1 << 26 {
+            core::arch::nvptx::trap();
+        }
+    }
+}
+
+/// `barrier.sync id, threads`: a named barrier for `threads` threads (a multiple of 32) of the block. The
+/// non-`.aligned` form, so it stays correct if LLVM duplicates it into divergent arms (see [`group`]).
+///
+/// # Safety
+/// Exactly `threads` threads (whole warps) reach barrier `id` each time; `id` in 1..16 (0 is `sync_threads`).
+#[inline(always)]
+pub(crate) unsafe fn barrier_named(id: u32, threads: u32) {
+    core::arch::asm!("barrier.sync {0}, {1};", in(reg32) id, in(reg32) threads, options(nostack));
+}
+
+/// 8-byte global load through L2 (`ld.global.cg.v2.u32`): for values other blocks of the same launch wrote (the
+/// read-only `.nc` path must not be used for them).
+///
+/// # Safety
+/// `p` is 8-byte aligned and readable.
+#[inline(always)]
+pub(crate) unsafe fn ld_cg_v2(p: *const u8) -> [u32; 2] {
+    let mut r = [0u32; 2];
+    core::arch::asm!("ld.global.cg.v2.u32 {{{0}, {1}}}, [{2}];",
+        out(reg32) r[0], out(reg32) r[1], in(reg64) p, options(nostack, readonly));
+    r
 }
 
 /// 16-byte read-only global load (`ld.global.nc.v4.u32`).

@@ -22,15 +22,15 @@
 //! 8 warps x 16 tokens f32 + 1 word (516 bytes). Cost at T = 16: 16 x 16-byte x loads and 128 FMA per lane per
 //! chunk, fine up to the 64 tokens the launcher sends here (`Auto`); more tokens use the batch form.
 //! Assumes hidden % 128 == 0, experts <= 256, top_k <= experts; `counter` zero before the first launch.
-use super::{last_block_arrives, ld_cg_f32, ld_nc_v4, unroll, warp_topk_softmax};
+use super::{last_block_arrives, ld_cg_f32, warp_topk_softmax};
 use crate::arch::*;
 use crate::params::{MoeRouterParams, MOE_ROUTER_ROWS_WARPS};
 
-const WARPS: usize = MOE_ROUTER_ROWS_WARPS;
+pub(crate) const WARPS: usize = MOE_ROUTER_ROWS_WARPS;
 
 /// sum over 8 bf16 pairs of w * x (f32 FMA, in element order).
 #[inline(always)]
-fn dot8(w: [u32; 4], x: [u32; 4], mut acc: f32) -> f32 {
+pub(crate) fn dot8(w: [u32; 4], x: [u32; 4], mut acc: f32) -> f32 {
     for j in 0..4 {
         let (w0, w1) = bf16x2_to_f32(w[j]);
         let (x0, x1) = bf16x2_to_f32(x[j]);
@@ -50,6 +50,47 @@ fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
     r
 }
 
+/// The logits of expert row `$wrow` for the `$ntile` (<= 16) tokens of the tile at `$x` (bf16 rows of `$h`),
+/// computed by the whole block of `MOE_ROUTER_ROWS_WARPS` warps as the module docs say; thread `$tid` < `$ntile`
+/// binds token `$tid`'s logit to `$s` and evaluates `$store`. `$part` is `[WARPS][16]` f32 of shared memory; every
+/// thread runs it (one block barrier inside). Also the router phase of [`super::decode_v4`] (same code, so the same
+/// logits bit for bit). A macro, not a function: as a function the same code changed LLVM's output for this kernel
+/// (82 -> 104 registers on sm_90); expanded, the kernel is its original code.
+macro_rules! row_logits {
+    ($x:ident, $wrow:ident, $h:ident, $ntile:ident, $part:ident, ($tid:ident, $warp:ident, $lane:ident),
+     $s:ident => $store:expr) => {{
+        let chunks = $h / 8;
+        let mut acc = [0f32; 16];
+        let mut c = $tid;
+        while c < chunks {
+            let w = $crate::moe::ld_nc_v4($wrow.add(16 * c));
+            $crate::moe::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+                if i < $ntile {
+                    acc[i] = $crate::moe::router_rows::dot8(w, $crate::moe::ld_nc_v4($x.add(i * 2 * $h + 16 * c)), acc[i]);
+                }
+            });
+            c += 32 * $crate::moe::router_rows::WARPS;
+        }
+        $crate::moe::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            if i < $ntile {
+                let s = $crate::arch::warp_sum(acc[i]);
+                if $lane == 0 {
+                    *$part.add($warp * 16 + i) = s;
+                }
+            }
+        });
+        $crate::arch::sync_threads();
+        if $tid < $ntile {
+            let mut $s = 0f32;
+            for wi in 0..$crate::moe::router_rows::WARPS {
+                $s += *$part.add(wi * 16 + $tid);
+            }
+            $store;
+        }
+    }};
+}
+pub(crate) use row_logits;
+
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
     entry_prologue();
@@ -66,34 +107,7 @@ pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
     let part = dyn_smem_ptr::<f32>(); // [WARPS][16 tokens]
     let flag = part.add(WARPS * 16) as *mut u32;
 
-    let chunks = h / 8;
-    let mut acc = [0f32; 16];
-    let mut c = tid;
-    while c < chunks {
-        let w = ld_nc_v4(wrow.add(16 * c));
-        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-            if i < ntile {
-                acc[i] = dot8(w, ld_nc_v4(x.add(i * 2 * h + 16 * c)), acc[i]);
-            }
-        });
-        c += 32 * WARPS;
-    }
-    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-        if i < ntile {
-            let s = warp_sum(acc[i]);
-            if lane == 0 {
-                *part.add(warp * 16 + i) = s;
-            }
-        }
-    });
-    sync_threads();
-    if tid < ntile {
-        let mut s = 0f32;
-        for wi in 0..WARPS {
-            s += *part.add(wi * 16 + tid);
-        }
-        *(p.logits as *mut f32).add((tok0 + tid) * ne + ex) = s;
-    }
+    row_logits!(x, wrow, h, ntile, part, (tid, warp, lane), s => *(p.logits as *mut f32).add((tok0 + tid) * ne + ex) = s);
     if !last_block_arrives((p.counter as *mut u32).add(tile), grid_dim_x(), flag) {
         return;
     }

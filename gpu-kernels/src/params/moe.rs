@@ -114,3 +114,30 @@ pub struct MoeExpertParams {
     pub top_k: u32,
     pub _pad: u32,
 }
+
+/// Warps per block of `hga_moe_decode_v4` (the one-kernel decode layer): the router phase uses all of them as
+/// `hga_moe_router_rows` does (`MOE_ROUTER_ROWS_WARPS`), the gate/up phase runs `MOE_DECODE_V4_WARPS /
+/// MOE_GATE_UP_DECODE_WARPS` = 2 gate/up units side by side, the down phase emulates `hga_moe_down_decode_v3`'s 16
+/// warps (each warp plays warps w and w + 8).
+pub const MOE_DECODE_V4_WARPS: usize = 8;
+/// Most tokens `hga_moe_decode_v4` takes (its shared-memory table of ids and weights; one top-k warp per token).
+pub const MOE_DECODE_V4_MAX_TOKENS: usize = 4;
+/// Dynamic shared memory of `hga_moe_decode_v4`, in f32 words: router partials [8][16], 2 gate/up groups
+/// [4][8][2], down rows [16][16], ids and weights [MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK] each, one flag word
+/// (+3 of padding).
+pub const MOE_DECODE_V4_SMEM_WORDS: usize =
+    MOE_ROUTER_ROWS_WARPS * MOE_ROUTER_TILE + 2 * 64 + 16 * 16 + 2 * MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK + 4;
+
+/// The one-kernel decode layer (`hga_moe_decode_v4`): the router's fields and the expert kernels' fields.
+/// `router.counter` is the kernel's synchronization words, u32 [2 + tokens * top_k] (router arrivals, finished
+/// blocks, one readiness counter per (token, slot)), zero before the first launch; the kernel leaves them zero.
+/// `router.logits` is f32 [tokens, experts] scratch; `router.ids` / `router.weights` receive the routing (block 0
+/// writes them); `expert.x` = `router.x`, `expert.inter` is the bf16 [tokens * top_k, inter] intermediate,
+/// `expert.out` the bf16 [tokens, hidden] output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "host", derive(Pod, Zeroable))]
+pub struct MoeDecodeV4Params {
+    pub router: MoeRouterParams,
+    pub expert: MoeExpertParams,
+}

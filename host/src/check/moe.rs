@@ -28,6 +28,8 @@ pub enum MoePath {
     DecodeV1,
     /// the decode path on version 2 of the decode expert kernels, with the split-K router (kept for comparison)
     DecodeV2,
+    /// version 4 of the decode layer (`hga_moe_decode_v4`, one persistent launch) for <= 4 tokens, version 3 above
+    DecodeV4,
     Grouped,
 }
 
@@ -269,6 +271,10 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
             let form = if t <= km::ROUTER_SPLITK_MAX_TOKENS { RouterForm::SplitK } else { RouterForm::Auto };
             km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, form, v)?
         }
+        MoePath::DecodeV4 => {
+            let v = km::DecodeVersion::V4;
+            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, v)?
+        }
         MoePath::Grouped => km::moe_grouped(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
     }
     let got: Vec<f32> = s.clone_dtoh(&out)?.iter().map(|v| v.to_f32()).collect();
@@ -303,6 +309,82 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
         "hga_moe",
         format!("{path:?} T={t} H={} I={} E={} k={k} norm={}", d.hidden, d.inter, d.experts, d.norm_topk),
         rel,
+        bad,
+    ))
+}
+
+/// Version 4 of the decode layer against version 3 on the same inputs (1 <= tokens <= 4): the output, ids and
+/// weights must be identical bit for bit (version 4 runs version 3's device functions in version 3's orders).
+/// Repeated calls: `reps` launches back to back, then `reps` replays of a captured CUDA graph of one launch, with
+/// the intermediate, the logits scratch, the routing and the output poisoned (NaN) before every launch, so a
+/// flag left raised by the previous launch would let a block read poison or stale routing; every result is
+/// compared, and the synchronization words must be zero at the end.
+pub fn v4_matches_v3(
+    gpu: &Gpu,
+    d: &MoeDims,
+    inp: &MoeInputs,
+    how: km::V4Launch,
+    reps: usize,
+) -> Result<Outcome, RuntimeError> {
+    let s = gpu.stream();
+    let (t, k, h) = (d.tokens, d.top_k, d.hidden);
+    let w = MoeExpertWeights::upload(gpu, &inp.experts)?;
+    let (dx, drw) = (s.clone_htod(&inp.x)?, s.clone_htod(&inp.router_w)?);
+    let mut ws = MoeWorkspace::new(gpu, d, t, false)?;
+    let mut out = s.alloc_zeros::<bf16>(t * h)?;
+    km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, km::DecodeVersion::V3)?;
+    let want = s.clone_dtoh(&out)?;
+    let want_ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
+    let want_w = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
+    let (pi, pl) = (vec![bf16::from_bits(0xFFFF); ws.inter.len()], vec![f32::NAN; ws.logits.len()]);
+    let (po, pids, pw) =
+        (vec![bf16::from_bits(0xFFFF); t * h], vec![u32::MAX; ws.ids.len()], vec![f32::NAN; ws.weights.len()]);
+    let poison = |ws: &mut MoeWorkspace, out: &mut cudarc::driver::CudaSlice<bf16>| -> Result<(), RuntimeError> {
+        s.memcpy_htod(&pi, &mut ws.inter)?;
+        s.memcpy_htod(&pl, &mut ws.logits)?;
+        s.memcpy_htod(&pids, &mut ws.ids)?;
+        s.memcpy_htod(&pw, &mut ws.weights)?;
+        s.memcpy_htod(&po, out)?;
+        Ok(())
+    };
+    let compare = |ws: &MoeWorkspace, out: &cudarc::driver::CudaSlice<bf16>, what: &str| {
+        let got = s.clone_dtoh(out)?;
+        let ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
+        let wt = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
+        let bad = if ids != want_ids {
+            Some(format!("{what}: ids {ids:?}, version 3 {want_ids:?}"))
+        } else if let Some(i) = (0..t * k).find(|&i| wt[i].to_bits() != want_w[i].to_bits()) {
+            Some(format!("{what}: weight {i} = {}, version 3 {}", wt[i], want_w[i]))
+        } else {
+            (0..t * h)
+                .find(|&i| got[i].to_bits() != want[i].to_bits())
+                .map(|i| format!("{what}: out[{i}] (token {}, n {}) = {}, version 3 {}", i / h, i % h, got[i], want[i]))
+        };
+        Ok::<_, RuntimeError>(bad)
+    };
+    let mut bad = None;
+    // Back to back, each launch after a poisoning copy (stream-ordered), compared after the last.
+    for _ in 0..reps {
+        poison(&mut ws, &mut out)?;
+        km::moe_decode_v4_launch(gpu, &dx, &drw, &w, &mut ws, &mut out, d, how)?;
+    }
+    bad = bad.or(compare(&ws, &out, "back-to-back launches")?);
+    // Replays of one captured launch, each compared.
+    let graph = gpu.capture(|| km::moe_decode_v4_launch(gpu, &dx, &drw, &w, &mut ws, &mut out, d, how))?;
+    for r in 0..reps {
+        poison(&mut ws, &mut out)?;
+        graph.launch()?;
+        bad = bad.or(compare(&ws, &out, &format!("graph replay {r}"))?);
+    }
+    let sync = s.clone_dtoh(&ws.sync)?;
+    if let Some(i) = sync.iter().position(|&v| v != 0) {
+        bad = bad.or(Some(format!("sync word {i} = {} after the launches (must be reset to 0)", sync[i])));
+    }
+    gpu.synchronize()?;
+    Ok(Outcome::new(
+        "hga_moe_decode_v4",
+        format!("v4 == v3 ({how:?}, {reps} reps) T={t} H={h} I={} E={} k={k}", d.inter, d.experts),
+        0.0,
         bad,
     ))
 }

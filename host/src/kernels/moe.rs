@@ -1,16 +1,18 @@
 //! Launchers of the MoE kernels (gpu-kernels/src/moe/*) and the two composed paths:
 //! [`moe_decode`] (router + fused decode expert kernels, 3 launches, no grouping needed: the expert kernels read
-//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
+//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels, and version 4,
+//! [`moe_decode_v4`]: the whole layer in one persistent launch) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
 //! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
-use super::{check_len, dim_u32, dptr, dptr_mut, launch};
+use super::{check_len, dim_u32, dptr, dptr_mut, launch, launch_as, LaunchKind};
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
-    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_V3_ROWS,
-    MOE_DOWN_DECODE_V3_WARPS, MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS,
-    MOE_MAX_TOPK, MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
+    MoeDecodeV4Params, MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DECODE_V4_MAX_TOKENS,
+    MOE_DECODE_V4_SMEM_WORDS, MOE_DECODE_V4_WARPS, MOE_DOWN_DECODE_V3_ROWS, MOE_DOWN_DECODE_V3_WARPS,
+    MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
 };
 use half::bf16;
 
@@ -274,6 +276,10 @@ pub enum DecodeVersion {
     /// `hga_moe_{gate_up,down}_decode_v3`: gate/up as version 2 plus activation loads first and the chosen experts'
     /// down weights prefetched into L2; down with 16 rows per block, grid (hidden / 16, tokens) x 16 warps
     V3,
+    /// `hga_moe_decode_v4`: router, gate/up and down in one persistent launch ([`moe_decode_v4`]), same result
+    /// as version 3 bit for bit; up to [`MOE_DECODE_V4_MAX_TOKENS`] tokens, more run version 3. For the expert
+    /// kernels alone (`hga_moe_{gate_up,down}_decode*`) it means version 3.
+    V4,
 }
 
 /// Largest grid.y of a launch.
@@ -347,7 +353,9 @@ fn gate_up_decode(
     let (name, cols, threads) = match v {
         DecodeVersion::V1 => ("hga_moe_gate_up_decode_v1", 16usize, 128usize),
         DecodeVersion::V2 => ("hga_moe_gate_up_decode", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
-        DecodeVersion::V3 => ("hga_moe_gate_up_decode_v3", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
+        DecodeVersion::V3 | DecodeVersion::V4 => {
+            ("hga_moe_gate_up_decode_v3", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS)
+        }
     };
     let cfg = LaunchConfig {
         grid_dim: ((d.inter / cols) as u32, n as u32, 1),
@@ -444,7 +452,7 @@ fn down_decode(
             block_dim: (32 * MOE_DOWN_DECODE_WARPS as u32, 1, 1),
             shared_mem_bytes: (MOE_DOWN_DECODE_WARPS * MOE_DECODE_ROWS * 4) as u32, // [warps][rows] f32
         },
-        DecodeVersion::V3 => LaunchConfig {
+        DecodeVersion::V3 | DecodeVersion::V4 => LaunchConfig {
             grid_dim: ((d.hidden / MOE_DOWN_DECODE_V3_ROWS) as u32, d.tokens as u32, 1),
             block_dim: (32 * MOE_DOWN_DECODE_V3_WARPS as u32, 1, 1),
             shared_mem_bytes: (MOE_DOWN_DECODE_V3_WARPS * MOE_DOWN_DECODE_V3_ROWS * 4) as u32, // [warps][rows] f32
@@ -453,7 +461,7 @@ fn down_decode(
     let name = match v {
         DecodeVersion::V1 => "hga_moe_down_decode_v1",
         DecodeVersion::V2 => "hga_moe_down_decode",
-        DecodeVersion::V3 => "hga_moe_down_decode_v3",
+        DecodeVersion::V3 | DecodeVersion::V4 => "hga_moe_down_decode_v3",
     };
     // SAFETY: lengths checked above; ids must be < experts (router output).
     unsafe { launch(gpu, name, cfg, p) }
@@ -607,6 +615,9 @@ pub struct MoeWorkspace {
     pub inter_s: CudaSlice<f32>,
     /// f32 [max_tokens * top_k, hidden]: only allocated when `grouped`
     pub ys: CudaSlice<f32>,
+    /// u32 [2 + max_tokens * top_k]: the synchronization words of [`moe_decode_v4`] (router arrivals, finished
+    /// blocks, readiness per (token, slot)); zero, and left zero by every completed launch
+    pub sync: CudaSlice<u32>,
 }
 
 impl MoeWorkspace {
@@ -631,6 +642,7 @@ impl MoeWorkspace {
             inter_q: s.alloc_zeros(g(t * k * i))?,
             inter_s: s.alloc_zeros(g(t * k * i / FP8_GROUP))?,
             ys: s.alloc_zeros(g(t * k * h))?,
+            sync: s.alloc_zeros(2 + t * k)?,
         })
     }
 
@@ -674,6 +686,9 @@ pub fn moe_decode_version(
     v: DecodeVersion,
 ) -> Result<(), RuntimeError> {
     ws.fits(d)?;
+    if v == DecodeVersion::V4 && d.tokens <= MOE_DECODE_V4_MAX_TOKENS {
+        return moe_decode_v4(gpu, x, router_w, w, ws, out, d);
+    }
     let (t, k) = (d.tokens, d.top_k);
     hga_moe_router(
         gpu,
@@ -697,6 +712,116 @@ pub fn moe_decode_version(
         d,
         v,
     )
+}
+
+/// Threads per block of `hga_moe_decode_v4`.
+const DECODE_V4_THREADS: u32 = 32 * MOE_DECODE_V4_WARPS as u32;
+
+/// Grid of [`moe_decode_v4`]: every block co-resident (blocks spin on flags that other blocks raise), i.e. the
+/// occupancy API's blocks per SM x the SM count.
+pub fn decode_v4_grid(gpu: &Gpu) -> Result<u32, RuntimeError> {
+    let f = gpu.function("hga_moe_decode_v4")?;
+    let per_sm =
+        f.occupancy_max_active_blocks_per_multiprocessor(DECODE_V4_THREADS, MOE_DECODE_V4_SMEM_WORDS * 4, None)?;
+    let sms =
+        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let g = per_sm * sms.max(0) as u32;
+    if g == 0 {
+        return Err(shape_err("moe decode v4: the kernel does not fit an SM".into()));
+    }
+    Ok(g)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Version 4 of the decode layer (`hga_moe_decode_v4`): router, gate/up and down in ONE persistent launch,
+/// 1..=[`MOE_DECODE_V4_MAX_TOKENS`] tokens. Same arguments as [`moe_decode`] and the same result as version 3 bit
+/// for bit (ids and weights also land in `ws`). The grid is [`decode_v4_grid`] (all blocks co-resident) and the
+/// launch is cooperative (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`): the driver refuses a grid
+/// that cannot be co-resident instead of letting the spinning blocks deadlock. The kernel's flags live in `ws.sync` and are zero again after
+/// each launch (graph replay re-runs the same launch).
+pub fn moe_decode_v4(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    router_w: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ws: &mut MoeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+) -> Result<(), RuntimeError> {
+    moe_decode_v4_launch(gpu, x, router_w, w, ws, out, d, V4Launch::Cooperative)
+}
+
+/// How [`moe_decode_v4_launch`] launches the persistent kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Launch {
+    /// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` (the default): the driver guarantees co-residency or fails the launch
+    Cooperative,
+    /// an ordinary launch of the same grid (co-resident by the occupancy computation as long as nothing else runs
+    /// on the device at the same time); for a driver or a graph path that refuses cooperative launches
+    Plain,
+}
+
+#[allow(clippy::too_many_arguments)]
+/// [`moe_decode_v4`] with a chosen launch kind.
+pub fn moe_decode_v4_launch(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    router_w: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ws: &mut MoeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+    how: V4Launch,
+) -> Result<(), RuntimeError> {
+    check_dims(d)?;
+    ws.fits(d)?;
+    let (t, h, ne, k, i) = (d.tokens, d.hidden, d.experts, d.top_k, d.inter);
+    if t == 0 || t > MOE_DECODE_V4_MAX_TOKENS {
+        return Err(shape_err(format!("moe decode v4: tokens = {t} must be in 1..={MOE_DECODE_V4_MAX_TOKENS}")));
+    }
+    check_len("moe decode v4 x", x.len(), t * h)?;
+    check_len("moe decode v4 router_w", router_w.len(), ne * h)?;
+    check_len("moe decode v4 out", out.len(), t * h)?;
+    if ws.sync.len() < 2 + t * k || ws.logits.len() < t * ne || ws.inter.len() < t * k * i {
+        return Err(shape_err("moe decode v4: workspace too small".into()));
+    }
+    let grid = decode_v4_grid(gpu)?;
+    let (mut pe, _g) = w.params(gpu, d)?;
+    let (px, _a) = dptr(gpu, x);
+    let (pw, _b) = dptr(gpu, router_w);
+    let (po, _c) = dptr_mut(gpu, out);
+    let (pl, _d) = dptr_mut(gpu, &mut ws.logits);
+    let (ps, _e) = dptr_mut(gpu, &mut ws.sync);
+    let (pi, _f) = dptr_mut(gpu, &mut ws.ids);
+    let (pwt, _h) = dptr_mut(gpu, &mut ws.weights);
+    let (ph, _i) = dptr_mut(gpu, &mut ws.inter);
+    (pe.x, pe.ids, pe.weights, pe.inter, pe.out) = (px, pi, pwt, ph, po);
+    let p = MoeDecodeV4Params {
+        router: MoeRouterParams {
+            x: px,
+            w: pw,
+            logits: pl,
+            counter: ps,
+            ids: pi,
+            weights: pwt,
+            tokens: t as u32,
+            hidden: h as u32,
+            experts: ne as u32,
+            top_k: k as u32,
+            norm_topk: d.norm_topk as u32,
+            _pad: 0,
+        },
+        expert: pe,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (DECODE_V4_THREADS, 1, 1),
+        shared_mem_bytes: (MOE_DECODE_V4_SMEM_WORDS * 4) as u32,
+    };
+    // SAFETY: lengths checked above; the grid is at most the co-resident blocks (occupancy x SMs), and with
+    // `Cooperative` the driver guarantees co-residency.
+    let kind = if how == V4Launch::Cooperative { LaunchKind::Cooperative } else { LaunchKind::Plain };
+    unsafe { launch_as(gpu, "hga_moe_decode_v4", cfg, p, kind) }
 }
 
 #[allow(clippy::too_many_arguments)]
