@@ -656,8 +656,9 @@ impl MoeWorkspace {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The decode path: router (one expert per block for few tokens with `Auto`) + gate/up decode + down decode
-/// (version 3: gate/up also prefetches the chosen experts' down weights into L2). x bf16
+/// The decode path ([`default_decode_version`]): v3, router (one expert per block for few tokens with `Auto`) +
+/// gate/up decode + down decode (gate/up also prefetches the chosen experts' down weights into L2); or v4, all three
+/// in one persistent kernel for up to `MOE_DECODE_V4_MAX_TOKENS` tokens. x bf16
 /// [tokens, hidden], router_w bf16 [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
 pub fn moe_decode(
     gpu: &Gpu,
@@ -669,7 +670,19 @@ pub fn moe_decode(
     d: &MoeDims,
     form: RouterForm,
 ) -> Result<(), RuntimeError> {
-    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, DecodeVersion::V3)
+    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, default_decode_version())
+}
+
+/// The version [`moe_decode`] runs: v3, or v4 (one persistent kernel, v3 past its token limit) when the environment
+/// variable `HGA_MOE_DECODE` is `v4` (read once per process; for comparing the two in one model run). v3 stays the
+/// default because it measured faster on the H200: 25.1 vs 31.9 us per layer at T = 1, 291 vs 247 tokens/s for
+/// the whole model at 4K (docs/perf-moe.md, version 4).
+pub fn default_decode_version() -> DecodeVersion {
+    static V: std::sync::OnceLock<DecodeVersion> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("HGA_MOE_DECODE").as_deref() {
+        Ok("v4") => DecodeVersion::V4,
+        _ => DecodeVersion::V3,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
