@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench --bench kernels` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
-use common::{rand_bf16, time_ms};
+use common::{rand_bf16, time_graph_ms, time_ms};
 use half::bf16;
 
 const SETS: usize = 4;
@@ -56,6 +56,38 @@ fn main() {
     });
     let bytes = (r * k * 3 + r * k / 128 * 4) as f64;
     rows.push(("hga_fp8_quant".into(), format!("{r}x{k}"), ms * 1e3, bytes / ms / 1e6));
+
+    // Launch chains in one CUDA graph, PDL on vs off (what programmatic dependent launch saves per boundary):
+    // 200 decode-size RMSNorms (1 x 2048, pure launch cost), and 200 decode FP8 linears 1 x 4096 -> 2048 (o_proj;
+    // 8 MB of weights each, 8 weight sets = 64 MB, so that L2 does not hold them; the weights are asked of L2
+    // before the wait with PDL).
+    if gpu.pdl_supported() {
+        let (d, n, k) = (2048usize, 2048usize, 4096usize);
+        let x = s.clone_htod(&rand_bf16(d, 40, 2.0)).unwrap();
+        let w = s.clone_htod(&rand_bf16(d, 41, 2.0)).unwrap();
+        let mut o = s.alloc_zeros::<bf16>(d).unwrap();
+        let a = s.clone_htod(&vec![0x38u8; k]).unwrap();
+        let a_s = s.clone_htod(&vec![1f32; k / 128]).unwrap();
+        let ws: Vec<_> = (0..8).map(|i| s.clone_htod(&vec![(0x30 + i) as u8; n * k]).unwrap()).collect();
+        let w_s = s.clone_htod(&vec![1f32; n / 128 * k / 128]).unwrap();
+        let mut lo = s.alloc_zeros::<bf16>(n).unwrap();
+        for on in [false, true] {
+            gpu.set_pdl(on);
+            let ms = time_graph_ms(&gpu, 200, 20, |_| {
+                hga::kernels::hga_rmsnorm(&gpu, &x, None, &w, &mut o, 1, d, 1e-6).unwrap();
+            });
+            println!("RESULT launch_chain rmsnorm_1x2048 pdl={on} {:.3} us per launch", ms * 1e3);
+            let ms = time_graph_ms(&gpu, 200, 20, |i| {
+                hga::kernels::hga_fp8_linear(&gpu, &a, &a_s, &ws[i % 8], &w_s, &mut lo, 1, n, k).unwrap();
+            });
+            let gbs = (n * k) as f64 / ms / 1e6;
+            println!(
+                "RESULT launch_chain fp8_linear_decode_1x4096x2048 pdl={on} {:.3} us per launch {gbs:.0} GB/s",
+                ms * 1e3
+            );
+        }
+        gpu.set_pdl(true);
+    }
 
     println!("{:<24} {:>12} {:>12} {:>10} {:>14}", "kernel", "shape", "median us", "GB/s", "vs copy");
     for (name, shape, us, gbs) in &rows {
