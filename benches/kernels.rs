@@ -78,7 +78,7 @@ fn main() {
             });
             println!("RESULT launch_chain rmsnorm_1x2048 pdl={on} {:.3} us per launch", ms * 1e3);
             let ms = time_graph_ms(&gpu, 200, 20, |i| {
-                hga::kernels::hga_fp8_linear(&gpu, &a, &a_s, &ws[i % 8], &w_s, &mut lo, 1, n, k).unwrap();
+                hga::kernels::gemm::hga_fp8_linear(&gpu, &a, &a_s, &ws[i % 8], &w_s, &mut lo, 1, n, k).unwrap();
             });
             let gbs = (n * k) as f64 / ms / 1e6;
             println!(
