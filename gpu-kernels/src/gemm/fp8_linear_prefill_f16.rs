@@ -260,18 +260,27 @@ impl Blk {
         }
     }
 
-    /// Entry into K block `kb`: waits for its copies, a barrier (every warp is also done reading K block kb - 1),
-    /// then the copy of K block kb + STAGES - 1 into kb - 1's buffer. Returns kb's stage address.
+    /// Entry into K block `kb`: waits for its copies and a barrier (every warp is also done reading K block
+    /// kb - 1). Returns kb's stage address. [`Blk::prefetch`] then reuses kb - 1's buffer.
     #[inline(always)]
-    pub(super) unsafe fn begin_k_block(&self, kb: usize) -> u32 {
+    pub(super) fn sync_k_block(&self, kb: usize) -> u32 {
         cp_async_wait::<{ STAGES as u32 - 2 }>();
         sync_threads();
+        self.stage(kb % STAGES)
+    }
+
+    /// After [`Blk::sync_k_block`]`(kb)`: the copy of K block kb + STAGES - 1 into kb - 1's buffer, one commit
+    /// group. Past the last K block: nothing (`CLAMP` false), or K block kbs - 1 again (`CLAMP` true: redundant
+    /// copies into a buffer nobody reads any more, but no branch around the copies).
+    #[inline(always)]
+    pub(super) unsafe fn prefetch<const CLAMP: bool>(&self, kb: usize) {
         let nk = kb + STAGES - 1;
-        if nk < self.kbs {
+        if CLAMP {
+            self.load_stage(nk % STAGES, nk.min(self.kbs - 1));
+        } else if nk < self.kbs {
             self.load_stage(nk % STAGES, nk);
         }
         cp_async_commit();
-        self.stage(kb % STAGES)
     }
 
     /// The raw e4m3 fragments of 16-wide k chunk `c` of the stage at `base` (4 ldmatrix.x4).
@@ -337,7 +346,8 @@ unsafe fn body<const CVT_MT: usize>(p: &Fp8LinearParams) {
     let mut s_prev: RowScales = [[0f32; 2]; 4];
     let chunks = (BK / 16) as u32 + (p.k >> 31);
     for kb in 0..b.kbs {
-        let base = b.begin_k_block(kb);
+        let base = b.sync_k_block(kb);
+        b.prefetch::<false>(kb);
         let s_w = ld_shared_f32(base + SW_OFF as u32);
         if s_w != 0.0 {
             b.rescale(base, s_w, false, &mut acc, &mut s_prev);

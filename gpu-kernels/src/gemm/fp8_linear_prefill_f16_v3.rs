@@ -33,7 +33,7 @@
 //! converted) + addressing; see docs/perf-gemm.md for the ptxas counts (0 spills on sm_89 / sm_90 / sm_120).
 //! Cycle count and prediction: docs/perf-gemm.md, "FP8 linear, prefill v3 (sm_90)".
 use super::fp8_linear_prefill_f16::{
-    a_frag, b_frags, Acc, BFrags, Blk, RawFrags, RowScales, BK, SW_OFF, THREADS, TILE,
+    a_frag, b_frags, mma_row, Acc, BFrags, Blk, RawFrags, RowScales, BK, SW_OFF, THREADS, TILE,
 };
 use crate::arch::*;
 use crate::params::Fp8LinearParams;
@@ -55,15 +55,11 @@ fn convert(raw: &RawFrags) -> Frags {
     ([a_frag::<CVT_MT>(ra, 0), a_frag::<CVT_MT>(ra, 1), a_frag::<CVT_MT>(ra, 2), a_frag::<CVT_MT>(ra, 3)], b_frags(rb))
 }
 
-/// The 32 HMMA of one chunk over the warp tile, n-tile by n-tile: B fragment j is dead after the 4 HMMA of
-/// n-tile j, so the next chunk's B fragment j can be converted into the same registers right after them (the
-/// conversions interleave with the HMMA without a second B register set); A's 4 fragments live through the chunk.
+/// The 32 HMMA of one chunk over the warp tile (ptxas orders them m-tile by m-tile, reusing the A operand).
 #[inline(always)]
 fn mma_chunk(acc: &mut Acc, f: &Frags) {
-    unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-        unroll!(i in [0, 1, 2, 3] {
-            acc[i][j] = mma_f16_m16n8k16(f.0[i], f.1[j], acc[i][j]);
-        });
+    unroll!(i in [0, 1, 2, 3] {
+        mma_row(&mut acc[i], f.0[i], &f.1);
     });
 }
 
@@ -87,7 +83,8 @@ unsafe fn body(p: &Fp8LinearParams) {
     // prove constant, so the chunk loop stays a loop (v2: unrolled, conversions get hoisted and registers spill).
     let chunks = (BK / 16) as u32 + (p.k >> 31);
     let mut kb = 0;
-    let mut base = b.begin_k_block(0);
+    let mut base = b.sync_k_block(0);
+    b.prefetch::<true>(0);
     let mut s_w = ld_shared_f32(base + SW_OFF as u32);
     if s_w == 0.0 {
         zero_w_tile(base, thread_x() as usize);
@@ -119,16 +116,18 @@ unsafe fn body(p: &Fp8LinearParams) {
             mma_chunk(&mut acc, &y);
             break;
         }
-        // K block kb: copies, barrier (every warp has issued its ldmatrix of kb - 1's chunk 7), chunk 0's
-        // ldmatrix; then chunk 7 of kb - 1, the rescale to kb's scales (it needs those HMMA's results) and chunk
-        // 0's conversion, in one basic block. A K block whose weight scale is 0 zeroes its W tile (cold path).
-        base = b.begin_k_block(kb);
+        // K block kb: wait for its copies, barrier (every warp has issued its ldmatrix of kb - 1's chunk 7),
+        // chunk 0's ldmatrix; then, in one basic block, chunk 7 of kb - 1 (its HMMA first: the barrier left the
+        // tensor pipe idle), the copies of kb + 2 (clamped: no branch), the rescale to kb's scales (it needs chunk
+        // 7's results) and chunk 0's conversion. A K block whose weight scale is 0 zeroes its W tile (cold path).
+        base = b.sync_k_block(kb);
         s_w = ld_shared_f32(base + SW_OFF as u32);
         if s_w == 0.0 {
             zero_w_tile(base, thread_x() as usize);
         }
         let raw = b.ld_frags(base, 0);
         mma_chunk(&mut acc, &y);
+        b.prefetch::<true>(kb);
         b.rescale(base, s_w, s_w == 0.0, &mut acc, &mut s_prev);
         x = convert(&raw);
     }
