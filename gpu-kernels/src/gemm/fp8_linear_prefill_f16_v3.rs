@@ -43,6 +43,7 @@ const CVT_MT: usize = 4;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_f16_v3(p: Fp8LinearParams) {
+    entry_prologue();
     body(&p);
 }
 
