@@ -59,6 +59,8 @@
 //! The tile rows are 128 bytes whose 16-byte chunks are XOR-swizzled by (row % 8) (conflict-free cp.async stores and
 //! ldmatrix reads, as v1); the scales come with their tile through 4-byte `cp.async` (no global load in the loop).
 //! Pipeline: as v1, STAGES - 1 K blocks in flight. Epilogue: bf16 pairs (4-byte stores) from the accumulators.
+//! The pieces (`Blk`: tile copies, pipeline steps, fragment loads, rescale, epilogue; `a_frag`, `b_frags`,
+//! `mma_row`) are shared with v3 (`fp8_linear_prefill_f16_v3.rs`), which reorders them into a software pipeline.
 use crate::arch::*;
 use crate::params::Fp8LinearParams;
 
@@ -269,15 +271,12 @@ impl Blk {
         self.stage(kb % STAGES)
     }
 
-    /// After [`Blk::sync_k_block`]`(kb)`: the copy of K block kb + STAGES - 1 into kb - 1's buffer, one commit
-    /// group. Past the last K block: nothing (`CLAMP` false), or K block kbs - 1 again (`CLAMP` true: redundant
-    /// copies into a buffer nobody reads any more, but no branch around the copies).
+    /// After [`Blk::sync_k_block`]`(kb)`: the copy of K block kb + STAGES - 1 (if any) into kb - 1's buffer, one
+    /// commit group (empty past the last K block).
     #[inline(always)]
-    pub(super) unsafe fn prefetch<const CLAMP: bool>(&self, kb: usize) {
+    pub(super) unsafe fn prefetch(&self, kb: usize) {
         let nk = kb + STAGES - 1;
-        if CLAMP {
-            self.load_stage(nk % STAGES, nk.min(self.kbs - 1));
-        } else if nk < self.kbs {
+        if nk < self.kbs {
             self.load_stage(nk % STAGES, nk);
         }
         cp_async_commit();
@@ -347,7 +346,7 @@ unsafe fn body<const CVT_MT: usize>(p: &Fp8LinearParams) {
     let chunks = (BK / 16) as u32 + (p.k >> 31);
     for kb in 0..b.kbs {
         let base = b.sync_k_block(kb);
-        b.prefetch::<false>(kb);
+        b.prefetch(kb);
         let s_w = ld_shared_f32(base + SW_OFF as u32);
         if s_w != 0.0 {
             b.rescale(base, s_w, false, &mut acc, &mut s_prev);

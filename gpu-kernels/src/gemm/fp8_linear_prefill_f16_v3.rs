@@ -12,25 +12,25 @@
 //! Shapes, grid (n/128, ceil(m/128)), block (4 warps of 64 x 64), shared memory (3 x 33296 = 99888 B, 2 blocks / SM
 //! on sm_90), scales, rows past m, a zero weight scale: as v2.
 //!
-//! Pipeline per warp (k chunk q = 16 k of one 128-wide K block; 8 per K block):
-//! - iteration q issues the 4 `ldmatrix.x4` of chunk q + 1, the 32 HMMA of chunk q from f16 fragments converted
-//!   in iteration q - 1, and the 48 conversions (16 F2FP + 8 x 6 ALU) of chunk q + 1 into a second register set.
-//!   Nothing in an iteration depends on another instruction of the same iteration except chunk q + 1's
-//!   conversions on its ldmatrix (whose ~30-cycle latency the first HMMAs cover), so ptxas's list scheduler can
-//!   interleave the conversions between the HMMAs and the HMMAs issue back to back.
-//! - Chunk 0 of K block kb + 1 is loaded and converted at the K block boundary (after chunk 7's HMMA of kb are
-//!   issued): wait for kb + 1's copies, barrier, issue the copy of kb + 3 into kb's buffer (every warp has read
-//!   kb's chunk 7 before that barrier: its ldmatrix ran in chunk 6's iteration), ldmatrix chunk 0, rescale,
-//!   convert. So chunks 0..7 of kb + 1 run with the same one-chunk look-ahead, and STAGES - 1 K blocks stay in
-//!   flight as in v2.
+//! Pipeline per warp (k chunk q = 16 k of one 128-wide K block; 8 per K block), two f16 fragment sets x and y
+//! (the chunk loop unrolled by 2, so that the sets are different registers):
+//! - each half-iteration issues the 4 `ldmatrix.x4` of chunk q + 1, the 32 HMMA of chunk q from one set
+//!   (converted in the previous half), and the 48 conversions (16 F2FP + 8 x 6 ALU) of chunk q + 1 into the other.
+//!   Nothing in a half depends on another instruction of the same half except chunk q + 1's conversions on its
+//!   ldmatrix, so ptxas's list scheduler may interleave the conversions with the HMMA (with one loop-carried set
+//!   it could not: the conversions had to wait for the last HMMA reading the registers they overwrite).
+//! - K block boundary: chunk 7's fragments are converted during chunk 6's HMMA; then wait for kb + 1's copies,
+//!   barrier (every warp has read kb's chunk 7 before it: that ldmatrix ran during chunk 6), ldmatrix of kb + 1's
+//!   chunk 0, chunk 7's HMMA, the copy of kb + 3 into kb's buffer, the rescale, chunk 0's conversion. So every
+//!   chunk keeps the one-chunk look-ahead, and STAGES - 1 K blocks stay in flight as in v2.
 //! - Rescale (accumulator kept in units of the current K block's scale, as v1 / v2): once per K block, one
 //!   `mul.f32` per accumulator (128 per thread: the minimum for a rescaled accumulator; sm_90 has no packed f32
 //!   multiply) plus 8 `ld.shared` + 8 `mul` + 8 `rcp.approx` + 8 `mul` for the per-row ratios, issued between
 //!   chunk 7's HMMA of kb and chunk 0's of kb + 1 (they depend on the first and feed the second). A K block whose
 //!   weight scale is 0 (all of its products must be dropped) instead zeroes its W tile in shared memory (one
 //!   more barrier; never taken with real checkpoints) and leaves the accumulator's scale as is.
-//! Registers: 128 f32 accumulators + 32 f16x2 of chunk q + 32 of chunk q + 1 (+ 16 raw e4m3 while they are
-//! converted) + addressing; see docs/perf-gemm.md for the ptxas counts (0 spills on sm_89 / sm_90 / sm_120).
+//! Registers: 128 f32 accumulators + 32 f16x2 in x + 32 in y (+ 16 raw e4m3 while they are converted) +
+//! addressing; see docs/perf-gemm.md for the ptxas counts (0 spills on sm_89 / sm_90 / sm_120).
 //! Cycle count and prediction: docs/perf-gemm.md, "FP8 linear, prefill v3 (sm_90)".
 use super::fp8_linear_prefill_f16::{
     a_frag, b_frags, mma_row, Acc, BFrags, Blk, RawFrags, RowScales, BK, SW_OFF, THREADS, TILE,
@@ -85,7 +85,7 @@ unsafe fn body(p: &Fp8LinearParams) {
     let chunks = (BK / 16) as u32 + (p.k >> 31);
     let mut kb = 0;
     let mut base = b.sync_k_block(0);
-    b.prefetch::<true>(0);
+    b.prefetch(0);
     let mut s_w = ld_shared_f32(base + SW_OFF as u32);
     if s_w == 0.0 {
         zero_w_tile(base, thread_x() as usize);
@@ -118,9 +118,9 @@ unsafe fn body(p: &Fp8LinearParams) {
             break;
         }
         // K block kb: wait for its copies, barrier (every warp has issued its ldmatrix of kb - 1's chunk 7),
-        // chunk 0's ldmatrix; then, in one basic block, chunk 7 of kb - 1 (its HMMA first: the barrier left the
-        // tensor pipe idle), the copies of kb + 2 (clamped: no branch), the rescale to kb's scales (it needs chunk
-        // 7's results) and chunk 0's conversion. A K block whose weight scale is 0 zeroes its W tile (cold path).
+        // chunk 0's ldmatrix and chunk 7 of kb - 1 (its HMMA first: the barrier left the tensor pipe idle); then
+        // the copies of kb + 2 (issued while those HMMA run), the rescale to kb's scales (it needs chunk 7's
+        // results) and chunk 0's conversion. A K block whose weight scale is 0 zeroes its W tile (cold path).
         base = b.sync_k_block(kb);
         s_w = ld_shared_f32(base + SW_OFF as u32);
         if s_w == 0.0 {
@@ -128,7 +128,7 @@ unsafe fn body(p: &Fp8LinearParams) {
         }
         let raw = b.ld_frags(base, 0);
         mma_chunk(&mut acc, &y);
-        b.prefetch::<true>(kb);
+        b.prefetch(kb);
         b.rescale(base, s_w, s_w == 0.0, &mut acc, &mut s_prev);
         x = convert(&raw);
     }
