@@ -6,7 +6,7 @@
 //! Kernel rows are timed as CUDA-graph replays (`time_graph_ms`: no host launch cost in the figure); v1 prefill is
 //! also shown through plain launches ("with host launch", the figure of earlier runs). The prefill rows hold the
 //! native-e4m3 v1 (`hga_fp8_linear_prefill`, `_s4`) and the f16-conversion kernels (`_f16`, picked on sm_90;
-//! `_f16_alu`, `_f16_cvt`) against the bf16 mma.sync ceiling measured in the same run.
+//! `_f16_alu`, `_f16_cvt`, and v3 `_f16_v3`, the software-pipelined `_f16_cvt`) against the bf16 mma.sync ceiling measured in the same run.
 //! Run: `cargo bench --bench gemm` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
@@ -92,6 +92,7 @@ fn main() {
             (Fp8LinearKernel::PrefillF16, false),
             (Fp8LinearKernel::PrefillF16Alu, false),
             (Fp8LinearKernel::PrefillF16Cvt, false),
+            (Fp8LinearKernel::PrefillF16V3, false),
         ];
         for (kernel, host_launch) in kernels {
             let mut run = |i: usize| {

@@ -58,8 +58,13 @@ fn gpu_fp8_linear_prefill_f16_matches_reference() {
     let Some(gpu) = gpu("gpu_fp8_linear_prefill_f16_matches_reference") else { return };
     let m_s =
         prop_oneof![prop::sample::select(vec![1usize, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257]), 1usize..400,];
-    let variants = [Fp8LinearKernel::PrefillF16, Fp8LinearKernel::PrefillF16Alu, Fp8LinearKernel::PrefillF16Cvt];
-    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, v in 0usize..3)| {
+    let variants = [
+        Fp8LinearKernel::PrefillF16,
+        Fp8LinearKernel::PrefillF16Alu,
+        Fp8LinearKernel::PrefillF16Cvt,
+        Fp8LinearKernel::PrefillF16V3,
+    ];
+    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, v in 0usize..4)| {
         let mut rng = StdRng::seed_from_u64(seed);
         let kernel = variants[v];
         assert_ok(check::gemm::fp8_linear(gpu, kernel, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
@@ -79,6 +84,50 @@ fn gpu_fp8_linear_prefill_f16_matches_reference() {
             assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
             eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
         }
+    }
+}
+
+/// A K block whose weight scale is 0 adds nothing (v1 / v2 skip it, v3 zeroes its W tile), also as the first and
+/// the last K block and where every block of a column tile is 0: each prefill kernel against the reference.
+#[test]
+fn gpu_fp8_linear_prefill_zero_weight_scale() {
+    let Some(gpu) = gpu("gpu_fp8_linear_prefill_zero_weight_scale") else { return };
+    let (m, n, k) = (130usize, 384usize, 768usize);
+    let kbs = k / 128;
+    let mut rng = StdRng::seed_from_u64(15);
+    let a = check::gemm::random_e4m3(m * k, &mut rng);
+    let w = check::gemm::random_e4m3(n * k, &mut rng);
+    let sa = check::gemm::random_scales(m * kbs, &mut rng);
+    let mut sw = check::gemm::random_scales(n / 128 * kbs, &mut rng);
+    // Column tile 0: K blocks 0, 2 and 5 (first, inner, last) zero; tile 1: all zero; tile 2: none.
+    for kb in [0, 2, 5] {
+        sw[kb] = 0.0;
+    }
+    for kb in 0..kbs {
+        sw[kbs + kb] = 0.0;
+    }
+    let (want, _) = hga::reference::gemm::hga_fp8_linear(&a, &sa, &w, &sw, m, n, k);
+    let s = gpu.stream();
+    let (da, dsa, dw, dsw) =
+        (s.clone_htod(&a).unwrap(), s.clone_htod(&sa).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&sw).unwrap());
+    let kernels = [
+        Fp8LinearKernel::Prefill,
+        Fp8LinearKernel::PrefillF16,
+        Fp8LinearKernel::PrefillF16Cvt,
+        Fp8LinearKernel::PrefillF16V3,
+    ];
+    for kernel in kernels {
+        let mut out = s.clone_htod(&vec![half::bf16::NAN; m * n]).unwrap();
+        hga::kernels::gemm::hga_fp8_linear_with(gpu, kernel, &da, &dsa, &dw, &dsw, &mut out, m, n, k).unwrap();
+        let got = s.clone_dtoh(&out).unwrap();
+        gpu.synchronize().unwrap();
+        let got: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
+        let want: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+        assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name());
+        assert!(got[..].chunks(n).all(|row| row[128..256].iter().all(|&v| v == 0.0)), "{}: tile 1", kernel.name());
+        let rel = check::rel_l2(&got, &want);
+        assert!(rel <= 1e-3, "{}: relative L2 error {rel:.3e}", kernel.name());
+        eprintln!("{} zero weight scales: rel {rel:.2e}", kernel.name());
     }
 }
 

@@ -22,12 +22,6 @@
 use crate::arch::*;
 use crate::params::Fp8LinearParams;
 
-/// Repeats `$body` with `$i` bound to each literal: a loop LLVM must not keep (register arrays indexed by it would
-/// go to local memory otherwise; seen: 544-byte stack frame with plain `for` loops).
-macro_rules! unroll {
-    ($i:ident in [$($v:literal),*] $body:block) => { $( { let $i: usize = $v; $body } )* };
-}
-
 const BM: usize = 128;
 const BN: usize = 128;
 const BK: usize = 128;

@@ -1,8 +1,15 @@
 //! FP8 block-scaled linear layers (decode GEMV-like, prefill mma.sync tiles with native e4m3 and with own f16 conversion), the fused RMSNorm -> FP8
 //! quantizer that feeds them, and the bf16 mma.sync peak microbenchmark (the portable ceiling).
+/// Repeats `$body` with `$i` bound to each literal: a loop LLVM must not keep (register arrays indexed by it would
+/// go to local memory otherwise; seen: 544-byte stack frame with plain `for` loops in v1 of the prefill kernel).
+macro_rules! unroll {
+    ($i:ident in [$($v:literal),*] $body:block) => { $( { let $i: usize = $v; $body } )* };
+}
+
 pub mod fp8_linear_decode;
 pub mod fp8_linear_prefill;
 pub mod fp8_linear_prefill_f16;
+pub mod fp8_linear_prefill_f16_v3;
 pub mod mma_peak;
 pub mod rmsnorm_fp8_quant;
 

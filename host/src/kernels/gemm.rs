@@ -28,6 +28,10 @@ pub enum Fp8LinearKernel {
     PrefillF16Alu,
     /// `hga_fp8_linear_prefill_f16_cvt`: as `PrefillF16`, all of A on the conversion pipe.
     PrefillF16Cvt,
+    /// `hga_fp8_linear_prefill_f16_v3`: `PrefillF16Cvt`'s math and tiles, software-pipelined inside the warp
+    /// (the next 16-wide k chunk's fragments loaded and converted into a second register set while the current
+    /// chunk's HMMA issue). Same launch shape and shared memory as the other f16 kernels.
+    PrefillF16V3,
 }
 
 impl Fp8LinearKernel {
@@ -39,6 +43,7 @@ impl Fp8LinearKernel {
             Fp8LinearKernel::PrefillF16 => "hga_fp8_linear_prefill_f16",
             Fp8LinearKernel::PrefillF16Alu => "hga_fp8_linear_prefill_f16_alu",
             Fp8LinearKernel::PrefillF16Cvt => "hga_fp8_linear_prefill_f16_cvt",
+            Fp8LinearKernel::PrefillF16V3 => "hga_fp8_linear_prefill_f16_v3",
         }
     }
     /// The kernel `hga_fp8_linear` picks for `m` rows on a device of compute capability `cc` (major, minor):
@@ -156,7 +161,10 @@ pub fn hga_fp8_linear_with(
                 shared_mem_bytes: stages * 32 * 1024,
             }
         }
-        Fp8LinearKernel::PrefillF16 | Fp8LinearKernel::PrefillF16Alu | Fp8LinearKernel::PrefillF16Cvt => LaunchConfig {
+        Fp8LinearKernel::PrefillF16
+        | Fp8LinearKernel::PrefillF16Alu
+        | Fp8LinearKernel::PrefillF16Cvt
+        | Fp8LinearKernel::PrefillF16V3 => LaunchConfig {
             grid_dim: ((n / 128) as u32, dim_u32("blocks", m.div_ceil(128))?, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: FP8_PREFILL_F16_SMEM_BYTES as u32,
