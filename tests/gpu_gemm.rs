@@ -135,7 +135,7 @@ fn gpu_fp8_linear_prefill_zero_weight_scale() {
 #[test]
 fn gpu_fp8_linear_dispatch() {
     assert_eq!(Fp8LinearKernel::pick(16, (9, 0)), Fp8LinearKernel::Decode);
-    assert_eq!(Fp8LinearKernel::pick(17, (9, 0)), Fp8LinearKernel::PrefillF16Cvt);
+    assert_eq!(Fp8LinearKernel::pick(17, (9, 0)), Fp8LinearKernel::PrefillF16V3);
     assert_eq!(Fp8LinearKernel::pick(17, (8, 9)), Fp8LinearKernel::Prefill);
     assert_eq!(Fp8LinearKernel::pick(4096, (12, 0)), Fp8LinearKernel::Prefill);
     let Some(gpu) = gpu("gpu_fp8_linear_dispatch") else { return };

@@ -47,15 +47,15 @@ impl Fp8LinearKernel {
         }
     }
     /// The kernel `hga_fp8_linear` picks for `m` rows on a device of compute capability `cc` (major, minor):
-    /// decode for m <= 16; above, the f16-conversion kernel (all of A on the conversion pipe) on sm_90 (Hopper has no FP8 mma.sync: ptxas's
+    /// decode for m <= 16; above, the software-pipelined f16-conversion kernel (v3) on sm_90 (Hopper has no FP8 mma.sync: ptxas's
     /// emulation is conversion-bound, docs/perf-gemm.md), else the native e4m3 kernel (sm_89, sm_120).
     pub fn pick(m: usize, cc: (u32, u32)) -> Self {
         if m <= DECODE_MAX_M {
             Fp8LinearKernel::Decode
         } else if cc == (9, 0) {
-            // The fastest of the three conversion splits on an H200 (docs/perf-gemm.md: 0.566x of the bf16
-            // mma.sync ceiling at 4096x4096x2048, against 0.528x for PrefillF16 and 0.497x for PrefillF16Alu).
-            Fp8LinearKernel::PrefillF16Cvt
+            // The fastest on an H200 (docs/perf-gemm.md, fourth session: v3, `_f16_cvt` software-pipelined,
+            // 0.592x of the bf16 mma.sync ceiling at 4096x4096x2048 against 0.566x for `_f16_cvt`, same run).
+            Fp8LinearKernel::PrefillF16V3
         } else {
             Fp8LinearKernel::Prefill
         }
