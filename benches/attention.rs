@@ -207,12 +207,12 @@ fn main() {
             report(format!("{auto:?}+fused_fp8(upto)"), ms, splits, &mut rows);
         }
     }
-    // Sensitivity of decode at 64K to the split (target CTAs per SM; DECODE_CTAS_PER_SM is the default), pipelined.
-    {
-        let ctx = 65536;
+    // Sensitivity of decode to the split (target CTAs per SM; DECODE_CTAS_PER_SM is the default), graph replay.
+    for ctx in [4096usize, 16384, 65536] {
         let cache = NKV * ctx * D;
-        let ks: Vec<_> = (0..2).map(|i| s.clone_htod(&rand_bf16(cache, 900 + i as u64, 1.0)).unwrap()).collect();
-        let vs: Vec<_> = (0..2).map(|i| s.clone_htod(&rand_bf16(cache, 950 + i as u64, 1.0)).unwrap()).collect();
+        let sets = sets_for(2 * cache * 2).max(2);
+        let ks: Vec<_> = (0..sets).map(|i| s.clone_htod(&rand_bf16(cache, 900 + i as u64, 1.0)).unwrap()).collect();
+        let vs: Vec<_> = (0..sets).map(|i| s.clone_htod(&rand_bf16(cache, 950 + i as u64, 1.0)).unwrap()).collect();
         let q = s.clone_htod(&rand_bf16(NH * D, 8, 1.0)).unwrap();
         let mut out = s.alloc_zeros::<bf16>(NH * D).unwrap();
         let mut lse = s.alloc_zeros::<f32>(NH).unwrap();
@@ -221,10 +221,10 @@ fn main() {
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .unwrap() as usize;
-        for per_sm in [1usize, 2, 3, 4, 6, 9] {
+        for per_sm in [1usize, 2, 3, 4] {
             let mut splits = 0;
-            let ms = time_ms(&gpu, 20, 20, |i| {
-                let j = i % 2;
+            let ms = common::time_graph_ms(&gpu, 20, 20, |i| {
+                let j = i % sets;
                 splits = hga::kernels::attention::hga_attention_decode_ctas(
                     &gpu,
                     &q,
@@ -239,7 +239,10 @@ fn main() {
                 .unwrap();
             });
             let gbs = (2 * cache * 2) as f64 / ms / 1e6;
-            println!("RESULT decode_split ctx={ctx} ctas_per_sm={per_sm} splits={splits} {:.3} {gbs:.1}", ms * 1e3);
+            println!(
+                "RESULT decode_split_graph ctx={ctx} ctas_per_sm={per_sm} splits={splits} {:.3} {gbs:.1}",
+                ms * 1e3
+            );
         }
     }
     drop(ws);
