@@ -221,20 +221,16 @@ fn main() {
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .unwrap() as usize;
-        for per_sm in [1usize, 2, 3, 4] {
+        // Quarter- and half-SM targets (8 / 16 splits for 4 KV heads: fewer, longer splits, fewer merge batches)
+        // next to the whole multiples.
+        for (per_sm, target) in
+            [(0.25, sms / 4), (0.5, sms / 2), (1.0, sms), (2.0, 2 * sms), (3.0, 3 * sms), (4.0, 4 * sms)]
+        {
             let mut splits = 0;
             let ms = common::time_graph_ms(&gpu, 20, 20, |i| {
                 let j = i % sets;
                 splits = hga::kernels::attention::hga_attention_decode_ctas(
-                    &gpu,
-                    &q,
-                    &ks[j],
-                    &vs[j],
-                    &mut ws,
-                    &mut out,
-                    &mut lse,
-                    &shape,
-                    per_sm * sms,
+                    &gpu, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, target,
                 )
                 .unwrap();
             });
