@@ -57,6 +57,24 @@ fn compare(what: &str, got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
     let agree = (0..rows)
         .filter(|&t| argmax(&got[t * vocab..(t + 1) * vocab]) == argmax(&want[t * vocab..(t + 1) * vocab]))
         .count();
+    // Where the picks differ: how much the reference prefers its own pick over ours (logit gap in the reference),
+    // next to the reference's logit spread at that position (for the parity criterion: near-ties or real misses).
+    let gaps: Vec<String> = (0..rows)
+        .filter_map(|t| {
+            let (g, w) = (&got[t * vocab..(t + 1) * vocab], &want[t * vocab..(t + 1) * vocab]);
+            let (ag, aw) = (argmax(g), argmax(w));
+            let spread =
+                w.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) - w.iter().fold(f32::INFINITY, |m, v| m.min(*v));
+            (ag != aw).then(|| format!("{t}:{:.2e}/{spread:.1}", w[aw] - w[ag]))
+        })
+        .collect();
+    if !gaps.is_empty() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "{what}: top-1 differs at position:reference gap/reference spread {}",
+            gaps.join(" ")
+        );
+    }
     let rel = rel_l2(got, want);
     let top1 = agree as f64 / rows as f64;
     // Error by position (to tell a wrong kernel from rounding that grows along the sequence through the K/V).
