@@ -213,26 +213,12 @@ fn main() {
             let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
             let mut gate_up = |i: usize| {
                 let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
-                match v {
-                    km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d),
-                    km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d),
-                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
-                        km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
-                    }
-                }
-                .unwrap()
+                km::hga_moe_gate_up_decode_version(&gpu, &x, wt, ids, &mut inter_buf, &d, v).unwrap()
             };
             let gu = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut gate_up), time_ms(&gpu, 5, 300, &mut gate_up)];
             let mut down = |i: usize| {
                 let (wt, ids, o) = (&wsets[i % 2], &ids_t[(i / 2) % ID_SETS], &mut outs[i % XSETS]);
-                match v {
-                    km::DecodeVersion::V1 => km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
-                    km::DecodeVersion::V2 => km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d),
-                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
-                        km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)
-                    }
-                }
-                .unwrap()
+                km::hga_moe_down_decode_version(&gpu, &inter_buf, wt, ids, &rw_set, o, &d, v).unwrap()
             };
             let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
             // The two expert kernels back to back (no router): with v3, down reads what gate/up prefetched, so
@@ -240,17 +226,9 @@ fn main() {
             let mut both = |i: usize| {
                 let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
                 let o = &mut outs[i % XSETS];
-                match v {
-                    km::DecodeVersion::V1 => km::hga_moe_gate_up_decode_v1(&gpu, &x, wt, ids, &mut inter_buf, &d)
-                        .and_then(|_| km::hga_moe_down_decode_v1(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
-                    km::DecodeVersion::V2 => km::hga_moe_gate_up_decode_v2(&gpu, &x, wt, ids, &mut inter_buf, &d)
-                        .and_then(|_| km::hga_moe_down_decode_v2(&gpu, &inter_buf, wt, ids, &rw_set, o, &d)),
-                    km::DecodeVersion::V3 | km::DecodeVersion::V4 => {
-                        km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
-                            .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d))
-                    }
-                }
-                .unwrap()
+                km::hga_moe_gate_up_decode_version(&gpu, &x, wt, ids, &mut inter_buf, &d, v)
+                    .and_then(|_| km::hga_moe_down_decode_version(&gpu, &inter_buf, wt, ids, &rw_set, o, &d, v))
+                    .unwrap()
             };
             let gd = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut both), time_ms(&gpu, 5, 300, &mut both)];
             for (kname, bytes, ms2) in [

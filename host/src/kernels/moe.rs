@@ -296,34 +296,12 @@ pub fn hga_moe_gate_up_decode(
     inter: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
 ) -> Result<(), RuntimeError> {
-    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V3)
+    hga_moe_gate_up_decode_version(gpu, x, w, ids, inter, d, DecodeVersion::V3)
 }
 
-/// Version 2 of [`hga_moe_gate_up_decode`] (kernel `hga_moe_gate_up_decode`), same arguments and result.
-pub fn hga_moe_gate_up_decode_v2(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    inter: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V2)
-}
-
-/// Version 1 of [`hga_moe_gate_up_decode`] (`hga_moe_gate_up_decode_v1`), same arguments and result.
-pub fn hga_moe_gate_up_decode_v1(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    inter: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    gate_up_decode(gpu, x, w, ids, inter, d, DecodeVersion::V1)
-}
-
-fn gate_up_decode(
+/// [`hga_moe_gate_up_decode`] with a chosen version of the kernel (v1 `hga_moe_gate_up_decode_v1`, v2
+/// `hga_moe_gate_up_decode`, v3 and v4's gate/up phase `hga_moe_gate_up_decode_v3`); same arguments and result.
+pub fn hga_moe_gate_up_decode_version(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
     w: &MoeExpertWeights,
@@ -379,41 +357,14 @@ pub fn hga_moe_down_decode(
     out: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
 ) -> Result<(), RuntimeError> {
-    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V3)
+    hga_moe_down_decode_version(gpu, inter, w, ids, weights, out, d, DecodeVersion::V3)
 }
 
-/// Version 2 of [`hga_moe_down_decode`] (kernel `hga_moe_down_decode`), same arguments and result (up to the
+/// [`hga_moe_down_decode`] with a chosen version of the kernel (v1 `hga_moe_down_decode_v1`, v2
+/// `hga_moe_down_decode`, v3 and v4's down phase `hga_moe_down_decode_v3`); same arguments and result (up to the
 /// order of the f32 sum).
 #[allow(clippy::too_many_arguments)]
-pub fn hga_moe_down_decode_v2(
-    gpu: &Gpu,
-    inter: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    weights: &impl DevicePtr<f32>,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V2)
-}
-
-/// Version 1 of [`hga_moe_down_decode`] (`hga_moe_down_decode_v1`), same arguments and result (up to the
-/// order of the f32 sum).
-#[allow(clippy::too_many_arguments)]
-pub fn hga_moe_down_decode_v1(
-    gpu: &Gpu,
-    inter: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    weights: &impl DevicePtr<f32>,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    down_decode(gpu, inter, w, ids, weights, out, d, DecodeVersion::V1)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn down_decode(
+pub fn hga_moe_down_decode_version(
     gpu: &Gpu,
     inter: &impl DevicePtr<bf16>,
     w: &MoeExpertWeights,
@@ -714,8 +665,16 @@ pub fn moe_decode_version(
         d,
         form,
     )?;
-    gate_up_decode(gpu, x, w, &ws.ids.slice(0..t * k), &mut ws.inter.slice_mut(0..t * k * d.inter), d, v)?;
-    down_decode(
+    hga_moe_gate_up_decode_version(
+        gpu,
+        x,
+        w,
+        &ws.ids.slice(0..t * k),
+        &mut ws.inter.slice_mut(0..t * k * d.inter),
+        d,
+        v,
+    )?;
+    hga_moe_down_decode_version(
         gpu,
         &ws.inter.slice(0..t * k * d.inter),
         w,
