@@ -35,6 +35,21 @@ struct Row {
     ratio: String,
 }
 
+/// The rows of one MoE decode layer timing at T tokens, by graph replay and with host launches. T = 4: up to 32
+/// expert streams (tokens may share experts; each (token, slot) streams its own copy), so bytes and floor scale by T.
+fn layer_rows(rows: &mut Vec<Row>, tag: &str, t: usize, ms: [f64; 2], expert_bytes: f64, floor_us: f64) {
+    let bytes = expert_bytes * t as f64;
+    for (how, ms) in [("graph", ms[0]), ("with host launch", ms[1])] {
+        rows.push(Row {
+            name: format!("MoE decode layer {tag} ({how})"),
+            shape: format!("T={t}"),
+            us: ms * 1e3,
+            metric: format!("{:.0} GB/s", bytes / ms / 1e6),
+            ratio: format!("{:.2}x floor", ms * 1e3 / (floor_us * t as f64)),
+        });
+    }
+}
+
 fn main() {
     if hga::runtime::device_count() == 0 {
         eprintln!("SKIP moe benchmarks: no CUDA device");
@@ -191,17 +206,7 @@ fn main() {
             };
             let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
             let ms_h = time_ms(&gpu, 5, 300, &mut layer);
-            // T = 4: up to 32 expert streams (tokens may share experts; each (token, slot) streams its own copy).
-            let bytes = expert_bytes * t as f64;
-            for (how, ms) in [("graph", ms_g), ("with host launch", ms_h)] {
-                rows.push(Row {
-                    name: format!("MoE decode layer {tag} ({how})"),
-                    shape: format!("T={t}"),
-                    us: ms * 1e3,
-                    metric: format!("{:.0} GB/s", bytes / ms / 1e6),
-                    ratio: format!("{:.2}x floor", ms * 1e3 / (floor_us * t as f64)),
-                });
-            }
+            layer_rows(&mut rows, tag, t, [ms_g, ms_h], expert_bytes, floor_us);
         }
         // Kernels alone at T = 1 and 4 (ids / weights / inter from the fixed sets above; inter is whatever the last
         // call left, which does not change the bytes streamed).
@@ -286,16 +291,7 @@ fn main() {
         };
         let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
         let ms_h = time_ms(&gpu, 5, 300, &mut layer);
-        let bytes = expert_bytes * t as f64;
-        for (what, ms) in [("graph", ms_g), ("with host launch", ms_h)] {
-            rows.push(Row {
-                name: format!("MoE decode layer v4 ({what}, {how:?})"),
-                shape: format!("T={t}"),
-                us: ms * 1e3,
-                metric: format!("{:.0} GB/s", bytes / ms / 1e6),
-                ratio: format!("{:.2}x floor", ms * 1e3 / (floor_us * t as f64)),
-            });
-        }
+        layer_rows(&mut rows, &format!("v4 {how:?}"), t, [ms_g, ms_h], expert_bytes, floor_us);
     }
 
     // Prefill: the grouped path at T = 4096 (router, grouping, quantizations, grouped GEMMs, combine).
