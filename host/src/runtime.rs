@@ -219,7 +219,8 @@ pub struct Gpu {
     image: String,
     name: String,
     cc: (u32, u32),
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded kernels, with the dynamic shared memory limit set on each (bytes; 0: the 48 KB default).
+    functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     /// The image was built for PDL and the device has compute capability >= 9.0.
     pdl_supported: bool,
     /// Launch with PDL (see [`Gpu::set_pdl`]).
@@ -357,13 +358,26 @@ impl Gpu {
 
     /// A kernel of the loaded module (cached).
     pub fn function(&self, name: &'static str) -> Result<CudaFunction, RuntimeError> {
-        let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = f.get(name) {
-            return Ok(k.clone());
+        self.function_for_smem(name, 0)
+    }
+
+    /// [`Gpu::function`], allowed `dyn_smem` bytes of dynamic shared memory: above the 48 KB default the limit is
+    /// raised (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`) the first time a launch needs more than the
+    /// kernel was given so far, not at every launch.
+    pub(crate) fn function_for_smem(&self, name: &'static str, dyn_smem: u32) -> Result<CudaFunction, RuntimeError> {
+        let mut map = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let (f, limit) = match map.entry(name) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert((self.module.load_function(name)?, 0)),
+        };
+        if dyn_smem > 48 * 1024 && dyn_smem > *limit {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dyn_smem as i32,
+            )?;
+            *limit = dyn_smem;
         }
-        let k = self.module.load_function(name)?;
-        f.insert(name, k.clone());
-        Ok(k)
+        Ok(f.clone())
     }
 
     /// Records the stream work that `f` enqueues into a CUDA graph (nothing runs while recording) and

@@ -62,13 +62,7 @@ pub(crate) unsafe fn launch_as<T: bytemuck::Pod>(
     kind: LaunchKind,
 ) -> Result<(), RuntimeError> {
     use cudarc::driver::sys;
-    let f = gpu.function(name)?;
-    if cfg.shared_mem_bytes > 48 * 1024 {
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )?;
-    }
+    let f = gpu.function_for_smem(name, cfg.shared_mem_bytes)?;
     // Every kernel takes one by-value `Pod` struct: the parameter array holds one pointer to it.
     let mut p = p;
     let mut params = [(&mut p as *mut T).cast::<std::ffi::c_void>()];
