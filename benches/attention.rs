@@ -13,7 +13,7 @@
 mod common;
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
-use hga::kernels::{AttentionShape, DecodeKernel, DecodeWorkspace, QkNormRopeShape};
+use hga::kernels::{AttentionShape, DecodeKernel, DecodeWorkspace, MergeKernel, QkNormRopeShape};
 use hga::runtime::Gpu;
 
 const NH: usize = 32;
@@ -167,15 +167,17 @@ fn main() {
                 ));
             };
             for &k in &kernels {
-                let mut splits = 0;
-                let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
-                    let j = i % sets;
-                    splits = hga::kernels::hga_attention_decode_kernel(
-                        &gpu, k, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
-                    )
-                    .unwrap();
-                });
-                report(format!("{k:?}"), ms, splits, &mut rows);
+                for m in [MergeKernel::V1, MergeKernel::V2] {
+                    let mut splits = 0;
+                    let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
+                        let j = i % sets;
+                        splits = hga::kernels::hga_attention_decode_kernel(
+                            &gpu, k, m, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
+                        )
+                        .unwrap();
+                    });
+                    report(format!("{k:?}+merge_{m:?}"), ms, splits, &mut rows);
+                }
             }
             // The model's step: v2 + separate FP8 quantization (before) and the default with the fused one (now).
             let mut splits = 0;
@@ -184,6 +186,7 @@ fn main() {
                 splits = hga::kernels::hga_attention_decode_kernel(
                     &gpu,
                     DecodeKernel::V2,
+                    MergeKernel::V1,
                     &q,
                     &ks[j],
                     &vs[j],

@@ -2,8 +2,8 @@
 //! (gpu-kernels/src/arch/pdl.rs). CPU checks of the committed PTX (what CI embeds without a kernel toolchain, and
 //! what `HGA_UPDATE_PTX=1 cargo build` refreshes): in the sm_90 and sm_120 images every `.entry` executes
 //! `griddepcontrol.wait` before its first global load / store / `cp.async` / atomic / reduction (textual order),
-//! except the L2 prefetches marked `pdl-early-constant` (decode FP8 linear and lm_head: constant weights asked for
-//! while the previous kernel finishes);
+//! except the L2 prefetches marked `pdl-early-constant` (decode FP8 linear, lm_head, the decode router, the two
+//! RMSNorm kernels and q/k norm + RoPE: constant weights asked for while the previous kernel finishes);
 //! the sm_89 image has no `griddepcontrol` at all (it is launched without PDL, also on an sm_90 device through the
 //! driver JIT). Also the checker itself, on small texts, and what the embedded images record.
 use hga::runtime::{ptx_pdl_check, ImageKind};
@@ -30,7 +30,15 @@ fn pdl_images_wait_before_any_global_access() {
         assert_eq!(ptx.matches("griddepcontrol.launch_dependents;").count(), n, "{arch}: one trigger per entry");
         // The early weight prefetches are where they are meant to be, and only there.
         for (name, early) in early_loads_per_entry(&ptx) {
-            let want = matches!(name.as_str(), "hga_fp8_linear_decode" | "hga_lm_head");
+            let want = matches!(
+                name.as_str(),
+                "hga_fp8_linear_decode"
+                    | "hga_lm_head"
+                    | "hga_moe_router_rows"
+                    | "hga_rmsnorm"
+                    | "hga_rmsnorm_fp8_quant"
+                    | "hga_qk_norm_rope"
+            );
             assert_eq!(early > 0, want, "{arch} {name}: {early} instructions marked pdl-early-constant");
         }
     }

@@ -411,6 +411,18 @@ impl Gpu {
         ended?.ok_or_else(|| RuntimeError::Launch { kernel: "capture", msg: "the capture recorded nothing".into() })
     }
 
+    /// Runs `f` between `cuProfilerStart` and `cuProfilerStop` (the stream synchronized on both sides), so that a
+    /// profiler started with its capture off (`ncu --profile-from-start off`) measures exactly the work `f` launches.
+    pub fn profiler_range<R>(&self, f: impl FnOnce() -> R) -> Result<R, RuntimeError> {
+        self.ctx.bind_to_thread()?;
+        self.synchronize()?;
+        unsafe { sys::cuProfilerStart() }.result()?;
+        let r = f();
+        self.synchronize()?;
+        unsafe { sys::cuProfilerStop() }.result()?;
+        Ok(r)
+    }
+
     /// Waits for the stream and reports any asynchronous error of earlier launches.
     pub fn synchronize(&self) -> Result<(), RuntimeError> {
         self.stream.synchronize()?;

@@ -65,6 +65,12 @@ pub struct GenerateArgs {
     /// Also print each prompt's figures (and the profile) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Bracket decode step N of each prompt (1 = the first; from the second on the step is a graph replay) with
+    /// cuProfilerStart / cuProfilerStop, for a profiler whose capture starts off, e.g.
+    /// `ncu --profile-from-start off --graph-profiling node --metrics gpu__time_duration.sum hga generate ...`:
+    /// every kernel of that one step, nothing of the load or the prefill.
+    #[arg(long, value_name = "N")]
+    pub profiler_step: Option<usize>,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -151,7 +157,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
             out.flush()?;
             let ts = Instant::now();
-            let r = model.forward(&[next], false)?;
+            let r = if a.profiler_step == Some(generated.len()) {
+                gpu.profiler_range(|| model.forward(&[next], false))??
+            } else {
+                model.forward(&[next], false)?
+            };
             first_step.get_or_insert(ts.elapsed());
             next = argmax(&r);
             generated.push(next);

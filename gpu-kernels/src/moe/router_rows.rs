@@ -18,6 +18,10 @@
 //! (`ld.global.cg`), does the softmax and top-k (warp w: tokens w, w + 8) and resets the counter to 0 for the next
 //! launch. The top-k reads only finished logits, so the result does not depend on which block came last.
 //!
+//! Programmatic dependent launch: before the entry prologue's wait, each block asks L2 for its 4 KB weight row
+//! (`prefetch_l2_early`; router weights are never written by a kernel), so the row's DRAM latency overlaps the
+//! previous kernel; the activations are read after the wait.
+//!
 //! Grid: (experts, ceil(tokens / 16)); block = 256 threads (`MOE_ROUTER_ROWS_WARPS` = 8 warps). Shared memory:
 //! 8 warps x 16 tokens f32 + 1 word (516 bytes). Cost at T = 16: 16 x 16-byte x loads and 128 FMA per lane per
 //! chunk, fine up to the 64 tokens the launcher sends here (`Auto`); more tokens use the batch form.
@@ -93,9 +97,11 @@ pub(crate) use row_logits;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
-    entry_prologue();
     let (nt, h, ne, k) = (p.tokens as usize, p.hidden as usize, p.experts as usize, p.top_k as usize);
     let ex = block_x() as usize;
+    // The block's weight row (constant) towards L2 while the previous kernel (the norm) finishes.
+    prefetch_l2_early((p.w as *const u16).add(ex * h) as *const u8, 2 * h, thread_x() as usize, 32 * WARPS);
+    entry_prologue();
     let tile = block_y() as usize;
     let tok0 = tile * 16;
     let ntile = (nt - tok0).min(16);

@@ -13,6 +13,8 @@ use crate::params::RmsNormParams;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_rmsnorm(p: RmsNormParams) {
+    // The norm weight (constant) towards L2 while the previous kernel finishes: read after the block sum.
+    prefetch_l2_early(p.weight as *const u8, 2 * p.dim as usize, thread_x() as usize, block_dim_x() as usize);
     entry_prologue();
     if block_x() >= p.rows {
         return;

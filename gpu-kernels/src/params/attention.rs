@@ -29,6 +29,15 @@ pub const fn attn_decode_v3_smem(stages: usize) -> usize {
     stages * ATTN_DECODE_STAGE_BYTES
 }
 
+/// Splits per chunk of `hga_attention_merge_v2` (their products are staged in shared memory, 128 f32 each).
+pub const ATTN_MERGE_V2_CHUNK: usize = 32;
+/// Dynamic shared memory of `hga_attention_merge_v2` for `n_splits` splits: 4 warp maxima, one chunk of products,
+/// and the weights of the splits padded to a multiple of 8. 17 KB for 32 splits; under the 48 KB default up to
+/// ~7800 splits.
+pub const fn attn_merge_v2_smem(n_splits: usize) -> usize {
+    4 * (4 + ATTN_MERGE_V2_CHUNK * ATTN_HEAD_DIM + n_splits.div_ceil(8) * 8)
+}
+
 /// Causal GQA attention of the query tokens at positions `[start, start + tokens)` over the cache positions
 /// `[0, start + tokens)`: query token t attends to cache positions `0..=start + t`; query head h uses KV head
 /// `h / (n_heads / n_kv_heads)`.

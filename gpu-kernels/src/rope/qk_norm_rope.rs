@@ -22,6 +22,9 @@ const D: usize = 128;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_qk_norm_rope(p: QkNormRopeParams) {
+    // The q/k norm weights (constant, 256 bytes each) towards L2 while the previous kernel finishes.
+    prefetch_l2_early(p.q_norm_w as *const u8, 2 * D, thread_x() as usize, 128);
+    prefetch_l2_early(p.k_norm_w as *const u8, 2 * D, thread_x() as usize, 128);
     entry_prologue();
     let slots = p.n_heads + p.n_kv_heads;
     let item = block_x() * 4 + thread_x() / 32;

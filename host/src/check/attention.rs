@@ -3,11 +3,13 @@
 //! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
 //! Decode paths check the default kernel (v3, the deepest ring that fits) and every other decode kernel the device
 //! can launch (v2, v3 with 3 / 4 / 6 stages), each into its own poisoned outputs and workspace; the device-start
-//! path also checks the merge's fused FP8 quantization bit for bit against `hga_fp8_quant` of the bf16 output.
+//! path also checks the merge's fused FP8 quantization bit for bit against `hga_fp8_quant` of the bf16 output, and
+//! the decode path the default merge (`hga_attention_merge_v2`) bit for bit against the first one on the same
+//! partials.
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
     decode_kernel_auto, hga_attention_decode_kernel, hga_attention_decode_upto_kernel, hga_attention_decode_upto_quant,
-    hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeKernel, DecodeWorkspace,
+    hga_attention_prefill, hga_attention_prefill_lazy, AttentionShape, DecodeKernel, DecodeWorkspace, MergeKernel,
 };
 use crate::kernels::hga_fp8_quant;
 use crate::runtime::{Gpu, RuntimeError};
@@ -93,6 +95,8 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let mut variants = Vec::new();
     // The fused FP8 quantization (device-start path): (merge's q, scale, hga_fp8_quant's q, scale).
     let mut quant = None;
+    // The default decode kernel's partials merged by `hga_attention_merge` (v1) instead of v2: (out, lse).
+    let mut merge_v1 = None;
     let max_splits = rng.gen_range(1..=256);
     let auto = decode_kernel_auto(gpu)?;
     let others: Vec<DecodeKernel> = [DecodeKernel::V2, DecodeKernel::V3(3), DecodeKernel::V3(4), DecodeKernel::V3(6)]
@@ -115,12 +119,19 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
                 let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, max_splits)?;
                 // Poison the partials too: every slot the merge reads must have been written.
                 st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
+                let m = MergeKernel::V2;
                 if k == auto {
-                    n = hga_attention_decode_kernel(gpu, k, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s, None)?;
+                    n = hga_attention_decode_kernel(gpu, k, m, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s, None)?;
+                    // The first merge kernel on the same partials: the same numbers, bit for bit.
+                    let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
+                    let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+                    let m1 = MergeKernel::V1;
+                    hga_attention_decode_kernel(gpu, k, m1, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &s, None)?;
+                    merge_v1 = Some((eo, el));
                 } else {
                     let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
                     let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
-                    hga_attention_decode_kernel(gpu, k, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &s, None)?;
+                    hga_attention_decode_kernel(gpu, k, m, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &s, None)?;
                     variants.push((format!("{k:?}"), eo, el));
                 }
                 gpu.synchronize()?; // the workspace is freed at the end of the iteration
@@ -161,6 +172,10 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     }
     let out = st.clone_dtoh(&dout)?;
     let lse = st.clone_dtoh(&dlse)?;
+    let merge_v1 = match merge_v1 {
+        Some((eo, el)) => Some((st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?)),
+        None => None,
+    };
     gpu.synchronize()?;
     let mut fetched = Vec::new();
     for (label, eo, el) in variants {
@@ -174,6 +189,13 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
         rel = rel.max(erel);
         if bad.is_none() {
             bad = ebad.map(|b| format!("{label} variant: {b}"));
+        }
+    }
+    if let Some((o1, l1)) = merge_v1 {
+        let same = o1.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits())
+            && l1.iter().zip(&lse).all(|(a, b)| a.to_bits() == b.to_bits());
+        if bad.is_none() && !same {
+            bad = Some("hga_attention_merge (v1) and hga_attention_merge_v2 differ on the same partials".into());
         }
     }
     if let Some((q8, sc, rq8, rsc)) = quant {

@@ -1,13 +1,14 @@
 //! Launchers of the dense attention kernels (gpu-kernels/src/attention/): `hga_attention_prefill`, and split-K
 //! decode: `hga_attention_decode_v3_s{3,4,6}` (default: the deepest ring the device's shared memory per block
-//! allows) or `hga_attention_decode_v2`, then `hga_attention_merge` (optionally fused with the FP8 quantization of
-//! the output).
+//! allows) or `hga_attention_decode_v2`, then the merge of the splits, `hga_attention_merge_v2` (default: one CTA
+//! per row) or `hga_attention_merge` (one warp per row; same numbers bit for bit), optionally fused with the FP8
+//! quantization of the output.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
-    attn_decode_v3_smem, AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_SMEM, ATTN_DECODE_V3_STAGES,
-    ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
+    attn_decode_v3_smem, attn_merge_v2_smem, AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_SMEM,
+    ATTN_DECODE_V3_STAGES, ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
 };
 use half::bf16;
 
@@ -179,9 +180,25 @@ fn prefill_named(
 }
 
 /// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at [`DECODE_CTAS_PER_SM`] CTAs per
-/// SM, every split non-empty, at most `max_splits`.
+/// SM with at least [`DECODE_MIN_TILES_PER_SPLIT`] tiles per split (short contexts get fewer splits), every split
+/// non-empty, at most `max_splits`.
 pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
-    decode_splits_for(DECODE_CTAS_PER_SM * sms, s, max_splits)
+    let base = decode_base_ctas(s);
+    let tiles = s.ctx().div_ceil(ATTN_BN).max(1);
+    let most = (tiles / DECODE_MIN_TILES_PER_SPLIT).max(1) * base;
+    decode_splits_for((DECODE_CTAS_PER_SM * sms).min(most), s, max_splits)
+}
+
+/// Fewest 64-key tiles per split [`decode_splits`] aims at. Measured on an H200 (graph replay, merge v2, one
+/// run): at 4K context 16 splits of 4 tiles took 10.0 us, 32 splits of 2 tiles 10.9 us, 8 splits of 8 tiles
+/// 12.8 us; from 16K on, one CTA per SM (8+ tiles per split) is fastest (docs/perf-attention.md). A split of
+/// fewer tiles than the ring has stages leaves the ring part empty, and every split adds merge work.
+pub const DECODE_MIN_TILES_PER_SPLIT: usize = 4;
+
+/// CTAs of one split: KV heads x 16-row groups of (token, query head of the KV head).
+fn decode_base_ctas(s: &AttentionShape) -> usize {
+    let g = s.n_heads / s.n_kv_heads;
+    (s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS)).max(1)
 }
 
 /// CTAs per SM that [`decode_splits`] aims at. With v2, 3 fit on sm_90 (168 registers x 128 threads, 68 KB of
@@ -192,10 +209,8 @@ pub const DECODE_CTAS_PER_SM: usize = 1;
 
 /// [`decode_splits`] for a given target number of CTAs.
 pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
-    let g = s.n_heads / s.n_kv_heads;
-    let base = s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS);
     let tiles = s.ctx().div_ceil(ATTN_BN).max(1);
-    let want = target_ctas.div_ceil(base.max(1)).clamp(1, tiles.min(max_splits.max(1)));
+    let want = target_ctas.div_ceil(decode_base_ctas(s)).clamp(1, tiles.min(max_splits.max(1)));
     let tps = tiles.div_ceil(want);
     (tiles.div_ceil(tps), tps)
 }
@@ -229,9 +244,41 @@ impl DecodeKernel {
     }
 }
 
-/// Deepest v3 ring `Auto` uses: on an H200 at 64K (graph replay, one run) 4 stages took 44.0 us, 6 stages 44.9 and
-/// 3 stages 44.5 (v2: 47.4): more than 4 tiles in flight per SM buys nothing (docs/perf-attention.md).
-const DECODE_AUTO_MAX_STAGES: usize = 4;
+/// Which kernel merges the split partials (both give the same numbers, bit for bit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeKernel {
+    /// `hga_attention_merge`: one warp per (token, head) row, the splits read 8 at a time (one L2 round trip per 8
+    /// splits, plus one for the largest LSE): 8.9 us for 32 rows x 32 splits on an H200, alone (ncu).
+    V1,
+    /// `hga_attention_merge_v2` (the default): one CTA of 4 warps per row, all of a row's splits (up to 32) read in
+    /// one round, products summed in split order through shared memory.
+    V2,
+}
+
+impl MergeKernel {
+    fn launch_config(self, rows: usize, n_splits: usize) -> (&'static str, LaunchConfig) {
+        match self {
+            MergeKernel::V1 => (
+                "hga_attention_merge",
+                LaunchConfig { grid_dim: (rows.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+            ),
+            MergeKernel::V2 => (
+                "hga_attention_merge_v2",
+                LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: attn_merge_v2_smem(n_splits) as u32,
+                },
+            ),
+        }
+    }
+}
+
+/// Deepest v3 ring `Auto` uses. With merge v1, at 64K 4 stages took 44.0 us, 6 stages 44.9 and 3 stages 44.5 (v2:
+/// 47.4; H200, graph replay). With merge v2, 3 stages are the fastest at every context (H200, graph replay, one
+/// run; 3 / 4 / 6 stages): 4K 9.34 / 11.17 / 11.12 us, 16K 15.27 / 16.74 / 17.02, 64K 38.38 / 39.57 / 40.34
+/// (docs/perf-attention.md). 3 stages (96 KB) is also what fits sm_89 and sm_120.
+const DECODE_AUTO_MAX_STAGES: usize = 3;
 
 /// The decode kernel `Auto` picks for a device allowing `max_smem_optin` bytes of shared memory per block: the v3
 /// ring with the most stages, up to 4, that fits (4 on sm_90's 227 KB, 3 on the 99 KB of sm_89 / sm_120), else v2.
@@ -263,7 +310,7 @@ pub fn hga_attention_decode(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<usize, RuntimeError> {
-    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, None)
+    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, MergeKernel::V2, q, k_cache, v_cache, ws, out, lse, s, None)
 }
 
 /// [`hga_attention_decode`] with the split chosen for `target_ctas` CTAs instead of the default (for tuning).
@@ -279,15 +326,17 @@ pub fn hga_attention_decode_ctas(
     s: &AttentionShape,
     target_ctas: usize,
 ) -> Result<usize, RuntimeError> {
-    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, Some(target_ctas))
+    let t = Some(target_ctas);
+    hga_attention_decode_kernel(gpu, DecodeKernel::Auto, MergeKernel::V2, q, k_cache, v_cache, ws, out, lse, s, t)
 }
 
-/// [`hga_attention_decode`] with a chosen kernel (v2 or a v3 stage count; for tests and benchmarks). With
-/// `target_ctas` = None the default split.
+/// [`hga_attention_decode`] with a chosen decode kernel (v2 or a v3 stage count) and merge kernel (for tests and
+/// benchmarks). With `target_ctas` = None the default split.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_decode_kernel(
     gpu: &Gpu,
     kernel: DecodeKernel,
+    merge: MergeKernel,
     q: &impl DevicePtr<bf16>,
     k_cache: &impl DevicePtr<bf16>,
     v_cache: &impl DevicePtr<bf16>,
@@ -297,11 +346,7 @@ pub fn hga_attention_decode_kernel(
     s: &AttentionShape,
     target_ctas: Option<usize>,
 ) -> Result<usize, RuntimeError> {
-    let target_ctas = match target_ctas {
-        Some(t) => t,
-        None => decode_target_ctas(gpu)?,
-    };
-    let c = DecodeCall { kernel, target_ctas, start_dev: 0, quant: None };
+    let c = DecodeCall { kernel, merge, target_ctas, start_dev: 0, quant: None };
     decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
@@ -340,7 +385,7 @@ pub fn hga_attention_decode_upto_kernel(
 ) -> Result<usize, RuntimeError> {
     check_len("attention_decode start_dev", start_dev.len(), 1)?;
     let (ps, _gs) = dptr(gpu, start_dev);
-    let c = DecodeCall { kernel, target_ctas: decode_target_ctas(gpu)?, start_dev: ps, quant: None };
+    let c = DecodeCall { kernel, merge: MergeKernel::V2, target_ctas: None, start_dev: ps, quant: None };
     decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
@@ -369,24 +414,25 @@ pub fn hga_attention_decode_upto_quant(
     let (pc, _gc) = dptr_mut(gpu, out_scale);
     let c = DecodeCall {
         kernel: DecodeKernel::Auto,
-        target_ctas: decode_target_ctas(gpu)?,
+        merge: MergeKernel::V2,
+        target_ctas: None,
         start_dev: ps,
         quant: Some((pq, pc)),
     };
     decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
-fn decode_target_ctas(gpu: &Gpu) -> Result<usize, RuntimeError> {
-    let sms =
-        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-    Ok(DECODE_CTAS_PER_SM * sms)
+fn sm_count(gpu: &Gpu) -> Result<usize, RuntimeError> {
+    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    Ok(gpu.context().attribute(a)? as usize)
 }
 
 /// The choices of one decode launch besides its buffers.
 struct DecodeCall {
     kernel: DecodeKernel,
-    target_ctas: usize,
+    merge: MergeKernel,
+    /// None: the default split ([`decode_splits`]); Some(n): aim at n CTAs ([`decode_splits_for`], for tuning).
+    target_ctas: Option<usize>,
     /// Device address of `start` (0: `s.start`).
     start_dev: u64,
     /// Device addresses of (out_q, out_scale), already checked, for the fused FP8 quantization in the merge.
@@ -421,7 +467,10 @@ fn decode_launch(
     if s.tokens == 0 {
         return Ok(0);
     }
-    let (n_splits, tps) = decode_splits_for(c.target_ctas, s, ws.max_splits);
+    let (n_splits, tps) = match c.target_ctas {
+        None => decode_splits(sm_count(gpu)?, s, ws.max_splits),
+        Some(t) => decode_splits_for(t, s, ws.max_splits),
+    };
     let g = s.n_heads / s.n_kv_heads;
     let (pq, _g1) = dptr(gpu, q);
     let (pk, _g2) = dptr(gpu, k_cache);
@@ -447,14 +496,10 @@ fn decode_launch(
         p.out_q = q8;
         p.out_scale = sc;
     }
-    let cfg = LaunchConfig {
-        grid_dim: ((s.tokens * s.n_heads).div_ceil(4) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (merge, cfg) = c.merge.launch_config(s.tokens * s.n_heads, n_splits);
     // SAFETY: as above; the merge reads the n_splits partials the decode kernel wrote (same stream); with the
     // fused quantization, out_q / out_scale were checked to hold tokens * n_heads rows of 128 / 1 by the caller.
-    unsafe { launch(gpu, "hga_attention_merge", cfg, p)? };
+    unsafe { launch(gpu, merge, cfg, p)? };
     Ok(n_splits)
 }
 
@@ -464,13 +509,27 @@ mod tests {
 
     #[test]
     fn decode_kernel_follows_shared_memory_per_block() {
-        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(4)); // sm_90: 227 KB (4 stages measured fastest)
-        assert_eq!(decode_kernel_for(166_912), DecodeKernel::V3(4)); // sm_80: 163 KB
+        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(3)); // sm_90: 227 KB (3 stages measured fastest)
+        assert_eq!(decode_kernel_for(166_912), DecodeKernel::V3(3)); // sm_80: 163 KB
         assert_eq!(decode_kernel_for(101_376), DecodeKernel::V3(3)); // sm_89 / sm_120: 99 KB
         assert_eq!(decode_kernel_for(70_000), DecodeKernel::V2);
         assert_eq!(DecodeKernel::V3(6).smem_bytes(), 196_608);
         assert_eq!(DecodeKernel::V2.smem_bytes(), ATTN_DECODE_SMEM);
         assert_eq!(DecodeKernel::Auto.smem_bytes(), 0);
         assert!(DecodeKernel::V3(5).entry().is_err());
+    }
+
+    #[test]
+    fn decode_splits_keep_four_tiles_per_split_on_short_contexts() {
+        // Qwen3-30B-A3B decode: 32 query heads on 4 KV heads, one token: 4 CTAs per split; 132 SMs (H100 / H200).
+        let at = |ctx: usize| AttentionShape { tokens: 1, n_heads: 32, n_kv_heads: 4, capacity: ctx, start: ctx - 1 };
+        assert_eq!(decode_splits(132, &at(4096), 256), (16, 4)); // 64 tiles: 16 splits of 4, not 33 of 2
+        assert_eq!(decode_splits(132, &at(8192), 256), (32, 4));
+        assert_eq!(decode_splits(132, &at(16384), 256), (32, 8)); // one CTA per SM from here on
+        assert_eq!(decode_splits(132, &at(65536), 256), (32, 32));
+        assert_eq!(decode_splits(132, &at(100), 256), (1, 2)); // fewer tiles than the minimum: one split
+        assert_eq!(decode_splits(132, &at(65536), 8), (8, 128)); // the workspace's limit
+                                                                 // The tuning form aims at the given CTAs whatever the tiles per split.
+        assert_eq!(decode_splits_for(132, &at(4096), 256), (32, 2));
     }
 }
