@@ -255,6 +255,49 @@ fn main() {
         }
     }
 
+    // The post-attention norm with the layer, T = 1: hga_rmsnorm then the v3 layer (what the model ran), against
+    // moe_decode_residual, which runs the norm inside the router (one launch fewer, the same numbers).
+    {
+        let t = 1;
+        let d = MoeDims::qwen3_30b_a3b(t);
+        let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
+        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
+        let res = s.clone_htod(&bf16_vec(h, -8.0, 8.0, &mut rng)).unwrap();
+        let nw = s.clone_htod(&bf16_vec(h, 0.5, 1.5, &mut rng)).unwrap();
+        let mut ro = s.alloc_zeros::<bf16>(h).unwrap();
+        let mut xn = s.alloc_zeros::<bf16>(h).unwrap();
+        let eps = 1e-6;
+        for fused in [false, true] {
+            let mut layer = |i: usize| {
+                let o = &mut outs[i % XSETS];
+                if fused {
+                    let f = km::moe_decode_residual(
+                        &gpu,
+                        o,
+                        &res,
+                        &mut ro,
+                        &nw,
+                        eps,
+                        &mut xn,
+                        &rws[i % RSETS],
+                        &wsets[i % 2],
+                        &mut ws,
+                        &d,
+                    );
+                    assert!(f.unwrap(), "the norm was not fused");
+                } else {
+                    hga::kernels::hga_rmsnorm(&gpu, o, Some((&res, &mut ro)), &nw, &mut xn, t, h, eps).unwrap();
+                    let (x, w) = (&xn, &wsets[i % 2]);
+                    km::moe_decode(&gpu, x, &rws[i % RSETS], w, &mut ws, o, &d, RouterForm::Auto).unwrap();
+                }
+            };
+            let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
+            let ms_h = time_ms(&gpu, 5, 300, &mut layer);
+            let tag = if fused { "v3 with the norm in the router" } else { "v3 after hga_rmsnorm" };
+            layer_rows(&mut rows, tag, t, [ms_g, ms_h], expert_bytes, floor_us);
+        }
+    }
+
     // Version 4: the layer in one persistent launch (no separate expert kernels to time).
     println!("v4 grid: {} blocks (co-resident: occupancy x SMs)", km::decode_v4_grid(&gpu).unwrap());
     for t in [1usize, 4] {

@@ -190,6 +190,27 @@ fn gpu_moe_decode_v4_bit_identical_to_v3() {
     });
 }
 
+/// The post-attention norm inside the router (`moe_decode_residual`, one token) gives `hga_rmsnorm` +
+/// `moe_decode`'s residual, normalized row, routing and output bit for bit, over repeated runs and graph replays;
+/// more tokens take the fallback (the same two launches). The Qwen3 shape and random small shapes.
+#[test]
+fn gpu_moe_norm_in_router_bit_identical() {
+    let Some(gpu) = gpu("gpu_moe_norm_in_router_bit_identical") else { return };
+    let mut rng = StdRng::seed_from_u64(43);
+    for t in [1usize, 2] {
+        let d = MoeDims::qwen3_30b_a3b(t);
+        let inp = cm::random_inputs(&d, &mut rng);
+        assert_ok(cm::norm_in_router_matches_separate(gpu, &d, &inp, &mut rng, 4).unwrap()).unwrap();
+    }
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=2, (h, i, e, k, n) in small_dims(), dups in any::<bool>())| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+        let mut inp = cm::random_inputs(&d, &mut rng);
+        inp.router_w = cm::random_router(&d, dups, &mut rng);
+        assert_ok(cm::norm_in_router_matches_separate(gpu, &d, &inp, &mut rng, 3).unwrap())?;
+    });
+}
+
 #[test]
 fn gpu_moe_grouped_matches_reference() {
     let Some(gpu) = gpu("gpu_moe_grouped_matches_reference") else { return };

@@ -81,6 +81,10 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
         if t <= 4 {
             results.push(check::moe::moe(&gpu, &d, check::moe::MoePath::DecodeV4, &mut rng)?);
         }
+        if t == 1 {
+            let inp = check::moe::random_inputs(&d, &mut rng);
+            results.push(check::moe::norm_in_router_matches_separate(&gpu, &d, &inp, &mut rng, 3)?);
+        }
     }
     results.push(check::head::embed_gather(&gpu, 7, 1000, 2048, &mut rng)?);
     results.push(check::head::lm_head(&gpu, 3, 4099, 2048, &mut rng)?);

@@ -22,8 +22,13 @@
 //! (`prefetch_l2_early`; router weights are never written by a kernel), so the row's DRAM latency overlaps the
 //! previous kernel; the activations are read after the wait.
 //!
+//! Fused RMSNorm (`norm_w != 0`, one token, decode): the post-attention norm with its residual add runs inside the
+//! router instead of as its own `hga_rmsnorm` launch before it: every block recomputes the 2048-element norm from
+//! the sublayer output and the residual (8 KB from L2, loaded together with its weight row), block 0 writes the
+//! residual and the normalized row for the expert kernels. Bit-identical to `hga_rmsnorm` + this kernel.
+//!
 //! Grid: (experts, ceil(tokens / 16)); block = 256 threads (`MOE_ROUTER_ROWS_WARPS` = 8 warps). Shared memory:
-//! 8 warps x 16 tokens f32 + 1 word (516 bytes). Cost at T = 16: 16 x 16-byte x loads and 128 FMA per lane per
+//! 32 f32 (block sum) + 8 warps x 16 tokens f32 + 1 word (644 bytes). Cost at T = 16: 16 x 16-byte x loads and 128 FMA per lane per
 //! chunk, fine up to the 64 tokens the launcher sends here (`Auto`); more tokens use the batch form.
 //! Assumes hidden % 128 == 0, experts <= 256, top_k <= experts; `counter` zero before the first launch.
 use super::{last_block_arrives, ld_cg_f32, warp_topk_softmax};
@@ -101,6 +106,9 @@ pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
     let ex = block_x() as usize;
     // The block's weight row (constant) towards L2 while the previous kernel (the norm) finishes.
     prefetch_l2_early((p.w as *const u16).add(ex * h) as *const u8, 2 * h, thread_x() as usize, 32 * WARPS);
+    if p.norm_w != 0 && ex == 0 {
+        prefetch_l2_early(p.norm_w as *const u8, 2 * h, thread_x() as usize, 32 * WARPS);
+    }
     entry_prologue();
     let tile = block_y() as usize;
     let tok0 = tile * 16;
@@ -110,10 +118,15 @@ pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
     let lane = lane_id() as usize;
     let x = (p.x as *const u16).add(tok0 * h) as *const u8;
     let wrow = (p.w as *const u16).add(ex * h) as *const u8;
-    let part = dyn_smem_ptr::<f32>(); // [WARPS][16 tokens]
+    // Shared memory: 32 f32 for the fused norm's block sum, then [WARPS][16 tokens] partial logits, then a flag.
+    let part = dyn_smem_ptr::<f32>().add(32);
     let flag = part.add(WARPS * 16) as *mut u32;
 
-    row_logits!(x, wrow, h, ntile, part, (tid, warp, lane), s => *(p.logits as *mut f32).add((tok0 + tid) * ne + ex) = s);
+    if p.norm_w != 0 {
+        norm_then_logit(&p, wrow, part, (tid, warp, lane));
+    } else {
+        row_logits!(x, wrow, h, ntile, part, (tid, warp, lane), s => *(p.logits as *mut f32).add((tok0 + tid) * ne + ex) = s);
+    }
     if !last_block_arrives((p.counter as *mut u32).add(tile), grid_dim_x(), flag) {
         return;
     }
@@ -130,5 +143,51 @@ pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {
             (p.weights as *mut f32).add(tok * k),
         );
         i += WARPS;
+    }
+}
+
+/// The fused RMSNorm of one token, then this block's logit (see `MoeRouterParams::norm_w`). Thread `tid` owns the
+/// 16-byte vector `tid` of the row (hidden <= 8 x 256), as `hga_rmsnorm`'s vector path at 256 threads does, so
+/// the block sum and every normalized element are that kernel's bit for bit; the logit is `row_logits!` for one
+/// token with the activation taken from registers instead of memory (same products, same order).
+#[inline(always)]
+unsafe fn norm_then_logit(
+    p: &MoeRouterParams,
+    wrow: *const u8,
+    part: *mut f32,
+    (tid, warp, lane): (usize, usize, usize),
+) {
+    use crate::norm::rmsnorm::{add_bf16x8, norm_bf16x8, sum_sq_bf16x8};
+    let nv = p.hidden as usize / 8;
+    let live = tid < nv;
+    let writer = block_x() == 0;
+    let off = 16 * if live { tid } else { 0 };
+    // All loads of the block at once: the two addends, the norm weight, the router row (asked of L2 before the wait).
+    let a = ld_global_v4((p.norm_in as *const u8).add(off));
+    let r = ld_global_v4((p.res_in as *const u8).add(off));
+    let nw = ld_global_v4((p.norm_w as *const u8).add(off));
+    let w = super::ld_nc_v4(wrow.add(off));
+    let xr = add_bf16x8(a, r);
+    if writer && live {
+        st_global_v4((p.res_out as *mut u8).add(off), xr);
+    }
+    // hga_rmsnorm sums (s0 + s1) + (s2 + s3) with s1 = s2 = s3 = +0 here: exactly s0 (a sum of squares, never -0).
+    let total = block_sum(if live { sum_sq_bf16x8(xr) } else { 0.0 });
+    let inv = 1.0 / sqrt_rn(total / p.hidden as f32 + p.eps);
+    let xn = norm_bf16x8(xr, nw, inv);
+    if writer && live {
+        st_global_v4((p.x as *mut u8).add(off), xn);
+    }
+    let s = warp_sum(if live { dot8(w, xn, 0.0) } else { 0.0 });
+    if lane == 0 {
+        *part.add(warp * 16) = s;
+    }
+    sync_threads();
+    if tid == 0 {
+        let mut s = 0f32;
+        for wi in 0..WARPS {
+            s += *part.add(wi * 16);
+        }
+        *(p.logits as *mut f32).add(block_x() as usize) = s;
     }
 }

@@ -80,20 +80,46 @@ pub(crate) unsafe fn load_residual_vec(
     let off = base + 16 * v;
     let mut w = ld_global_v4((x as *const u8).add(off));
     if residual != 0 {
-        let r = ld_global_v4((residual as *const u8).add(off));
-        for k in 0..4 {
-            let (a0, a1) = bf16x2_to_f32(w[k]);
-            let (b0, b1) = bf16x2_to_f32(r[k]);
-            w[k] = f32x2_to_bf16x2(a0 + b0, a1 + b1);
-        }
+        w = add_bf16x8(w, ld_global_v4((residual as *const u8).add(off)));
         st_global_v4((residual_out as *mut u8).add(off), w);
     }
+    (w, sum_sq_bf16x8(w))
+}
+
+/// bf16(a + b) of 8 bf16 pairs (f32 sums, one rounding): the fused residual add.
+#[inline(always)]
+pub(crate) fn add_bf16x8(a: [u32; 4], b: [u32; 4]) -> [u32; 4] {
+    let mut w = a;
+    for k in 0..4 {
+        let (a0, a1) = bf16x2_to_f32(a[k]);
+        let (b0, b1) = bf16x2_to_f32(b[k]);
+        w[k] = f32x2_to_bf16x2(a0 + b0, a1 + b1);
+    }
+    w
+}
+
+/// Sum of squares of 8 bf16 in element order (f32).
+#[inline(always)]
+pub(crate) fn sum_sq_bf16x8(w: [u32; 4]) -> f32 {
     let mut ss = 0f32;
     for &wk in &w {
         let (a0, a1) = bf16x2_to_f32(wk);
         ss += a0 * a0 + a1 * a1;
     }
-    (w, ss)
+    ss
+}
+
+/// `bf16(weight * bf16(x * inv))` of 8 elements: the normalized output of the vector path.
+#[inline(always)]
+pub(crate) fn norm_bf16x8(x: [u32; 4], wt: [u32; 4], inv: f32) -> [u32; 4] {
+    let mut o = [0u32; 4];
+    for k in 0..4 {
+        let (a0, a1) = bf16x2_to_f32(x[k]);
+        let (w0, w1) = bf16x2_to_f32(wt[k]);
+        let (h0, h1) = bf16x2_to_f32(f32x2_to_bf16x2(a0 * inv, a1 * inv));
+        o[k] = f32x2_to_bf16x2(w0 * h0, w1 * h1);
+    }
+    o
 }
 
 #[inline(always)]
@@ -102,14 +128,7 @@ unsafe fn store_vec(p: &RmsNormParams, base: usize, nv: usize, v: usize, x: [u32
         return;
     }
     let wt = ld_global_v4((p.weight as *const u8).add(16 * v));
-    let mut o = [0u32; 4];
-    for k in 0..4 {
-        let (a0, a1) = bf16x2_to_f32(x[k]);
-        let (w0, w1) = bf16x2_to_f32(wt[k]);
-        let (h0, h1) = bf16x2_to_f32(f32x2_to_bf16x2(a0 * inv, a1 * inv));
-        o[k] = f32x2_to_bf16x2(w0 * h0, w1 * h1);
-    }
-    st_global_v4((p.out as *mut u8).add(base + 16 * v), o);
+    st_global_v4((p.out as *mut u8).add(base + 16 * v), norm_bf16x8(x, wt, inv));
 }
 
 /// Scalar path: any dim and alignment; the row is read twice (the second pass from L1/L2).

@@ -48,8 +48,25 @@ pub struct MoeRouterParams {
     pub experts: u32,
     pub top_k: u32,
     pub norm_topk: u32,
-    pub _pad: u32,
+    /// `hga_moe_router_rows` only, one token only: f32 epsilon of the fused RMSNorm (used when `norm_w != 0`).
+    pub eps: f32,
+    /// `hga_moe_router_rows` only, one token only: when not 0, bf16 [hidden], the weight of an RMSNorm the router
+    /// runs first (the post-attention norm with its residual add): every block computes `x' = bf16(norm_in +
+    /// res_in)` and `x = bf16(norm_w * bf16(x' * rsqrt(mean(x'^2) + eps)))` exactly as `hga_rmsnorm`'s vector path
+    /// does (same per-thread vectors, same block sum), takes its logit from those registers, and block 0 writes
+    /// `x'` to `res_out` and `x` to `x` (for the expert kernels). Needs hidden <= 8 x 256 and 16-byte alignment.
+    pub norm_w: u64,
+    /// bf16 [hidden]: the sublayer output entering the fused norm (when `norm_w != 0`).
+    pub norm_in: u64,
+    /// bf16 [hidden]: the residual stream entering the fused norm (when `norm_w != 0`).
+    pub res_in: u64,
+    /// bf16 [hidden]: the residual stream after the add, written by block 0 (when `norm_w != 0`).
+    pub res_out: u64,
 }
+
+/// Threads of `hga_moe_router_rows`: hidden sizes up to this x 8 can use its fused RMSNorm (one 16-byte vector per
+/// thread, as `hga_rmsnorm`'s vector path at its 256 threads).
+pub const MOE_ROUTER_ROWS_NORM_MAX_HIDDEN: usize = 8 * 32 * MOE_ROUTER_ROWS_WARPS;
 
 /// Grouping of (token, slot) entries by expert.
 #[repr(C)]

@@ -388,3 +388,86 @@ pub fn v4_matches_v3(
         bad,
     ))
 }
+
+/// `moe_decode_residual` (the post-attention norm inside the router for one token) against `hga_rmsnorm` followed
+/// by [`km::moe_decode`] on the same inputs: the residual, the normalized row, the ids, the routing weights and
+/// the MoE output must be identical bit for bit. The fused call runs `reps` times, twice as a replayed CUDA graph,
+/// with its outputs poisoned (NaN) before each run, so block 0's writes of the residual and the normalized row are
+/// seen each time. `d.tokens` > 1 (or a wide hidden) checks that the fallback (the same two launches) is taken.
+pub fn norm_in_router_matches_separate(
+    gpu: &Gpu,
+    d: &MoeDims,
+    inp: &MoeInputs,
+    rng: &mut impl Rng,
+    reps: usize,
+) -> Result<Outcome, RuntimeError> {
+    let s = gpu.stream();
+    let (t, k, h) = (d.tokens, d.top_k, d.hidden);
+    let eps = 1e-6f32;
+    let w = MoeExpertWeights::upload(gpu, &inp.experts)?;
+    let drw = s.clone_htod(&inp.router_w)?;
+    // inp.x is the attention block's output; a residual stream of a larger scale, a norm weight around 1.
+    let res = s.clone_htod(&bf16_vec(t * h, -8.0, 8.0, rng))?;
+    let nw = s.clone_htod(&bf16_vec(h, 0.5, 1.5, rng))?;
+    // Separate: hga_rmsnorm, then moe_decode (version 3).
+    let sub = s.clone_htod(&inp.x)?;
+    let (mut ro, mut xn, mut out) =
+        (s.alloc_zeros::<bf16>(t * h)?, s.alloc_zeros::<bf16>(t * h)?, s.alloc_zeros(t * h)?);
+    let mut ws = MoeWorkspace::new(gpu, d, t, false)?;
+    crate::kernels::hga_rmsnorm(gpu, &sub, Some((&res, &mut ro)), &nw, &mut xn, t, h, eps)?;
+    km::moe_decode_version(gpu, &xn, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, km::DecodeVersion::V3)?;
+    let want = (s.clone_dtoh(&ro)?, s.clone_dtoh(&xn)?, s.clone_dtoh(&out)?);
+    let want_ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
+    let want_w = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
+    // Fused: io starts as the attention output.
+    let nan = vec![bf16::from_bits(0xFFFF); t * h];
+    let mut ws2 = MoeWorkspace::new(gpu, d, t, false)?;
+    let mut io = s.clone_htod(&inp.x)?;
+    let mut fused = false;
+    let mut bad = None;
+    let bits = |a: &[bf16], b: &[bf16]| a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+    for r in 0..reps {
+        s.memcpy_htod(&inp.x, &mut io)?;
+        s.memcpy_htod(&nan, &mut ro)?;
+        s.memcpy_htod(&nan, &mut xn)?;
+        s.memcpy_htod(&vec![u32::MAX; ws2.ids.len()], &mut ws2.ids)?;
+        let mut run = || km::moe_decode_residual(gpu, &mut io, &res, &mut ro, &nw, eps, &mut xn, &drw, &w, &mut ws2, d);
+        if r + 2 >= reps {
+            // The last two runs replay a captured graph of the call.
+            let graph = gpu.capture(|| run().map(|f| fused = f))?;
+            graph.launch()?;
+        } else {
+            fused = run()?;
+        }
+        let (gro, gxn, gout) = (s.clone_dtoh(&ro)?, s.clone_dtoh(&xn)?, s.clone_dtoh(&io)?);
+        let ids = s.clone_dtoh(&ws2.ids)?[..t * k].to_vec();
+        let wt = s.clone_dtoh(&ws2.weights)?[..t * k].to_vec();
+        let what = if r + 2 >= reps { format!("run {r} (graph)") } else { format!("run {r}") };
+        bad = bad
+            .or(bits(&gro, &want.0).map(|i| format!("{what}: residual[{i}] = {}, separate {}", gro[i], want.0[i])))
+            .or(bits(&gxn, &want.1).map(|i| format!("{what}: normalized[{i}] = {}, separate {}", gxn[i], want.1[i])))
+            .or((ids != want_ids).then(|| format!("{what}: ids {ids:?}, separate {want_ids:?}")))
+            .or((0..t * k)
+                .find(|&i| wt[i].to_bits() != want_w[i].to_bits())
+                .map(|i| format!("{what}: weight {i} = {}, separate {}", wt[i], want_w[i])))
+            .or(bits(&gout, &want.2).map(|i| format!("{what}: out[{i}] = {}, separate {}", gout[i], want.2[i])));
+    }
+    let should = t == 1
+        && h <= gpu_kernels::params::MOE_ROUTER_ROWS_NORM_MAX_HIDDEN
+        && km::default_decode_version() == km::DecodeVersion::V3;
+    if fused != should {
+        bad = bad.or(Some(format!("fused = {fused}, expected {should}")));
+    }
+    gpu.synchronize()?;
+    Ok(Outcome::new(
+        "moe_decode_residual",
+        format!(
+            "norm in the router ({}) == rmsnorm + moe_decode, {reps} runs, T={t} H={h} I={} E={} k={k}",
+            if fused { "fused" } else { "fallback" },
+            d.inter,
+            d.experts
+        ),
+        0.0,
+        bad,
+    ))
+}

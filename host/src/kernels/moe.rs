@@ -4,6 +4,7 @@
 //! [`moe_decode_v4`]: the whole layer in one persistent launch) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
 //! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch, launch_as, LaunchKind};
+use crate::kernels::hga_rmsnorm;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
@@ -12,7 +13,7 @@ use gpu_kernels::params::{
     MoeDecodeV4Params, MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DECODE_V4_MAX_TOKENS,
     MOE_DECODE_V4_SMEM_WORDS, MOE_DECODE_V4_WARPS, MOE_DOWN_DECODE_V3_ROWS, MOE_DOWN_DECODE_V3_WARPS,
     MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
-    MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
+    MOE_ROUTER_ROWS_NORM_MAX_HIDDEN, MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
 };
 use half::bf16;
 
@@ -74,6 +75,35 @@ pub fn hga_moe_router(
     d: &MoeDims,
     form: RouterForm,
 ) -> Result<(), RuntimeError> {
+    router_launch(gpu, x, w, logits, counter, ids, weights, d, form, None)
+}
+
+/// The RMSNorm that `hga_moe_router_rows` can run first (`MoeRouterParams::norm_w`): device addresses, already
+/// checked (hidden bf16 each, 16-byte aligned), and epsilon.
+#[derive(Clone, Copy)]
+struct RouterNorm {
+    weight: u64,
+    input: u64,
+    res_in: u64,
+    res_out: u64,
+    eps: f32,
+}
+
+/// [`hga_moe_router`], optionally with the fused norm (then `x` is where block 0 writes the normalized row, and the
+/// form is `Rows`).
+#[allow(clippy::too_many_arguments)]
+fn router_launch(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    logits: &mut impl DevicePtrMut<f32>,
+    counter: &mut impl DevicePtrMut<u32>,
+    ids: &mut impl DevicePtrMut<u32>,
+    weights: &mut impl DevicePtrMut<f32>,
+    d: &MoeDims,
+    form: RouterForm,
+    norm: Option<RouterNorm>,
+) -> Result<(), RuntimeError> {
     check_dims(d)?;
     let (t, h, ne, k) = (d.tokens, d.hidden, d.experts, d.top_k);
     check_len("moe router x", x.len(), t * h)?;
@@ -111,13 +141,23 @@ pub fn hga_moe_router(
         experts: ne as u32,
         top_k: k as u32,
         norm_topk: d.norm_topk as u32,
-        _pad: 0,
+        eps: norm.map_or(0.0, |n| n.eps),
+        norm_w: norm.map_or(0, |n| n.weight),
+        norm_in: norm.map_or(0, |n| n.input),
+        res_in: norm.map_or(0, |n| n.res_in),
+        res_out: norm.map_or(0, |n| n.res_out),
     };
+    if norm.is_some() && (form != RouterForm::Rows || t != 1 || h > MOE_ROUTER_ROWS_NORM_MAX_HIDDEN) {
+        return Err(shape_err(format!(
+            "moe router: the fused norm needs the rows form, 1 token, hidden <= 2048 ({t}, {h})"
+        )));
+    }
     if form == RouterForm::Rows {
         let cfg = LaunchConfig {
             grid_dim: (ne as u32, dim_u32("moe router tiles", t.div_ceil(MOE_ROUTER_TILE))?, 1),
             block_dim: (32 * MOE_ROUTER_ROWS_WARPS as u32, 1, 1),
-            shared_mem_bytes: (MOE_ROUTER_ROWS_WARPS * MOE_ROUTER_TILE * 4 + 16) as u32, // [warps][16] f32 + flag
+            // block sum [32] f32, partial logits [warps][16] f32, flag
+            shared_mem_bytes: (4 * 32 + MOE_ROUTER_ROWS_WARPS * MOE_ROUTER_TILE * 4 + 16) as u32,
         };
         // SAFETY: lengths checked above.
         unsafe { launch(gpu, "hga_moe_router_rows", cfg, p) }
@@ -624,6 +664,76 @@ pub fn moe_decode(
     moe_decode_version(gpu, x, router_w, w, ws, out, d, form, default_decode_version())
 }
 
+/// The MoE block of a decode step together with the norm in front of it: `io` holds the attention block's output
+/// on entry and the MoE output on return; `residual_out = bf16(io + residual)`, `xn = RMSNorm(residual_out) *
+/// norm_w` (the post-attention norm, transformers' Qwen3RMSNorm), then [`moe_decode`] of `xn`. For one token with
+/// version 3 and hidden <= 2048 the norm runs inside the router (`hga_moe_router_rows` with `norm_w`): one launch
+/// fewer, the same numbers bit for bit as `hga_rmsnorm` + [`moe_decode`], which is what runs otherwise. Returns
+/// whether the norm was fused.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_decode_residual(
+    gpu: &Gpu,
+    io: &mut (impl DevicePtrMut<bf16> + DevicePtr<bf16>),
+    residual: &impl DevicePtr<bf16>,
+    residual_out: &mut impl DevicePtrMut<bf16>,
+    norm_w: &impl DevicePtr<bf16>,
+    eps: f32,
+    xn: &mut (impl DevicePtrMut<bf16> + DevicePtr<bf16>),
+    router_w: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ws: &mut MoeWorkspace,
+    d: &MoeDims,
+) -> Result<bool, RuntimeError> {
+    let (t, h, k) = (d.tokens, d.hidden, d.top_k);
+    let n = t * h;
+    check_len("moe residual", residual.len(), n)?;
+    check_len("moe residual_out", residual_out.len(), n)?;
+    check_len("moe norm weight", norm_w.len(), h)?;
+    check_len("moe xn", xn.len(), n)?;
+    check_len("moe io", io.len(), n)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(shape_err(format!("moe norm: eps must be finite and >= 0, got {eps}")));
+    }
+    let fused = {
+        let (pi, _a) = dptr_mut(gpu, io);
+        let (pr, _b) = dptr(gpu, residual);
+        let (pro, _c) = dptr_mut(gpu, residual_out);
+        let (pn, _d) = dptr(gpu, norm_w);
+        let (px, _e) = dptr_mut(gpu, xn);
+        let aligned = [pi, pr, pro, pn, px].iter().all(|p| p % 16 == 0);
+        let fusable = t == 1
+            && h <= MOE_ROUTER_ROWS_NORM_MAX_HIDDEN
+            && h % 8 == 0
+            && aligned
+            && default_decode_version() == DecodeVersion::V3;
+        fusable.then_some(RouterNorm { weight: pn, input: pi, res_in: pr, res_out: pro, eps })
+    };
+    let Some(norm) = fused else {
+        hga_rmsnorm(gpu, io, Some((residual, residual_out)), norm_w, xn, t, h, eps)?;
+        moe_decode(gpu, xn, router_w, w, ws, io, d, RouterForm::Auto)?;
+        return Ok(false);
+    };
+    ws.fits(d)?;
+    router_launch(
+        gpu,
+        xn,
+        router_w,
+        &mut ws.logits.slice_mut(0..t * d.experts),
+        &mut ws.counter.slice_mut(0..t.div_ceil(MOE_ROUTER_TILE)),
+        &mut ws.ids.slice_mut(0..t * k),
+        &mut ws.weights.slice_mut(0..t * k),
+        d,
+        RouterForm::Rows,
+        Some(norm),
+    )?;
+    let v = DecodeVersion::V3;
+    let inter = &mut ws.inter.slice_mut(0..t * k * d.inter);
+    hga_moe_gate_up_decode_version(gpu, xn, w, &ws.ids.slice(0..t * k), inter, d, v)?;
+    let (inter, ids, wts) = (ws.inter.slice(0..t * k * d.inter), ws.ids.slice(0..t * k), ws.weights.slice(0..t * k));
+    hga_moe_down_decode_version(gpu, &inter, w, &ids, &wts, io, d, v)?;
+    Ok(true)
+}
+
 /// The version [`moe_decode`] runs: v3, or v4 (one persistent kernel, v3 past its token limit) when the environment
 /// variable `HGA_MOE_DECODE` is `v4` (read once per process; for comparing the two in one model run). v3 stays the
 /// default because it measured faster on the H200: 25.1 vs 31.9 us per layer at T = 1, 291 vs 247 tokens/s for
@@ -781,7 +891,11 @@ pub fn moe_decode_v4_launch(
             experts: ne as u32,
             top_k: k as u32,
             norm_topk: d.norm_topk as u32,
-            _pad: 0,
+            eps: 0.0,
+            norm_w: 0,
+            norm_in: 0,
+            res_in: 0,
+            res_out: 0,
         },
         expert: pe,
     };

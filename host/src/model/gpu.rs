@@ -8,7 +8,8 @@
 //! 3. per-head q/k RMSNorm + NeoX RoPE, K and V written into the layer's cache (`hga_qk_norm_rope`);
 //! 4. causal GQA attention over the cache: split-K decode for one token, FlashAttention-style prefill otherwise;
 //! 5. FP8 quantization of the attention output (fused into the decode merge for one token), `o_proj`;
-//! 6. `post_attention_layernorm` fused with the residual add (`hga_rmsnorm`, bf16 out: the router reads bf16);
+//! 6. `post_attention_layernorm` fused with the residual add (`hga_rmsnorm`, bf16 out: the router reads bf16; for
+//!    one token it runs inside the MoE router instead, `moe_decode_residual`, bit for bit the same);
 //! 7. the MoE block (router, experts; the decode path for a few tokens, the grouped path above). A dense-MLP layer
 //!    (`mlp_only_layers`, `decoder_sparse_step`) runs as a MoE block with one expert and weight 1, which is exactly
 //!    `down(silu(gate(x)) * up(x))`.
@@ -25,7 +26,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::gemm::{hga_fp8_linear, hga_rmsnorm_fp8_quant};
 use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
-use crate::kernels::moe::{moe_decode, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
+use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
@@ -739,32 +740,28 @@ impl<'g> GpuModel<'g> {
                 t,
             )?;
             marks.mark(gpu, "o_proj")?;
-            // 6. post-attention norm (+ the attention output into the residual), bf16 out.
-            let (a, b) = split_pair(&mut sc.h, cur);
-            hga_rmsnorm(
-                gpu,
-                &sc.mlp_out.slice(0..t * h),
-                Some((&a.slice(0..t * h), &mut b.slice_mut(0..t * h))),
-                &layer.post_attention_layernorm,
-                &mut sc.xn.slice_mut(0..t * h),
-                t,
-                h,
-                eps,
-            )?;
-            cur ^= 1;
-            marks.mark(gpu, "post-attention norm")?;
-            // 7. MoE (or the dense MLP as a one-expert MoE).
+            // 6. post-attention norm (+ the attention output into the residual), bf16 out; 7. MoE (or the dense
+            // MLP as a one-expert MoE). For one token the norm runs inside the MoE router (one launch fewer).
             let Mlp::Moe { router, experts, dims, ws } = &layer.mlp;
             let d = MoeDims { tokens: t, ..*dims };
             let ws = &mut sc.moe[*ws];
-            let x = sc.xn.slice(0..t * h);
-            let mut o = sc.mlp_out.slice_mut(0..t * h);
+            let (a, b) = split_pair(&mut sc.h, cur);
+            let (res, res_out) = (a.slice(0..t * h), &mut b.slice_mut(0..t * h));
+            let norm_w = &layer.post_attention_layernorm;
+            let (mut io, mut xn) = (sc.mlp_out.slice_mut(0..t * h), sc.xn.slice_mut(0..t * h));
             if t <= MOE_DECODE_MAX_TOKENS {
-                moe_decode(gpu, &x, router, experts, ws, &mut o, &d, RouterForm::Auto)?;
+                let fused =
+                    moe_decode_residual(gpu, &mut io, &res, res_out, norm_w, eps, &mut xn, router, experts, ws, &d)?;
+                let what =
+                    if fused { "post-attention norm + MoE (norm in the router)" } else { "post-attention norm + MoE" };
+                marks.mark(gpu, what)?;
             } else {
-                moe_grouped(gpu, &x, router, experts, ws, &mut o, &d, RouterForm::Auto)?;
+                hga_rmsnorm(gpu, &io, Some((&res, res_out)), norm_w, &mut xn, t, h, eps)?;
+                marks.mark(gpu, "post-attention norm")?;
+                moe_grouped(gpu, &xn, router, experts, ws, &mut io, &d, RouterForm::Auto)?;
+                marks.mark(gpu, "MoE (router, gate/up, down)")?;
             }
-            marks.mark(gpu, "MoE (router, gate/up, down)")?;
+            cur ^= 1;
         }
         // Final norm (+ the last MLP output into the residual).
         let (a, b) = split_pair(&mut sc.h, cur);
