@@ -180,20 +180,17 @@ fn prefill_named(
 }
 
 /// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at [`DECODE_CTAS_PER_SM`] CTAs per
-/// SM with at least [`DECODE_MIN_TILES_PER_SPLIT`] tiles per split (short contexts get fewer splits), every split
-/// non-empty, at most `max_splits`.
-pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize) -> (usize, usize) {
+/// SM with at least `min_tiles` tiles per split (short contexts get fewer splits; [`DecodeKernel::tiles_in_flight`]
+/// of the kernel: a split shorter than its ring leaves stages empty), every split non-empty, at most `max_splits`.
+/// Measured on an H200 at 4K context (graph replay, merge v2): with the 4-stage ring (3 tiles in flight) 16 splits
+/// of 4 tiles took 10.0 us and 32 splits of 2 tiles 10.9; with the 3-stage ring (2 in flight) 32 splits of 2
+/// tiles took 9.2 us and 16 splits 10.1 (docs/perf-attention.md).
+pub fn decode_splits(sms: usize, s: &AttentionShape, max_splits: usize, min_tiles: usize) -> (usize, usize) {
     let base = decode_base_ctas(s);
     let tiles = s.ctx().div_ceil(ATTN_BN).max(1);
-    let most = (tiles / DECODE_MIN_TILES_PER_SPLIT).max(1) * base;
+    let most = (tiles / min_tiles.max(1)).max(1) * base;
     decode_splits_for((DECODE_CTAS_PER_SM * sms).min(most), s, max_splits)
 }
-
-/// Fewest 64-key tiles per split [`decode_splits`] aims at. Measured on an H200 (graph replay, merge v2, one
-/// run): at 4K context 16 splits of 4 tiles took 10.0 us, 32 splits of 2 tiles 10.9 us, 8 splits of 8 tiles
-/// 12.8 us; from 16K on, one CTA per SM (8+ tiles per split) is fastest (docs/perf-attention.md). A split of
-/// fewer tiles than the ring has stages leaves the ring part empty, and every split adds merge work.
-pub const DECODE_MIN_TILES_PER_SPLIT: usize = 4;
 
 /// CTAs of one split: KV heads x 16-row groups of (token, query head of the KV head).
 fn decode_base_ctas(s: &AttentionShape) -> usize {
@@ -238,6 +235,15 @@ impl DecodeKernel {
         }
     }
 
+    /// Key tiles the kernel keeps in flight per CTA (v3: its stages - 1; v2: 1; `Auto`: 1): the fewest tiles a
+    /// default split gets.
+    pub fn tiles_in_flight(self) -> usize {
+        match self {
+            DecodeKernel::V3(n) => n.saturating_sub(1).max(1),
+            _ => 1,
+        }
+    }
+
     /// Dynamic shared memory of the kernel (`Auto`: 0).
     pub fn smem_bytes(self) -> usize {
         self.entry().map(|e| e.1).unwrap_or(0)
@@ -275,8 +281,9 @@ impl MergeKernel {
 }
 
 /// Deepest v3 ring `Auto` uses. With merge v1, at 64K 4 stages took 44.0 us, 6 stages 44.9 and 3 stages 44.5 (v2:
-/// 47.4; H200, graph replay). With merge v2, 3 stages are the fastest at every context (H200, graph replay, one
-/// run; 3 / 4 / 6 stages): 4K 9.34 / 11.17 / 11.12 us, 16K 15.27 / 16.74 / 17.02, 64K 38.38 / 39.57 / 40.34
+/// 47.4; H200, graph replay). With merge v2, 3 stages are the fastest from 16K on in two runs (H200, graph
+/// replay; 3 / 4 / 6 stages): 16K 15.27 / 16.74 / 17.02 and 15.10 / 16.76 / 17.07 us, 64K 38.38 / 39.57 / 40.34
+/// and 38.38 / 39.58 / 40.49; at 4K the runs disagree (9.34 / 11.17 / 11.12, then 10.19 / 10.06 / 9.76)
 /// (docs/perf-attention.md). 3 stages (96 KB) is also what fits sm_89 and sm_120.
 const DECODE_AUTO_MAX_STAGES: usize = 3;
 
@@ -468,7 +475,7 @@ fn decode_launch(
         return Ok(0);
     }
     let (n_splits, tps) = match c.target_ctas {
-        None => decode_splits(sm_count(gpu)?, s, ws.max_splits),
+        None => decode_splits(sm_count(gpu)?, s, ws.max_splits, kernel.tiles_in_flight()),
         Some(t) => decode_splits_for(t, s, ws.max_splits),
     };
     let g = s.n_heads / s.n_kv_heads;
@@ -520,16 +527,20 @@ mod tests {
     }
 
     #[test]
-    fn decode_splits_keep_four_tiles_per_split_on_short_contexts() {
+    fn decode_splits_fill_the_ring_on_short_contexts() {
         // Qwen3-30B-A3B decode: 32 query heads on 4 KV heads, one token: 4 CTAs per split; 132 SMs (H100 / H200).
         let at = |ctx: usize| AttentionShape { tokens: 1, n_heads: 32, n_kv_heads: 4, capacity: ctx, start: ctx - 1 };
-        assert_eq!(decode_splits(132, &at(4096), 256), (16, 4)); // 64 tiles: 16 splits of 4, not 33 of 2
-        assert_eq!(decode_splits(132, &at(8192), 256), (32, 4));
-        assert_eq!(decode_splits(132, &at(16384), 256), (32, 8)); // one CTA per SM from here on
-        assert_eq!(decode_splits(132, &at(65536), 256), (32, 32));
-        assert_eq!(decode_splits(132, &at(100), 256), (1, 2)); // fewer tiles than the minimum: one split
-        assert_eq!(decode_splits(132, &at(65536), 8), (8, 128)); // the workspace's limit
-                                                                 // The tuning form aims at the given CTAs whatever the tiles per split.
+        let s3 = DecodeKernel::V3(3).tiles_in_flight();
+        let s4 = DecodeKernel::V3(4).tiles_in_flight();
+        assert_eq!((s3, s4, DecodeKernel::V2.tiles_in_flight()), (2, 3, 1));
+        assert_eq!(decode_splits(132, &at(4096), 256, s3), (32, 2)); // 64 tiles: one CTA per SM, 2 tiles each
+        assert_eq!(decode_splits(132, &at(4096), 256, s4), (16, 4)); // 3 in flight: at most 21 splits, of 4 tiles
+        assert_eq!(decode_splits(132, &at(2048), 256, s3), (16, 2));
+        assert_eq!(decode_splits(132, &at(16384), 256, s4), (32, 8)); // one CTA per SM from here on
+        assert_eq!(decode_splits(132, &at(65536), 256, s3), (32, 32));
+        assert_eq!(decode_splits(132, &at(100), 256, s3), (1, 2)); // fewer tiles than the ring: one split
+        assert_eq!(decode_splits(132, &at(65536), 8, s3), (8, 128)); // the workspace's limit
+                                                                     // The tuning form aims at the given CTAs whatever the tiles per split.
         assert_eq!(decode_splits_for(132, &at(4096), 256), (32, 2));
     }
 }
