@@ -39,6 +39,22 @@ fn tokens() -> impl Strategy<Value = usize> {
     ]
 }
 
+/// A random layer of `t` tokens and the given small shape (router rows with exact ties when `dups`), and the
+/// generator that made it.
+fn random_case(
+    seed: u64,
+    t: usize,
+    dims: (usize, usize, usize, usize, bool),
+    dups: bool,
+) -> (MoeDims, cm::MoeInputs, StdRng) {
+    let (h, i, e, k, n) = dims;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
+    let mut inp = cm::random_inputs(&d, &mut rng);
+    inp.router_w = cm::random_router(&d, dups, &mut rng);
+    (d, inp, rng)
+}
+
 /// Small layer shapes (multiples of 128 for hidden and inter), experts 1..=256 with top-k <= experts.
 fn small_dims() -> impl Strategy<Value = (usize, usize, usize, usize, bool)> {
     (
@@ -181,11 +197,8 @@ fn gpu_moe_decode_v4_bit_identical_to_v3() {
             assert_ok(cm::v4_matches_v3(gpu, &d, &inp, how, 3).unwrap()).unwrap();
         }
     }
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k, n) in small_dims(), dups in any::<bool>())| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
-        let mut inp = cm::random_inputs(&d, &mut rng);
-        inp.router_w = cm::random_router(&d, dups, &mut rng);
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, dims in small_dims(), dups in any::<bool>())| {
+        let (d, inp, _) = random_case(seed, t, dims, dups);
         assert_ok(cm::v4_matches_v3(gpu, &d, &inp, V4Launch::Cooperative, 2).unwrap())?;
     });
 }
@@ -202,11 +215,8 @@ fn gpu_moe_norm_in_router_bit_identical() {
         let inp = cm::random_inputs(&d, &mut rng);
         assert_ok(cm::norm_in_router_matches_separate(gpu, &d, &inp, &mut rng, 4).unwrap()).unwrap();
     }
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=2, (h, i, e, k, n) in small_dims(), dups in any::<bool>())| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
-        let mut inp = cm::random_inputs(&d, &mut rng);
-        inp.router_w = cm::random_router(&d, dups, &mut rng);
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=2, dims in small_dims(), dups in any::<bool>())| {
+        let (d, inp, mut rng) = random_case(seed, t, dims, dups);
         assert_ok(cm::norm_in_router_matches_separate(gpu, &d, &inp, &mut rng, 3).unwrap())?;
     });
 }
