@@ -3,7 +3,8 @@
 //! what `HGA_UPDATE_PTX=1 cargo build` refreshes): in the sm_90 and sm_120 images every `.entry` executes
 //! `griddepcontrol.wait` before its first global load / store / `cp.async` / atomic / reduction (textual order),
 //! except the L2 prefetches marked `pdl-early-constant` (decode FP8 linear, lm_head, the decode router, the two
-//! RMSNorm kernels and q/k norm + RoPE: constant weights asked for while the previous kernel finishes);
+//! RMSNorm kernels and q/k norm + RoPE: constant weights asked for while the previous kernel finishes), and the
+//! `pdl-early-kv` ones of the v3 decode attention (the first K/V tiles of each split);
 //! the sm_89 image has no `griddepcontrol` at all (it is launched without PDL, also on an sm_90 device through the
 //! driver JIT). Also the checker itself, on small texts, and what the embedded images record.
 use hga::runtime::{ptx_pdl_check, ImageKind};
@@ -38,19 +39,22 @@ fn pdl_images_wait_before_any_global_access() {
                     | "hga_rmsnorm"
                     | "hga_rmsnorm_fp8_quant"
                     | "hga_qk_norm_rope"
+                    | "hga_attention_decode_v3_s3"
+                    | "hga_attention_decode_v3_s4"
+                    | "hga_attention_decode_v3_s6"
             );
-            assert_eq!(early > 0, want, "{arch} {name}: {early} instructions marked pdl-early-constant");
+            assert_eq!(early > 0, want, "{arch} {name}: {early} instructions marked pdl-early-*");
         }
     }
 }
 
-/// (entry name, number of `pdl-early-constant` prefetches in it) for every entry.
+/// (entry name, number of `pdl-early-constant` / `pdl-early-kv` prefetches in it) for every entry.
 fn early_loads_per_entry(ptx: &str) -> Vec<(String, usize)> {
     let mut out: Vec<(String, usize)> = Vec::new();
     for l in ptx.lines() {
         if let Some((_, rest)) = l.split("//").next().unwrap_or("").split_once(".entry ") {
             out.push((rest.split('(').next().unwrap_or("").trim().to_string(), 0));
-        } else if l.contains("// pdl-early-constant") {
+        } else if l.contains("// pdl-early-constant") || l.contains("// pdl-early-kv") {
             let last = out.last_mut().expect("a marked prefetch outside an entry");
             assert!(l.trim_start().starts_with("prefetch.global.L2 "), "marked: {l}");
             last.1 += 1;

@@ -125,8 +125,10 @@ pub fn select_image(images: &[KernelImage], major: u32, minor: u32) -> Result<&K
 /// instruction that may touch global memory (a load or store other than `.param` / `.shared` / `.local` / `.const`
 /// ones, including generic ones; any `atom`, `red`, `cp.*`, `prefetch`, texture or surface access; a `call`), in
 /// textual order, which is what PDL needs: see [`Gpu::set_pdl`]. The one exception is an L2 prefetch
-/// (`prefetch.global.L2`) whose line carries the marker comment `pdl-early-constant`: the kernels issue those for
-/// model weights, which no kernel writes, so that their stream overlaps the previous kernel. Returns the number of
+/// (`prefetch.global.L2`) whose line carries the marker comment `pdl-early-constant` or `pdl-early-kv`: the kernels
+/// issue those for model weights, which no kernel writes, and for K/V cache rows the decode attention will stream
+/// (an L2 prefetch cannot make a later load stale: gpu-kernels/src/arch/pdl.rs), so that their stream overlaps the
+/// previous kernel. Returns the number of
 /// entries checked, or names the first entry that does not and the instruction.
 pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
     fn code(line: &str) -> &str {
@@ -168,7 +170,7 @@ pub fn ptx_pdl_check(ptx: &str) -> Result<usize, String> {
         for line in lines.by_ref() {
             let l = code(line);
             opened |= l.contains('{');
-            let early_constant = line.contains("// pdl-early-constant");
+            let early_constant = line.contains("// pdl-early-constant") || line.contains("// pdl-early-kv");
             if opened && !waited {
                 for stmt in l.split(';') {
                     let op = opcode(stmt);

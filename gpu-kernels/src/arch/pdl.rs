@@ -54,15 +54,36 @@ pub fn entry_prologue() {
 /// `base .. base + bytes` lies in one global allocation.
 #[inline(always)]
 pub unsafe fn prefetch_l2_early(base: *const u8, bytes: usize, tid: usize, nthreads: usize) {
-    #[cfg(hga_pdl)]
-    {
-        let mut off = tid * 128;
-        while off < bytes {
-            core::arch::asm!("prefetch.global.L2 [{0}]; // pdl-early-constant", in(reg64) base.add(off),
-                options(nostack, readonly));
-            off += nthreads * 128;
-        }
-    }
-    #[cfg(not(hga_pdl))]
-    let _ = (base, bytes, tid, nthreads);
+    prefetch_lines!(base, bytes, tid, nthreads, "prefetch.global.L2 [{0}]; // pdl-early-constant");
 }
+
+/// As [`prefetch_l2_early`], for K/V cache rows a decode attention kernel is about to stream, marked
+/// `pdl-early-kv`. The predecessors of that kernel write at most the rows of the positions being decoded (the
+/// RoPE kernel's cache write); every other row is as the kernel will read it. Even a row being written is safe to
+/// prefetch: the prefetch is only a hint into L2, the point of coherence, and the kernel's own loads after the wait
+/// (`cp.async.cg`, which also reads L2) see the write. Rows past the context are harmless (inside the cache).
+///
+/// # Safety
+/// `base .. base + bytes` lies in one global allocation.
+#[inline(always)]
+pub unsafe fn prefetch_l2_early_kv(base: *const u8, bytes: usize, tid: usize, nthreads: usize) {
+    prefetch_lines!(base, bytes, tid, nthreads, "prefetch.global.L2 [{0}]; // pdl-early-kv");
+}
+
+/// One `prefetch.global.L2` per 128-byte line of `base .. base + bytes`, lines shared by `nthreads` threads from
+/// `tid`, with the given instruction text (its marker comment); nothing without `hga_pdl`.
+macro_rules! prefetch_lines {
+    ($base:expr, $bytes:expr, $tid:expr, $nthreads:expr, $insn:literal) => {{
+        #[cfg(hga_pdl)]
+        {
+            let mut off = $tid * 128;
+            while off < $bytes {
+                core::arch::asm!($insn, in(reg64) $base.add(off), options(nostack, readonly));
+                off += $nthreads * 128;
+            }
+        }
+        #[cfg(not(hga_pdl))]
+        let _ = ($base, $bytes, $tid, $nthreads);
+    }};
+}
+use prefetch_lines;

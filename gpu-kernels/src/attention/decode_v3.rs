@@ -19,6 +19,8 @@
 //! tile kt - 1), refills tile kt - 1's slot with tile kt + S - 1 and computes tile kt.
 //! Causal / bounds: as v2 (start from `start_dev` when set; keys < min(start + tokens, capacity); splits past the
 //! context write O = 0, LSE = -inf; rows past a split's end repeat its last key and are masked).
+//! Programmatic dependent launch: before the wait, each CTA asks L2 for the K/V rows of its first S - 1 tiles
+//! (`prefetch_first_tiles`), overlapping their DRAM latency with the previous kernel (q/k norm + RoPE).
 //! Assumes: head_dim 128, n_heads a multiple of n_kv_heads, start + tokens <= capacity.
 use super::decode::{min_u32, split_keys, write_split};
 use super::tile::*;
@@ -33,20 +35,44 @@ const STAGE: u32 = 2 * TILE;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s3(p: AttentionParams) {
+    prefetch_first_tiles::<3>(&p);
     entry_prologue();
     decode_ring::<3, 1>(p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s4(p: AttentionParams) {
+    prefetch_first_tiles::<4>(&p);
     entry_prologue();
     decode_ring::<4, 2>(p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s6(p: AttentionParams) {
+    prefetch_first_tiles::<6>(&p);
     entry_prologue();
     decode_ring::<6, 4>(p)
+}
+
+/// Before the PDL wait: asks L2 for the K and V rows of the first S - 1 tiles of this CTA's split (what the
+/// ring's prologue loads first), so that their DRAM latency overlaps the previous kernel (`prefetch_l2_early_kv`).
+/// The split is taken from the launch's `start` (the bound of a device-start launch, never below the real start:
+/// at worst rows past the context are asked for), not from `start_dev`, which must not be read before the wait.
+#[inline(always)]
+unsafe fn prefetch_first_tiles<const S: u32>(p: &AttentionParams) {
+    let rgroups = (p.tokens * (p.n_heads / p.n_kv_heads)).div_ceil(ROWS);
+    let kvh = block_x() / rgroups;
+    let ctx = min_u32(p.start + p.tokens, p.capacity);
+    let k_begin = block_y() * p.tiles_per_split * BN;
+    let k_end = min_u32(min_u32(ctx, k_begin + p.tiles_per_split * BN), k_begin + (S - 1) * BN);
+    if k_begin >= k_end {
+        return;
+    }
+    let off = (kvh as usize * p.capacity as usize + k_begin as usize) * D * 2;
+    let bytes = (k_end - k_begin) as usize * D * 2;
+    let tid = thread_x() as usize;
+    prefetch_l2_early_kv((p.k_cache as *const u8).add(off), bytes, tid, NTHREADS as usize);
+    prefetch_l2_early_kv((p.v_cache as *const u8).add(off), bytes, tid, NTHREADS as usize);
 }
 
 /// The v3 decode with an `S`-stage ring; `W` = S - 2 (the `cp.async.wait_group` count: tile kt is complete while
