@@ -90,7 +90,8 @@ struct RouterNorm {
 }
 
 /// [`hga_moe_router`], optionally with the fused norm (then `x` is where block 0 writes the normalized row, and the
-/// form is `Rows`).
+/// form is `Rows`). `x` is taken by shared reference either way: the one caller of the fused form
+/// ([`moe_decode_residual`]) holds it mutably, and all of it runs on the GPU's one stream.
 #[allow(clippy::too_many_arguments)]
 fn router_launch(
     gpu: &Gpu,
