@@ -121,8 +121,7 @@ fn main() {
     }
     // Decode kernels inside CUDA graphs (device time only), T = 1, contexts 4K / 16K / 64K.
     {
-        let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-        let max_smem = gpu.context().attribute(a).unwrap().max(0) as usize;
+        let max_smem = gpu.smem_per_block_optin();
         let auto = hga::kernels::attention::decode_kernel_auto(&gpu).unwrap();
         println!("decode kernels: shared memory per block {max_smem} B; default {auto:?}");
         let kernels: Vec<DecodeKernel> =
@@ -220,10 +219,7 @@ fn main() {
         let mut out = s.alloc_zeros::<bf16>(NH * D).unwrap();
         let mut lse = s.alloc_zeros::<f32>(NH).unwrap();
         let shape = AttentionShape { tokens: 1, n_heads: NH, n_kv_heads: NKV, capacity: ctx, start: ctx - 1 };
-        let sms = gpu
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .unwrap() as usize;
+        let sms = gpu.sm_count();
         // Quarter- and half-SM targets (8 / 16 splits for 4 KV heads: fewer, longer splits, fewer merge batches)
         // next to the whole multiples.
         for (per_sm, target) in

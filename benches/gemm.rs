@@ -10,7 +10,6 @@
 //! Run: `cargo bench --bench gemm` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
-use cudarc::driver::sys::CUdevice_attribute;
 use half::bf16;
 use hga::kernels::gemm::{hga_fp8_linear_with, Fp8LinearKernel};
 
@@ -44,7 +43,7 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     let s = gpu.stream().clone();
-    let sms = gpu.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
+    let sms = gpu.sm_count();
     println!("device: {}  image: {}  PDL: {}  SMs: {sms}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut rows: Vec<Row> = Vec::new();

@@ -221,6 +221,10 @@ pub struct Gpu {
     image: String,
     name: String,
     cc: (u32, u32),
+    /// Streaming multiprocessors, and the opt-in maximum of shared memory per block (bytes): queried once here,
+    /// read by launchers on every call (split sizes, persistent grids, which decode kernel fits).
+    sms: usize,
+    smem_per_block_optin: usize,
     /// Loaded kernels, with the dynamic shared memory limit set on each (bytes; 0: the 48 KB default).
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     /// The image was built for PDL and the device has compute capability >= 9.0.
@@ -294,6 +298,10 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let name = ctx.name()?;
+        let attr = |a| ctx.attribute(a).map(|v| v.max(0) as usize);
+        let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let smem_per_block_optin =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let pdl_supported = image.pdl && major >= 9;
         let pdl_env = std::env::var("HGA_PDL").map_or(true, |v| !matches!(v.trim(), "0" | "off" | "false"));
         Ok(Gpu {
@@ -303,6 +311,8 @@ impl Gpu {
             image: image.name(),
             name,
             cc: (major, minor),
+            sms,
+            smem_per_block_optin,
             functions: Mutex::new(HashMap::new()),
             pdl_supported,
             pdl: AtomicBool::new(pdl_supported && pdl_env),
@@ -326,6 +336,15 @@ impl Gpu {
     /// Compute capability (major, minor).
     pub fn compute_capability(&self) -> (u32, u32) {
         self.cc
+    }
+    /// Streaming multiprocessors (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`, read when the device was opened).
+    pub fn sm_count(&self) -> usize {
+        self.sms
+    }
+    /// Shared memory a block may opt in to, in bytes (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`, read
+    /// when the device was opened).
+    pub fn smem_per_block_optin(&self) -> usize {
+        self.smem_per_block_optin
     }
 
     /// Whether kernels can be launched with programmatic dependent launch (PDL): the loaded image was built for it

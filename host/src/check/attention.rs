@@ -101,7 +101,7 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let auto = decode_kernel_auto(gpu)?;
     let others: Vec<DecodeKernel> = [DecodeKernel::V2, DecodeKernel::V3(3), DecodeKernel::V3(4), DecodeKernel::V3(6)]
         .into_iter()
-        .filter(|&k| k != auto && k.smem_bytes() <= max_smem_optin(gpu))
+        .filter(|&k| k != auto && k.smem_bytes() <= gpu.smem_per_block_optin())
         .collect();
     match path {
         Path::Prefill => {
@@ -219,12 +219,6 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
         if growing { " growing-keys" } else { "" }
     );
     Ok(Outcome::new(name, shape, rel, bad))
-}
-
-/// The device's shared memory per block (opt-in maximum), 0 if the query fails.
-fn max_smem_optin(gpu: &Gpu) -> usize {
-    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    gpu.context().attribute(a).map_or(0, |v| v.max(0) as usize)
 }
 
 /// The first difference between the merge's fused FP8 quantization (q8, sc) and `hga_fp8_quant`'s (rq8, rsc):

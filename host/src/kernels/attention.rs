@@ -299,8 +299,7 @@ pub fn decode_kernel_for(max_smem_optin: usize) -> DecodeKernel {
 
 /// The kernel [`DecodeKernel::Auto`] resolves to on this device (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
 pub fn decode_kernel_auto(gpu: &Gpu) -> Result<DecodeKernel, RuntimeError> {
-    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    Ok(decode_kernel_for(gpu.context().attribute(a)?.max(0) as usize))
+    Ok(decode_kernel_for(gpu.smem_per_block_optin()))
 }
 
 /// Split-K decode attention of `s.tokens` (a few) query tokens: the decode kernel ([`DecodeKernel::Auto`]) writes
@@ -429,11 +428,6 @@ pub fn hga_attention_decode_upto_quant(
     decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
-fn sm_count(gpu: &Gpu) -> Result<usize, RuntimeError> {
-    let a = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    Ok(gpu.context().attribute(a)? as usize)
-}
-
 /// The choices of one decode launch besides its buffers.
 struct DecodeCall {
     kernel: DecodeKernel,
@@ -475,7 +469,7 @@ fn decode_launch(
         return Ok(0);
     }
     let (n_splits, tps) = match c.target_ctas {
-        None => decode_splits(sm_count(gpu)?, s, ws.max_splits, kernel.tiles_in_flight()),
+        None => decode_splits(gpu.sm_count(), s, ws.max_splits, kernel.tiles_in_flight()),
         Some(t) => decode_splits_for(t, s, ws.max_splits),
     };
     let g = s.n_heads / s.n_kv_heads;

@@ -806,9 +806,7 @@ pub fn decode_v4_grid(gpu: &Gpu) -> Result<u32, RuntimeError> {
     let f = gpu.function("hga_moe_decode_v4")?;
     let per_sm =
         f.occupancy_max_active_blocks_per_multiprocessor(DECODE_V4_THREADS, MOE_DECODE_V4_SMEM_WORDS * 4, None)?;
-    let sms =
-        gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let g = per_sm * sms.max(0) as u32;
+    let g = per_sm * gpu.sm_count() as u32;
     if g == 0 {
         return Err(shape_err("moe decode v4: the kernel does not fit an SM".into()));
     }
