@@ -685,7 +685,7 @@ pub fn moe_decode_residual(
     ws: &mut MoeWorkspace,
     d: &MoeDims,
 ) -> Result<bool, RuntimeError> {
-    let (t, h, k) = (d.tokens, d.hidden, d.top_k);
+    let (t, h) = (d.tokens, d.hidden);
     let n = t * h;
     check_len("moe residual", residual.len(), n)?;
     check_len("moe residual_out", residual_out.len(), n)?;
@@ -715,23 +715,7 @@ pub fn moe_decode_residual(
         return Ok(false);
     };
     ws.fits(d)?;
-    router_launch(
-        gpu,
-        xn,
-        router_w,
-        &mut ws.logits.slice_mut(0..t * d.experts),
-        &mut ws.counter.slice_mut(0..t.div_ceil(MOE_ROUTER_TILE)),
-        &mut ws.ids.slice_mut(0..t * k),
-        &mut ws.weights.slice_mut(0..t * k),
-        d,
-        RouterForm::Rows,
-        Some(norm),
-    )?;
-    let v = DecodeVersion::V3;
-    let inter = &mut ws.inter.slice_mut(0..t * k * d.inter);
-    hga_moe_gate_up_decode_version(gpu, xn, w, &ws.ids.slice(0..t * k), inter, d, v)?;
-    let (inter, ids, wts) = (ws.inter.slice(0..t * k * d.inter), ws.ids.slice(0..t * k), ws.weights.slice(0..t * k));
-    hga_moe_down_decode_version(gpu, &inter, w, &ids, &wts, io, d, v)?;
+    decode_layer(gpu, xn, router_w, w, ws, io, d, RouterForm::Rows, DecodeVersion::V3, Some(norm))?;
     Ok(true)
 }
 
@@ -764,8 +748,26 @@ pub fn moe_decode_version(
     if v == DecodeVersion::V4 && d.tokens <= MOE_DECODE_V4_MAX_TOKENS {
         return moe_decode_v4(gpu, x, router_w, w, ws, out, d);
     }
+    decode_layer(gpu, x, router_w, w, ws, out, d, form, v, None)
+}
+
+/// The decode layer of versions 1-3 in three launches, into `ws` and `out`: the router (with the fused norm when
+/// `norm` is set: then block 0 writes `x` before the expert kernels read it), gate/up, down.
+#[allow(clippy::too_many_arguments)]
+fn decode_layer(
+    gpu: &Gpu,
+    x: &impl DevicePtr<bf16>,
+    router_w: &impl DevicePtr<bf16>,
+    w: &MoeExpertWeights,
+    ws: &mut MoeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    d: &MoeDims,
+    form: RouterForm,
+    v: DecodeVersion,
+    norm: Option<RouterNorm>,
+) -> Result<(), RuntimeError> {
     let (t, k) = (d.tokens, d.top_k);
-    hga_moe_router(
+    router_launch(
         gpu,
         x,
         router_w,
@@ -775,6 +777,7 @@ pub fn moe_decode_version(
         &mut ws.weights.slice_mut(0..t * k),
         d,
         form,
+        norm,
     )?;
     hga_moe_gate_up_decode_version(
         gpu,
