@@ -351,16 +351,7 @@ pub fn v4_matches_v3(
         let got = s.clone_dtoh(out)?;
         let ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
         let wt = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
-        let bad = if ids != want_ids {
-            Some(format!("{what}: ids {ids:?}, version 3 {want_ids:?}"))
-        } else if let Some(i) = (0..t * k).find(|&i| wt[i].to_bits() != want_w[i].to_bits()) {
-            Some(format!("{what}: weight {i} = {}, version 3 {}", wt[i], want_w[i]))
-        } else {
-            (0..t * h)
-                .find(|&i| got[i].to_bits() != want[i].to_bits())
-                .map(|i| format!("{what}: out[{i}] (token {}, n {}) = {}, version 3 {}", i / h, i % h, got[i], want[i]))
-        };
-        Ok::<_, RuntimeError>(bad)
+        Ok::<_, RuntimeError>(layer_mismatch(what, "version 3", h, (&ids, &want_ids), (&wt, &want_w), (&got, &want)))
     };
     let mut bad = None;
     // Back to back, each launch after a poisoning copy (stream-ordered), compared after the last.
@@ -425,7 +416,6 @@ pub fn norm_in_router_matches_separate(
     let mut io = s.clone_htod(&inp.x)?;
     let mut fused = false;
     let mut bad = None;
-    let bits = |a: &[bf16], b: &[bf16]| a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
     for r in 0..reps {
         s.memcpy_htod(&inp.x, &mut io)?;
         s.memcpy_htod(&nan, &mut ro)?;
@@ -444,13 +434,11 @@ pub fn norm_in_router_matches_separate(
         let wt = s.clone_dtoh(&ws2.weights)?[..t * k].to_vec();
         let what = if r + 2 >= reps { format!("run {r} (graph)") } else { format!("run {r}") };
         bad = bad
-            .or(bits(&gro, &want.0).map(|i| format!("{what}: residual[{i}] = {}, separate {}", gro[i], want.0[i])))
-            .or(bits(&gxn, &want.1).map(|i| format!("{what}: normalized[{i}] = {}, separate {}", gxn[i], want.1[i])))
-            .or((ids != want_ids).then(|| format!("{what}: ids {ids:?}, separate {want_ids:?}")))
-            .or((0..t * k)
-                .find(|&i| wt[i].to_bits() != want_w[i].to_bits())
-                .map(|i| format!("{what}: weight {i} = {}, separate {}", wt[i], want_w[i])))
-            .or(bits(&gout, &want.2).map(|i| format!("{what}: out[{i}] = {}, separate {}", gout[i], want.2[i])));
+            .or(first_bit_difference(&gro, &want.0)
+                .map(|i| format!("{what}: residual[{i}] = {}, separate {}", gro[i], want.0[i])))
+            .or(first_bit_difference(&gxn, &want.1)
+                .map(|i| format!("{what}: normalized[{i}] = {}, separate {}", gxn[i], want.1[i])))
+            .or(layer_mismatch(&what, "separate", h, (&ids, &want_ids), (&wt, &want_w), (&gout, &want.2)));
     }
     let should = t == 1
         && h <= gpu_kernels::params::MOE_ROUTER_ROWS_NORM_MAX_HIDDEN
@@ -470,4 +458,29 @@ pub fn norm_in_router_matches_separate(
         0.0,
         bad,
     ))
+}
+
+/// The first index where two bf16 vectors differ bit for bit.
+fn first_bit_difference(a: &[bf16], b: &[bf16]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits())
+}
+
+/// The first bit-level difference of a decode layer's routing and output from a run of `against`: the ids, then
+/// the routing weights, then the output [tokens, h].
+fn layer_mismatch(
+    what: &str,
+    against: &str,
+    h: usize,
+    (ids, want_ids): (&[u32], &[u32]),
+    (wt, want_w): (&[f32], &[f32]),
+    (out, want): (&[bf16], &[bf16]),
+) -> Option<String> {
+    if ids != want_ids {
+        return Some(format!("{what}: ids {ids:?}, {against} {want_ids:?}"));
+    }
+    if let Some(i) = wt.iter().zip(want_w).position(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Some(format!("{what}: weight {i} = {}, {against} {}", wt[i], want_w[i]));
+    }
+    first_bit_difference(out, want)
+        .map(|i| format!("{what}: out[{i}] (token {}, n {}) = {}, {against} {}", i / h, i % h, out[i], want[i]))
 }
