@@ -59,6 +59,7 @@ pub struct SelfTestParams {
 mod attention;
 mod gemm;
 mod head;
+mod hga;
 mod moe;
 mod rope;
 // The families of issue 4 fill these files; until then some are empty.
@@ -68,6 +69,8 @@ pub use attention::*;
 pub use gemm::*;
 #[allow(unused_imports)]
 pub use head::*;
+#[allow(unused_imports)]
+pub use hga::*;
 #[allow(unused_imports)]
 pub use moe::*;
 #[allow(unused_imports)]
