@@ -3,6 +3,7 @@
 pub mod check;
 pub mod hga;
 pub mod kernels;
+pub mod kv;
 pub mod model;
 pub mod reference;
 pub mod runtime;
