@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{ArgGroup, Args, Subcommand};
-use hga_host::model::checkpoint::{Checkpoint, Dtype};
+use hga_host::model::checkpoint::{spec_for, Checkpoint, Dtype, TensorKind};
 use hga_host::model::config::Qwen3MoeConfig;
 use hga_host::model::generate::{planned_bytes, write_checkpoint, ScaleDtype, WriteOptions};
 use serde_json::json;
@@ -173,6 +173,20 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             d.1 += r.data.len() as u64;
         }
     }
+    // How each kind of tensor is stored (the header decides: see docs/checkpoint.md, "Which dtypes").
+    let mut kinds: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
+    for n in ck.tensor_names() {
+        let kind = match spec_for(&ck.config, n).map(|s| s.kind) {
+            Some(TensorKind::Fp8Weight { .. }) => "FP8 linears",
+            Some(TensorKind::Router { .. }) => "routers",
+            Some(TensorKind::Fp8Scale { .. }) => "block scales",
+            Some(TensorKind::Float) => "other weights",
+            None => "ignored",
+        };
+        if let Ok(d) = ck.dtype(n) {
+            *kinds.entry(kind).or_default().entry(d.to_string()).or_default() += 1;
+        }
+    }
     let problems = if a.deep { deep_scan(&ck) } else { Vec::new() };
     let c = &ck.config;
     let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
@@ -187,6 +201,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             "files": ck.files(),
             "tensors": ck.len(),
             "dtypes": dt,
+            "storage": kinds,
             "total_bytes": ck.total_bytes(),
             "warnings": ck.warnings(),
             "problems": problems,
@@ -227,6 +242,10 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         println!("  tensors: {}  total {:.3} GB", ck.len(), ck.total_bytes() as f64 / 1e9);
         for (d, (n, b)) in &dtypes {
             println!("    {d:8} {n:7} tensors {:>12.3} MB", *b as f64 / 1e6);
+        }
+        for (k, d) in &kinds {
+            let list: Vec<String> = d.iter().map(|(dt, n)| format!("{n} {dt}")).collect();
+            println!("    {k}: {}", list.join(", "));
         }
         for w in ck.warnings() {
             println!("  warning: {w}");

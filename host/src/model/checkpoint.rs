@@ -10,10 +10,20 @@
 //! a file shorter than its header says is reported as truncated. Everything the crate does not know is ours: the
 //! index, tensors across shards, and every tensor against the config.
 //!
-//! Rules (see ../shared/QWEN3.md):
-//! - Expected tensors follow the transformers module tree; a Linear is FP8 (`F8_E4M3` + `weight_scale_inv` of shape
-//!   `[ceil(out/b0), ceil(in/b1)]`, dtype BF16/F16/F32) when the config is quantized and no `modules_to_not_convert`
-//!   entry is a substring of its module name; every other tensor is BF16, F16 or F32.
+//! Rules (see ../shared/QWEN3.md and ../docs/checkpoint.md, "Which dtypes"):
+//! - Expected tensors follow the transformers module tree. The config says which Linear weights are FP8: when it is
+//!   quantized and no `modules_to_not_convert` entry is a substring of the module name (transformers' rule). The
+//!   header says how each weight is stored:
+//!   - a Linear the config calls FP8: `F8_E4M3` + `<name>_scale_inv` of shape `[ceil(out/b0), ceil(in/b1)]` (dtype
+//!     BF16/F16/F32), or BF16/F16/F32 without scales (a partially quantized checkpoint: accepted with a warning; the
+//!     CPU forward uses the stored values, the GPU forward quantizes them at load with the config's block size, see
+//!     [`Checkpoint::fp8_weight_or_quantize`]);
+//!   - a router (`model.layers.N.mlp.gate.weight`): never an FP8 matmul (transformers 5 keeps it a plain parameter,
+//!     whatever `modules_to_not_convert` lists), so BF16/F16/F32; or `F8_E4M3` with its block scales when the config
+//!     gives a block size, dequantized at load (`tensor_f32`; a warning says so);
+//!   - norms, embeddings, biases and the Linears the config leaves unquantized: BF16, F16 or F32.
+//! - Block scales exist exactly for the weights stored as `F8_E4M3`: a missing one, or one beside a float weight, is
+//!   an error.
 //! - A missing tensor is an error. An unexpected extra tensor is an error too (a tensor we would ignore means the file
 //!   is not the architecture the config claims, e.g. attention biases with `attention_bias: false`: ignoring it would be
 //!   a silent wrong answer). Two benign exceptions are accepted with a warning in [`Checkpoint::warnings`]:
@@ -24,11 +34,12 @@
 //!
 //! [`Checkpoint::from_memory`] runs exactly the same validation on in-memory files; [`fuzz_entry`] drives it from one
 //! byte string (the cargo-fuzz target in `fuzz/` and the smoke test use it).
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use gpu_kernels::num::{bf16_to_f32, e4m3_to_f32};
+use gpu_kernels::num::{bf16_to_f32, e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
 use serde::Deserialize;
@@ -138,10 +149,40 @@ impl fmt::Display for Dtype {
 pub enum TensorKind {
     /// BF16, F16 or F32.
     Float,
-    /// F8_E4M3 weight whose block scales are `<name>_scale_inv` of shape `scale_shape`.
+    /// A Linear weight the config calls FP8: F8_E4M3 with block scales `<name>_scale_inv` of shape `scale_shape` (what
+    /// the writer produces), or stored BF16/F16/F32 without scales (a partially quantized checkpoint).
     Fp8Weight { scale_shape: Vec<usize> },
-    /// BF16/F16/F32 block scales of the FP8 weight `weight` (shape `weight_shape`).
+    /// A MoE router (never an FP8 matmul): BF16/F16/F32 (what the writer produces), or F8_E4M3 with block scales of
+    /// shape `scale_shape` when the config gives a block size (`None`: not quantized, F8_E4M3 is refused), dequantized
+    /// at load.
+    Router { scale_shape: Option<Vec<usize>> },
+    /// BF16/F16/F32 block scales of the weight `weight` (shape `weight_shape`); present exactly when that weight is
+    /// stored as F8_E4M3.
     Fp8Scale { weight: String, weight_shape: Vec<usize> },
+}
+
+impl TensorKind {
+    /// Whether a tensor of this kind may be stored as `dtype`.
+    pub fn accepts(&self, dtype: Dtype) -> bool {
+        match self {
+            TensorKind::Fp8Weight { .. } | TensorKind::Router { scale_shape: Some(_) } => {
+                dtype == Dtype::F8_E4M3 || dtype.is_float()
+            }
+            TensorKind::Float | TensorKind::Router { scale_shape: None } | TensorKind::Fp8Scale { .. } => {
+                dtype.is_float()
+            }
+        }
+    }
+
+    /// The dtypes [`TensorKind::accepts`], for messages.
+    pub fn expected_dtypes(&self) -> &'static str {
+        match self {
+            TensorKind::Fp8Weight { .. } => "F8_E4M3 (with block scales) or BF16|F16|F32",
+            TensorKind::Router { scale_shape: Some(_) } => "BF16|F16|F32 or F8_E4M3 (with block scales)",
+            TensorKind::Float | TensorKind::Router { scale_shape: None } => "BF16|F16|F32",
+            TensorKind::Fp8Scale { .. } => "BF16|F16|F32 (block scales)",
+        }
+    }
 }
 
 /// Role of a tensor in the model (the generator picks its initial distribution from it).
@@ -170,9 +211,10 @@ pub struct TensorSpec {
 impl TensorSpec {
     fn describe(&self) -> String {
         match &self.kind {
-            TensorKind::Float => format!("BF16|F16|F32 {:?}", self.shape),
-            TensorKind::Fp8Weight { .. } => format!("F8_E4M3 {:?}", self.shape),
-            TensorKind::Fp8Scale { .. } => format!("BF16|F16|F32 block scales {:?}", self.shape),
+            TensorKind::Fp8Scale { weight, .. } => {
+                format!("BF16|F16|F32 block scales {:?} of the F8_E4M3 weight `{weight}`", self.shape)
+            }
+            k => format!("{} {:?}", k.expected_dtypes(), self.shape),
         }
     }
 }
@@ -209,11 +251,13 @@ pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
         }
         let w = spec_for(cfg, base)?;
         return match w.kind {
-            TensorKind::Fp8Weight { scale_shape } => Some(TensorSpec {
-                shape: scale_shape,
-                kind: TensorKind::Fp8Scale { weight: base.to_string(), weight_shape: w.shape },
-                role: Role::Scale,
-            }),
+            TensorKind::Fp8Weight { scale_shape } | TensorKind::Router { scale_shape: Some(scale_shape) } => {
+                Some(TensorSpec {
+                    shape: scale_shape,
+                    kind: TensorKind::Fp8Scale { weight: base.to_string(), weight_shape: w.shape },
+                    role: Role::Scale,
+                })
+            }
             _ => None,
         };
     }
@@ -248,7 +292,15 @@ pub fn spec_for(cfg: &Qwen3MoeConfig, name: &str) -> Option<TensorSpec> {
     let mlp = rest.strip_prefix("mlp.")?;
     if cfg.is_moe_layer(l) {
         if mlp == "gate.weight" {
-            return Some(linear(cfg, module, cfg.num_experts, h, Role::Router));
+            // Never an FP8 matmul (transformers 5: a plain parameter that FP8 conversion does not touch), whatever
+            // modules_to_not_convert lists; the header decides between float and F8_E4M3 + scales.
+            let (e, [b0, b1]) = (cfg.num_experts, cfg.quantization.as_ref().map_or([0, 0], |q| q.weight_block_size));
+            let scale_shape = cfg.quantization.as_ref().map(|_| vec![e.div_ceil(b0), h.div_ceil(b1)]);
+            return Some(TensorSpec {
+                shape: vec![e, h],
+                kind: TensorKind::Router { scale_shape },
+                role: Role::Router,
+            });
         }
         let (e, proj) = mlp.strip_prefix("experts.")?.split_once('.')?;
         parse_index(e, cfg.num_experts)?;
@@ -532,11 +584,12 @@ pub struct RawTensor<'a> {
     pub file: &'a str,
 }
 
-/// An FP8 weight as stored: e4m3 bytes [out, in] and its block scales converted to f32 [ceil(out/b0), ceil(in/b1)].
+/// An FP8 weight: e4m3 bytes [out, in] (borrowed from the file when stored so, owned when quantized at load) and its
+/// block scales converted to f32 [ceil(out/b0), ceil(in/b1)].
 #[derive(Clone, Debug)]
 pub struct Fp8Weight<'a> {
     pub shape: [usize; 2],
-    pub data: &'a [u8],
+    pub data: Cow<'a, [u8]>,
     pub scale_shape: [usize; 2],
     pub scales: Vec<f32>,
     pub block: [usize; 2],
@@ -711,6 +764,8 @@ impl Checkpoint {
         }
         // 3. Every present tensor against the config.
         let mut warnings = Vec::new();
+        // Weights the config calls FP8 that are stored in float; routers stored as F8_E4M3.
+        let (mut partial, mut fp8_routers): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
         for (name, e) in &entries {
             let file = &shards[e.shard].name;
             let Some(spec) = spec_for(&config, name) else {
@@ -726,22 +781,28 @@ impl Checkpoint {
                 }
                 return Err(ModelError::UnexpectedTensor { file: file.clone(), tensor: name.clone() });
             };
-            let dtype_ok = match spec.kind {
-                TensorKind::Fp8Weight { .. } => e.dtype == Dtype::F8_E4M3,
-                _ => e.dtype.is_float(),
-            };
-            if !dtype_ok {
-                let expected = match spec.kind {
-                    TensorKind::Fp8Weight { .. } => "F8_E4M3",
-                    TensorKind::Fp8Scale { .. } => "BF16|F16|F32 (block scales)",
-                    TensorKind::Float => "BF16|F16|F32",
-                };
+            if !spec.kind.accepts(e.dtype) {
                 return Err(ModelError::WrongDtype {
                     file: file.clone(),
                     tensor: name.clone(),
-                    expected: expected.into(),
+                    expected: spec.kind.expected_dtypes().into(),
                     found: e.dtype.to_string(),
                 });
+            }
+            if let TensorKind::Fp8Scale { weight, .. } = &spec.kind {
+                if let Some(w) = entries.get(weight).filter(|w| w.dtype != Dtype::F8_E4M3) {
+                    return Err(ModelError::ScaleOfFloatWeight {
+                        file: file.clone(),
+                        tensor: name.clone(),
+                        weight: weight.clone(),
+                        dtype: w.dtype.to_string(),
+                    });
+                }
+            }
+            match (&spec.kind, e.dtype) {
+                (TensorKind::Fp8Weight { .. }, d) if d != Dtype::F8_E4M3 => partial.push(name.as_str()),
+                (TensorKind::Router { .. }, Dtype::F8_E4M3) => fp8_routers.push(name.as_str()),
+                _ => {}
             }
             if e.shape != spec.shape {
                 if let TensorKind::Fp8Scale { weight_shape, .. } = &spec.kind {
@@ -770,13 +831,44 @@ impl Checkpoint {
                 }
             }
         }
-        // 4. Missing tensors. All present names that matter are valid and distinct, so the first missing expected
-        // name is found within (present + 1) steps.
+        let block = config.quantization.as_ref().map_or([0, 0], |q| q.weight_block_size);
+        let few = |v: &[&str]| {
+            let mut s = v.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            if v.len() > 3 {
+                s.push_str(", ...");
+            }
+            s
+        };
+        if !partial.is_empty() {
+            warnings.push(format!(
+                "partially quantized: {} weight(s) that quantization_config calls FP8 are stored in BF16/F16/F32 ({}): \
+                 the CPU forward uses them as stored; the GPU forward quantizes them to e4m3 at load, in {block:?} \
+                 blocks",
+                partial.len(),
+                few(&partial)
+            ));
+        }
+        if !fp8_routers.is_empty() {
+            warnings.push(format!(
+                "{} router(s) stored as F8_E4M3 with block scales ({}): dequantized at load (a router is never an FP8 \
+                 matmul)",
+                fp8_routers.len(),
+                few(&fp8_routers)
+            ));
+        }
+        // 4. Missing tensors: every weight the config calls for, and the block scales of every weight stored as
+        // F8_E4M3 (the scales of float-stored weights were refused above). All present names that matter are valid
+        // and distinct, so the first missing expected name is found within about 2 x (present + 1) steps.
         let ck = Checkpoint { config, dir, shards, entries, warnings };
-        for n in expected_names(&ck.config) {
-            if !ck.entries.contains_key(&n) {
+        for n in expected_names(&ck.config).filter(|n| !n.ends_with(SCALE_SUFFIX)) {
+            let Some(e) = ck.entries.get(&n) else {
                 let expected = spec_for(&ck.config, &n).map(|s| s.describe()).unwrap_or_default();
                 return Err(ModelError::MissingTensor { tensor: n, expected });
+            };
+            let scale = format!("{n}{SCALE_SUFFIX}");
+            if e.dtype == Dtype::F8_E4M3 && !ck.entries.contains_key(&scale) {
+                let expected = spec_for(&ck.config, &scale).map(|s| s.describe()).unwrap_or_default();
+                return Err(ModelError::MissingTensor { tensor: scale, expected });
             }
         }
         Ok(ck)
@@ -858,9 +950,51 @@ impl Checkpoint {
         let block = self.config.quantization.as_ref().map_or([1, 1], |q| q.weight_block_size);
         Ok(Fp8Weight {
             shape: [w.shape[0], w.shape[1]],
-            data: w.data,
+            data: Cow::Borrowed(w.data),
             scale_shape: [s.shape[0], s.shape[1]],
             scales: to_f32(s.dtype, s.data),
+            block,
+        })
+    }
+
+    /// A weight the config calls FP8 as block FP8 with the config's block size: as stored when it is F8_E4M3
+    /// ([`Checkpoint::fp8_weight`]); quantized here when it is stored in BF16/F16/F32 (a partially quantized
+    /// checkpoint), by [`quantize_fp8_blocks`] (f32 scales `absmax / 448`, as `hga checkpoint new` writes with f32
+    /// scales). A float weight the config leaves unquantized (`modules_to_not_convert`), or any weight of a config
+    /// without `quantization_config`, is refused: the config does not make it an FP8 linear.
+    pub fn fp8_weight_or_quantize(&self, name: &str) -> Result<Fp8Weight<'_>, ModelError> {
+        let w = self.raw(name)?;
+        if w.dtype == Dtype::F8_E4M3 {
+            return self.fp8_weight(name);
+        }
+        let block = match (&self.config.quantization, spec_for(&self.config, name).map(|s| s.kind)) {
+            (Some(q), Some(TensorKind::Fp8Weight { .. })) => q.weight_block_size,
+            _ => {
+                return Err(ModelError::WrongDtype {
+                    file: w.file.to_string(),
+                    tensor: name.to_string(),
+                    expected: "F8_E4M3, or a float weight that quantization_config calls FP8 (quantized at load)"
+                        .into(),
+                    found: format!("{} (the config leaves this weight unquantized)", w.dtype),
+                })
+            }
+        };
+        let &[n, k] = w.shape else {
+            return Err(ModelError::CannotQuantize { tensor: name.into(), message: format!("shape {:?}", w.shape) });
+        };
+        let vals = to_f32(w.dtype, w.data);
+        if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::CannotQuantize {
+                tensor: name.into(),
+                message: format!("element {i} is {} (only finite values have an e4m3 code)", vals[i]),
+            });
+        }
+        let (q, scales) = quantize_fp8_blocks(&vals, [n, k], block);
+        Ok(Fp8Weight {
+            shape: [n, k],
+            data: Cow::Owned(q),
+            scale_shape: [n.div_ceil(block[0]), k.div_ceil(block[1])],
+            scales,
             block,
         })
     }
@@ -904,6 +1038,32 @@ impl Checkpoint {
         }
         Ok(out)
     }
+}
+
+/// Block-FP8 quantization of a row-major [n, k] weight in `block` = [b0, b1] blocks (the last ones partial): per block
+/// `scale = absmax / 448` in f32 (1 for an all-zero block), `q = e4m3(w / scale)` (round to nearest even, saturating),
+/// so that `e4m3(q) * scale` is the dequantized weight. Returns (e4m3 bytes [n, k], scales [ceil(n/b0), ceil(k/b1)]).
+/// The same values as `hga checkpoint new` writes with f32 scales.
+pub fn quantize_fp8_blocks(w: &[f32], [n, k]: [usize; 2], [b0, b1]: [usize; 2]) -> (Vec<u8>, Vec<f32>) {
+    assert_eq!(w.len(), n * k, "quantize_fp8_blocks: {} values for [{n}, {k}]", w.len());
+    let (sr, sc) = (n.div_ceil(b0), k.div_ceil(b1));
+    let (mut q, mut scales) = (vec![0u8; n * k], vec![1f32; sr * sc]);
+    for br in 0..sr {
+        let rows = br * b0..((br + 1) * b0).min(n);
+        for bc in 0..sc {
+            let cols = bc * b1..((bc + 1) * b1).min(k);
+            let absmax =
+                rows.clone().flat_map(|r| &w[r * k + cols.start..r * k + cols.end]).fold(0f32, |m, v| m.max(v.abs()));
+            let s = if absmax > 0.0 { absmax / E4M3_MAX } else { 1.0 };
+            scales[br * sc + bc] = s;
+            for r in rows.clone() {
+                for c in cols.clone() {
+                    q[r * k + c] = f32_to_e4m3(w[r * k + c] / s);
+                }
+            }
+        }
+    }
+    (q, scales)
 }
 
 /// Converts little-endian BF16/F16/F32 (and, for completeness, F8_E4M3 without scale) bytes to f32; other dtypes give
@@ -1043,7 +1203,7 @@ pub fn fuzz_seeds() -> Vec<Vec<u8>> {
         for n in names {
             let Some(s) = spec_for(cfg, n) else { continue };
             let dtype = match s.kind {
-                TensorKind::Float => Dtype::BF16,
+                TensorKind::Float | TensorKind::Router { .. } => Dtype::BF16,
                 TensorKind::Fp8Weight { .. } => Dtype::F8_E4M3,
                 TensorKind::Fp8Scale { .. } => scale,
             };

@@ -77,6 +77,15 @@ pub enum ModelError {
     /// A `weight_scale_inv` holds a value that is negative, NaN or infinite.
     #[error("{file}: tensor `{tensor}`: bad block scale {value} at element {index} (must be finite and >= 0)")]
     BadScale { file: String, tensor: String, index: usize, value: f32 },
+    /// A `weight_scale_inv` of a weight that is stored in float: only F8_E4M3 weights have block scales.
+    #[error(
+        "{file}: tensor `{tensor}`: block scales of `{weight}`, which is stored as {dtype}, not F8_E4M3 (only FP8 \
+         weights have block scales: drop the scales or store the weight as F8_E4M3)"
+    )]
+    ScaleOfFloatWeight { file: String, tensor: String, weight: String, dtype: String },
+    /// A float weight cannot be quantized to block FP8 at load.
+    #[error("tensor `{tensor}`: cannot quantize it to block FP8 at load: {message}")]
+    CannotQuantize { tensor: String, message: String },
     /// A tensor name asked for by the caller is not in the checkpoint.
     #[error("no tensor `{tensor}` in this checkpoint")]
     NoSuchTensor { tensor: String },

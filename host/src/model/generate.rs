@@ -108,7 +108,7 @@ fn plan(cfg: &Qwen3MoeConfig) -> Vec<Planned> {
             continue;
         };
         let (dtype, fp8) = match spec.kind {
-            TensorKind::Float => (Dtype::BF16, None),
+            TensorKind::Float | TensorKind::Router { .. } => (Dtype::BF16, None),
             TensorKind::Fp8Weight { scale_shape } => {
                 let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
                 (Dtype::F8_E4M3, Some((scale_shape, block)))

@@ -17,6 +17,14 @@
 //! Then `model.norm` (with the last residual add) and the bf16 `lm_head` (f32 logits). The residual stream is bf16,
 //! as in transformers. What it needs: an FP8 checkpoint (`quantization_config`), head_dim 128, hidden and
 //! intermediate sizes multiples of 128 (all true of Qwen3-30B-A3B); anything else is refused with a clear error.
+//!
+//! Dtypes at load (the header decides, `docs/checkpoint.md`): the norms, the embedding, `lm_head` and the routers go
+//! to the GPU as bf16 whatever their stored dtype (BF16 as is; F16/F32 rounded to nearest bf16; an F8_E4M3 router
+//! dequantized with its block scales, then rounded), which is what the kernels read. The FP8 linears are uploaded as
+//! stored; one that the config calls FP8 but that is stored in BF16/F16/F32 (a partially quantized checkpoint) is
+//! quantized at load with the config's block size ([`Checkpoint::fp8_weight_or_quantize`]); a float Linear that the
+//! config leaves unquantized (`modules_to_not_convert`) is refused, naming the tensor: every q/k/v/o and expert
+//! projection here is a block-FP8 GEMM.
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
@@ -31,6 +39,7 @@ use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
+use crate::model::error::ModelError;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
 
@@ -222,7 +231,8 @@ pub(crate) fn mlp_as_moe(c: &Qwen3MoeConfig, l: usize) -> (MoeDims, Option<Strin
     }
 }
 
-/// A tensor of the checkpoint as bf16 on the host.
+/// A tensor of the checkpoint as bf16 on the host (any stored float dtype, or an F8_E4M3 tensor dequantized with its
+/// block scales, via f32: round to nearest even).
 pub(crate) fn bf16_host(ck: &Checkpoint, name: &str) -> Result<Vec<bf16>, GpuModelError> {
     Ok(ck.tensor_f32(name)?.into_iter().map(bf16::from_f32).collect())
 }
@@ -231,9 +241,15 @@ fn bf16_tensor(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<CudaSlice<bf16>
     Ok(gpu.stream().clone_htod(&bf16_host(ck, name)?)?)
 }
 
-/// An FP8 weight the kernels can take: [128, 128] blocks, both dimensions multiples of 128.
+/// An FP8 weight the kernels can take: [128, 128] blocks, both dimensions multiples of 128. A weight the config calls
+/// FP8 that is stored in float is quantized here ([`Checkpoint::fp8_weight_or_quantize`]).
 pub(crate) fn checked_fp8_weight<'c>(ck: &'c Checkpoint, name: &str) -> Result<Fp8Weight<'c>, GpuModelError> {
-    let w = ck.fp8_weight(name)?;
+    let w = ck.fp8_weight_or_quantize(name).map_err(|e| match e {
+        ModelError::WrongDtype { .. } => GpuModelError::Unsupported(format!(
+            "{e}: the GPU forward runs every attention and expert projection as a block-FP8 GEMM"
+        )),
+        e => e.into(),
+    })?;
     if w.block != [128, 128] {
         return Err(GpuModelError::Unsupported(format!(
             "{name}: weight blocks {:?}, the kernels need [128, 128]",
@@ -268,7 +284,7 @@ fn fp8_linear_stacked(gpu: &Gpu, ck: &Checkpoint, names: &[impl AsRef<str>]) -> 
         }
         k = Some(w.shape[1]);
         n += w.shape[0];
-        data.extend_from_slice(w.data);
+        data.extend_from_slice(&w.data);
         scales.extend_from_slice(&w.scales);
     }
     let s = gpu.stream();
@@ -811,12 +827,8 @@ pub(crate) fn stack_experts(ck: &Checkpoint, modules: &[String]) -> Result<MoeHo
             ("up_proj", &mut w.w_up, &mut w.s_up),
             ("down_proj", &mut w.w_down, &mut w.s_down),
         ] {
-            let name = format!("{m}.{proj}.weight");
-            let f = ck.fp8_weight(&name)?;
-            if f.block != [128, 128] || !f.shape[0].is_multiple_of(128) || !f.shape[1].is_multiple_of(128) {
-                return Err(GpuModelError::Unsupported(format!("{name}: shape {:?} blocks {:?}", f.shape, f.block)));
-            }
-            wv.extend_from_slice(f.data);
+            let f = checked_fp8_weight(ck, &format!("{m}.{proj}.weight"))?;
+            wv.extend_from_slice(&f.data);
             sv.extend_from_slice(&f.scales);
         }
     }

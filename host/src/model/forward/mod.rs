@@ -7,10 +7,15 @@
 //! `norm_topk_prob`, SiLU-gated experts) or a dense SwiGLU MLP (`config.is_moe_layer`); final norm; `lm_head` (or the
 //! tied embeddings).
 //!
-//! Weights are dequantized to f32 once at load (FP8 blocks times `weight_scale_inv`). Two activation modes
-//! ([`ActivationMode`]): `F32` keeps activations unquantized (what transformers computes on the dequantized weights);
-//! `Fp8` quantizes the input of every FP8-weight linear (q/k/v/o, expert and dense-MLP gate/up/down) per token per
-//! 128-wide group, as the FP8 GEMM kernels do. Dot products accumulate in f64 ([`ops`]).
+//! Weights are dequantized to f32 once at load (FP8 blocks times `weight_scale_inv`; an F8_E4M3 router too). Two
+//! activation modes ([`ActivationMode`]): `F32` keeps activations unquantized (what transformers computes on the
+//! dequantized weights); `Fp8` quantizes the input of every FP8-weight linear (q/k/v/o, expert and dense-MLP
+//! gate/up/down: those the config calls FP8) per token per 128-wide group, as the FP8 GEMM kernels do. Dot products
+//! accumulate in f64 ([`ops`]).
+//!
+//! A partially quantized checkpoint (a weight the config calls FP8 stored in BF16/F16/F32): `F32` uses the stored
+//! values; the FP8 modes, the GPU's model, use the weight as the GPU loader quantizes it at load
+//! ([`Checkpoint::fp8_weight_or_quantize`]), so they keep predicting the GPU forward.
 //!
 //! Attention goes through an [`AttentionPolicy`]: [`DenseAttention`] today; a sparse policy (HGA routing) can be
 //! plugged in per model without touching the rest of the layer. The K/V cache ([`KvCache`]) holds the post-norm,
@@ -228,7 +233,23 @@ struct Linear {
     k: usize,
     /// The weight is FP8 in the checkpoint, so in [`ActivationMode::Fp8`] its input is quantized.
     fp8: bool,
+    /// In the FP8 modes, the weight as the GPU runs it where that is not `w`: a weight the config calls FP8 that is
+    /// stored in float, quantized at load (dequantized to f32 here). `None`: `w` in every mode.
+    w_fp8: Option<Vec<f32>>,
 }
+
+impl Linear {
+    /// The weight of `mode`.
+    fn weight(&self, mode: ActivationMode) -> &[f32] {
+        match (&self.w_fp8, mode) {
+            (Some(w), ActivationMode::Fp8 | ActivationMode::Fp8Bf16) => w,
+            _ => &self.w,
+        }
+    }
+}
+
+/// The values a weight source gives the CPU model (see [`CpuModel::from_tensors`]).
+type Source<'a> = dyn Fn(&str) -> Result<Vec<f32>, ForwardError> + Sync + 'a;
 
 struct Attention {
     q_proj: Linear,
@@ -286,10 +307,31 @@ impl fmt::Debug for CpuModel {
 
 impl CpuModel {
     /// Loads (dequantizes to f32) every tensor of `ckpt`. Attention policy: [`DenseAttention`].
+    /// A weight the config calls FP8 that is stored in float is also kept as the GPU loader quantizes it (for the FP8
+    /// modes, see the module docs).
     pub fn load(ckpt: &Checkpoint, mode: ActivationMode) -> Result<Self, ForwardError> {
-        Self::from_tensors(ckpt.config.clone(), mode, |name| {
-            ckpt.tensor_f32(name).map_err(|e| ForwardError::Load { name: name.to_string(), msg: e.to_string() })
-        })
+        let err = |name: &str, e: crate::model::error::ModelError| ForwardError::Load {
+            name: name.to_string(),
+            msg: e.to_string(),
+        };
+        let get = |name: &str| ckpt.tensor_f32(name).map_err(|e| err(name, e));
+        // Only for the weights that are FP8 linears by the config (the callers' `fp8`) and stored in float.
+        let quantized = |name: &str| -> Result<Vec<f32>, ForwardError> {
+            let w = ckpt.fp8_weight_or_quantize(name).map_err(|e| err(name, e))?;
+            let ([_, k], [b0, b1], sc) = (w.shape, w.block, w.scale_shape[1]);
+            Ok(w.data
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| gpu_kernels::num::e4m3_to_f32(q) * w.scales[(i / k / b0) * sc + (i % k) / b1])
+                .collect())
+        };
+        let requant = |name: &str| -> Result<Option<Vec<f32>>, ForwardError> {
+            if ckpt.is_fp8(name) {
+                return Ok(None);
+            }
+            quantized(name).map(Some)
+        };
+        Self::build(ckpt.config.clone(), mode, &get, Some(&requant))
     }
 
     /// Builds the model from a tensor source: `get(name)` returns the f32 (dequantized) values of the tensor of that
@@ -298,6 +340,17 @@ impl CpuModel {
     where
         F: Fn(&str) -> Result<Vec<f32>, ForwardError> + Sync,
     {
+        Self::build(config, mode, &get, None)
+    }
+
+    /// [`Self::from_tensors`]; `requant(name)`, called for the weights that are FP8 linears by the config, gives the
+    /// weight the FP8 modes use instead of `get(name)` (`None`: the same).
+    fn build(
+        config: Qwen3MoeConfig,
+        mode: ActivationMode,
+        get: &Source<'_>,
+        requant: Option<&(dyn Fn(&str) -> Result<Option<Vec<f32>>, ForwardError> + Sync)>,
+    ) -> Result<Self, ForwardError> {
         let c = &config;
         let h = c.hidden_size;
         let fetch = |name: String, dims: &[usize]| -> Result<Vec<f32>, ForwardError> {
@@ -310,7 +363,22 @@ impl CpuModel {
         };
         let linear = |module: String, n: usize, k: usize| -> Result<Linear, ForwardError> {
             let fp8 = c.is_quantized_module(&module);
-            Ok(Linear { w: fetch(format!("{module}.weight"), &[n, k])?, n, k, fp8 })
+            let name = format!("{module}.weight");
+            let w_fp8 = match requant {
+                Some(r) if fp8 => r(&name)?,
+                _ => None,
+            };
+            if let Some(v) = &w_fp8 {
+                if v.len() != n * k {
+                    return Err(ForwardError::Size {
+                        name,
+                        expected: n * k,
+                        shape: format!("{:?}", [n, k]),
+                        found: v.len(),
+                    });
+                }
+            }
+            Ok(Linear { w: fetch(name, &[n, k])?, n, k, fp8, w_fp8 })
         };
         let gated = |prefix: String, inter: usize| -> Result<GatedMlp, ForwardError> {
             Ok(GatedMlp {
@@ -467,19 +535,21 @@ impl CpuModel {
         }
         // One rounding, f64 -> bf16 (as `hga_fp8_linear`'s reference; f64 -> f32 -> bf16 differs on f32 ties).
         let round = |v: f64| crate::reference::bf16_rn(v).to_f32();
+        let w = lin.weight(self.mode);
         if lin.fp8 {
-            ops::linear_rounded(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, &lin.w, lin.n, round)
+            ops::linear_rounded(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, w, lin.n, round)
         } else {
-            ops::linear_rounded(x, t, lin.k, &lin.w, lin.n, round)
+            ops::linear_rounded(x, t, lin.k, w, lin.n, round)
         }
     }
 
     /// As [`Self::linear`] with the output left in f32 (the expert down projections: the GPU sums them in f32).
     fn linear_f32(&self, lin: &Linear, x: &[f32], t: usize) -> Vec<f32> {
+        let w = lin.weight(self.mode);
         if lin.fp8 && self.mode != ActivationMode::F32 {
-            ops::linear(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, &lin.w, lin.n)
+            ops::linear(&ops::fp8_quant_dequant_rows(x, lin.k), t, lin.k, w, lin.n)
         } else {
-            ops::linear(x, t, lin.k, &lin.w, lin.n)
+            ops::linear(x, t, lin.k, w, lin.n)
         }
     }
 
