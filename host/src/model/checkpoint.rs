@@ -800,7 +800,10 @@ impl Checkpoint {
                 }
             }
             match (&spec.kind, e.dtype) {
-                (TensorKind::Fp8Weight { .. }, d) if d != Dtype::F8_E4M3 => partial.push(name.as_str()),
+                // lm_head runs unquantized in both forwards (bf16 on the GPU), however it is stored.
+                (TensorKind::Fp8Weight { .. }, d) if d != Dtype::F8_E4M3 && spec.role != Role::LmHead => {
+                    partial.push(name.as_str())
+                }
                 (TensorKind::Router { .. }, Dtype::F8_E4M3) => fp8_routers.push(name.as_str()),
                 _ => {}
             }

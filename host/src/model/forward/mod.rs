@@ -250,6 +250,8 @@ impl Linear {
 
 /// The values a weight source gives the CPU model (see [`CpuModel::from_tensors`]).
 type Source<'a> = dyn Fn(&str) -> Result<Vec<f32>, ForwardError> + Sync + 'a;
+/// The weight the FP8 modes use instead of the source's, where it differs (see [`CpuModel::load`]).
+type Requant<'a> = dyn Fn(&str) -> Result<Option<Vec<f32>>, ForwardError> + Sync + 'a;
 
 struct Attention {
     q_proj: Linear,
@@ -349,7 +351,7 @@ impl CpuModel {
         config: Qwen3MoeConfig,
         mode: ActivationMode,
         get: &Source<'_>,
-        requant: Option<&(dyn Fn(&str) -> Result<Option<Vec<f32>>, ForwardError> + Sync)>,
+        requant: Option<&Requant<'_>>,
     ) -> Result<Self, ForwardError> {
         let c = &config;
         let h = c.hidden_size;
