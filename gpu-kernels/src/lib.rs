@@ -20,6 +20,10 @@ pub mod gemm;
 #[cfg(target_arch = "nvptx64")]
 pub mod head;
 #[cfg(target_arch = "nvptx64")]
+pub mod hga;
+#[cfg(target_arch = "nvptx64")]
+pub mod kv;
+#[cfg(target_arch = "nvptx64")]
 pub mod moe;
 #[cfg(target_arch = "nvptx64")]
 pub mod norm;

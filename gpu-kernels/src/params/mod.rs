@@ -60,6 +60,9 @@ mod attention;
 mod gemm;
 mod head;
 mod hga;
+mod hga_attend;
+mod hga_route;
+mod kv;
 mod moe;
 mod rope;
 // The families of issue 4 fill these files; until then some are empty.
@@ -71,6 +74,12 @@ pub use gemm::*;
 pub use head::*;
 #[allow(unused_imports)]
 pub use hga::*;
+#[allow(unused_imports)]
+pub use hga_attend::*;
+#[allow(unused_imports)]
+pub use hga_route::*;
+#[allow(unused_imports)]
+pub use kv::*;
 #[allow(unused_imports)]
 pub use moe::*;
 #[allow(unused_imports)]

@@ -3,6 +3,9 @@
 pub mod attention;
 pub mod gemm;
 pub mod head;
+pub mod hga_attend;
+pub mod hga_route;
+pub mod kv;
 pub mod moe;
 pub mod norm;
 pub mod quant;

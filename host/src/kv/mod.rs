@@ -12,7 +12,11 @@
 //! byte offset `((l * n_kv_heads + h) * E + (g - e * E)) * KV_GROUP_BYTES`. One group of one (layer, KV head) is
 //! thus one contiguous 8 KB block, and a GPU kernel that reads mapped memory finds it from a device table of the
 //! extents' device pointers (`u64 [extents]`) with the same arithmetic.
+pub mod arena;
+pub mod disk;
+pub mod gpu_cache;
 pub mod memory;
+pub mod pinned;
 
 pub use memory::{Extent, ExtentMemory, HeapMemory};
 

@@ -1,0 +1,2 @@
+//! Routed-attention benchmark rows.
+pub fn run(_gpu: &hga::runtime::Gpu) {}

@@ -1,0 +1,2 @@
+//! GPU working-set cache benchmark rows.
+pub fn run(_gpu: &hga::runtime::Gpu) {}

@@ -1,0 +1,1 @@
+//! Parameter structs of the routed-attention kernels (`gpu-kernels/src/hga/attend/`).

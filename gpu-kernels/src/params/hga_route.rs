@@ -1,0 +1,1 @@
+//! Parameter structs of the routing kernels (`gpu-kernels/src/hga/route/`).

@@ -1,0 +1,1 @@
+//! Parameter structs of the GPU working-set cache kernels (`gpu-kernels/src/kv/`).

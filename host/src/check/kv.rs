@@ -1,0 +1,1 @@
+//! The GPU working-set cache of K/V groups (check).

@@ -1,0 +1,1 @@
+//! Routed attention (kernels).

@@ -1,0 +1,1 @@
+//! HGA routing: summaries, stage 1, stage 2 (kernels).
