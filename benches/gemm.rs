@@ -1,7 +1,7 @@
 //! gemm family benchmarks (Qwen3-30B-A3B shapes) with same-run anchors: a 256 MiB device-to-device copy (the HBM
 //! floor of the memory-bound decode kernels: bytes / copy bandwidth) and our bf16 mma.sync peak kernel
 //! (`hga_bench_mma_bf16_peak`, the portable tensor-core ceiling the prefill kernel is held against). torch's
-//! `_scaled_mm` is measured by tools/bench/gemm.py in the same GPU session.
+//! `_scaled_mm` is measured by tools/bench/gemm.py in the same GPU run.
 //! Device events, warm-up, median of many; decode weights rotate through > 64 MiB (more than L2).
 //! Kernel rows are timed as CUDA-graph replays (`time_graph_ms`: no host launch cost in the figure); v1 prefill is
 //! also shown through plain launches ("with host launch", the figure of earlier runs). The prefill rows hold the

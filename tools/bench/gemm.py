@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Same-session torch anchors for the gemm and head benchmarks (benches/gemm.rs, benches/head.rs).
+"""Same-run torch anchors for the gemm and head benchmarks (benches/gemm.rs, benches/head.rs).
 
 torch._scaled_mm FP8 (e4m3 x e4m3 -> bf16) on the same shapes. It does not take our 128x128 / 1x128 block
 scales (unless this torch supports blockwise scaling, tried first): we time it with rowwise scales (per-row of A,

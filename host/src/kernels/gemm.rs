@@ -53,7 +53,7 @@ impl Fp8LinearKernel {
         if m <= DECODE_MAX_M {
             Fp8LinearKernel::Decode
         } else if cc == (9, 0) {
-            // The fastest on an H200 (docs/perf-gemm.md, fourth session: v3, `_f16_cvt` software-pipelined,
+            // The fastest on an H200 (docs/perf-gemm.md, commit 3b466b4: v3, `_f16_cvt` software-pipelined,
             // 0.592x of the bf16 mma.sync ceiling at 4096x4096x2048 against 0.566x for `_f16_cvt`, same run).
             Fp8LinearKernel::PrefillF16V3
         } else {
