@@ -6,15 +6,12 @@
 //! Device events, warm-up, median of many; the expert weights rotate over 2 full sets of 128 experts (1.2 GB) and
 //! the activations over 16 sets, the router weights over 128 sets (64 MB), so nothing is served from L2 across
 //! iterations (the decode kernels timed alone rotate over 16 disjoint sets of 8 experts in each weight set).
-//! The decode layer and the decode expert kernels are timed in all three versions (v1, v2, v3, docs/perf-moe.md) at
-//! T = 1 and T = 4, each twice: replayed from a CUDA graph (`time_graph_ms`: no host launch cost, the figure
-//! compared with the floor) and with host launches (`time_ms`, labelled "with host launch"). The v1 / v2 layers
-//! use the split-K router (as measured before), the v3 layer `Auto` (the one-expert-per-block router). The v3
-//! down kernel timed alone streams from DRAM; in the v3 layer its weights were prefetched into L2 by gate/up v3
-//! (whose time alone includes issuing that prefetch). Version 4 (`hga_moe_decode_v4`: the whole layer in one
-//! persistent launch, T <= 4) is timed as a layer only, the same two ways, with a cooperative launch when the
-//! graph capture takes one (else a plain launch of the same co-resident grid; the table says which). Without a
-//! GPU: a SKIP line.
+//! The decode layer (`moe_decode`, router `Auto`: the one-expert-per-block router) and the decode expert kernels
+//! are timed at T = 1 and T = 4, each twice: replayed from a CUDA graph (`time_graph_ms`: no host launch cost, the
+//! figure compared with the floor) and with host launches (`time_ms`, labelled "with host launch"). The down
+//! kernel timed alone streams from DRAM; in the layer its weights were prefetched into L2 by gate/up (whose time
+//! alone includes issuing that prefetch). The rows keep the "v3" tag of the measured history (docs/perf-moe.md).
+//! Without a GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
 use half::bf16;
@@ -95,15 +92,9 @@ fn main() {
     let xs: Vec<_> = (0..XSETS).map(|_| s.clone_htod(&bf16_vec(4096 * h, -2.0, 2.0, &mut rng)).unwrap()).collect();
 
     // Router alone.
-    for (t, form) in [
-        (1usize, RouterForm::Auto),
-        (1, RouterForm::SplitK),
-        (1, RouterForm::Batch),
-        (4, RouterForm::Auto),
-        (4, RouterForm::SplitK),
-        (4096, RouterForm::Auto),
-        (4096, RouterForm::SplitK),
-    ] {
+    for (t, form) in
+        [(1usize, RouterForm::Auto), (1, RouterForm::Batch), (4, RouterForm::Auto), (4096, RouterForm::Auto)]
+    {
         let d = MoeDims::qwen3_30b_a3b(t);
         let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
         let mut router = |i: usize| {
@@ -121,7 +112,7 @@ fn main() {
             .unwrap()
         };
         let ms = time_ms(&gpu, 5, 200, &mut router);
-        // The decode layers' routers (T <= 4: Auto = rows form, and split-K) also without host launch cost.
+        // The decode layer's router (T <= 4: Auto = rows form) also without host launch cost.
         let ms_g =
             if t <= 4 && form != RouterForm::Batch { Some(time_graph_ms(&gpu, 32, 50, &mut router)) } else { None };
         let bytes = (e * h * 2 + t * h * 2) as f64;
@@ -160,9 +151,9 @@ fn main() {
     let wsets: Vec<MoeExpertWeights> =
         (0..2).map(|_| MoeExpertWeights::upload(&gpu, &cm::random_experts(&d1, &mut rng)).unwrap()).collect();
 
-    // Decode, both versions of the expert kernels: the whole layer (router + gate/up + down) at T = 1 and T = 4,
+    // Decode: the whole layer (router + gate/up + down) at T = 1 and T = 4,
     // and each expert kernel alone at T = 1. Each is timed twice: replayed from a CUDA graph (no host launch cost;
-    // the figure to compare with the floor) and with host launches (`time_ms`, the version-1 table's method).
+    // the figure to compare with the floor) and with host launches (`time_ms`).
     // A graph holds GRAPH_REPS consecutive calls, so the rotation below is inside every replay.
     const GRAPH_REPS: usize = 32;
     const ID_SETS: usize = 16;
@@ -179,19 +170,15 @@ fn main() {
     };
     let gu_bytes = (k * 2 * h * inter) as f64;
     let dn_bytes = (k * h * inter) as f64;
-    for v in [km::DecodeVersion::V1, km::DecodeVersion::V2, km::DecodeVersion::V3] {
-        let (tag, form) = match v {
-            km::DecodeVersion::V1 => ("v1", RouterForm::SplitK),
-            km::DecodeVersion::V2 => ("v2", RouterForm::SplitK),
-            km::DecodeVersion::V3 | km::DecodeVersion::V4 => ("v3", RouterForm::Auto),
-        };
+    {
+        let tag = "v3";
         for t in [1usize, 4] {
             let d = MoeDims::qwen3_30b_a3b(t);
             let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
             let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
             let mut layer = |i: usize| {
                 let x = xs[i % XSETS].slice(0..t * h);
-                km::moe_decode_version(
+                km::moe_decode(
                     &gpu,
                     &x,
                     &rws[i % RSETS],
@@ -199,8 +186,7 @@ fn main() {
                     &mut ws,
                     &mut outs[i % XSETS],
                     &d,
-                    form,
-                    v,
+                    RouterForm::Auto,
                 )
                 .unwrap()
             };
@@ -218,21 +204,21 @@ fn main() {
             let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
             let mut gate_up = |i: usize| {
                 let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
-                km::hga_moe_gate_up_decode_version(&gpu, &x, wt, ids, &mut inter_buf, &d, v).unwrap()
+                km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d).unwrap()
             };
             let gu = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut gate_up), time_ms(&gpu, 5, 300, &mut gate_up)];
             let mut down = |i: usize| {
                 let (wt, ids, o) = (&wsets[i % 2], &ids_t[(i / 2) % ID_SETS], &mut outs[i % XSETS]);
-                km::hga_moe_down_decode_version(&gpu, &inter_buf, wt, ids, &rw_set, o, &d, v).unwrap()
+                km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d).unwrap()
             };
             let dn = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut down), time_ms(&gpu, 5, 300, &mut down)];
-            // The two expert kernels back to back (no router): with v3, down reads what gate/up prefetched, so
-            // (this - gate_up alone) is v3's down time inside the layer.
+            // The two expert kernels back to back (no router): down reads what gate/up prefetched, so
+            // (this - gate_up alone) is down's time inside the layer.
             let mut both = |i: usize| {
                 let (x, wt, ids) = (xs[i % XSETS].slice(0..t * h), &wsets[i % 2], &ids_t[(i / 2) % ID_SETS]);
                 let o = &mut outs[i % XSETS];
-                km::hga_moe_gate_up_decode_version(&gpu, &x, wt, ids, &mut inter_buf, &d, v)
-                    .and_then(|_| km::hga_moe_down_decode_version(&gpu, &inter_buf, wt, ids, &rw_set, o, &d, v))
+                km::hga_moe_gate_up_decode(&gpu, &x, wt, ids, &mut inter_buf, &d)
+                    .and_then(|_| km::hga_moe_down_decode(&gpu, &inter_buf, wt, ids, &rw_set, o, &d))
                     .unwrap()
             };
             let gd = [time_graph_ms(&gpu, GRAPH_REPS, 50, &mut both), time_ms(&gpu, 5, 300, &mut both)];
@@ -255,7 +241,7 @@ fn main() {
         }
     }
 
-    // The post-attention norm with the layer, T = 1: hga_rmsnorm then the v3 layer (what the model ran), against
+    // The post-attention norm with the layer, T = 1: hga_rmsnorm then the layer, against
     // moe_decode_residual, which runs the norm inside the router (one launch fewer, the same numbers).
     {
         let t = 1;
@@ -296,45 +282,6 @@ fn main() {
             let tag = if fused { "v3 with the norm in the router" } else { "v3 after hga_rmsnorm" };
             layer_rows(&mut rows, tag, t, [ms_g, ms_h], expert_bytes, floor_us);
         }
-    }
-
-    // Version 4: the layer in one persistent launch (no separate expert kernels to time).
-    println!("v4 grid: {} blocks (co-resident: occupancy x SMs)", km::decode_v4_grid(&gpu).unwrap());
-    for t in [1usize, 4] {
-        let d = MoeDims::qwen3_30b_a3b(t);
-        let mut ws = MoeWorkspace::new(&gpu, &d, t, false).unwrap();
-        let mut outs: Vec<_> = (0..XSETS).map(|_| s.alloc_zeros::<bf16>(t * h).unwrap()).collect();
-        // Can a cooperative launch be captured into a graph here? (Else time the plain launch of the same grid.)
-        let how = {
-            let x = xs[0].slice(0..t * h);
-            let probe = gpu.capture(|| {
-                km::moe_decode_v4_launch(
-                    &gpu,
-                    &x,
-                    &rws[0],
-                    &wsets[0],
-                    &mut ws,
-                    &mut outs[0],
-                    &d,
-                    km::V4Launch::Cooperative,
-                )
-            });
-            match probe {
-                Ok(_) => km::V4Launch::Cooperative,
-                Err(e) => {
-                    println!("  (v4: a cooperative launch is not capturable here: {e}; plain launches)");
-                    km::V4Launch::Plain
-                }
-            }
-        };
-        let mut layer = |i: usize| {
-            let x = xs[i % XSETS].slice(0..t * h);
-            km::moe_decode_v4_launch(&gpu, &x, &rws[i % RSETS], &wsets[i % 2], &mut ws, &mut outs[i % XSETS], &d, how)
-                .unwrap()
-        };
-        let ms_g = time_graph_ms(&gpu, GRAPH_REPS, 50, &mut layer);
-        let ms_h = time_ms(&gpu, 5, 300, &mut layer);
-        layer_rows(&mut rows, &format!("v4 {how:?}"), t, [ms_g, ms_h], expert_bytes, floor_us);
     }
 
     // Prefill: the grouped path at T = 4096 (router, grouping, quantizations, grouped GEMMs, combine).

@@ -1,9 +1,7 @@
 //! GPU property tests of the MoE kernels (router in both forms, grouping, the decode and the grouped expert
 //! paths) against the CPU reference, over random shapes (see `hga::check::moe` for what is compared), plus the
-//! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4. The decode path
-//! runs version 3 (`moe_decode`); versions 1 and 2 keep their own tests. Version 4 (`hga_moe_decode_v4`, one
-//! persistent launch, T <= 4) is checked against the reference and, bit for bit, against version 3, over repeated
-//! launches and graph replays (its flags must reset themselves).
+//! Qwen3-30B-A3B shape (hidden 2048, 128 experts, top-8, intermediate 768) at T = 1 and T = 4, and the norm inside
+//! the router bit for bit against the separate launches.
 //!
 //! Without a CUDA device each test prints one `SKIP` line and returns.
 mod common;
@@ -12,7 +10,7 @@ use std::io::Write;
 
 use hga::check::moe::{self as cm, MoePath};
 use hga::check::Outcome;
-use hga::kernels::moe::{RouterForm, V4Launch};
+use hga::kernels::moe::RouterForm;
 use hga::reference::moe::MoeDims;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -73,10 +71,10 @@ fn gpu_moe_router_matches_reference() {
     let experts = prop::sample::select(vec![1usize, 2, 3, 8, 13, 64, 127, 128, 129, 200, 256]);
     let hidden = prop::sample::select(vec![128usize, 256, 640, 2048]);
     proptest!(cases(), |(seed in any::<u64>(), t in tokens(), h in hidden, e in experts, k in 1usize..=16,
-                         norm in any::<bool>(), f in 0usize..3)| {
+                         norm in any::<bool>(), f in 0usize..2)| {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = MoeDims { tokens: t, hidden: h, inter: 128, experts: e, top_k: k.min(e), norm_topk: norm };
-        let form = [RouterForm::SplitK, RouterForm::Batch, RouterForm::Rows][f];
+        let form = [RouterForm::Batch, RouterForm::Rows][f];
         assert_ok(cm::router(gpu, &d, form, &mut rng).unwrap())?;
     });
 }
@@ -86,7 +84,7 @@ fn gpu_moe_router_qwen3_shape() {
     let Some(gpu) = gpu("gpu_moe_router_qwen3_shape") else { return };
     let mut rng = StdRng::seed_from_u64(11);
     for t in [1usize, 4, 17, 1000] {
-        for form in [RouterForm::Batch, RouterForm::SplitK, RouterForm::Rows, RouterForm::Auto] {
+        for form in [RouterForm::Batch, RouterForm::Rows, RouterForm::Auto] {
             let o = cm::router(gpu, &MoeDims::qwen3_30b_a3b(t), form, &mut rng).unwrap();
             assert_ok(o).unwrap();
         }
@@ -115,34 +113,8 @@ fn gpu_moe_decode_matches_reference() {
     });
 }
 
-/// Version 2 of the decode expert kernels (with the split-K router; kept for comparison in bench_moe) stays
-/// correct too.
-#[test]
-fn gpu_moe_decode_v2_matches_reference() {
-    let Some(gpu) = gpu("gpu_moe_decode_v2_matches_reference") else { return };
-    let t = prop_oneof![Just(1usize), prop::sample::select(vec![2usize, 3, 4, 5, 7, 8, 13, 17])];
-    proptest!(cases(), |(seed in any::<u64>(), t in t, (h, i, e, k, n) in small_dims())| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
-        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV2, &mut rng).unwrap())?;
-    });
-}
-
-/// Version 1 of the decode expert kernels (kept for comparison in bench_moe) stays correct too.
-#[test]
-fn gpu_moe_decode_v1_matches_reference() {
-    let Some(gpu) = gpu("gpu_moe_decode_v1_matches_reference") else { return };
-    let t = prop_oneof![Just(1usize), prop::sample::select(vec![2usize, 3, 4, 5, 7, 8, 13, 17])];
-    proptest!(cases(), |(seed in any::<u64>(), t in t, (h, i, e, k, n) in small_dims())| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
-        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV1, &mut rng).unwrap())?;
-    });
-}
-
-/// The decode path at top-k 9..=32 (the launchers allow up to `MOE_MAX_TOPK`; an odd number of (slot, k block)
-/// units pairs the last one with zeros in version 2's down kernel; version 3's down kernel gives a warp fewer
-/// units) and at larger hidden / inter, on all three versions.
+/// The decode path at top-k 9..=32 (the launchers allow up to `MOE_MAX_TOPK`; the down kernel then gives some warps
+/// a unit fewer than others) and at larger hidden / inter.
 #[test]
 fn gpu_moe_decode_wide_topk() {
     let Some(gpu) = gpu("gpu_moe_decode_wide_topk") else { return };
@@ -152,54 +124,10 @@ fn gpu_moe_decode_wide_topk() {
         prop::sample::select(vec![32usize, 33]),
         9usize..=32,
     );
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=5, (h, i, e, k) in dims, v in 0usize..3)| {
+    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=5, (h, i, e, k) in dims)| {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: true };
-        let path = [MoePath::Decode, MoePath::DecodeV2, MoePath::DecodeV1][v];
-        assert_ok(cm::moe(gpu, &d, path, &mut rng).unwrap())?;
-    });
-}
-
-/// Version 4 (one persistent launch) against the reference: T = 1..=4, small random shapes, and top-k up to 32 at
-/// larger hidden / inter.
-#[test]
-fn gpu_moe_decode_v4_matches_reference() {
-    let Some(gpu) = gpu("gpu_moe_decode_v4_matches_reference") else { return };
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k, n) in small_dims())| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: n };
-        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV4, &mut rng).unwrap())?;
-    });
-    let dims = (
-        prop::sample::select(vec![128usize, 640, 2048]),
-        prop::sample::select(vec![128usize, 384, 768, 1152]),
-        prop::sample::select(vec![32usize, 33, 256]),
-        9usize..=32,
-    );
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, (h, i, e, k) in dims)| {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = MoeDims { tokens: t, hidden: h, inter: i, experts: e, top_k: k, norm_topk: true };
-        assert_ok(cm::moe(gpu, &d, MoePath::DecodeV4, &mut rng).unwrap())?;
-    });
-}
-
-/// Version 4 gives version 3's output, ids and weights bit for bit, over 3 back-to-back launches and 3 graph
-/// replays with the scratch poisoned in between (the flag reset), cooperative and plain launches; random shapes
-/// (exact-tie router rows included) and the Qwen3 shape at T = 1 and 4.
-#[test]
-fn gpu_moe_decode_v4_bit_identical_to_v3() {
-    let Some(gpu) = gpu("gpu_moe_decode_v4_bit_identical_to_v3") else { return };
-    let mut rng = StdRng::seed_from_u64(41);
-    for t in [1usize, 4] {
-        let d = MoeDims::qwen3_30b_a3b(t);
-        let inp = cm::random_inputs(&d, &mut rng);
-        for how in [V4Launch::Cooperative, V4Launch::Plain] {
-            assert_ok(cm::v4_matches_v3(gpu, &d, &inp, how, 3).unwrap()).unwrap();
-        }
-    }
-    proptest!(cases(), |(seed in any::<u64>(), t in 1usize..=4, dims in small_dims(), dups in any::<bool>())| {
-        let (d, inp, _) = random_case(seed, t, dims, dups);
-        assert_ok(cm::v4_matches_v3(gpu, &d, &inp, V4Launch::Cooperative, 2).unwrap())?;
+        assert_ok(cm::moe(gpu, &d, MoePath::Decode, &mut rng).unwrap())?;
     });
 }
 
@@ -238,7 +166,7 @@ fn gpu_moe_qwen3_shape_both_paths() {
     for t in [1usize, 4] {
         let d = MoeDims::qwen3_30b_a3b(t);
         let inp = cm::random_inputs(&d, &mut rng);
-        for path in [MoePath::Decode, MoePath::DecodeV4, MoePath::DecodeV2, MoePath::DecodeV1, MoePath::Grouped] {
+        for path in [MoePath::Decode, MoePath::Grouped] {
             assert_ok(cm::moe_with(gpu, &d, path, &inp).unwrap()).unwrap();
         }
     }
@@ -269,18 +197,15 @@ fn gpu_moe_launchers_reject_bad_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("moe router x: 200 elements, expected 256"), "{e}");
-    // Version 4 takes 1..=4 tokens.
-    let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(5);
-    let w = hga::kernels::moe::MoeExpertWeights::upload(
-        gpu,
-        &cm::random_experts(&MoeDims { experts: 2, ..d }, &mut StdRng::seed_from_u64(1)),
-    )
-    .unwrap();
-    let d = MoeDims { experts: 2, top_k: 2, ..d };
-    let mut ws = hga::kernels::moe::MoeWorkspace::new(gpu, &d, 5, false).unwrap();
-    let x = s.alloc_zeros::<half::bf16>(5 * 2048).unwrap();
-    let rw = s.alloc_zeros::<half::bf16>(2 * 2048).unwrap();
-    let mut out = s.alloc_zeros::<half::bf16>(5 * 2048).unwrap();
-    let e = hga::kernels::moe::moe_decode_v4(gpu, &x, &rw, &w, &mut ws, &mut out, &d).unwrap_err().to_string();
-    assert!(e.contains("tokens = 5 must be in 1..=4"), "{e}");
+    // The decode path refuses more tokens than its workspace holds.
+    let w = hga::kernels::moe::MoeExpertWeights::upload(gpu, &cm::random_experts(&d, &mut StdRng::seed_from_u64(1)))
+        .unwrap();
+    let mut ws = hga::kernels::moe::MoeWorkspace::new(gpu, &d, 1, false).unwrap();
+    let x = s.alloc_zeros::<half::bf16>(256).unwrap();
+    let w_r = s.alloc_zeros::<half::bf16>(512).unwrap();
+    let mut out = s.alloc_zeros::<half::bf16>(256).unwrap();
+    let e = hga::kernels::moe::moe_decode(gpu, &x, &w_r, &w, &mut ws, &mut out, &d, RouterForm::Auto)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("moe workspace holds 1 tokens, 2 asked"), "{e}");
 }

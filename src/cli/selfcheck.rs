@@ -78,9 +78,6 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
         let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(t);
         let path = if t <= 4 { check::moe::MoePath::Decode } else { check::moe::MoePath::Grouped };
         results.push(check::moe::moe(&gpu, &d, path, &mut rng)?);
-        if t <= 4 {
-            results.push(check::moe::moe(&gpu, &d, check::moe::MoePath::DecodeV4, &mut rng)?);
-        }
         if t == 1 {
             let inp = check::moe::random_inputs(&d, &mut rng);
             results.push(check::moe::norm_in_router_matches_separate(&gpu, &d, &inp, &mut rng, 3)?);

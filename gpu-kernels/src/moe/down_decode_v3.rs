@@ -1,19 +1,15 @@
-//! `hga_moe_down_decode_v3` (version 3): the few-token (decode) down products and the routing-weighted sum over
-//! slots, `out[token, n] = bf16(sum over slots s and k blocks of weights[token, s] * down_e(q(inter[token * top_k +
-//! s]))_n)` in a fixed order; same result as version 2 ([`super::down_decode`]) up to the order of the f32 sum.
+//! `hga_moe_down_decode_v3`: the few-token (decode) down products and the routing-weighted sum over slots,
+//! `out[token, n] = bf16(sum over slots s and k blocks of weights[token, s] * down_e(q(inter[token * top_k +
+//! s]))_n)` in a fixed order. The one decode down kernel (the `_v3` name is that of the measured history,
+//! docs/perf-moe.md, where the earlier 8-row form measured 0.31x copy bandwidth).
 //!
-//! Why version 2 (8 output rows per block, 256 blocks x 8 warps) measured 10.1 us for 12.6 MB (0.31x copy, as long
-//! as gate/up's 25.2 MB), and what changes:
-//! - Each block re-quantized the token's whole intermediate (top_k x inter = 6144 values at Qwen3) for 8 rows, so
-//!   one 128-value quantization (~80 warp-instructions: load, 5-step max, 4 IEEE divisions per lane, + 8 `shfl`
-//!   for the fragment) fed only 1 KB of weights and was ~70% of the kernel's instructions. Version 3 owns 16 rows
-//!   per block: one quantization feeds one `mma` A tile of 16 rows (2 KB), half the quantization work GPU-wide and
-//!   per weight byte, and no B-column selects (every B column is the same activation, as in gate/up).
-//! - Version 2 issued the activation loads (L2) after the weight loads, and the weight loads after the ids round
-//!   trip; if the activations return behind the weights, the quantization and the products all run after the whole
-//!   96 KB per SM arrived (~1-2 us of serial issue on top of the memory time). Version 3 issues the activation loads
-//!   and the id / routing-weight loads first (they do not depend on anything), then the id-dependent weight loads,
-//!   then quantizes, so the quantization overlaps the weight stream whatever the return order.
+//! Design:
+//! - 16 output rows per block: one 128-value quantization of the token's intermediate (~80 warp-instructions:
+//!   load, 5-step max, 4 IEEE divisions per lane, + 8 `shfl` for the fragment) feeds one `mma` A tile of 16 rows
+//!   (2 KB of weights), and every B column is the same activation (no column selects), as in gate/up.
+//! - The activation loads (L2) and the id / routing-weight loads go out first (they do not depend on anything),
+//!   then the id-dependent weight loads, then the quantization, so the quantization overlaps the weight stream
+//!   whatever the return order.
 //! - In the decode layer the weights are already on their way to L2: [`super::gate_up_decode_v3`] prefetches each
 //!   chosen expert's down rows (`prefetch.global.L2`) as soon as it knows the expert id, so this kernel streams
 //!   mostly from L2.
@@ -36,8 +32,7 @@
 //!   (clamped index) instead of being branched around: with a branch, LLVM merged each loaded value with its
 //!   placeholder right after the load, which waits for it before the weight loads go out.
 //! - Instructions per warp: 12 LDG.128 + 3 LDG.64 + 9 scalar loads, 3 quantizations (~240), 3 x 8 SHFL, 12 `mma`
-//!   (~170 on sm_90), ~20 scaling: ~480 per 6 KB (v2: ~550 per 6 KB with 6 quantizations); ~7.7 K per SM, ~1 us
-//!   of issue per SM, now overlapping the stream.
+//!   (~170 on sm_90), ~20 scaling: ~480 per 6 KB; ~7.7 K per SM, ~1 us of issue per SM, overlapping the stream.
 //!
 //! Assumes hidden % 128 == 0, inter % 128 == 0, ids < experts (launcher checks the shapes).
 use super::{ld_group_warp, ld_nc_b32, unroll};
@@ -49,13 +44,12 @@ const ROWS: usize = MOE_DOWN_DECODE_V3_ROWS;
 /// Units per warp per round (loads issued together); the `unroll!` lists below name 0..U.
 pub(crate) const U: usize = 3;
 
-/// Steps 1-3 of a round of warp-unit `u0` (shared with [`super::decode_v4`]): lane (g, t)'s weight loads of the
-/// round's units (unit u: k block `kb[u]` of expert `e[u]`, routing weight `rw[u]`; `wd` = rows n0 + g of expert 0
-/// at this lane's 16 bytes, `sd0` the down scales), then the activation values `$xv` (an expression evaluated
-/// after the weight loads: version 3 passes values loaded before them, version 4 waits for their readiness and
-/// loads them there), their quantization, and the products of the units below `units`, added to rows g / g + 8
-/// in `tg` / `tg8`. A macro, not a function: as a function the same code changed LLVM's output for version 3
-/// (118 -> 120 registers on sm_90); expanded, version 3 is its original code.
+/// Steps 1-3 of a round of warp-unit `u0`: lane (g, t)'s weight loads of the round's units (unit u: k block
+/// `kb[u]` of expert `e[u]`, routing weight `rw[u]`; `wd` = rows n0 + g of expert 0 at this lane's 16 bytes, `sd0`
+/// the down scales), then the activation values `$xv` (an expression evaluated after the weight loads; the kernel
+/// passes values loaded before them), their quantization, and the products of the units below `units`, added to
+/// rows g / g + 8 in `tg` / `tg8`. A macro, not a function: as a function the same code changed LLVM's output for this kernel
+/// (118 -> 120 registers on sm_90).
 macro_rules! down_round {
     ($wd:ident, $sd0:ident, $e:ident, $kb:ident, $rw:ident, ($h:ident, $inter:ident, $n0:ident, $hblk:ident, $kbs:ident),
      ($u0:ident, $units:ident, $t:ident), $xv:expr, $tg:ident, $tg8:ident) => {{
@@ -94,7 +88,6 @@ macro_rules! down_round {
         });
     }};
 }
-pub(crate) use down_round;
 
 /// The (slot, k block) of unit u0 + 16 u of a round (past the last unit: the last unit, see the module docs).
 #[inline(always)]

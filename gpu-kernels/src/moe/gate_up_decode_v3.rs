@@ -1,29 +1,58 @@
-//! `hga_moe_gate_up_decode_v3` (version 3): version 2's gate/up decode ([`super::gate_up_decode`]: same grid,
-//! block, products, sums and result, bit for bit) with two changes for the decode layer:
-//! 1. **Activation loads first.** Each round's activation loads (the token's bf16 row, L2) are issued before the
-//!    id-dependent weight loads (the first round's even before the id load, so no instruction that waits on the
-//!    id precedes them), so they are not queued behind the round's 8 KB of weights; the quantization then
-//!    overlaps the weight stream whatever the return order. Loads past the last k block repeat the last one
-//!    instead of being branched around (a branch made LLVM merge a loaded value with its placeholder right after
-//!    the load, i.e. wait for it).
-//! 2. **Down weights into L2.** As soon as the block knows its expert e, it asks L2 for its share of e's down
-//!    weights (`prefetch.global.L2`, fire-and-forget: no registers, nothing waits): the hidden x inter bytes of
-//!    `w_down[e]` are split over the inter / 8 blocks of the (token, slot), H / 16 lines of 128 B per block (one
-//!    per thread at Qwen3), and block 0 also fetches e's down scales. The down kernel that follows
-//!    ([`super::down_decode_v3`]) then reads mostly from L2, and the layer's DRAM stream (25.2 + 12.6 MB at Qwen3)
-//!    runs under one kernel instead of two latency-bound ones. Tokens that share an expert prefetch the same
-//!    lines again (L2 hits). 37.75 MB fits the 50 MB L2 of an H100 / H200; on a smaller L2 the prefetched lines
-//!    may be evicted before use (correct either way, only slower).
+//! `hga_moe_gate_up_decode_v3`: the few-token (decode) gate/up products of every (token, slot), with the SiLU*up
+//! epilogue: `inter[token * top_k + slot, i] = bf16(silu(gate_e(x)_i) * up_e(x)_i)`, e = ids[token, slot]. The one
+//! decode gate/up kernel (the `_v3` name is that of the measured history, docs/perf-moe.md).
 //!
-//! Grid (inter / 8, tokens * top_k), 128 threads, 256 bytes of shared memory, as version 2 (see its docs for the
-//! mapping and the analysis). Assumes hidden % 128 == 0, inter % 128 == 0, ids < experts.
+//! Grid: (inter / 8, tokens * top_k); block = 128 threads (4 warps, `MOE_GATE_UP_DECODE_WARPS`). Block (bx, pair)
+//! owns the 8 intermediate columns i0 = 8 bx .. +8 of one (token, slot): the 16 rows of the `mma.sync m16n8k32
+//! e4m3` A operand are gate rows i0 + g (A rows g) and up rows i0 + g (A rows g + 8), so one product does both and
+//! lane (g, t = 0) ends with gate in c[0] and up in c[2]. The activation is B (every column the same, see
+//! [`super::group_frag`]); k-permuted 16-byte fragments as in the module docs; weights read with
+//! `ld.global.nc.L1::no_allocate.v4`. Warp w takes the 128-wide k blocks w, w + 4, ... in rounds of U = 4 k blocks.
+//! Each round, in this order:
+//! 1. **Activation loads first.** The round's activation loads (the token's bf16 row, L2; one 8-byte load per
+//!    lane per group, [`super::ld_group_warp`]) are issued before the id-dependent weight loads (the first
+//!    round's even before the id load, so no instruction that waits on the id precedes them), so they are not
+//!    queued behind the round's 8 KB of weights. Loads past the last k block repeat the last one instead of being
+//!    branched around (a branch made LLVM merge a loaded value with its placeholder right after the load, i.e.
+//!    wait for it).
+//! 2. all of its weight loads (4 k blocks x gate/up x 2 x 16 B = 16 loads, 256 B per lane, 8 KB per warp) and the
+//!    8 weight-scale loads;
+//! 3. the quantization of those activations with the whole warp ([`super::quant_group_vals`]: 5-shuffle max, 4
+//!    IEEE divisions per lane, the `hga_fp8_quant` rule), which overlaps the weight stream whatever the return
+//!    order;
+//! 4. the B fragments (8 `shfl.idx` per group) and 4 `mma` per k block, each k block's raw product scaled by
+//!    weight_scale_inv * activation scale.
+//!
+//! The 4 warps' sums meet in shared memory and are added in warp order (deterministic, no atomics).
+//! Shared memory: 4 warps x 8 columns x (gate, up) f32 = 256 bytes.
+//!
+//! **Down weights into L2.** As soon as the block knows its expert e, it asks L2 for its share of e's down weights
+//! (`prefetch.global.L2`, fire-and-forget: no registers, nothing waits): the hidden x inter bytes of `w_down[e]`
+//! are split over the inter / 8 blocks of the (token, slot), H / 16 lines of 128 B per block (one per thread at
+//! Qwen3), and block 0 also fetches e's down scales. The down kernel that follows ([`super::down_decode_v3`]) then
+//! reads mostly from L2, and the layer's DRAM stream (25.2 + 12.6 MB at Qwen3) runs under one kernel instead of
+//! two latency-bound ones. Tokens that share an expert prefetch the same lines again (L2 hits). 37.75 MB fits the
+//! 50 MB L2 of an H100 / H200; on a smaller L2 (sm_89, sm_120) the prefetched lines may be evicted before use
+//! (correct either way, only slower).
+//!
+//! Analysis at the Qwen3-30B-A3B shape (H 2048, I 768, top-8), T = 1, 132 SMs (H100 / H200):
+//! - Bytes: 8 x 2 x 768 x 2048 = 25.2 MB; a block streams 16 rows x 2048 = 32 KB, 768 blocks (5.8 per SM; the
+//!   per-SM imbalance is at most one 32 KB block). Each warp has exactly one round (H / 128 = 16 k blocks = 4 warps
+//!   x U): the block's whole 32 KB is requested before any activation is quantized.
+//! - Instructions per 8 KB warp round: 16 LDG.128, ~4 x 45 for the quantizations, 32 SHFL.IDX, 16 `mma` (on sm_90
+//!   each is 2 HMMA + ~12 conversions, TOOLCHAIN.md: ~220), ~30 scaling/epilogue: ~480 warp-instructions, ~17 B
+//!   each, overlapped with the memory time.
+//! - The activation quantization is repeated by every block of a (token, slot) (96 blocks read the same 4 KB row
+//!   from L2): 2048 divisions per block of 32 KB, the cost counted above.
+//!
+//! Assumes hidden % 128 == 0, inter % 128 == 0, ids < experts (launcher checks the shapes).
 use super::{group_frag, ld_group_warp, ld_nc_b32, ld_stream_v4, mma_e4m3_chunk, quant_group_vals, silu, unroll};
 use crate::arch::*;
 use crate::params::{MoeExpertParams, MOE_GATE_UP_DECODE_WARPS};
 
 const WARPS: usize = MOE_GATE_UP_DECODE_WARPS;
 /// k blocks per warp per round (loads issued together); the `unroll!` lists below name 0..U.
-pub(crate) const U: usize = 4;
+const U: usize = 4;
 
 /// Per-block pointers of the round function (row g of gate / up at this lane's 16 bytes, the scale rows).
 struct Rows {
@@ -112,7 +141,7 @@ unsafe fn round<const FIRST: bool>(
 
 /// The round's activation values (one 8-byte load per lane per k block; past the last k block, the last one).
 #[inline(always)]
-pub(crate) unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2]; U] {
+unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) -> [[u32; 2]; U] {
     let mut xv = [[0u32; 2]; U];
     unroll!(u in [0, 1, 2, 3] {
         xv[u] = ld_group_warp(x.add((kb0 + WARPS * u).min(kbs - 1) * 128), lane);
@@ -124,15 +153,16 @@ pub(crate) unsafe fn load_x(x: *const u16, kb0: usize, kbs: usize, lane: u32) ->
 /// `tid` 0..128 within them) that call it: every round, the warp sums in warp order through `sm` (`[4][8][2]` f32
 /// of shared memory, `bar` the barrier of those 4 warps), silu(gate) * up rounded to bf16 into `inter` by
 /// `tid` < 8. `xv0` is the first round's activations ([`load_x`] of k block `warp`), loaded by the caller before
-/// the id. With `PREFETCH`, the block's share of `w_down[e]` goes to L2 (version 3). Also the gate/up phase of
-/// [`super::decode_v4`] (same code, so the same result bit for bit).
+/// the id. With `PREFETCH`, the block's share of `w_down[e]` goes to L2 (the module docs); the kernel always
+/// passes true (a const parameter because the PTX of that form is the measured one: folding it in changes LLVM's
+/// block layout).
 ///
 /// # Safety
 /// As the kernel (shapes, e < experts); `sm` is this group's shared memory and `bar` synchronizes exactly the 4
 /// warps that call.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn gate_up_unit<const PREFETCH: bool>(
+unsafe fn gate_up_unit<const PREFETCH: bool>(
     p: &MoeExpertParams,
     pair: usize,
     i0: usize,

@@ -1,20 +1,26 @@
-//! Mixture-of-experts kernels (Qwen3-MoE: bf16 router, block-scaled FP8 experts, SwiGLU):
-//! - [`router`] / [`router_splitk`]: fused router (bf16 GEMV/GEMM on `mma.sync m16n8k16`, f32 softmax, top-k,
-//!   renormalisation). The batch form keeps a 32-token tile's logits in shared memory; the split-K form (few tokens)
-//!   spreads the weight stream over many blocks and lets the last block of a token tile do the top-k.
+//! Mixture-of-experts kernels (Qwen3-MoE: bf16 router, block-scaled FP8 experts, SwiGLU). One kernel per job;
+//! where two do the same job, the launcher (host/src/kernels/moe.rs) picks by shape:
+//!
+//! | job | kernel | picked when |
+//! |---|---|---|
+//! | router | [`router_rows`] `hga_moe_router_rows` | tokens <= 64 (`RouterForm::Auto`; the decode path) |
+//! | router | [`router`] `hga_moe_router` | tokens > 64 (`RouterForm::Auto`; prefill) |
+//! | decode gate/up | [`gate_up_decode_v3`] `hga_moe_gate_up_decode_v3` | `moe_decode` (every card) |
+//! | decode down | [`down_decode_v3`] `hga_moe_down_decode_v3` | `moe_decode` (every card) |
+//! | grouping | [`group`] `hga_moe_group` | `moe_grouped` (prefill) |
+//! | grouped gate/up, down, combine | [`gate_up_grouped`], [`down_grouped`], [`combine`] | `moe_grouped` (prefill) |
+//!
+//! - [`router_rows`]: one expert row per block (CUDA-core dot products, `experts` blocks), the last block of a
+//!   token tile does the softmax and top-k; optionally runs the post-attention RMSNorm first (one token).
+//! - [`router`]: bf16 GEMM on `mma.sync m16n8k16` over 32-token tiles, logits in shared memory, f32 softmax, top-k,
+//!   renormalisation.
 //! - [`group`]: counts, offsets and a deterministic permutation of the (token, slot) entries by expert.
-//! - [`gate_up_decode`] / [`down_decode`]: the few-token path; every (token, slot) streams its expert's weights
-//!   once with 16-byte loads, all experts of the step in one launch each. The down kernel sums the slots of a token
-//!   in fixed order in shared memory (no atomics). Version 2: each warp issues its whole share of the weight stream
-//!   before the activation quantization (warp-cooperative, [`quant_group_warp`]) that it overlaps; 8-row blocks
-//!   (768 + 256 blocks at the Qwen3 shape). [`gate_up_decode_v1`] / [`down_decode_v1`] are version 1, kept for
-//!   comparison (docs/perf-moe.md).
-//! - Version 3 of the decode layer (what `moe_decode` runs): [`router_rows`] (one expert row per block, 128
-//!   blocks instead of 16), [`gate_up_decode_v3`] (version 2 plus activation loads first and the chosen experts'
-//!   down weights prefetched into L2) and [`down_decode_v3`] (16 rows per block, one quantization per 2 KB).
-//! - Version 4 of the decode layer: [`decode_v4`], router + gate/up + down of up to 4 tokens in one persistent
-//!   launch (co-resident grid; release/acquire counters instead of kernel boundaries), running version 3's device
-//!   code in version 3's orders (same result bit for bit).
+//! - [`gate_up_decode_v3`] / [`down_decode_v3`]: the few-token path; every (token, slot) streams its expert's
+//!   weights once with 16-byte loads, all experts of the step in one launch each; activation loads first, the
+//!   activation quantization (warp-cooperative) overlapping the weight stream; gate/up prefetches the chosen
+//!   experts' down weights into L2; down owns 16 rows per block (one quantization per 2 KB of weights) and sums the
+//!   slots of a token in fixed order in shared memory (no atomics). The `_v3` names are those of the measured
+//!   history (docs/perf-moe.md; the earlier versions and the one-kernel layer are in git history).
 //! - [`gate_up_grouped`] / [`down_grouped`] / [`combine`]: the prefill path over each expert's token group, tiled
 //!   on `mma.sync m16n8k32 e4m3`, with the SiLU*up epilogue, and a fixed-order weighted sum over slots.
 //!
@@ -26,19 +32,13 @@
 use crate::arch::*;
 
 pub mod combine;
-pub mod decode_v4;
-pub mod down_decode;
-pub mod down_decode_v1;
 pub mod down_decode_v3;
 pub mod down_grouped;
-pub mod gate_up_decode;
-pub mod gate_up_decode_v1;
 pub mod gate_up_decode_v3;
 pub mod gate_up_grouped;
 pub mod group;
 pub mod router;
 pub mod router_rows;
-pub mod router_splitk;
 
 /// `unroll!(u in [0, 1, 2] { body })`: the body once per listed literal, with `u: usize` bound to it, so arrays
 /// indexed by `u` stay in registers (a `for` loop with a large body is not always unrolled by LLVM, and a
@@ -72,8 +72,8 @@ unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
     r
 }
 
-/// The split-K routers' hand-off: every block publishes its global writes (gpu-scope fence) and counts itself in
-/// `counter`; the block that completes the count of `blocks` resets it to 0 (ready for the next launch, so the
+/// The hand-off of [`router_rows`]: every block publishes its global writes (gpu-scope fence) and counts itself
+/// in `counter`; the block that completes the count of `blocks` resets it to 0 (ready for the next launch, so the
 /// kernels stay graph-replayable) and returns true in all its threads, after an acquire fence, so it reads every
 /// other block's writes. Every thread of the block calls it; `flag` is one word of shared memory.
 ///
@@ -96,70 +96,6 @@ pub(crate) unsafe fn last_block_arrives(counter: *mut u32, blocks: u32, flag: *m
     }
     fence_gpu();
     true
-}
-
-/// `ld.acquire.gpu` of a u32 (a counter other blocks of the same launch bump with [`red_release_add_u32`]): the
-/// loads this thread issues after it see every write the releasing threads made before their release. An `asm!`
-/// without `pure`, so it is re-executed in a spin loop and no load is hoisted above it.
-///
-/// # Safety
-/// `p` is an aligned global u32.
-#[inline(always)]
-pub(crate) unsafe fn ld_acquire_u32(p: *const u32) -> u32 {
-    let r: u32;
-    core::arch::asm!("ld.acquire.gpu.global.u32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack));
-    r
-}
-
-/// `red.release.gpu.global.add.u32`: adds `v` to a counter with release semantics (this thread's earlier writes,
-/// and those ordered before them by a barrier and a fence, are visible to whoever acquires the new value).
-///
-/// # Safety
-/// `p` is an aligned global u32.
-#[inline(always)]
-pub(crate) unsafe fn red_release_add_u32(p: *mut u32, v: u32) {
-    core::arch::asm!("red.release.gpu.global.add.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
-}
-
-/// Spins (with `nanosleep` backoff) until the counter at `p` is >= `target`, with acquire semantics for the
-/// calling thread. After 2^26 polls (seconds, where a real wait lasts microseconds) it traps: a grid whose blocks
-/// are not all co-resident then fails its launch with an error instead of hanging the device.
-///
-/// # Safety
-/// `p` is an aligned global u32 that another block of the same launch (co-resident) will raise to `target`.
-#[inline(always)]
-pub(crate) unsafe fn wait_count(p: *const u32, target: u32) {
-    let mut polls = 0u32;
-    while ld_acquire_u32(p) < target {
-        core::arch::asm!("nanosleep.u32 32;", options(nostack));
-        polls += 1;
-        if polls == 1 << 26 {
-            core::arch::nvptx::trap();
-        }
-    }
-}
-
-/// `barrier.sync id, threads`: a named barrier for `threads` threads (a multiple of 32) of the block. The
-/// non-`.aligned` form, so it stays correct if LLVM duplicates it into divergent arms (see [`group`]).
-///
-/// # Safety
-/// Exactly `threads` threads (whole warps) reach barrier `id` each time; `id` in 1..16 (0 is `sync_threads`).
-#[inline(always)]
-pub(crate) unsafe fn barrier_named(id: u32, threads: u32) {
-    core::arch::asm!("barrier.sync {0}, {1};", in(reg32) id, in(reg32) threads, options(nostack));
-}
-
-/// 8-byte global load through L2 (`ld.global.cg.v2.u32`): for values other blocks of the same launch wrote (the
-/// read-only `.nc` path must not be used for them).
-///
-/// # Safety
-/// `p` is 8-byte aligned and readable.
-#[inline(always)]
-pub(crate) unsafe fn ld_cg_v2(p: *const u8) -> [u32; 2] {
-    let mut r = [0u32; 2];
-    core::arch::asm!("ld.global.cg.v2.u32 {{{0}, {1}}}, [{2}];",
-        out(reg32) r[0], out(reg32) r[1], in(reg64) p, options(nostack, readonly));
-    r
 }
 
 /// 16-byte read-only global load (`ld.global.nc.v4.u32`).
@@ -210,39 +146,20 @@ pub(crate) unsafe fn ld_nc_b32(p: *const u32) -> u32 {
     r
 }
 
-/// Warp-cooperative quantization of one 128-wide bf16 activation group (`row` points at its first element):
-/// lane L loads elements 4L..4L+4 (one 8-byte load; the warp reads the group's 256 bytes once) and returns their
-/// 4 e4m3 bytes in element order (= bytes 4L..4L+4 of the quantized group) and the group scale (every lane).
-/// The rule is `hga_fp8_quant`'s: `scale = max(absmax, 1e-10) / 448`, `q = e4m3(x / scale)` (IEEE division).
+/// Warp-cooperative load of one 128-wide bf16 activation group (`row` points at its first element): lane L's 4
+/// bf16 (elements 4L..4L+4; one 8-byte load, the warp reads the group's 256 bytes once). Lets a kernel issue its
+/// activation loads before loads that wait on something else; [`quant_group_vals`] quantizes them.
 ///
 /// # Safety
 /// `row` is 8-byte aligned with 128 readable bf16; all 32 lanes call.
-#[inline(always)]
-pub(crate) unsafe fn quant_group_warp(row: *const u16, lane: u32) -> (u32, f32) {
-    // Written out (not `quant_group_vals(ld_group_warp(..))`): that form changed LLVM's output for version 2's down
-    // kernel (123 -> 136 registers on sm_90, one block per SM fewer); version 2 stays as measured.
-    let v = ld_nc_v2(row.add(4 * lane as usize) as *const u8);
-    let (a, b) = bf16x2_to_f32(v[0]);
-    let (c, d) = bf16x2_to_f32(v[1]);
-    let amax = warp_max(fmax(fmax(fabs(a), fabs(b)), fmax(fabs(c), fabs(d))));
-    let m = if amax > crate::num::FP8_ACT_EPS { amax } else { crate::num::FP8_ACT_EPS };
-    let scale = m / crate::num::E4M3_MAX;
-    let lo = f32x2_to_e4m3x2(a / scale, b / scale) as u32;
-    let hi = f32x2_to_e4m3x2(c / scale, d / scale) as u32;
-    (lo | (hi << 16), scale)
-}
-
-/// The load half of [`quant_group_warp`]: lane L's 4 bf16 (elements 4L..4L+4) of the group at `row`. Lets a
-/// kernel issue its activation loads before loads that wait on something else (the version-3 decode kernels).
-///
-/// # Safety
-/// As [`quant_group_warp`].
 #[inline(always)]
 pub(crate) unsafe fn ld_group_warp(row: *const u16, lane: u32) -> [u32; 2] {
     ld_nc_v2(row.add(4 * lane as usize) as *const u8)
 }
 
-/// The arithmetic half of [`quant_group_warp`] on [`ld_group_warp`]'s values (all 32 lanes call).
+/// Quantization of one activation group from [`ld_group_warp`]'s values: returns this lane's 4 e4m3 bytes in
+/// element order (= bytes 4L..4L+4 of the quantized group) and the group scale (every lane). The rule is
+/// `hga_fp8_quant`'s: `scale = max(absmax, 1e-10) / 448`, `q = e4m3(x / scale)` (IEEE division). All 32 lanes call.
 #[inline(always)]
 pub(crate) fn quant_group_vals(v: [u32; 2]) -> (u32, f32) {
     let (a, b) = bf16x2_to_f32(v[0]);
@@ -264,7 +181,7 @@ pub(crate) unsafe fn prefetch_l2(p: *const u8) {
     core::arch::asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
 }
 
-/// The B fragment (k-permuted, as [`mma_e4m3_chunk`] takes it) of lane (g, t) from [`quant_group_warp`]'s
+/// The B fragment (k-permuted, as [`mma_e4m3_chunk`] takes it) of lane (g, t) from [`quant_group_vals`]'s
 /// per-lane bytes `q`: bytes 16 t .. 16 t + 16 (lanes 4t .. 4t+4) and 64 + 16 t .. (lanes 16 + 4t ..) of the
 /// quantized group, by 8 `shfl.idx`. Every lane gets the fragment of its t, so every column of B is the activation.
 #[inline(always)]
@@ -296,77 +213,6 @@ pub(crate) fn mma_bf16_chunk(ag: [u32; 4], ag8: [u32; 4], b: [u32; 4], c: [f32; 
 #[inline(always)]
 pub(crate) fn silu(x: f32) -> f32 {
     x * rcp(1.0 + ex2(-x * core::f32::consts::LOG2_E))
-}
-
-/// Quantizes one 128-wide activation group of a bf16 row (`row` points at the group's first element) into the
-/// B fragment of the decode products: lanes 0..4 (column 0 of the mma, g = 0) get the e4m3 bytes at 16 t..16 t+16
-/// and 64+16 t..64+16 t+16; every other lane gets zeros. Returns (bytes 0..64 part, bytes 64..128 part, scale).
-/// The rule is `hga_fp8_quant`'s: `scale = max(absmax, 1e-10) / 448`, `q = e4m3(x / scale)` (IEEE division).
-///
-/// # Safety
-/// `row` is 16-byte aligned with 128 readable bf16; all 32 lanes call.
-#[inline(always)]
-pub(crate) unsafe fn quant_group_frag(row: *const u16, lane: u32) -> ([u32; 4], [u32; 4], f32) {
-    let t = (lane & 3) as usize;
-    let (mut l0, mut l1, mut h0, mut h1) = ([0u32; 4], [0u32; 4], [0u32; 4], [0u32; 4]);
-    if lane < 4 {
-        l0 = ld_nc_v4(row.add(16 * t) as *const u8);
-        l1 = ld_nc_v4(row.add(16 * t + 8) as *const u8);
-        h0 = ld_nc_v4(row.add(64 + 16 * t) as *const u8);
-        h1 = ld_nc_v4(row.add(64 + 16 * t + 8) as *const u8);
-    }
-    let amax = fmax(fmax(amax8(l0), amax8(l1)), fmax(amax8(h0), amax8(h1)));
-    let amax = warp_max(amax);
-    let a = if amax > crate::num::FP8_ACT_EPS { amax } else { crate::num::FP8_ACT_EPS };
-    let scale = a / crate::num::E4M3_MAX;
-    let (q0, q1) = quant8(l0, scale);
-    let (q2, q3) = quant8(l1, scale);
-    let (q4, q5) = quant8(h0, scale);
-    let (q6, q7) = quant8(h1, scale);
-    ([q0, q1, q2, q3], [q4, q5, q6, q7], scale)
-}
-
-/// max |x| over 8 packed bf16.
-#[inline(always)]
-fn amax8(v: [u32; 4]) -> f32 {
-    let (a, b) = bf16x2_to_f32(v[0]);
-    let (c, d) = bf16x2_to_f32(v[1]);
-    let (e, f) = bf16x2_to_f32(v[2]);
-    let (g, h) = bf16x2_to_f32(v[3]);
-    let m1 = fmax(fmax(fabs(a), fabs(b)), fmax(fabs(c), fabs(d)));
-    let m2 = fmax(fmax(fabs(e), fabs(f)), fmax(fabs(g), fabs(h)));
-    fmax(m1, m2)
-}
-
-/// 8 packed bf16 -> 8 e4m3 (x / scale, IEEE division, saturating), in element order.
-#[inline(always)]
-fn quant8(v: [u32; 4], scale: f32) -> (u32, u32) {
-    let q2 = |w: u32| {
-        let (a, b) = bf16x2_to_f32(w);
-        f32x2_to_e4m3x2(a / scale, b / scale) as u32
-    };
-    (q2(v[0]) | (q2(v[1]) << 16), q2(v[2]) | (q2(v[3]) << 16))
-}
-
-/// The decode product of one 128-wide k block: A = 16 weight rows (row g at `wg`, row g+8 at `wg8`, each pointing
-/// at the block's first byte), B = the quantized activation fragment. Returns the raw f32 accumulator (scales not
-/// applied); lane (g, t = 0) holds row g in `[0]` and row g+8 in `[2]`.
-///
-/// # Safety
-/// `wg`, `wg8` 16-byte aligned with 128 readable bytes.
-#[inline(always)]
-pub(crate) unsafe fn decode_block_product(
-    wg: *const u8,
-    wg8: *const u8,
-    b: &([u32; 4], [u32; 4]),
-    t: usize,
-) -> [f32; 4] {
-    let a0 = ld_stream_v4(wg.add(16 * t));
-    let a1 = ld_stream_v4(wg.add(64 + 16 * t));
-    let c0 = ld_stream_v4(wg8.add(16 * t));
-    let c1 = ld_stream_v4(wg8.add(64 + 16 * t));
-    let acc = mma_e4m3_chunk(a0, c0, b.0, [0.0; 4]);
-    mma_e4m3_chunk(a1, c1, b.1, acc)
 }
 
 /// Warp top-k over one token's `experts` logits (`logit(e)`), then softmax in f32 over all experts and the weights

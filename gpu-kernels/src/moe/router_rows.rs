@@ -1,22 +1,21 @@
 //! `hga_moe_router_rows`: the router for few tokens (decode), one expert row per block. Same outputs as
-//! [`super::router::hga_moe_router`] and [`super::router_splitk::hga_moe_router_splitk`] (logits in f32 from bf16
-//! products, f32 softmax, top-k with ties to the lower expert index, renormalisation), with the weight stream
-//! spread over `experts` blocks instead of `experts / 8`.
+//! [`super::router::hga_moe_router`] (logits in f32 from bf16 products, f32 softmax, top-k with ties to the lower
+//! expert index, renormalisation), with the weight stream spread over `experts` blocks (the batch form runs one
+//! block per 32 tokens, so one block for a decode step).
 //!
-//! Why: the split-K form (one `mma` n-tile of 8 experts per block) runs 16 blocks at Qwen3 (128 experts): 16 SMs
-//! pull 32 KB each in two dependent rounds of loads, then the last block does the top-k; measured 6.9 us for
-//! 0.5 MB at T = 1 (H200, graph replay), i.e. latency, not bandwidth. Here block (e, tile) computes expert e's
-//! logit for the (up to 16) tokens of the tile on CUDA cores: warp w, lane L takes the 8-element chunks
-//! c = 32 w + L, + 256, ... of hidden (one 16-byte load of the weight row per chunk; at hidden 2048 exactly one per
-//! lane, the block's 4 KB in one round trip), multiplies by the token's 8 bf16 (16-byte loads, L1/L2) with f32 FMA
-//! (bf16 x bf16 products are exact in f32), then a warp sum per token and the 8 warps' sums in warp order in
-//! shared memory (deterministic). Two experts with identical rows get bit-identical logits (same code, same
-//! order), which the exact-tie rule of the checks needs.
+//! Why one expert per block: a split-K form with one `mma` n-tile of 8 experts per block ran 16 blocks at Qwen3 (128
+//! experts) and measured 6.9 us for 0.5 MB at T = 1 (H200, graph replay; docs/perf-moe.md), i.e. latency, not
+//! bandwidth. Here block (e, tile) computes expert e's logit for the (up to 16) tokens of the tile on CUDA cores:
+//! warp w, lane L takes the 8-element chunks c = 32 w + L, + 256, ... of hidden (one 16-byte load of the weight
+//! row per chunk; at hidden 2048 exactly one per lane, the block's 4 KB in one round trip), multiplies by the
+//! token's 8 bf16 (16-byte loads, L1/L2) with f32 FMA (bf16 x bf16 products are exact in f32), then a warp sum per
+//! token and the 8 warps' sums in warp order in shared memory (deterministic). Two experts with identical rows get
+//! bit-identical logits (same code, same order), which the exact-tie rule of the checks needs.
 //!
-//! Then as in the split-K form: every thread fences (`fence.acq_rel.gpu`), thread 0 bumps `counter[tile]`; the
-//! block that arrives last (of the `experts` blocks of its token tile) reads the tile's logits back through L2
-//! (`ld.global.cg`), does the softmax and top-k (warp w: tokens w, w + 8) and resets the counter to 0 for the next
-//! launch. The top-k reads only finished logits, so the result does not depend on which block came last.
+//! Then every thread fences (`fence.acq_rel.gpu`), thread 0 bumps `counter[tile]`; the block that arrives last (of
+//! the `experts` blocks of its token tile) reads the tile's logits back through L2 (`ld.global.cg`), does the
+//! softmax and top-k (warp w: tokens w, w + 8) and resets the counter to 0 for the next launch. The top-k reads
+//! only finished logits, so the result does not depend on which block came last.
 //!
 //! Programmatic dependent launch: before the entry prologue's wait, each block asks L2 for its 4 KB weight row
 //! (`prefetch_l2_early`; router weights are never written by a kernel), so the row's DRAM latency overlaps the
@@ -62,9 +61,8 @@ fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
 /// The logits of expert row `$wrow` for the `$ntile` (<= 16) tokens of the tile at `$x` (bf16 rows of `$h`),
 /// computed by the whole block of `MOE_ROUTER_ROWS_WARPS` warps as the module docs say; thread `$tid` < `$ntile`
 /// binds token `$tid`'s logit to `$s` and evaluates `$store`. `$part` is `[WARPS][16]` f32 of shared memory; every
-/// thread runs it (one block barrier inside). Also the router phase of [`super::decode_v4`] (same code, so the same
-/// logits bit for bit). A macro, not a function: as a function the same code changed LLVM's output for this kernel
-/// (82 -> 104 registers on sm_90); expanded, the kernel is its original code.
+/// thread runs it (one block barrier inside). A macro, not a function: as a function the same code changed LLVM's
+/// output for this kernel (82 -> 104 registers on sm_90); expanded, the kernel is its original code.
 macro_rules! row_logits {
     ($x:ident, $wrow:ident, $h:ident, $ntile:ident, $part:ident, ($tid:ident, $warp:ident, $lane:ident),
      $s:ident => $store:expr) => {{
@@ -98,7 +96,6 @@ macro_rules! row_logits {
         }
     }};
 }
-pub(crate) use row_logits;
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_moe_router_rows(p: MoeRouterParams) {

@@ -8,14 +8,13 @@ pub const MOE_ROUTER_TILE: usize = 16;
 pub const MOE_MAX_EXPERTS: usize = 256;
 /// Largest top-k.
 pub const MOE_MAX_TOPK: usize = 32;
-/// Warps per block of `hga_moe_gate_up_decode` (version 2); a block owns 8 intermediate columns of one (token, slot).
+/// Warps per block of `hga_moe_gate_up_decode_v3`; a block owns `MOE_DECODE_ROWS` intermediate columns of one
+/// (token, slot).
 pub const MOE_GATE_UP_DECODE_WARPS: usize = 4;
-/// Warps per block of `hga_moe_down_decode` (version 2); a block owns 8 output rows of one token.
-pub const MOE_DOWN_DECODE_WARPS: usize = 8;
-/// Rows (gate/up: intermediate columns; down: output rows) per block of the version-2 decode kernels.
+/// Intermediate columns per block of `hga_moe_gate_up_decode_v3`.
 pub const MOE_DECODE_ROWS: usize = 8;
-/// Warps per block of `hga_moe_down_decode_v3` (version 3); a block owns `MOE_DOWN_DECODE_V3_ROWS` output rows of
-/// one token. 512 threads: the kernel must stay at <= 128 registers (scripts/ptxas-report).
+/// Warps per block of `hga_moe_down_decode_v3`; a block owns `MOE_DOWN_DECODE_V3_ROWS` output rows of one token.
+/// 512 threads: the kernel must stay at <= 128 registers (scripts/ptxas-report).
 pub const MOE_DOWN_DECODE_V3_WARPS: usize = 16;
 /// Output rows per block of `hga_moe_down_decode_v3` (one `mma` A tile: rows g and g + 8).
 pub const MOE_DOWN_DECODE_V3_ROWS: usize = 16;
@@ -34,10 +33,10 @@ pub struct MoeRouterParams {
     pub x: u64,
     /// bf16 [experts, hidden] (`mlp.gate.weight`)
     pub w: u64,
-    /// f32 [tokens, experts] scratch (split-K router only)
+    /// f32 [tokens, experts] scratch (rows router only)
     pub logits: u64,
     /// u32 [ceil(tokens / 16)] arrival counters, zero before the first launch; the kernel leaves them zero
-    /// (split-K router only)
+    /// (rows router only)
     pub counter: u64,
     /// u32 [tokens, top_k]: chosen experts, best first
     pub ids: u64,
@@ -130,31 +129,4 @@ pub struct MoeExpertParams {
     pub experts: u32,
     pub top_k: u32,
     pub _pad: u32,
-}
-
-/// Warps per block of `hga_moe_decode_v4` (the one-kernel decode layer): the router phase uses all of them as
-/// `hga_moe_router_rows` does (`MOE_ROUTER_ROWS_WARPS`), the gate/up phase runs `MOE_DECODE_V4_WARPS /
-/// MOE_GATE_UP_DECODE_WARPS` = 2 gate/up units side by side, the down phase emulates `hga_moe_down_decode_v3`'s 16
-/// warps (each warp plays warps w and w + 8).
-pub const MOE_DECODE_V4_WARPS: usize = 8;
-/// Most tokens `hga_moe_decode_v4` takes (its shared-memory table of ids and weights; one top-k warp per token).
-pub const MOE_DECODE_V4_MAX_TOKENS: usize = 4;
-/// Dynamic shared memory of `hga_moe_decode_v4`, in f32 words: router partials [8][16], 2 gate/up groups
-/// [4][8][2], down rows [16][16], ids and weights [MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK] each, one flag word
-/// (+3 of padding).
-pub const MOE_DECODE_V4_SMEM_WORDS: usize =
-    MOE_ROUTER_ROWS_WARPS * MOE_ROUTER_TILE + 2 * 64 + 16 * 16 + 2 * MOE_DECODE_V4_MAX_TOKENS * MOE_MAX_TOPK + 4;
-
-/// The one-kernel decode layer (`hga_moe_decode_v4`): the router's fields and the expert kernels' fields.
-/// `router.counter` is the kernel's synchronization words, u32 [2 + tokens * top_k] (router arrivals, finished
-/// blocks, one readiness counter per (token, slot)), zero before the first launch; the kernel leaves them zero.
-/// `router.logits` is f32 [tokens, experts] scratch; `router.ids` / `router.weights` receive the routing (block 0
-/// writes them); `expert.x` = `router.x`, `expert.inter` is the bf16 [tokens * top_k, inter] intermediate,
-/// `expert.out` the bf16 [tokens, hidden] output.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-#[cfg_attr(feature = "host", derive(Pod, Zeroable))]
-pub struct MoeDecodeV4Params {
-    pub router: MoeRouterParams,
-    pub expert: MoeExpertParams,
 }

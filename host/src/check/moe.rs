@@ -1,4 +1,4 @@
-//! GPU-versus-reference checks of the MoE kernels: router (both forms), grouping, and the whole MoE layer on the
+//! GPU-versus-reference checks of the MoE kernels: router (both forms: rows and batch), grouping, and the whole MoE layer on the
 //! decode and the grouped (prefill) paths. Fresh random inputs per check, outputs poisoned before the launch.
 //!
 //! Router ids: the reference computes logits in f64, the GPU in f32 (bf16 products on tensor cores), so two
@@ -22,14 +22,9 @@ use rand::Rng;
 /// Which expert path to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
-    /// `moe_decode` (decode expert kernels, version 3; router `Auto`)
+    /// `moe_decode` (router `Auto`, decode expert kernels)
     Decode,
-    /// the decode path on version 1 of the decode expert kernels (kept for comparison)
-    DecodeV1,
-    /// the decode path on version 2 of the decode expert kernels, with the split-K router (kept for comparison)
-    DecodeV2,
-    /// version 4 of the decode layer (`hga_moe_decode_v4`, one persistent launch) for <= 4 tokens, version 3 above
-    DecodeV4,
+    /// `moe_grouped` (router `Auto`, grouping, grouped expert kernels)
     Grouped,
 }
 
@@ -131,7 +126,7 @@ pub fn router(gpu: &Gpu, d: &MoeDims, form: RouterForm, rng: &mut impl Rng) -> R
     let mut dids = s.clone_htod(&vec![u32::MAX; t * k])?;
     let mut dwt = s.clone_htod(&vec![f32::NAN; t * k])?;
     km::hga_moe_router(gpu, &dx, &dw, &mut logits, &mut counter, &mut dids, &mut dwt, d, form)?;
-    // Twice: the split-K form must have left its counters at zero for the next launch.
+    // Twice: the rows form must have left its counters at zero for the next launch.
     let mut dids2 = s.clone_htod(&vec![u32::MAX; t * k])?;
     let mut dwt2 = s.clone_htod(&vec![f32::NAN; t * k])?;
     km::hga_moe_router(gpu, &dx, &dw, &mut logits, &mut counter, &mut dids2, &mut dwt2, d, form)?;
@@ -149,7 +144,7 @@ pub fn router(gpu: &Gpu, d: &MoeDims, form: RouterForm, rng: &mut impl Rng) -> R
         bad = Some("second launch gave a different result".into());
     }
     if bad.is_none() && ctr.iter().any(|&c| c != 0) {
-        bad = Some(format!("split-K counters not reset: {ctr:?}"));
+        bad = Some(format!("router counters not reset: {ctr:?}"));
     }
     let exact = ids.iter().zip(&r.ids).filter(|(a, b)| a == b).count();
     let rel = rel_l2(&wt, &r.weights);
@@ -262,19 +257,6 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
     let mut out = s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * d.hidden])?;
     match path {
         MoePath::Decode => km::moe_decode(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
-        MoePath::DecodeV1 => {
-            let v = km::DecodeVersion::V1;
-            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, v)?
-        }
-        MoePath::DecodeV2 => {
-            let v = km::DecodeVersion::V2;
-            let form = if t <= km::ROUTER_SPLITK_MAX_TOKENS { RouterForm::SplitK } else { RouterForm::Auto };
-            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, form, v)?
-        }
-        MoePath::DecodeV4 => {
-            let v = km::DecodeVersion::V4;
-            km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, v)?
-        }
         MoePath::Grouped => km::moe_grouped(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?,
     }
     let got: Vec<f32> = s.clone_dtoh(&out)?.iter().map(|v| v.to_f32()).collect();
@@ -313,73 +295,6 @@ pub fn moe_with(gpu: &Gpu, d: &MoeDims, path: MoePath, inp: &MoeInputs) -> Resul
     ))
 }
 
-/// Version 4 of the decode layer against version 3 on the same inputs (1 <= tokens <= 4): the output, ids and
-/// weights must be identical bit for bit (version 4 runs version 3's device functions in version 3's orders).
-/// Repeated calls: `reps` launches back to back, then `reps` replays of a captured CUDA graph of one launch, with
-/// the intermediate, the logits scratch, the routing and the output poisoned (NaN) before every launch, so a
-/// flag left raised by the previous launch would let a block read poison or stale routing; every result is
-/// compared, and the synchronization words must be zero at the end.
-pub fn v4_matches_v3(
-    gpu: &Gpu,
-    d: &MoeDims,
-    inp: &MoeInputs,
-    how: km::V4Launch,
-    reps: usize,
-) -> Result<Outcome, RuntimeError> {
-    let s = gpu.stream();
-    let (t, k, h) = (d.tokens, d.top_k, d.hidden);
-    let w = MoeExpertWeights::upload(gpu, &inp.experts)?;
-    let (dx, drw) = (s.clone_htod(&inp.x)?, s.clone_htod(&inp.router_w)?);
-    let mut ws = MoeWorkspace::new(gpu, d, t, false)?;
-    let mut out = s.alloc_zeros::<bf16>(t * h)?;
-    km::moe_decode_version(gpu, &dx, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, km::DecodeVersion::V3)?;
-    let want = s.clone_dtoh(&out)?;
-    let want_ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
-    let want_w = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
-    let (pi, pl) = (vec![bf16::from_bits(0xFFFF); ws.inter.len()], vec![f32::NAN; ws.logits.len()]);
-    let (po, pids, pw) =
-        (vec![bf16::from_bits(0xFFFF); t * h], vec![u32::MAX; ws.ids.len()], vec![f32::NAN; ws.weights.len()]);
-    let poison = |ws: &mut MoeWorkspace, out: &mut cudarc::driver::CudaSlice<bf16>| -> Result<(), RuntimeError> {
-        s.memcpy_htod(&pi, &mut ws.inter)?;
-        s.memcpy_htod(&pl, &mut ws.logits)?;
-        s.memcpy_htod(&pids, &mut ws.ids)?;
-        s.memcpy_htod(&pw, &mut ws.weights)?;
-        s.memcpy_htod(&po, out)?;
-        Ok(())
-    };
-    let compare = |ws: &MoeWorkspace, out: &cudarc::driver::CudaSlice<bf16>, what: &str| {
-        let got = s.clone_dtoh(out)?;
-        let ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
-        let wt = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
-        Ok::<_, RuntimeError>(layer_mismatch(what, "version 3", h, (&ids, &want_ids), (&wt, &want_w), (&got, &want)))
-    };
-    let mut bad = None;
-    // Back to back, each launch after a poisoning copy (stream-ordered), compared after the last.
-    for _ in 0..reps {
-        poison(&mut ws, &mut out)?;
-        km::moe_decode_v4_launch(gpu, &dx, &drw, &w, &mut ws, &mut out, d, how)?;
-    }
-    bad = bad.or(compare(&ws, &out, "back-to-back launches")?);
-    // Replays of one captured launch, each compared.
-    let graph = gpu.capture(|| km::moe_decode_v4_launch(gpu, &dx, &drw, &w, &mut ws, &mut out, d, how))?;
-    for r in 0..reps {
-        poison(&mut ws, &mut out)?;
-        graph.launch()?;
-        bad = bad.or(compare(&ws, &out, &format!("graph replay {r}"))?);
-    }
-    let sync = s.clone_dtoh(&ws.sync)?;
-    if let Some(i) = sync.iter().position(|&v| v != 0) {
-        bad = bad.or(Some(format!("sync word {i} = {} after the launches (must be reset to 0)", sync[i])));
-    }
-    gpu.synchronize()?;
-    Ok(Outcome::new(
-        "hga_moe_decode_v4",
-        format!("v4 == v3 ({how:?}, {reps} reps) T={t} H={h} I={} E={} k={k}", d.inter, d.experts),
-        0.0,
-        bad,
-    ))
-}
-
 /// `moe_decode_residual` (the post-attention norm inside the router for one token) against `hga_rmsnorm` followed
 /// by [`km::moe_decode`] on the same inputs: the residual, the normalized row, the ids, the routing weights and
 /// the MoE output must be identical bit for bit. The fused call runs `reps` times, twice as a replayed CUDA graph,
@@ -400,13 +315,13 @@ pub fn norm_in_router_matches_separate(
     // inp.x is the attention block's output; a residual stream of a larger scale, a norm weight around 1.
     let res = s.clone_htod(&bf16_vec(t * h, -8.0, 8.0, rng))?;
     let nw = s.clone_htod(&bf16_vec(h, 0.5, 1.5, rng))?;
-    // Separate: hga_rmsnorm, then moe_decode (version 3).
+    // Separate: hga_rmsnorm, then moe_decode.
     let sub = s.clone_htod(&inp.x)?;
     let (mut ro, mut xn, mut out) =
         (s.alloc_zeros::<bf16>(t * h)?, s.alloc_zeros::<bf16>(t * h)?, s.alloc_zeros(t * h)?);
     let mut ws = MoeWorkspace::new(gpu, d, t, false)?;
     crate::kernels::hga_rmsnorm(gpu, &sub, Some((&res, &mut ro)), &nw, &mut xn, t, h, eps)?;
-    km::moe_decode_version(gpu, &xn, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto, km::DecodeVersion::V3)?;
+    km::moe_decode(gpu, &xn, &drw, &w, &mut ws, &mut out, d, RouterForm::Auto)?;
     let want = (s.clone_dtoh(&ro)?, s.clone_dtoh(&xn)?, s.clone_dtoh(&out)?);
     let want_ids = s.clone_dtoh(&ws.ids)?[..t * k].to_vec();
     let want_w = s.clone_dtoh(&ws.weights)?[..t * k].to_vec();
@@ -440,9 +355,7 @@ pub fn norm_in_router_matches_separate(
                 .map(|i| format!("{what}: normalized[{i}] = {}, separate {}", gxn[i], want.1[i])))
             .or(layer_mismatch(&what, "separate", h, (&ids, &want_ids), (&wt, &want_w), (&gout, &want.2)));
     }
-    let should = t == 1
-        && h <= gpu_kernels::params::MOE_ROUTER_ROWS_NORM_MAX_HIDDEN
-        && km::default_decode_version() == km::DecodeVersion::V3;
+    let should = t == 1 && h <= gpu_kernels::params::MOE_ROUTER_ROWS_NORM_MAX_HIDDEN;
     if fused != should {
         bad = bad.or(Some(format!("fused = {fused}, expected {should}")));
     }

@@ -31,38 +31,12 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 /// # Safety
 /// `p` must describe buffers that are valid for the kernel's whole access pattern under `cfg`, and they must stay
 /// alive until the work completes (the callers hold the cudarc guards across the launch; cudarc orders later uses).
+/// The one place that calls `cuLaunchKernelEx`.
 pub(crate) unsafe fn launch<T: bytemuck::Pod>(
     gpu: &Gpu,
     name: &'static str,
     cfg: LaunchConfig,
     p: T,
-) -> Result<(), RuntimeError> {
-    launch_as(gpu, name, cfg, p, LaunchKind::Stream)
-}
-
-/// How [`launch_as`] launches a kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LaunchKind {
-    /// In stream order, with programmatic dependent launch when [`Gpu::pdl_enabled`].
-    Stream,
-    /// Cooperative (`CU_LAUNCH_ATTRIBUTE_COOPERATIVE`, the attribute form of `cuLaunchCooperativeKernel`, which
-    /// stream capture records as a cooperative kernel node): the driver guarantees that every block is resident
-    /// or refuses the launch. Never with PDL: the grid must start on an idle device.
-    Cooperative,
-    /// In stream order, no attribute at all.
-    Plain,
-}
-
-/// [`launch`] with an explicit [`LaunchKind`]; the one place that calls `cuLaunchKernelEx`.
-///
-/// # Safety
-/// As [`launch`].
-pub(crate) unsafe fn launch_as<T: bytemuck::Pod>(
-    gpu: &Gpu,
-    name: &'static str,
-    cfg: LaunchConfig,
-    p: T,
-    kind: LaunchKind,
 ) -> Result<(), RuntimeError> {
     use cudarc::driver::sys;
     let f = gpu.function_for_smem(name, cfg.shared_mem_bytes)?;
@@ -71,18 +45,12 @@ pub(crate) unsafe fn launch_as<T: bytemuck::Pod>(
     let mut params = [(&mut p as *mut T).cast::<std::ffi::c_void>()];
     // SAFETY: plain C structs and unions, for which all-zero bytes are valid.
     let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-    let n_attrs = match kind {
-        LaunchKind::Stream if gpu.pdl_enabled() => {
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            1
-        }
-        LaunchKind::Cooperative => {
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-            attr.value.cooperative = 1;
-            1
-        }
-        LaunchKind::Stream | LaunchKind::Plain => 0,
+    let n_attrs = if gpu.pdl_enabled() {
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        1
+    } else {
+        0
     };
     let lc = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,

@@ -1,25 +1,35 @@
 //! Launchers of the MoE kernels (gpu-kernels/src/moe/*) and the two composed paths:
 //! [`moe_decode`] (router + fused decode expert kernels, 3 launches, no grouping needed: the expert kernels read
-//! the router's ids directly; [`moe_decode_version`] also runs versions 1 and 2 of the expert kernels, and version 4,
-//! [`moe_decode_v4`]: the whole layer in one persistent launch) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the
-//! SiLU*up epilogue, quantization of the intermediate, grouped down, combine).
-use super::{check_len, dim_u32, dptr, dptr_mut, launch, launch_as, LaunchKind};
+//! the router's ids directly; [`moe_decode_residual`] also runs the post-attention norm inside the router for one
+//! token) and [`moe_grouped`] (router, grouping, x quantization, grouped gate/up with the SiLU*up epilogue,
+//! quantization of the intermediate, grouped down, combine).
+//!
+//! Which kernel runs (the same on sm_89, sm_90 and sm_120):
+//!
+//! | path | router (`RouterForm::Auto`) | experts |
+//! |---|---|---|
+//! | [`moe_decode`], tokens <= [`ROUTER_ROWS_MAX_TOKENS`] (64) | `hga_moe_router_rows` | `hga_moe_gate_up_decode_v3`, `hga_moe_down_decode_v3` |
+//! | [`moe_decode`], more tokens | `hga_moe_router` | as above |
+//! | [`moe_grouped`] (prefill), tokens <= 64 | `hga_moe_router_rows` | `hga_moe_group`, `hga_fp8_quant`, `hga_moe_gate_up_grouped`, `hga_fp8_quant`, `hga_moe_down_grouped`, `hga_moe_combine` |
+//! | [`moe_grouped`], more tokens | `hga_moe_router` | as above |
+//!
+//! The model runs [`moe_decode_residual`] for decode steps and [`moe_grouped`] for prefill chunks.
+use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::kernels::hga_rmsnorm;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
-    MoeDecodeV4Params, MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DECODE_V4_MAX_TOKENS,
-    MOE_DECODE_V4_SMEM_WORDS, MOE_DECODE_V4_WARPS, MOE_DOWN_DECODE_V3_ROWS, MOE_DOWN_DECODE_V3_WARPS,
-    MOE_DOWN_DECODE_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_V3_ROWS,
+    MOE_DOWN_DECODE_V3_WARPS, MOE_GATE_UP_DECODE_WARPS, MOE_GROUP_TILE_M, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
     MOE_ROUTER_ROWS_NORM_MAX_HIDDEN, MOE_ROUTER_ROWS_WARPS, MOE_ROUTER_TILE,
 };
 use half::bf16;
 
 /// Up to this many tokens [`hga_moe_router`] (`Auto`) uses the one-expert-per-block form (weights spread over
 /// `experts` blocks).
-pub const ROUTER_SPLITK_MAX_TOKENS: usize = 64;
+pub const ROUTER_ROWS_MAX_TOKENS: usize = 64;
 
 fn shape_err(s: String) -> RuntimeError {
     RuntimeError::Shape(s)
@@ -49,19 +59,17 @@ pub fn check_dims(d: &MoeDims) -> Result<(), RuntimeError> {
 /// Which router kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterForm {
-    /// [`RouterForm::Rows`] up to [`ROUTER_SPLITK_MAX_TOKENS`] tokens, else batch
+    /// [`RouterForm::Rows`] up to [`ROUTER_ROWS_MAX_TOKENS`] tokens, else [`RouterForm::Batch`] (what every path
+    /// of the model uses)
     Auto,
     /// `hga_moe_router`: 32-token tiles x all experts per block
     Batch,
-    /// `hga_moe_router_splitk`: 8 experts per block, K over 8 warps, last block does the top-k (the decode
-    /// router of versions 1 and 2)
-    SplitK,
-    /// `hga_moe_router_rows`: one expert per block (CUDA-core dot products), last block does the top-k (version 3)
+    /// `hga_moe_router_rows`: one expert per block (CUDA-core dot products), last block does the top-k
     Rows,
 }
 
 /// Router: x bf16 [tokens, hidden], w bf16 [experts, hidden] -> ids u32 [tokens, top_k], weights f32 [tokens,
-/// top_k]. The split-K and rows forms also need `logits` f32 [tokens, experts] scratch and `counter` u32
+/// top_k]. The rows form also needs `logits` f32 [tokens, experts] scratch and `counter` u32
 /// [ceil(tokens / 16)], zero before the first use (the kernel leaves it zero).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_moe_router(
@@ -115,12 +123,12 @@ fn router_launch(
         return Ok(());
     }
     let form = match form {
-        RouterForm::Auto if t <= ROUTER_SPLITK_MAX_TOKENS => RouterForm::Rows,
+        RouterForm::Auto if t <= ROUTER_ROWS_MAX_TOKENS => RouterForm::Rows,
         RouterForm::Auto => RouterForm::Batch,
         f => f,
     };
-    let splitk = form != RouterForm::Batch;
-    if splitk {
+    let rows = form == RouterForm::Rows;
+    if rows {
         check_len("moe router logits", logits.len(), t * ne)?;
         check_len("moe router counter", counter.len(), t.div_ceil(MOE_ROUTER_TILE))?;
     }
@@ -133,8 +141,8 @@ fn router_launch(
     let p = MoeRouterParams {
         x: px,
         w: pw,
-        logits: if splitk { pl } else { 0 },
-        counter: if splitk { pc } else { 0 },
+        logits: if rows { pl } else { 0 },
+        counter: if rows { pc } else { 0 },
         ids: pi,
         weights: pwt,
         tokens: dim_u32("moe tokens", t)?,
@@ -153,7 +161,7 @@ fn router_launch(
             "moe router: the fused norm needs the rows form, 1 token, hidden <= 2048 ({t}, {h})"
         )));
     }
-    if form == RouterForm::Rows {
+    if rows {
         let cfg = LaunchConfig {
             grid_dim: (ne as u32, dim_u32("moe router tiles", t.div_ceil(MOE_ROUTER_TILE))?, 1),
             block_dim: (32 * MOE_ROUTER_ROWS_WARPS as u32, 1, 1),
@@ -162,14 +170,6 @@ fn router_launch(
         };
         // SAFETY: lengths checked above.
         unsafe { launch(gpu, "hga_moe_router_rows", cfg, p) }
-    } else if splitk {
-        let cfg = LaunchConfig {
-            grid_dim: (ne.div_ceil(8) as u32, dim_u32("moe router tiles", t.div_ceil(MOE_ROUTER_TILE))?, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 8 * 128 * 4 + 16,
-        };
-        // SAFETY: lengths checked above.
-        unsafe { launch(gpu, "hga_moe_router_splitk", cfg, p) }
     } else {
         let cfg = LaunchConfig {
             grid_dim: (dim_u32("moe router blocks", t.div_ceil(32))?, 1, 1),
@@ -305,30 +305,12 @@ impl MoeExpertWeights {
     }
 }
 
-/// Which version of the decode expert kernels to run (see docs/perf-moe.md). [`moe_decode`] runs the current
-/// one (version 3); versions 1 and 2 are kept so that the bench and the tests can compare them in one run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecodeVersion {
-    /// `hga_moe_{gate_up,down}_decode_v1`: grid (inter / 16, pairs) and (hidden / 16, tokens)
-    V1,
-    /// `hga_moe_{gate_up,down}_decode`: grid (inter / 8, pairs) x 4 warps and (hidden / 8, tokens) x 8 warps,
-    /// weight stream issued before the activation quantization
-    V2,
-    /// `hga_moe_{gate_up,down}_decode_v3`: gate/up as version 2 plus activation loads first and the chosen experts'
-    /// down weights prefetched into L2; down with 16 rows per block, grid (hidden / 16, tokens) x 16 warps
-    V3,
-    /// `hga_moe_decode_v4`: router, gate/up and down in one persistent launch ([`moe_decode_v4`]), same result
-    /// as version 3 bit for bit; up to [`MOE_DECODE_V4_MAX_TOKENS`] tokens, more run version 3. For the expert
-    /// kernels alone (`hga_moe_{gate_up,down}_decode*`) it means version 3.
-    V4,
-}
-
 /// Largest grid.y of a launch.
 const GRID_Y_MAX: usize = 65535;
 
 /// Decode gate/up: x bf16 [tokens, hidden], ids [tokens, top_k] -> inter bf16 [tokens * top_k, inter]
-/// (row = token * top_k + slot). Runs version 3 (`hga_moe_gate_up_decode_v3`, which also prefetches the chosen
-/// experts' down weights into L2).
+/// (row = token * top_k + slot): `hga_moe_gate_up_decode_v3`, which also prefetches the chosen experts' down
+/// weights into L2.
 pub fn hga_moe_gate_up_decode(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
@@ -336,20 +318,6 @@ pub fn hga_moe_gate_up_decode(
     ids: &impl DevicePtr<u32>,
     inter: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    hga_moe_gate_up_decode_version(gpu, x, w, ids, inter, d, DecodeVersion::V3)
-}
-
-/// [`hga_moe_gate_up_decode`] with a chosen version of the kernel (v1 `hga_moe_gate_up_decode_v1`, v2
-/// `hga_moe_gate_up_decode`, v3 and v4's gate/up phase `hga_moe_gate_up_decode_v3`); same arguments and result.
-pub fn hga_moe_gate_up_decode_version(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    inter: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-    v: DecodeVersion,
 ) -> Result<(), RuntimeError> {
     check_dims(d)?;
     let n = d.tokens * d.top_k;
@@ -369,13 +337,7 @@ pub fn hga_moe_gate_up_decode_version(
     let (pi, _b) = dptr(gpu, ids);
     let (ph, _c) = dptr_mut(gpu, inter);
     (p.x, p.ids, p.inter) = (px, pi, ph);
-    let (name, cols, threads) = match v {
-        DecodeVersion::V1 => ("hga_moe_gate_up_decode_v1", 16usize, 128usize),
-        DecodeVersion::V2 => ("hga_moe_gate_up_decode", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS),
-        DecodeVersion::V3 | DecodeVersion::V4 => {
-            ("hga_moe_gate_up_decode_v3", MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS)
-        }
-    };
+    let (cols, threads) = (MOE_DECODE_ROWS, 32 * MOE_GATE_UP_DECODE_WARPS);
     let cfg = LaunchConfig {
         grid_dim: ((d.inter / cols) as u32, n as u32, 1),
         block_dim: (threads as u32, 1, 1),
@@ -383,11 +345,11 @@ pub fn hga_moe_gate_up_decode_version(
         shared_mem_bytes: (threads / 32 * cols * 2 * 4) as u32,
     };
     // SAFETY: lengths checked above; ids must be < experts (router output).
-    unsafe { launch(gpu, name, cfg, p) }
+    unsafe { launch(gpu, "hga_moe_gate_up_decode_v3", cfg, p) }
 }
 
 /// Decode down + weighted slot sum: inter bf16 [tokens * top_k, inter], ids / weights [tokens, top_k] ->
-/// out bf16 [tokens, hidden]. Runs version 3 (`hga_moe_down_decode_v3`).
+/// out bf16 [tokens, hidden]: `hga_moe_down_decode_v3`.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_moe_down_decode(
     gpu: &Gpu,
@@ -397,23 +359,6 @@ pub fn hga_moe_down_decode(
     weights: &impl DevicePtr<f32>,
     out: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    hga_moe_down_decode_version(gpu, inter, w, ids, weights, out, d, DecodeVersion::V3)
-}
-
-/// [`hga_moe_down_decode`] with a chosen version of the kernel (v1 `hga_moe_down_decode_v1`, v2
-/// `hga_moe_down_decode`, v3 and v4's down phase `hga_moe_down_decode_v3`); same arguments and result (up to the
-/// order of the f32 sum).
-#[allow(clippy::too_many_arguments)]
-pub fn hga_moe_down_decode_version(
-    gpu: &Gpu,
-    inter: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ids: &impl DevicePtr<u32>,
-    weights: &impl DevicePtr<f32>,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-    v: DecodeVersion,
 ) -> Result<(), RuntimeError> {
     check_dims(d)?;
     let n = d.tokens * d.top_k;
@@ -433,30 +378,13 @@ pub fn hga_moe_down_decode_version(
     let (pw, _c) = dptr(gpu, weights);
     let (po, _d) = dptr_mut(gpu, out);
     (p.inter, p.ids, p.weights, p.out) = (ph, pi, pw, po);
-    let cfg = match v {
-        DecodeVersion::V1 => LaunchConfig {
-            grid_dim: ((d.hidden / 16) as u32, d.tokens as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (d.top_k * 16 * 4) as u32, // [top_k][16 rows] f32
-        },
-        DecodeVersion::V2 => LaunchConfig {
-            grid_dim: ((d.hidden / MOE_DECODE_ROWS) as u32, d.tokens as u32, 1),
-            block_dim: (32 * MOE_DOWN_DECODE_WARPS as u32, 1, 1),
-            shared_mem_bytes: (MOE_DOWN_DECODE_WARPS * MOE_DECODE_ROWS * 4) as u32, // [warps][rows] f32
-        },
-        DecodeVersion::V3 | DecodeVersion::V4 => LaunchConfig {
-            grid_dim: ((d.hidden / MOE_DOWN_DECODE_V3_ROWS) as u32, d.tokens as u32, 1),
-            block_dim: (32 * MOE_DOWN_DECODE_V3_WARPS as u32, 1, 1),
-            shared_mem_bytes: (MOE_DOWN_DECODE_V3_WARPS * MOE_DOWN_DECODE_V3_ROWS * 4) as u32, // [warps][rows] f32
-        },
-    };
-    let name = match v {
-        DecodeVersion::V1 => "hga_moe_down_decode_v1",
-        DecodeVersion::V2 => "hga_moe_down_decode",
-        DecodeVersion::V3 | DecodeVersion::V4 => "hga_moe_down_decode_v3",
+    let cfg = LaunchConfig {
+        grid_dim: ((d.hidden / MOE_DOWN_DECODE_V3_ROWS) as u32, d.tokens as u32, 1),
+        block_dim: (32 * MOE_DOWN_DECODE_V3_WARPS as u32, 1, 1),
+        shared_mem_bytes: (MOE_DOWN_DECODE_V3_WARPS * MOE_DOWN_DECODE_V3_ROWS * 4) as u32, // [warps][rows] f32
     };
     // SAFETY: lengths checked above; ids must be < experts (router output).
-    unsafe { launch(gpu, name, cfg, p) }
+    unsafe { launch(gpu, "hga_moe_down_decode_v3", cfg, p) }
 }
 
 /// Upper bound of the grouped kernels' block tiles: ceil(tokens * top_k / 64) + experts.
@@ -607,9 +535,6 @@ pub struct MoeWorkspace {
     pub inter_s: CudaSlice<f32>,
     /// f32 [max_tokens * top_k, hidden]: only allocated when `grouped`
     pub ys: CudaSlice<f32>,
-    /// u32 [2 + max_tokens * top_k]: the synchronization words of [`moe_decode_v4`] (router arrivals, finished
-    /// blocks, readiness per (token, slot)); zero, and left zero by every completed launch
-    pub sync: CudaSlice<u32>,
 }
 
 impl MoeWorkspace {
@@ -634,7 +559,6 @@ impl MoeWorkspace {
             inter_q: s.alloc_zeros(g(t * k * i))?,
             inter_s: s.alloc_zeros(g(t * k * i / FP8_GROUP))?,
             ys: s.alloc_zeros(g(t * k * h))?,
-            sync: s.alloc_zeros(2 + t * k)?,
         })
     }
 
@@ -648,10 +572,9 @@ impl MoeWorkspace {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The decode path ([`default_decode_version`]): v3, router (one expert per block for few tokens with `Auto`) +
-/// gate/up decode + down decode (gate/up also prefetches the chosen experts' down weights into L2); or v4, all three
-/// in one persistent kernel for up to `MOE_DECODE_V4_MAX_TOKENS` tokens. x bf16
-/// [tokens, hidden], router_w bf16 [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
+/// The decode path: router (one expert per block for few tokens with `Auto`) + gate/up decode + down decode
+/// (gate/up also prefetches the chosen experts' down weights into L2). x bf16 [tokens, hidden], router_w bf16
+/// [experts, hidden] -> out bf16 [tokens, hidden]; ids/weights stay in `ws`.
 pub fn moe_decode(
     gpu: &Gpu,
     x: &impl DevicePtr<bf16>,
@@ -662,13 +585,14 @@ pub fn moe_decode(
     d: &MoeDims,
     form: RouterForm,
 ) -> Result<(), RuntimeError> {
-    moe_decode_version(gpu, x, router_w, w, ws, out, d, form, default_decode_version())
+    ws.fits(d)?;
+    decode_layer(gpu, x, router_w, w, ws, out, d, form, None)
 }
 
 /// The MoE block of a decode step together with the norm in front of it: `io` holds the attention block's output
 /// on entry and the MoE output on return; `residual_out = bf16(io + residual)`, `xn = RMSNorm(residual_out) *
 /// norm_w` (the post-attention norm, transformers' Qwen3RMSNorm), then [`moe_decode`] of `xn`. For one token with
-/// version 3 and hidden <= 2048 the norm runs inside the router (`hga_moe_router_rows` with `norm_w`): one launch
+/// hidden <= 2048 (and 16-byte aligned buffers) the norm runs inside the router (`hga_moe_router_rows` with `norm_w`): one launch
 /// fewer, the same numbers bit for bit as `hga_rmsnorm` + [`moe_decode`], which is what runs otherwise. Returns
 /// whether the norm was fused.
 #[allow(clippy::too_many_arguments)]
@@ -702,11 +626,7 @@ pub fn moe_decode_residual(
         let (pn, _d) = dptr(gpu, norm_w);
         let (px, _e) = dptr_mut(gpu, xn);
         let aligned = [pi, pr, pro, pn, px].iter().all(|p| p % 16 == 0);
-        let fusable = t == 1
-            && h <= MOE_ROUTER_ROWS_NORM_MAX_HIDDEN
-            && h % 8 == 0
-            && aligned
-            && default_decode_version() == DecodeVersion::V3;
+        let fusable = t == 1 && h <= MOE_ROUTER_ROWS_NORM_MAX_HIDDEN && h % 8 == 0 && aligned;
         fusable.then_some(RouterNorm { weight: pn, input: pi, res_in: pr, res_out: pro, eps })
     };
     let Some(norm) = fused else {
@@ -715,43 +635,11 @@ pub fn moe_decode_residual(
         return Ok(false);
     };
     ws.fits(d)?;
-    decode_layer(gpu, xn, router_w, w, ws, io, d, RouterForm::Rows, DecodeVersion::V3, Some(norm))?;
+    decode_layer(gpu, xn, router_w, w, ws, io, d, RouterForm::Rows, Some(norm))?;
     Ok(true)
 }
 
-/// The version [`moe_decode`] runs: v3, or v4 (one persistent kernel, v3 past its token limit) when the environment
-/// variable `HGA_MOE_DECODE` is `v4` (read once per process; for comparing the two in one model run). v3 stays the
-/// default because it measured faster on the H200: 25.1 vs 31.9 us per layer at T = 1, 291 vs 247 tokens/s for
-/// the whole model at 4K (docs/perf-moe.md, version 4).
-pub fn default_decode_version() -> DecodeVersion {
-    static V: std::sync::OnceLock<DecodeVersion> = std::sync::OnceLock::new();
-    *V.get_or_init(|| match std::env::var("HGA_MOE_DECODE").as_deref() {
-        Ok("v4") => DecodeVersion::V4,
-        _ => DecodeVersion::V3,
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-/// [`moe_decode`] with a chosen version of the decode expert kernels.
-pub fn moe_decode_version(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    router_w: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ws: &mut MoeWorkspace,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-    form: RouterForm,
-    v: DecodeVersion,
-) -> Result<(), RuntimeError> {
-    ws.fits(d)?;
-    if v == DecodeVersion::V4 && d.tokens <= MOE_DECODE_V4_MAX_TOKENS {
-        return moe_decode_v4(gpu, x, router_w, w, ws, out, d);
-    }
-    decode_layer(gpu, x, router_w, w, ws, out, d, form, v, None)
-}
-
-/// The decode layer of versions 1-3 in three launches, into `ws` and `out`: the router (with the fused norm when
+/// The decode layer in three launches, into `ws` and `out`: the router (with the fused norm when
 /// `norm` is set: then block 0 writes `x` before the expert kernels read it), gate/up, down.
 #[allow(clippy::too_many_arguments)]
 fn decode_layer(
@@ -763,7 +651,6 @@ fn decode_layer(
     out: &mut impl DevicePtrMut<bf16>,
     d: &MoeDims,
     form: RouterForm,
-    v: DecodeVersion,
     norm: Option<RouterNorm>,
 ) -> Result<(), RuntimeError> {
     let (t, k) = (d.tokens, d.top_k);
@@ -779,16 +666,8 @@ fn decode_layer(
         form,
         norm,
     )?;
-    hga_moe_gate_up_decode_version(
-        gpu,
-        x,
-        w,
-        &ws.ids.slice(0..t * k),
-        &mut ws.inter.slice_mut(0..t * k * d.inter),
-        d,
-        v,
-    )?;
-    hga_moe_down_decode_version(
+    hga_moe_gate_up_decode(gpu, x, w, &ws.ids.slice(0..t * k), &mut ws.inter.slice_mut(0..t * k * d.inter), d)?;
+    hga_moe_down_decode(
         gpu,
         &ws.inter.slice(0..t * k * d.inter),
         w,
@@ -796,120 +675,7 @@ fn decode_layer(
         &ws.weights.slice(0..t * k),
         out,
         d,
-        v,
     )
-}
-
-/// Threads per block of `hga_moe_decode_v4`.
-const DECODE_V4_THREADS: u32 = 32 * MOE_DECODE_V4_WARPS as u32;
-
-/// Grid of [`moe_decode_v4`]: every block co-resident (blocks spin on flags that other blocks raise), i.e. the
-/// occupancy API's blocks per SM x the SM count.
-pub fn decode_v4_grid(gpu: &Gpu) -> Result<u32, RuntimeError> {
-    let f = gpu.function("hga_moe_decode_v4")?;
-    let per_sm =
-        f.occupancy_max_active_blocks_per_multiprocessor(DECODE_V4_THREADS, MOE_DECODE_V4_SMEM_WORDS * 4, None)?;
-    let g = per_sm * gpu.sm_count() as u32;
-    if g == 0 {
-        return Err(shape_err("moe decode v4: the kernel does not fit an SM".into()));
-    }
-    Ok(g)
-}
-
-#[allow(clippy::too_many_arguments)]
-/// Version 4 of the decode layer (`hga_moe_decode_v4`): router, gate/up and down in ONE persistent launch,
-/// 1..=[`MOE_DECODE_V4_MAX_TOKENS`] tokens. Same arguments as [`moe_decode`] and the same result as version 3 bit
-/// for bit (ids and weights also land in `ws`). The grid is [`decode_v4_grid`] (all blocks co-resident) and the
-/// launch is cooperative (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`): the driver refuses a grid
-/// that cannot be co-resident instead of letting the spinning blocks deadlock. The kernel's flags live in `ws.sync` and are zero again after
-/// each launch (graph replay re-runs the same launch).
-pub fn moe_decode_v4(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    router_w: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ws: &mut MoeWorkspace,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-) -> Result<(), RuntimeError> {
-    moe_decode_v4_launch(gpu, x, router_w, w, ws, out, d, V4Launch::Cooperative)
-}
-
-/// How [`moe_decode_v4_launch`] launches the persistent kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum V4Launch {
-    /// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` (the default): the driver guarantees co-residency or fails the launch
-    Cooperative,
-    /// an ordinary launch of the same grid (co-resident by the occupancy computation as long as nothing else runs
-    /// on the device at the same time); for a driver or a graph path that refuses cooperative launches
-    Plain,
-}
-
-#[allow(clippy::too_many_arguments)]
-/// [`moe_decode_v4`] with a chosen launch kind.
-pub fn moe_decode_v4_launch(
-    gpu: &Gpu,
-    x: &impl DevicePtr<bf16>,
-    router_w: &impl DevicePtr<bf16>,
-    w: &MoeExpertWeights,
-    ws: &mut MoeWorkspace,
-    out: &mut impl DevicePtrMut<bf16>,
-    d: &MoeDims,
-    how: V4Launch,
-) -> Result<(), RuntimeError> {
-    check_dims(d)?;
-    ws.fits(d)?;
-    let (t, h, ne, k, i) = (d.tokens, d.hidden, d.experts, d.top_k, d.inter);
-    if t == 0 || t > MOE_DECODE_V4_MAX_TOKENS {
-        return Err(shape_err(format!("moe decode v4: tokens = {t} must be in 1..={MOE_DECODE_V4_MAX_TOKENS}")));
-    }
-    check_len("moe decode v4 x", x.len(), t * h)?;
-    check_len("moe decode v4 router_w", router_w.len(), ne * h)?;
-    check_len("moe decode v4 out", out.len(), t * h)?;
-    if ws.sync.len() < 2 + t * k || ws.logits.len() < t * ne || ws.inter.len() < t * k * i {
-        return Err(shape_err("moe decode v4: workspace too small".into()));
-    }
-    let grid = decode_v4_grid(gpu)?;
-    let (mut pe, _g) = w.params(gpu, d)?;
-    let (px, _a) = dptr(gpu, x);
-    let (pw, _b) = dptr(gpu, router_w);
-    let (po, _c) = dptr_mut(gpu, out);
-    let (pl, _d) = dptr_mut(gpu, &mut ws.logits);
-    let (ps, _e) = dptr_mut(gpu, &mut ws.sync);
-    let (pi, _f) = dptr_mut(gpu, &mut ws.ids);
-    let (pwt, _h) = dptr_mut(gpu, &mut ws.weights);
-    let (ph, _i) = dptr_mut(gpu, &mut ws.inter);
-    (pe.x, pe.ids, pe.weights, pe.inter, pe.out) = (px, pi, pwt, ph, po);
-    let p = MoeDecodeV4Params {
-        router: MoeRouterParams {
-            x: px,
-            w: pw,
-            logits: pl,
-            counter: ps,
-            ids: pi,
-            weights: pwt,
-            tokens: t as u32,
-            hidden: h as u32,
-            experts: ne as u32,
-            top_k: k as u32,
-            norm_topk: d.norm_topk as u32,
-            eps: 0.0,
-            norm_w: 0,
-            norm_in: 0,
-            res_in: 0,
-            res_out: 0,
-        },
-        expert: pe,
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (DECODE_V4_THREADS, 1, 1),
-        shared_mem_bytes: (MOE_DECODE_V4_SMEM_WORDS * 4) as u32,
-    };
-    // SAFETY: lengths checked above; the grid is at most the co-resident blocks (occupancy x SMs), and with
-    // `Cooperative` the driver guarantees co-residency.
-    let kind = if how == V4Launch::Cooperative { LaunchKind::Cooperative } else { LaunchKind::Plain };
-    unsafe { launch_as(gpu, "hga_moe_decode_v4", cfg, p, kind) }
 }
 
 #[allow(clippy::too_many_arguments)]

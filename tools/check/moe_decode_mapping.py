@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-# CPU check of the lane/fragment index mapping of hga_moe_gate_up_decode / hga_moe_down_decode (version 2):
-# emulates mma.sync m16n8k32 from the PTX ISA fragment layout, runs the kernels' per-lane logic (k-permuted
-# fragments, warp-cooperative group bytes, gate/up interleave, down's two-unit B columns) on small integers and
-# compares with direct dot products. Pure Python, a few seconds. It checks the mapping, not the compiled code.
+# CPU check of the lane/fragment index mapping of the decode expert kernels: hga_moe_gate_up_decode_v3 (8
+# intermediate columns per block, 4 warps, gate rows as A rows g and up rows as A rows g + 8, k-permuted fragments,
+# warp-cooperative group bytes), hga_moe_down_decode_v3 (16 output rows per block, 16 warps, a unit = (slot, k
+# block) is one mma A tile: rows g / g + 8 = output rows n0 + g / n0 + g + 8, every B column the unit's activation),
+# and the line coverage of gate/up's down-weight prefetch. Emulates mma.sync m16n8k32 from the PTX ISA fragment
+# layout on small integers and compares with direct dot products. Pure Python, a few seconds; it checks the
+# mapping, not the compiled code.
 import random
 def mma(a, b, c):  # a[lane][4] of 4-byte lists, b[lane][2] of 4-byte lists, c[lane][4]
     A = [[0]*32 for _ in range(16)]; B = [[0]*8 for _ in range(32)]
@@ -69,47 +72,54 @@ def gate_up(h, inter, E, k, T):
         rg = sum(wg[e][i][j]*x[token][j] for j in range(h)); ru = sum(wu[e][i][j]*x[token][j] for j in range(h))
         bad += (rg != gv) + (ru != uv)
     print(f"gate_up h={h} I={inter} E={E} k={k} T={T}: {len(out)} outputs, {bad} wrong")
+    return bad
 
-def down(h, inter, E, k, T):
+def down_v3(h, inter, E, k, T):
     wd = [[R(inter) for _ in range(h)] for _ in range(E)]
     act = [R(inter) for _ in range(T*k)]; ids = [random.randrange(E) for _ in range(T*k)]; rw = [random.randrange(1, 4) for _ in range(T*k)]
-    kbs = inter // 128; WARPS, U = 8, 3; units = k*kbs; pairs = (units+1)//2
+    kbs = inter // 128; WARPS, U, ROWS = 16, 3, 16; units = k*kbs
     out = {}
     for token in range(T):
-        for bx in range(h // 8):
-            n0 = 8*bx; sm = {}
+        for bx in range(h // ROWS):
+            n0 = ROWS*bx; sm = {}
             for warp in range(WARPS):
-                tot = [0]*32; p0 = warp
-                while p0 < pairs:
+                tg = [0]*32; tg8 = [0]*32; u0 = warp
+                while u0 < units:
                     for u in range(U):
-                        pr = p0 + WARPS*u
-                        if pr >= pairs: continue
-                        A = []; Q = []; F = []
-                        for j in range(2):
-                            unit = 2*pr + j
-                            if unit < units:
-                                s, kb = unit // kbs, unit % kbs; e = ids[token*k+s]
-                                A.append([[words(wd[e][n0+L//4][kb*128+16*(L%4):kb*128+16*(L%4)+16]), words(wd[e][n0+L//4][kb*128+64+16*(L%4):kb*128+80+16*(L%4)])] for L in range(32)])
-                                Q.append(quant(act[token*k+s][kb*128:kb*128+128])); F.append(rw[token*k+s])
-                            else:
-                                A.append([[[[0]*4]*4, [[0]*4]*4] for L in range(32)]); Q.append([[0]*4]*32); F.append(0)
-                        b0 = frag(Q[0]); b1 = frag(Q[1])
-                        lo = [b1[0][L] if L//4 == 1 else b0[0][L] for L in range(32)]
-                        hi = [b1[1][L] if L//4 == 1 else b0[1][L] for L in range(32)]
-                        c = chunk([A[0][L][0] for L in range(32)], [A[1][L][0] for L in range(32)], lo, [[0]*4]*32)
-                        c = chunk([A[0][L][1] for L in range(32)], [A[1][L][1] for L in range(32)], hi, c)
-                        for L in range(32): tot[L] += c[L][0]*F[0] + c[L][3]*F[1]
-                    p0 += WARPS*U
+                        unit = u0 + WARPS*u
+                        if unit >= units: continue
+                        s, kb = unit // kbs, unit % kbs; e = ids[token*k+s]; f = rw[token*k+s]
+                        def w16(row, off, L): return words(wd[e][row][kb*128+off+16*(L%4):kb*128+off+16*(L%4)+16])
+                        a = [[w16(n0+L//4, 0, L), w16(n0+L//4, 64, L), w16(n0+L//4+8, 0, L), w16(n0+L//4+8, 64, L)] for L in range(32)]
+                        lo, hi = frag(quant(act[token*k+s][kb*128:kb*128+128]))
+                        c = chunk([a[L][0] for L in range(32)], [a[L][2] for L in range(32)], lo, [[0]*4]*32)
+                        c = chunk([a[L][1] for L in range(32)], [a[L][3] for L in range(32)], hi, c)
+                        for L in range(32): tg[L] += c[L][0]*f; tg8[L] += c[L][2]*f
+                    u0 += WARPS*U
                 for L in range(32):
-                    if L % 4 == 0: sm[(warp, L//4)] = tot[L]
-            for tid in range(8):
+                    if L % 4 == 0: sm[(warp, L//4)] = tg[L]; sm[(warp, L//4+8)] = tg8[L]
+            for tid in range(ROWS):
                 out[(token, n0+tid)] = sum(sm[(w, tid)] for w in range(WARPS))
     bad = 0
     for (token, n), v in out.items():
         r = sum(rw[token*k+s]*sum(wd[ids[token*k+s]][n][j]*act[token*k+s][j] for j in range(inter)) for s in range(k))
         bad += r != v
-    print(f"down h={h} I={inter} E={E} k={k} T={T}: {len(out)} outputs, {bad} wrong")
+    print(f"down_v3 h={h} I={inter} E={E} k={k} T={T}: {len(out)} outputs, {bad} wrong")
+    return bad
+
+def prefetch_cover(h, inter):
+    lines = h // 16; seen = []
+    for bx in range(inter // 8):
+        for tid in range(128):
+            l = tid
+            while l < lines: seen.append(bx*lines + l); l += 128
+    ok = sorted(seen) == list(range(h*inter // 128))
+    print(f"prefetch h={h} I={inter}: {len(seen)} lines, {'exact cover' if ok else 'WRONG'}")
+    return 0 if ok else 1
 
 random.seed(1)
-gate_up(128, 128, 3, 2, 1); gate_up(640, 128, 2, 1, 2); gate_up(2048, 128, 2, 1, 1)
-down(128, 128, 3, 2, 1); down(128, 384, 3, 3, 2); down(128, 128, 5, 5, 1); down(128, 768, 9, 8, 1)
+bad = gate_up(128, 128, 3, 2, 1) + gate_up(640, 128, 2, 1, 2) + gate_up(2048, 128, 2, 1, 1)
+bad += down_v3(128, 128, 3, 2, 1) + down_v3(128, 384, 3, 3, 2) + down_v3(128, 128, 5, 5, 1) + down_v3(128, 768, 9, 8, 1)
+bad += down_v3(256, 256, 4, 9, 1)
+bad += prefetch_cover(2048, 768) + prefetch_cover(128, 128) + prefetch_cover(640, 1152) + prefetch_cover(4096, 256)
+raise SystemExit(1 if bad else 0)
