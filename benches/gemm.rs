@@ -3,10 +3,11 @@
 //! (`hga_bench_mma_bf16_peak`, the portable tensor-core ceiling the prefill kernel is held against). torch's
 //! `_scaled_mm` is measured by tools/bench/gemm.py in the same GPU run.
 //! Device events, warm-up, median of many; decode weights rotate through > 64 MiB (more than L2).
-//! Kernel rows are timed as CUDA-graph replays (`time_graph_ms`: no host launch cost in the figure); v1 prefill is
-//! also shown through plain launches ("with host launch", the figure of earlier runs). The prefill rows hold the
-//! native-e4m3 v1 (`hga_fp8_linear_prefill`, `_s4`) and the f16-conversion kernels (`_f16`, picked on sm_90;
-//! `_f16_alu`, `_f16_cvt`, and v3 `_f16_v3`, the software-pipelined `_f16_cvt`) against the bf16 mma.sync ceiling measured in the same run.
+//! Kernel rows are timed as CUDA-graph replays (`time_graph_ms`: no host launch cost in the figure); the native
+//! prefill kernel is also shown through plain launches ("with host launch", the figure of earlier runs). The
+//! prefill rows hold the two prefill kernels, the native-e4m3 `hga_fp8_linear_prefill` (picked on sm_89 / sm_120)
+//! and the f16-conversion `hga_fp8_linear_prefill_f16_v3` (picked on sm_90), against the bf16 mma.sync ceiling
+//! measured in the same run.
 //! Run: `cargo bench --bench gemm` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
 use common::{time_graph_ms, time_ms};
@@ -75,7 +76,7 @@ fn main() {
         1.0,
     ));
 
-    // Prefill: M=4096 at N=K=2048 and at q_proj (N=4096, K=2048): v1 (both pipeline depths) and the f16 kernels.
+    // Prefill: M=4096 at N=K=2048 and at q_proj (N=4096, K=2048): both prefill kernels.
     const SETS: usize = 3;
     for (m, n, k) in [(4096usize, 2048usize, 2048usize), (4096, 4096, 2048)] {
         let kb = k / 128;
@@ -87,10 +88,6 @@ fn main() {
         let kernels = [
             (Fp8LinearKernel::Prefill, true),
             (Fp8LinearKernel::Prefill, false),
-            (Fp8LinearKernel::PrefillS4, false),
-            (Fp8LinearKernel::PrefillF16, false),
-            (Fp8LinearKernel::PrefillF16Alu, false),
-            (Fp8LinearKernel::PrefillF16Cvt, false),
             (Fp8LinearKernel::PrefillF16V3, false),
         ];
         for (kernel, host_launch) in kernels {

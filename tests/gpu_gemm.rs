@@ -35,59 +35,43 @@ fn gpu_fp8_linear_decode_matches_reference() {
 fn gpu_fp8_linear_prefill_matches_reference() {
     let Some(gpu) = gpu("gpu_fp8_linear_prefill_matches_reference") else { return };
     let m_s = prop_oneof![prop::sample::select(vec![1usize, 2, 17, 127, 128, 129, 255, 256, 257]), 1usize..400,];
-    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, s4 in any::<bool>())| {
+    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9)| {
         let mut rng = StdRng::seed_from_u64(seed);
-        let kernel = if s4 { Fp8LinearKernel::PrefillS4 } else { Fp8LinearKernel::Prefill };
-        assert_ok(check::gemm::fp8_linear(gpu, kernel, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
+        assert_ok(check::gemm::fp8_linear(gpu, Fp8LinearKernel::Prefill, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
     });
     let mut rng = StdRng::seed_from_u64(12);
-    for kernel in [Fp8LinearKernel::Prefill, Fp8LinearKernel::PrefillS4] {
-        for (m, n, k) in [(200, 512, 2048), (129, 256, 768), (300, 768, 2048)] {
-            let o = check::gemm::fp8_linear(gpu, kernel, m, n, k, &mut rng).unwrap();
-            assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
-            eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
-        }
+    for (m, n, k) in [(200, 512, 2048), (129, 256, 768), (300, 768, 2048)] {
+        let o = check::gemm::fp8_linear(gpu, Fp8LinearKernel::Prefill, m, n, k, &mut rng).unwrap();
+        assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+        eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
     }
 }
 
-/// The f16-conversion prefill kernels (picked on sm_90), forced so they run on any arch: the same properties and
-/// tolerances as v1 (m of 1, tile sizes +-1 and ragged, several N and K blocks), plus the Qwen3-30B-A3B prefill
-/// shapes (q_proj, expert gate/up and down, o_proj) at m not a multiple of 128.
+/// The f16-conversion prefill kernel (picked on sm_90), forced so it runs on any arch: the same properties and
+/// tolerances as the native one (m of 1, tile sizes +-1 and ragged, several N and K blocks), plus the Qwen3-30B-A3B
+/// prefill shapes (q_proj, expert gate/up and down, o_proj) at m not a multiple of 128.
 #[test]
 fn gpu_fp8_linear_prefill_f16_matches_reference() {
     let Some(gpu) = gpu("gpu_fp8_linear_prefill_f16_matches_reference") else { return };
     let m_s =
         prop_oneof![prop::sample::select(vec![1usize, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257]), 1usize..400,];
-    let variants = [
-        Fp8LinearKernel::PrefillF16,
-        Fp8LinearKernel::PrefillF16Alu,
-        Fp8LinearKernel::PrefillF16Cvt,
-        Fp8LinearKernel::PrefillF16V3,
-    ];
-    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9, v in 0usize..4)| {
+    let kernel = Fp8LinearKernel::PrefillF16V3;
+    proptest!(cases(), |(seed in any::<u64>(), m in m_s, nb in 1usize..=4, kb in 1usize..=9)| {
         let mut rng = StdRng::seed_from_u64(seed);
-        let kernel = variants[v];
         assert_ok(check::gemm::fp8_linear(gpu, kernel, m, 128 * nb, 128 * kb, &mut rng).unwrap())?;
     });
     let mut rng = StdRng::seed_from_u64(13);
-    for kernel in variants {
-        // k/v_proj, small, expert gate/up, expert down, q_proj, o_proj.
-        for (m, n, k) in [
-            (200, 512, 2048),
-            (129, 256, 768),
-            (300, 768, 2048),
-            (257, 2048, 768),
-            (160, 4096, 2048),
-            (130, 2048, 4096),
-        ] {
-            let o = check::gemm::fp8_linear(gpu, kernel, m, n, k, &mut rng).unwrap();
-            assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
-            eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
-        }
+    // k/v_proj, small, expert gate/up, expert down, q_proj, o_proj.
+    for (m, n, k) in
+        [(200, 512, 2048), (129, 256, 768), (300, 768, 2048), (257, 2048, 768), (160, 4096, 2048), (130, 2048, 4096)]
+    {
+        let o = check::gemm::fp8_linear(gpu, kernel, m, n, k, &mut rng).unwrap();
+        assert!(o.ok, "{} {}: {}", o.kernel, o.shape, o.detail);
+        eprintln!("{} {} rel {:.2e}", o.kernel, o.shape, o.rel_err);
     }
 }
 
-/// A K block whose weight scale is 0 adds nothing (v1 / v2 skip it, v3 zeroes its W tile), also as the first and
+/// A K block whose weight scale is 0 adds nothing (the native kernel skips it, the f16 one zeroes its W tile), also as the first and
 /// the last K block and where every block of a column tile is 0: each prefill kernel against the reference.
 #[test]
 fn gpu_fp8_linear_prefill_zero_weight_scale() {
@@ -110,13 +94,7 @@ fn gpu_fp8_linear_prefill_zero_weight_scale() {
     let s = gpu.stream();
     let (da, dsa, dw, dsw) =
         (s.clone_htod(&a).unwrap(), s.clone_htod(&sa).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&sw).unwrap());
-    let kernels = [
-        Fp8LinearKernel::Prefill,
-        Fp8LinearKernel::PrefillF16,
-        Fp8LinearKernel::PrefillF16Cvt,
-        Fp8LinearKernel::PrefillF16V3,
-    ];
-    for kernel in kernels {
+    for kernel in [Fp8LinearKernel::Prefill, Fp8LinearKernel::PrefillF16V3] {
         let mut out = s.clone_htod(&vec![half::bf16::NAN; m * n]).unwrap();
         hga::kernels::gemm::hga_fp8_linear_with(gpu, kernel, &da, &dsa, &dw, &dsw, &mut out, m, n, k).unwrap();
         let got = s.clone_dtoh(&out).unwrap();
@@ -175,7 +153,7 @@ fn gpu_fp8_linear_rejects_bad_shapes() {
     assert!(e.contains("multiple of 128"), "{e}");
     let e = lin(gpu, Fp8LinearKernel::Prefill, &a, &sa, &w, &sw, &mut out, 17, 200, 200).unwrap_err().to_string();
     assert!(e.contains("k = 200 must be a multiple of 128"), "{e}");
-    let e = lin(gpu, Fp8LinearKernel::PrefillF16, &a, &sa, &w, &sw, &mut out, 17, 200, 256).unwrap_err().to_string();
+    let e = lin(gpu, Fp8LinearKernel::PrefillF16V3, &a, &sa, &w, &sw, &mut out, 17, 200, 256).unwrap_err().to_string();
     assert!(e.contains("multiple of 128"), "{e}");
     let e = lin(gpu, Fp8LinearKernel::Decode, &a, &sa, &w, &sw, &mut out, 16, 200, 256).unwrap_err().to_string();
     assert!(e.contains("fp8_linear a:"), "{e}");

@@ -52,9 +52,8 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
         (Fp8LinearKernel::Decode, 5, 768, 2048),
         (Fp8LinearKernel::Prefill, 129, 2048, 768),
         (Fp8LinearKernel::Prefill, 256, 512, 2048),
-        (Fp8LinearKernel::PrefillF16, 129, 2048, 768),
-        (Fp8LinearKernel::PrefillF16Cvt, 256, 512, 2048),
         (Fp8LinearKernel::PrefillF16V3, 129, 2048, 768),
+        (Fp8LinearKernel::PrefillF16V3, 256, 512, 2048),
     ] {
         results.push(check::gemm::fp8_linear(&gpu, kernel, m, n, k, &mut rng)?);
     }

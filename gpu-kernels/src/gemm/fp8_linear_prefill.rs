@@ -1,5 +1,6 @@
-//! `hga_fp8_linear_prefill` (3 stages) and `hga_fp8_linear_prefill_s4` (4 stages): block-scaled FP8 linear for
-//! many rows, tiled on `mma.sync m16n8k32 e4m3` with a `cp.async` shared-memory pipeline. See [`Fp8LinearParams`].
+//! `hga_fp8_linear_prefill`: block-scaled FP8 linear for many rows, tiled on `mma.sync m16n8k32 e4m3` (native
+//! e4m3 tensor cores: the kernel for sm_89 and sm_120) with a 3-stage `cp.async` shared-memory pipeline. See
+//! [`Fp8LinearParams`].
 //!
 //! Shapes: a e4m3 [m, k], a_scale f32 [m, k/128], w e4m3 [n, k], w_scale f32 [n/128, k/128], out bf16 [m, n].
 //! Assumes (the launcher checks): n % 128 == 0, k % 128 == 0, m >= 1 arbitrary; a and w 16-byte aligned.
@@ -12,7 +13,7 @@
 //! and the epilogue multiplies by the last s. One extra f32 rounding per K block (2^-24 relative). Assumes scales
 //! are positive normal floats (hga_fp8_quant's are >= 1e-10/448; a K block whose weight scale is 0 is skipped).
 //! Rows of A beyond m are clamped to row m-1 (computed, not stored).
-//! Shared memory: STAGES x (A 128 x 128 B + W 128 x 128 B) = 32 KiB per stage (96 / 128 KiB), rows of 128 bytes
+//! Shared memory: STAGES x (A 128 x 128 B + W 128 x 128 B) = 32 KiB per stage (96 KiB), rows of 128 bytes
 //! whose 16-byte chunks are XOR-swizzled by (row % 8), so that cp.async stores and ldmatrix reads (8 rows at one
 //! chunk column) hit 8 different bank groups. Fragments come from `ldmatrix.x4` (an 8 x 8 b16 matrix is 8 rows of
 //! 16 e4m3 bytes: lane (g, t) receives bytes 4t..4t+3 of row g, which is the m16n8k32 A / B fragment layout).
@@ -33,12 +34,6 @@ pub const STAGE_BYTES: usize = (BM + BN) * BK;
 pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill(p: Fp8LinearParams) {
     entry_prologue();
     body::<3, 1>(&p);
-}
-
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_fp8_linear_prefill_s4(p: Fp8LinearParams) {
-    entry_prologue();
-    body::<4, 2>(&p);
 }
 
 /// `v`, hidden from LLVM's constant folding (a `mov` in asm).

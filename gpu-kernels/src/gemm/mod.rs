@@ -1,5 +1,13 @@
-//! FP8 block-scaled linear layers (decode GEMV-like, prefill mma.sync tiles with native e4m3 and with own f16 conversion), the fused RMSNorm -> FP8
-//! quantizer that feeds them, and the bf16 mma.sync peak microbenchmark (the portable ceiling).
+//! FP8 block-scaled linear layers, the fused RMSNorm -> FP8 quantizer that feeds them, and the bf16 mma.sync peak
+//! microbenchmark (the portable ceiling that `bench_gemm` measures the prefill kernels against). One kernel per job
+//! and card; `Fp8LinearKernel::pick` (host/src/kernels/gemm.rs) chooses:
+//!
+//! | rows m | sm_89, sm_120 | sm_90 |
+//! |---|---|---|
+//! | m <= 16 | [`fp8_linear_decode`] `hga_fp8_linear_decode` | `hga_fp8_linear_decode` |
+//! | m > 16 | [`fp8_linear_prefill`] `hga_fp8_linear_prefill` (native e4m3 `mma.sync`) | [`fp8_linear_prefill_f16_v3`] `hga_fp8_linear_prefill_f16_v3` (own e4m3 -> f16 conversion, f16 `mma.sync`; sm_90 has no FP8 `mma.sync`) |
+//!
+//! Earlier prefill variants (4 stages, unpipelined f16 conversion splits) are in docs/perf-gemm.md and git history.
 /// Repeats `$body` with `$i` bound to each literal: a loop LLVM must not keep (register arrays indexed by it would
 /// go to local memory otherwise; seen: 544-byte stack frame with plain `for` loops in v1 of the prefill kernel).
 macro_rules! unroll {
@@ -8,7 +16,6 @@ macro_rules! unroll {
 
 pub mod fp8_linear_decode;
 pub mod fp8_linear_prefill;
-pub mod fp8_linear_prefill_f16;
 pub mod fp8_linear_prefill_f16_v3;
 pub mod mma_peak;
 pub mod rmsnorm_fp8_quant;

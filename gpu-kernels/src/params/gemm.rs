@@ -27,7 +27,7 @@ pub struct Fp8LinearParams {
     pub _pad: u32,
 }
 
-/// Dynamic shared memory of `hga_fp8_linear_prefill_f16` / `_f16_cvt`: 3 stages of (A 128 x 128 e4m3, W 128 x 128
+/// Dynamic shared memory of `hga_fp8_linear_prefill_f16_v3`: 3 stages of (A 128 x 128 e4m3, W 128 x 128
 /// e4m3, 128 f32 A row scales, one f32 weight scale padded to 16 bytes).
 pub const FP8_PREFILL_F16_SMEM_BYTES: usize = 3 * (2 * 128 * 128 + 4 * 128 + 16);
 

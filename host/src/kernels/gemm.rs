@@ -1,7 +1,11 @@
-//! Launchers of the gemm family (gpu-kernels/src/gemm/): `hga_fp8_linear` (dispatching to
-//! `hga_fp8_linear_decode` for m <= 16 and above that to `hga_fp8_linear_prefill_f16` on sm_90, which has no FP8
-//! mma.sync, or `hga_fp8_linear_prefill` (native e4m3 mma) elsewhere), every kernel by name
-//! ([`hga_fp8_linear_with`]), `hga_rmsnorm_fp8_quant`, and the bf16 mma.sync peak microbenchmark.
+//! Launchers of the gemm family (gpu-kernels/src/gemm/): `hga_fp8_linear` (the kernel by [`Fp8LinearKernel::pick`],
+//! every kernel by name with [`hga_fp8_linear_with`]), `hga_rmsnorm_fp8_quant`, and the bf16 mma.sync peak
+//! microbenchmark (the ceiling anchor of `bench_gemm`). Which FP8 linear runs:
+//!
+//! | rows m | sm_89, sm_120 (and any card but sm_90) | sm_90 |
+//! |---|---|---|
+//! | m <= [`DECODE_MAX_M`] (16) | `hga_fp8_linear_decode` | `hga_fp8_linear_decode` |
+//! | m > 16 | `hga_fp8_linear_prefill` (native e4m3 mma.sync) | `hga_fp8_linear_prefill_f16_v3` (own e4m3 -> f16 conversion; Hopper has no FP8 mma.sync) |
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
@@ -17,20 +21,13 @@ pub const DECODE_MAX_M: usize = 16;
 pub enum Fp8LinearKernel {
     /// `hga_fp8_linear_decode` (m <= 16, k % 128 == 0).
     Decode,
-    /// `hga_fp8_linear_prefill` (3 stages; n % 128 == 0, k % 128 == 0).
+    /// `hga_fp8_linear_prefill` (native e4m3 mma.sync, 3 stages; n % 128 == 0, k % 128 == 0): m > 16 on every
+    /// card but sm_90.
     Prefill,
-    /// `hga_fp8_linear_prefill_s4` (4 stages).
-    PrefillS4,
-    /// `hga_fp8_linear_prefill_f16`: own e4m3 -> f16 conversion (half of A on the conversion pipe, the rest on the
-    /// ALU) and f16 mma.sync, for sm_90 (n % 128 == 0, k % 128 == 0). Runs on every arch.
-    PrefillF16,
-    /// `hga_fp8_linear_prefill_f16_alu`: as `PrefillF16`, every conversion on the ALU.
-    PrefillF16Alu,
-    /// `hga_fp8_linear_prefill_f16_cvt`: as `PrefillF16`, all of A on the conversion pipe.
-    PrefillF16Cvt,
-    /// `hga_fp8_linear_prefill_f16_v3`: `PrefillF16Cvt`'s math and tiles, software-pipelined inside the warp
-    /// (the next 16-wide k chunk's fragments loaded and converted into a second register set while the current
-    /// chunk's HMMA issue). Same launch shape and shared memory as the other f16 kernels.
+    /// `hga_fp8_linear_prefill_f16_v3`: own e4m3 -> f16 conversion (all of A on the conversion pipe, W on the ALU)
+    /// and f16 mma.sync, software-pipelined inside the warp (the next 16-wide k chunk's fragments loaded and
+    /// converted into a second register set while the current chunk's HMMA issue); n % 128 == 0, k % 128 == 0.
+    /// m > 16 on sm_90; runs on every arch.
     PrefillF16V3,
 }
 
@@ -39,22 +36,19 @@ impl Fp8LinearKernel {
         match self {
             Fp8LinearKernel::Decode => "hga_fp8_linear_decode",
             Fp8LinearKernel::Prefill => "hga_fp8_linear_prefill",
-            Fp8LinearKernel::PrefillS4 => "hga_fp8_linear_prefill_s4",
-            Fp8LinearKernel::PrefillF16 => "hga_fp8_linear_prefill_f16",
-            Fp8LinearKernel::PrefillF16Alu => "hga_fp8_linear_prefill_f16_alu",
-            Fp8LinearKernel::PrefillF16Cvt => "hga_fp8_linear_prefill_f16_cvt",
             Fp8LinearKernel::PrefillF16V3 => "hga_fp8_linear_prefill_f16_v3",
         }
     }
     /// The kernel `hga_fp8_linear` picks for `m` rows on a device of compute capability `cc` (major, minor):
-    /// decode for m <= 16; above, the software-pipelined f16-conversion kernel (v3) on sm_90 (Hopper has no FP8 mma.sync: ptxas's
-    /// emulation is conversion-bound, docs/perf-gemm.md), else the native e4m3 kernel (sm_89, sm_120).
+    /// decode for m <= 16; above, the software-pipelined f16-conversion kernel on sm_90 (Hopper has no FP8
+    /// mma.sync: ptxas's emulation is conversion-bound, docs/perf-gemm.md), else the native e4m3 kernel (sm_89,
+    /// sm_120).
     pub fn pick(m: usize, cc: (u32, u32)) -> Self {
         if m <= DECODE_MAX_M {
             Fp8LinearKernel::Decode
         } else if cc == (9, 0) {
-            // The fastest on an H200 (docs/perf-gemm.md, commit 3b466b4: v3, `_f16_cvt` software-pipelined,
-            // 0.592x of the bf16 mma.sync ceiling at 4096x4096x2048 against 0.566x for `_f16_cvt`, same run).
+            // The fastest on an H200 (docs/perf-gemm.md, commit 3b466b4: 0.592x of the bf16 mma.sync ceiling at
+            // 4096x4096x2048, against 0.566x for the unpipelined form in the same run).
             Fp8LinearKernel::PrefillF16V3
         } else {
             Fp8LinearKernel::Prefill
@@ -88,8 +82,7 @@ pub fn hga_fp8_linear(
 }
 
 /// [`hga_fp8_linear`] with the kernel chosen by the caller (tests and benchmarks): same checks, any kernel on any
-/// arch (the prefill kernels' 96 KiB / 99888 B of shared memory fit sm_89 / sm_90 / sm_120; `_s4`'s 128 KiB needs
-/// Hopper).
+/// arch (the prefill kernels' 96 KiB / 99888 B of shared memory fit sm_89 / sm_90 / sm_120).
 #[allow(clippy::too_many_arguments)]
 pub fn hga_fp8_linear_with(
     gpu: &Gpu,
@@ -153,18 +146,12 @@ pub fn hga_fp8_linear_with(
             block_dim: (128, 1, 1),
             shared_mem_bytes: 4 * 32 * 4 * 4,
         },
-        Fp8LinearKernel::Prefill | Fp8LinearKernel::PrefillS4 => {
-            let stages = if kernel == Fp8LinearKernel::Prefill { 3 } else { 4 };
-            LaunchConfig {
-                grid_dim: ((n / 128) as u32, dim_u32("blocks", m.div_ceil(128))?, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: stages * 32 * 1024,
-            }
-        }
-        Fp8LinearKernel::PrefillF16
-        | Fp8LinearKernel::PrefillF16Alu
-        | Fp8LinearKernel::PrefillF16Cvt
-        | Fp8LinearKernel::PrefillF16V3 => LaunchConfig {
+        Fp8LinearKernel::Prefill => LaunchConfig {
+            grid_dim: ((n / 128) as u32, dim_u32("blocks", m.div_ceil(128))?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 3 * 32 * 1024,
+        },
+        Fp8LinearKernel::PrefillF16V3 => LaunchConfig {
             grid_dim: ((n / 128) as u32, dim_u32("blocks", m.div_ceil(128))?, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: FP8_PREFILL_F16_SMEM_BYTES as u32,
