@@ -4,16 +4,15 @@
 //! `tools/bench/attention.py` in the same GPU run; it reads the `RESULT` lines printed here and prints the ratios.
 //! Device events, warm-up, median of many runs, inputs rotated over enough buffer sets to exceed L2.
 //!
-//! Decode kernels compared inside CUDA graphs (`common::time_graph_ms`: no host launch cost, as in the model's
-//! recorded decode step): v2 (double buffer) against v3 with 3 / 4 / 6 ring stages (those the device's shared
-//! memory allows), and the default v3 with the merge's fused FP8 quantization against v2 + `hga_fp8_quant` (the
-//! model's old step), each against the K/V bytes floor at this run's copy bandwidth.
+//! Decode inside CUDA graphs (`common::time_graph_ms`: no host launch cost, as in the model's recorded decode
+//! step): the decode kernel + merge, the same with a separate `hga_fp8_quant`, and with the merge's fused FP8
+//! quantization (the model's step), each against the K/V bytes floor at this run's copy bandwidth.
 //!
 //! Run: `cargo bench --bench attention` (or the staged binary on the GPU machine). Without a GPU: a SKIP line.
 mod common;
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
-use hga::kernels::{AttentionShape, DecodeKernel, DecodeWorkspace, MergeKernel, QkNormRopeShape};
+use hga::kernels::{AttentionShape, DecodeWorkspace, MergeKernel, QkNormRopeShape};
 use hga::runtime::Gpu;
 
 const NH: usize = 32;
@@ -119,16 +118,11 @@ fn main() {
             iso * 1e3
         ));
     }
-    // Decode kernels inside CUDA graphs (device time only), T = 1, contexts 4K / 16K / 64K.
+    // Decode inside CUDA graphs (device time only), T = 1, contexts 4K / 16K / 64K.
     {
         let max_smem = gpu.smem_per_block_optin();
         let auto = hga::kernels::attention::decode_kernel_auto(&gpu).unwrap();
-        println!("decode kernels: shared memory per block {max_smem} B; default {auto:?}");
-        let kernels: Vec<DecodeKernel> =
-            [DecodeKernel::V2, DecodeKernel::V3(3), DecodeKernel::V3(4), DecodeKernel::V3(6)]
-                .into_iter()
-                .filter(|k| k.smem_bytes() <= max_smem)
-                .collect();
+        println!("decode kernel: shared memory per block {max_smem} B; {auto:?}");
         let tokens = 1;
         for ctx in [4096usize, 16384, 65536] {
             let cache = NKV * ctx * D;
@@ -165,40 +159,26 @@ fn main() {
                     us / floor_us
                 ));
             };
-            for &k in &kernels {
-                for m in [MergeKernel::V1, MergeKernel::V2] {
-                    let mut splits = 0;
-                    let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
-                        let j = i % sets;
-                        splits = hga::kernels::hga_attention_decode_kernel(
-                            &gpu, k, m, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
-                        )
-                        .unwrap();
-                    });
-                    report(format!("{k:?}+merge_{m:?}"), ms, splits, &mut rows);
-                }
-            }
-            // The model's step: v2 + separate FP8 quantization (before) and the default with the fused one (now).
+            let m = MergeKernel::V2;
             let mut splits = 0;
             let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
                 let j = i % sets;
                 splits = hga::kernels::hga_attention_decode_kernel(
-                    &gpu,
-                    DecodeKernel::V2,
-                    MergeKernel::V1,
-                    &q,
-                    &ks[j],
-                    &vs[j],
-                    &mut ws,
-                    &mut out,
-                    &mut lse,
-                    &shape,
-                    None,
+                    &gpu, auto, m, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
+                )
+                .unwrap();
+            });
+            report(format!("{auto:?}+merge_{m:?}"), ms, splits, &mut rows);
+            // The model's step: with a separate FP8 quantization of the output, and with the fused one.
+            let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
+                let j = i % sets;
+                splits = hga::kernels::hga_attention_decode_kernel(
+                    &gpu, auto, m, &q, &ks[j], &vs[j], &mut ws, &mut out, &mut lse, &shape, None,
                 )
                 .unwrap();
                 hga::kernels::hga_fp8_quant(&gpu, &out, &mut aq, &mut asc, tokens, NH * D).unwrap();
             });
-            report("V2+fp8_quant".into(), ms, splits, &mut rows);
+            report(format!("{auto:?}+merge_{m:?}+fp8_quant"), ms, splits, &mut rows);
             let ms = common::time_graph_ms(&gpu, reps, 20, |i| {
                 let j = i % sets;
                 splits = hga::kernels::hga_attention_decode_upto_quant(
@@ -256,21 +236,19 @@ fn main() {
         // Causal flops: QK^T and PV over the t (t + 1) / 2 visible (query, key) pairs, 2 flops per MAC.
         let flops = 4.0 * D as f64 * NH as f64 * (t as f64 * (t as f64 + 1.0) / 2.0);
         let iters = if t > 8192 { 10 } else { 30 };
-        for (name, lazy) in [("prefill", false), ("prefill_lazy", true)] {
-            let ms = time_ms(&gpu, iters, 1, |i| {
-                let j = i % sets;
-                if lazy {
-                    hga::kernels::hga_attention_prefill_lazy(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
-                } else {
-                    hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape)
-                }
-                .unwrap();
-            });
-            let tfs = flops / ms / 1e9;
-            println!("RESULT {name} T={t} {:.3} {tfs:.1}", ms * 1e3);
-            let kname = if lazy { "hga_attention_prefill_lazy" } else { "hga_attention_prefill" };
-            rows.push(format!("{:<30} {:>14} {:>10.2} {:>9.1} TFLOP/s", kname, format!("T={t}"), ms * 1e3, tfs));
-        }
+        let ms = time_ms(&gpu, iters, 1, |i| {
+            let j = i % sets;
+            hga::kernels::hga_attention_prefill(&gpu, &qs[j], &ks[j], &vs[j], &mut out, &mut lse, &shape).unwrap();
+        });
+        let tfs = flops / ms / 1e9;
+        println!("RESULT prefill T={t} {:.3} {tfs:.1}", ms * 1e3);
+        rows.push(format!(
+            "{:<30} {:>14} {:>10.2} {:>9.1} TFLOP/s",
+            "hga_attention_prefill",
+            format!("T={t}"),
+            ms * 1e3,
+            tfs
+        ));
     }
 
     // q/k RMSNorm + RoPE + K/V cache write: decode (1 token) and a 4096-token prefill chunk.

@@ -2,10 +2,9 @@
 //! and split-K decode + LSE merge. Random shapes: query tokens 1, primes, the tile size 64 +-1 and 128 +-1;
 //! contexts from 1 to a few thousand (chunked prefill: a random number of earlier tokens already in the cache);
 //! GQA ratios 1, 2, 8 (and others); random split limits for decode. Outputs, LSE, decode partials and the cache
-//! past the context are poisoned. Pass: rel-L2 <= 1e-2, |LSE error| <= 1e-3. Every decode case checks the default
-//! kernel (v3, the deepest ring the device allows) and every other one it can launch (v2, v3 with 3 / 4 / 6
-//! stages); the device-start cases also check the merge's fused FP8 quantization bit for bit against
-//! `hga_fp8_quant` of the bf16 output.
+//! past the context are poisoned. Pass: rel-L2 <= 1e-2, |LSE error| <= 1e-3. Decode runs the decode kernel (the
+//! 3-stage ring) and the merge; the device-start cases also check the merge's fused FP8 quantization bit for bit
+//! against `hga_fp8_quant` of the bf16 output.
 //! Without a CUDA device: one SKIP line per test.
 mod common;
 use common::gpu;
@@ -81,13 +80,13 @@ fn gpu_attention_decode_device_start_matches_reference() {
 }
 
 /// The model's decode step shape (Qwen3: 32 query heads, 4 KV heads, one token) at fixed contexts, including the
-/// tile and ring boundaries (63..65, 191..193 keys: 3 tiles = the 4-stage prologue) and a context long enough to
-/// wrap every ring many times per split: reference and fused FP8 quantization.
+/// tile and ring boundaries (63..65 keys; 127..129: 2 tiles = the 3-stage ring's prologue; 191..193) and a context
+/// long enough to wrap the ring many times per split: reference and fused FP8 quantization.
 #[test]
 fn gpu_attention_decode_qwen3_step_fused_fp8() {
     let Some(gpu) = gpu("gpu_attention_decode_qwen3_step_fused_fp8") else { return };
     let mut rng = StdRng::seed_from_u64(0x5eed_a77e);
-    for start in [0usize, 62, 63, 64, 127, 190, 191, 192, 319, 320, 1500, 6000] {
+    for start in [0usize, 62, 63, 64, 126, 127, 128, 190, 191, 192, 319, 320, 1500, 6000] {
         let o = attention(gpu, Path::DecodeUpTo, shape(1, (32, 4), start), &mut rng).unwrap();
         assert_ok(o).unwrap();
     }

@@ -4,7 +4,7 @@
 //! `griddepcontrol.wait` before its first global load / store / `cp.async` / atomic / reduction (textual order),
 //! except the L2 prefetches marked `pdl-early-constant` (decode FP8 linear, lm_head, the decode router, the two
 //! RMSNorm kernels and q/k norm + RoPE: constant weights asked for while the previous kernel finishes), and the
-//! `pdl-early-kv` ones of the v3 decode attention (the first K/V tiles of each split);
+//! `pdl-early-kv` ones of the decode attention (the first K/V tiles of each split);
 //! the sm_89 image has no `griddepcontrol` at all (it is launched without PDL, also on an sm_90 device through the
 //! driver JIT). Also the checker itself, on small texts, and what the embedded images record.
 use hga::runtime::{ptx_pdl_check, ImageKind};
@@ -40,8 +40,6 @@ fn pdl_images_wait_before_any_global_access() {
                     | "hga_rmsnorm_fp8_quant"
                     | "hga_qk_norm_rope"
                     | "hga_attention_decode_v3_s3"
-                    | "hga_attention_decode_v3_s4"
-                    | "hga_attention_decode_v3_s6"
             );
             assert_eq!(early > 0, want, "{arch} {name}: {early} instructions marked pdl-early-*");
         }

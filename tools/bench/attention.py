@@ -108,7 +108,7 @@ def main():
             if m:
                 ours[("decode", int(m.group(1)), int(m.group(2)))] = (float(m.group(3)), float(m.group(4)),
                                                                       float(m.group(5)), float(m.group(7)))
-            m = re.match(r"RESULT (prefill|prefill_lazy) T=(\d+) ([\d.]+) ([\d.]+)", line)
+            m = re.match(r"RESULT (prefill) T=(\d+) ([\d.]+) ([\d.]+)", line)
             if m:
                 ours[(m.group(1), int(m.group(2)))] = (float(m.group(3)), float(m.group(4)))
             if line.startswith("RESULT decode_split"):
@@ -136,9 +136,6 @@ def main():
             print(f"prefill T={t:<15} {ou:>10.1f} {tu:>10.1f} {tu / ou:>7.2f}x  ours {otf:.1f} TFLOP/s, torch "
                   f"{ttf:.1f} TFLOP/s, ratio {otf / ttf:.2f} (goal >=0.5); flops floor at {peak:.0f} TFLOP/s: "
                   f"{flops / peak / 1e6:.1f} us (torch: {be})")
-        if ("prefill_lazy", t) in ours:
-            eu, etf = ours[("prefill_lazy", t)]
-            print(f"prefill T={t:<6} lazy-rescale variant {eu:.1f} us, {etf:.1f} TFLOP/s, ratio {etf / ttf:.2f}")
 
 
 if __name__ == "__main__":

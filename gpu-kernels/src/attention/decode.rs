@@ -1,117 +1,21 @@
-//! `hga_attention_decode_v2`: split-K (flash-decoding) causal GQA attention for a few query tokens; writes per-split
-//! partial outputs and their LSE, merged by `hga_attention_merge`. Superseded by the deeper-ring v3
-//! ([`super::decode_v3`], same semantics and split), kept for the benchmark and as a tested alternative; the
-//! cross-warp merge epilogue ([`write_split`]) is shared with v3.
+//! The pieces of the split-K (flash-decoding) decode kernel [`super::decode_v3`]: the keys of a split
+//! ([`split_keys`]) and the end of a split, the cross-warp merge of the 4 warps' online-softmax states and the
+//! write of the split's partial output and LSE ([`write_split`]), merged by `hga_attention_merge_v2`.
 //!
 //! Rows: the (token, query head) pairs of one KV head, row r = t * g + j for query head kvh * g + j
 //! (g = n_heads / n_kv_heads): all the query heads of a KV head share every K/V load (8 rows for Qwen3's 32/4 at
 //! one token), 16 rows per CTA.
 //! Grid: (n_kv_heads * ceil(tokens * g / 16), n_splits). Split s takes the keys
 //! [s * tiles_per_split * 64, min(ctx, (s + 1) * tiles_per_split * 64)), ctx = start + tokens (the plain launcher
-//! makes every split non-empty; with `start_dev`, start is read from the device and splits past ctx are empty). Block: 128 threads = 4 warps; per 64-key tile, warp w takes keys 16w..16w+15 for the
-//! CTA's 16 rows (S = Q K^T: 16 mma, O += P V: 16 mma) with its own online-softmax state; at the end the 4 warp
-//! states are merged through shared memory and the CTA writes O / l (f32) and the LSE of its split.
-//! Shared memory (dynamic, `ATTN_DECODE_SMEM` = 68 KB): 16 Q rows, 2 stages of (K, V) tiles of 64 keys (swizzled,
-//! `cp.async` double-buffered); the final merge reuses the stages (32 KB of O + 512 B of m, l).
+//! makes every split non-empty; with `start_dev`, start is read from the device and splits past ctx are empty).
 //! Causal: token t sees keys < start + t + 1; a split with no visible key for a row writes O = 0, LSE = -inf
 //! (weight 0 in the merge). Partial last tile: rows past the end repeat the last key and are masked.
-//! Assumes: head_dim 128, n_heads a multiple of n_kv_heads, start + tokens <= capacity.
 use super::tile::*;
 use crate::arch::*;
 use crate::params::AttentionParams;
 
 const BN: u32 = 64;
 const ROWS: u32 = 16;
-const NTHREADS: u32 = 128;
-const TILE: u32 = BN * ROW_BYTES;
-
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_attention_decode_v2(p: AttentionParams) {
-    entry_prologue();
-    let g = p.n_heads / p.n_kv_heads;
-    let rows_total = p.tokens * g;
-    let rgroups = rows_total.div_ceil(ROWS);
-    let kvh = block_x() / rgroups;
-    let rg = block_x() % rgroups;
-    let sp = block_y();
-    let tid = thread_x();
-    let warp = tid / 32;
-    let lane = lane_id();
-    let (start, k_begin, k_end, n_tiles) = split_keys(&p, sp);
-
-    let smem = dyn_smem_addr();
-    let q_s = smem;
-    let stage = |i: u32| smem + ROWS * ROW_BYTES + i * 2 * TILE;
-    // Q rows: row r -> (token, head); rows past the end repeat the last one (not stored).
-    let q_row_ptr = |r: u32| -> *const u16 {
-        let rr = min_u32(rg * ROWS + r, rows_total - 1);
-        let t = rr / g;
-        let h = kvh * g + rr % g;
-        (p.q as *const u16).add((t as usize * p.n_heads as usize + h as usize) * D)
-    };
-    let mut id = tid;
-    while id < ROWS * 16 {
-        let (r, c) = (id / 16, id % 16);
-        cp_async_16(q_s + swz(r, c), q_row_ptr(r).add(c as usize * 8) as *const u8);
-        id += NTHREADS;
-    }
-    let kbase = (p.k_cache as *const u16).add(kvh as usize * p.capacity as usize * D);
-    let vbase = (p.v_cache as *const u16).add(kvh as usize * p.capacity as usize * D);
-    if n_tiles > 0 {
-        load_rows::<BN, NTHREADS>(stage(0), kbase, k_begin, k_end, D, tid);
-        load_rows::<BN, NTHREADS>(stage(0) + TILE, vbase, k_begin, k_end, D, tid);
-    }
-    cp_async_commit();
-
-    // Key limits (exclusive) of this lane's rows g and g+8.
-    let row_tok = |r: u32| min_u32(rg * ROWS + r, rows_total - 1) / g;
-    let lim = [min_u32(k_end, start + row_tok(lane / 4) + 1), min_u32(k_end, start + row_tok(lane / 4 + 8) + 1)];
-
-    let mut qf = [[0u32; 4]; 8];
-    let mut o = [[0f32; 4]; 16];
-    let mut m = [f32::NEG_INFINITY; 2];
-    let mut l = [0f32; 2];
-    let mut kt = 0;
-    while kt < n_tiles {
-        if kt + 1 < n_tiles {
-            let st = stage((kt + 1) & 1);
-            let r0 = k_begin + (kt + 1) * BN;
-            load_rows::<BN, NTHREADS>(st, kbase, r0, k_end, D, tid);
-            load_rows::<BN, NTHREADS>(st + TILE, vbase, r0, k_end, D, tid);
-            cp_async_commit();
-            cp_async_wait::<1>();
-        } else {
-            cp_async_wait::<0>();
-        }
-        sync_threads();
-        if kt == 0 {
-            qf = q_frags(q_s, 0);
-        }
-        let kpos0 = k_begin + kt * BN + warp * 16;
-        if kpos0 < k_end {
-            let st = stage(kt & 1);
-            // Always the masked variant: a second (unmasked) copy costs registers (172 vs 168 on sm_90: 2 CTAs
-            // per SM instead of 3), and the compare / select per score is free in this memory-bound kernel.
-            attend_tile::<2, 1, true, false>(
-                &qf,
-                st,
-                st + TILE,
-                warp * 16,
-                kpos0,
-                lim,
-                p.scale_log2,
-                &mut m,
-                &mut l,
-                &mut o,
-            );
-        }
-        sync_threads();
-        kt += 1;
-    }
-
-    // The cross-warp merge reuses the stages (after the Q rows).
-    write_split(&p, dyn_smem_ptr::<f32>().add((ROWS * ROW_BYTES / 4) as usize), &o, m, l, kvh, rg, sp, g, rows_total);
-}
 
 /// End of a decode split: merges the 4 warps' online-softmax states through shared memory at `o_s` (f32: O
 /// [4][16][128] unnormalized, then m and l [4][16]: 33280 bytes) and writes the split's normalized partial O and

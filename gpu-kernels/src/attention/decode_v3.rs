@@ -1,24 +1,25 @@
-//! `hga_attention_decode_v3_s3` / `_s4` / `_s6`: split-K (flash-decoding) causal GQA decode attention as
-//! [`super::decode`] (v2: same rows, split, masking, partial outputs and LSE, merged by `hga_attention_merge`), with
-//! a deeper `cp.async` ring of S stages (S = 3, 4, 6) instead of v2's double buffer, so that a CTA keeps S - 1 tiles
-//! of K and V (S - 1 x 32 KB) in flight instead of one.
+//! `hga_attention_decode_v3_s3`: split-K (flash-decoding) causal GQA decode attention for a few query tokens
+//! (rows, split, masking, partial outputs and LSE: [`super::decode`]; merged by `hga_attention_merge_v2`), with a
+//! `cp.async` ring of S = 3 stages, so that a CTA keeps S - 1 tiles of K and V (S - 1 x 32 KB) in flight. The one
+//! decode kernel (the `_v3_s3` name is that of the measured history, docs/perf-attention.md: the double-buffered
+//! form, and 4 / 6 stages, measured slower on the H200).
 //!
-//! Why: at one CTA per SM (the fastest split, docs/perf-attention.md) v2 has ~32 KB per SM in flight; by Little's
-//! law at ~1.5 us of loaded DRAM latency that streams at most ~132 x 32 KB / 1.5 us = 2.8 TB/s, below the ~4.1 TB/s
-//! an H200 copies at. With S - 1 = 5 tiles (160 KB per SM) in flight the latency bound is far above the HBM rate.
-//! The ring is the multi-stage pipeline of CUTLASS / FlashAttention-2's sm80 kernels: one barrier per tile.
+//! Why a ring: at one CTA per SM (the fastest split, docs/perf-attention.md) a double buffer has ~32 KB per SM in
+//! flight; by Little's law at ~1.5 us of loaded DRAM latency that streams at most ~132 x 32 KB / 1.5 us = 2.8 TB/s,
+//! below the ~4.1 TB/s an H200 copies at. The ring is the multi-stage pipeline of CUTLASS / FlashAttention-2's sm80
+//! kernels: one barrier per tile. `decode_ring` is written for any S >= 3; the entry instantiates S = 3.
 //!
-//! Grid / rows / split: as v2. Grid (n_kv_heads * ceil(tokens * g / 16), n_splits), block 128 threads = 4 warps,
-//! warp w takes keys 16w..16w+15 of each 64-key tile for the CTA's 16 rows (row r = t * g + j).
+//! Grid (n_kv_heads * ceil(tokens * g / 16), n_splits), block 128 threads = 4 warps, warp w takes keys 16w..16w+15
+//! of each 64-key tile for the CTA's 16 rows (row r = t * g + j).
 //! Shared memory (dynamic, `attn_decode_v3_smem(S)` = S x 32 KB: 96 KB for S = 3, which fits the 99 KB per-block
-//! limit of sm_89 / sm_120; 192 KB for S = 6, sm_90's limit is 227 KB): S slots of (K, V) tiles of 64 keys
-//! (swizzled). The 16 Q rows (4 KB) are staged in slot S - 1 with tile 0's group and read into registers before
-//! that slot's first K/V fill (one extra barrier per CTA); the final cross-warp merge reuses the ring.
+//! limit of sm_89 / sm_120): S slots of (K, V) tiles of 64 keys (swizzled). The 16 Q rows (4 KB) are staged in slot
+//! S - 1 with tile 0's group and read into registers before that slot's first K/V fill (one extra barrier per
+//! CTA); the final cross-warp merge reuses the ring.
 //! Pipeline: prologue issues tiles 0..S-2 (one commit group each, empty groups past the split's end keep the count
 //! uniform); iteration kt waits for tile kt (`cp.async.wait_group S-2`), barriers (every warp is then done with
 //! tile kt - 1), refills tile kt - 1's slot with tile kt + S - 1 and computes tile kt.
-//! Causal / bounds: as v2 (start from `start_dev` when set; keys < min(start + tokens, capacity); splits past the
-//! context write O = 0, LSE = -inf; rows past a split's end repeat its last key and are masked).
+//! Causal / bounds: start from `start_dev` when set; keys < min(start + tokens, capacity); splits past the context
+//! write O = 0, LSE = -inf; rows past a split's end repeat its last key and are masked.
 //! Programmatic dependent launch: before the wait, each CTA asks L2 for the K/V rows of its first S - 1 tiles
 //! (`prefetch_first_tiles`), overlapping their DRAM latency with the previous kernel (q/k norm + RoPE).
 //! Assumes: head_dim 128, n_heads a multiple of n_kv_heads, start + tokens <= capacity.
@@ -38,20 +39,6 @@ pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s3(p: AttentionParams)
     prefetch_first_tiles::<3>(&p);
     entry_prologue();
     decode_ring::<3, 1>(p)
-}
-
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s4(p: AttentionParams) {
-    prefetch_first_tiles::<4>(&p);
-    entry_prologue();
-    decode_ring::<4, 2>(p)
-}
-
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_attention_decode_v3_s6(p: AttentionParams) {
-    prefetch_first_tiles::<6>(&p);
-    entry_prologue();
-    decode_ring::<6, 4>(p)
 }
 
 /// Before the PDL wait: asks L2 for the K and V rows of the first S - 1 tiles of this CTA's split (what the
@@ -75,7 +62,7 @@ unsafe fn prefetch_first_tiles<const S: u32>(p: &AttentionParams) {
     prefetch_l2_early_kv((p.v_cache as *const u8).add(off), bytes, tid, NTHREADS as usize);
 }
 
-/// The v3 decode with an `S`-stage ring; `W` = S - 2 (the `cp.async.wait_group` count: tile kt is complete while
+/// The decode with an `S`-stage ring; `W` = S - 2 (the `cp.async.wait_group` count: tile kt is complete while
 /// the S - 2 younger groups may still be in flight).
 #[inline(always)]
 unsafe fn decode_ring<const S: u32, const W: u32>(p: AttentionParams) {
@@ -150,7 +137,8 @@ unsafe fn decode_ring<const S: u32, const W: u32>(p: AttentionParams) {
         let kpos0 = k_begin + kt * BN + warp * 16;
         if kpos0 < k_end {
             let st = slot(rd);
-            // Masked variant always, as v2 (one copy of the tile code; the compare / select is free here).
+            // Masked variant always (one copy of the tile code; the compare / select is free in this memory-bound
+            // kernel, and a second, unmasked copy costs registers).
             attend_tile::<2, 1, true, false>(
                 &qf,
                 st,

@@ -22,19 +22,12 @@ const BN: u32 = 64;
 const NTHREADS: u32 = 128;
 const TILE: u32 = BN * ROW_BYTES;
 
-/// The default prefill kernel: FlashAttention-2's eager rescaling of O every key tile (measured faster on the
-/// H100 than the lazy variant: 311 vs 297 TFLOP/s at T=16K, docs/perf-attention.md).
+/// FlashAttention-2's eager rescaling of O every key tile (measured faster on the H100 than lazy rescaling: 311 vs
+/// 297 TFLOP/s at T=16K, docs/perf-attention.md; `prefill`'s `LAZY` stays false).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_attention_prefill(p: AttentionParams) {
     entry_prologue();
     prefill::<false>(p)
-}
-
-/// The same with lazy (exact) rescaling, see `tile::softmax_step`; kept as a tested alternative for other cards.
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn hga_attention_prefill_lazy(p: AttentionParams) {
-    entry_prologue();
-    prefill::<true>(p)
 }
 
 #[inline(always)]

@@ -1,6 +1,5 @@
-//! Parameter struct of the attention family: `hga_attention_prefill`, `hga_attention_decode_v2`,
-//! `hga_attention_decode_v3_s{3,4,6}` and `hga_attention_merge` (gpu-kernels/src/attention/). One struct for all:
-//! they share shapes and buffers.
+//! Parameter struct of the attention family: `hga_attention_prefill`, `hga_attention_decode_v3_s3` and
+//! `hga_attention_merge_v2` (gpu-kernels/src/attention/). One struct for all: they share shapes and buffers.
 
 #[cfg(feature = "host")]
 use bytemuck::{Pod, Zeroable};
@@ -15,16 +14,13 @@ pub const ATTN_BN: usize = 64;
 pub const ATTN_DECODE_ROWS: usize = 16;
 /// Dynamic shared memory of the prefill kernel: Q tile + 2 stages of (K, V) tiles.
 pub const ATTN_PREFILL_SMEM: usize = ATTN_PREFILL_BM * 256 + 2 * 2 * ATTN_BN * 256;
-/// Dynamic shared memory of the v2 decode kernel: Q rows + 2 stages of (K, V) tiles (the final cross-warp merge
-/// reuses the stages).
-pub const ATTN_DECODE_SMEM: usize = ATTN_DECODE_ROWS * 256 + 2 * 2 * ATTN_BN * 256;
-/// Bytes of one stage of the v3 decode ring: a K and a V tile of 64 keys.
+/// Bytes of one stage of the decode ring: a K and a V tile of 64 keys.
 pub const ATTN_DECODE_STAGE_BYTES: usize = 2 * ATTN_BN * 256;
-/// Stage counts of the v3 decode entry points `hga_attention_decode_v3_s{N}`.
-pub const ATTN_DECODE_V3_STAGES: [usize; 3] = [3, 4, 6];
-/// Dynamic shared memory of the v3 decode kernel with `stages` stages: the ring only (the Q rows are staged in the
+/// Stages of the decode ring of `hga_attention_decode_v3_s3`.
+pub const ATTN_DECODE_V3_STAGES: usize = 3;
+/// Dynamic shared memory of the decode kernel with `stages` stages: the ring only (the Q rows are staged in the
 /// last slot before its first K/V fill; the final cross-warp merge reuses the ring). 3 stages = 96 KB fits the
-/// 99 KB per-block limit of sm_89 / sm_120; 6 stages = 192 KB needs sm_90's 227 KB.
+/// 99 KB per-block limit of sm_89 / sm_120.
 pub const fn attn_decode_v3_smem(stages: usize) -> usize {
     stages * ATTN_DECODE_STAGE_BYTES
 }
@@ -47,7 +43,7 @@ pub const fn attn_merge_v2_smem(n_splits: usize) -> usize {
 /// - `k_cache`, `v_cache`: bf16 [n_kv_heads, capacity, 128].
 /// - decode only: `part_o` f32 [n_splits, tokens, n_heads, 128] and `part_lse` f32 [n_splits, tokens, n_heads], the
 ///   partial results of split s (keys `[s * tiles_per_split * 64, (s + 1) * tiles_per_split * 64)`), written by
-///   `hga_attention_decode` and read by `hga_attention_merge`.
+///   `hga_attention_decode` and read by `hga_attention_merge_v2`.
 /// - `scale_log2` = log2(e) / sqrt(128).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

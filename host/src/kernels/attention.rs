@@ -1,14 +1,20 @@
 //! Launchers of the dense attention kernels (gpu-kernels/src/attention/): `hga_attention_prefill`, and split-K
-//! decode: `hga_attention_decode_v3_s{3,4,6}` (default: the deepest ring the device's shared memory per block
-//! allows) or `hga_attention_decode_v2`, then the merge of the splits, `hga_attention_merge_v2` (default: one CTA
-//! per row) or `hga_attention_merge` (one warp per row; same numbers bit for bit), optionally fused with the FP8
-//! quantization of the output.
+//! decode: `hga_attention_decode_v3_s3`, then the merge of the splits, `hga_attention_merge_v2`, optionally fused
+//! with the FP8 quantization of the output. One kernel per job on every supported card:
+//!
+//! | job | kernel | sm_89, sm_120 (99 KB of shared memory per block) | sm_90 (227 KB) |
+//! |---|---|---|---|
+//! | prefill (a chunk of query tokens) | `hga_attention_prefill` (80 KB) | yes | yes |
+//! | decode (a few query tokens), per split | `hga_attention_decode_v3_s3` (3-stage ring, 96 KB) | yes | yes |
+//! | merge of the decode splits | `hga_attention_merge_v2` (one CTA per row) | yes | yes |
+//!
+//! A device with less than 96 KB of shared memory per block gets an error from the decode launchers.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
-    attn_decode_v3_smem, attn_merge_v2_smem, AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_SMEM,
-    ATTN_DECODE_V3_STAGES, ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
+    attn_decode_v3_smem, attn_merge_v2_smem, AttentionParams, ATTN_BN, ATTN_DECODE_ROWS, ATTN_DECODE_V3_STAGES,
+    ATTN_HEAD_DIM, ATTN_PREFILL_BM, ATTN_PREFILL_SMEM,
 };
 use half::bf16;
 
@@ -131,35 +137,6 @@ pub fn hga_attention_prefill(
     lse: &mut impl DevicePtrMut<f32>,
     s: &AttentionShape,
 ) -> Result<(), RuntimeError> {
-    prefill_named(gpu, "hga_attention_prefill", q, k_cache, v_cache, out, lse, s)
-}
-
-/// As [`hga_attention_prefill`] with lazy (exact) rescaling of O: only when a row max grew by more than 2^8
-/// (slower on the H100, kept as a tested alternative).
-#[allow(clippy::too_many_arguments)]
-pub fn hga_attention_prefill_lazy(
-    gpu: &Gpu,
-    q: &impl DevicePtr<bf16>,
-    k_cache: &impl DevicePtr<bf16>,
-    v_cache: &impl DevicePtr<bf16>,
-    out: &mut impl DevicePtrMut<bf16>,
-    lse: &mut impl DevicePtrMut<f32>,
-    s: &AttentionShape,
-) -> Result<(), RuntimeError> {
-    prefill_named(gpu, "hga_attention_prefill_lazy", q, k_cache, v_cache, out, lse, s)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn prefill_named(
-    gpu: &Gpu,
-    kernel: &'static str,
-    q: &impl DevicePtr<bf16>,
-    k_cache: &impl DevicePtr<bf16>,
-    v_cache: &impl DevicePtr<bf16>,
-    out: &mut impl DevicePtrMut<bf16>,
-    lse: &mut impl DevicePtrMut<f32>,
-    s: &AttentionShape,
-) -> Result<(), RuntimeError> {
     validate("attention_prefill", s, q.len(), k_cache.len(), v_cache.len(), out.len(), lse.len())?;
     if s.tokens == 0 {
         return Ok(());
@@ -176,7 +153,7 @@ fn prefill_named(
         shared_mem_bytes: ATTN_PREFILL_SMEM as u32,
     };
     // SAFETY: shapes checked by `validate`; the kernel reads cache rows < start + tokens <= capacity.
-    unsafe { launch(gpu, kernel, cfg, p) }
+    unsafe { launch(gpu, "hga_attention_prefill", cfg, p) }
 }
 
 /// The split of a decode call: (n_splits, tiles of 64 keys per split). Aims at [`DECODE_CTAS_PER_SM`] CTAs per
@@ -198,10 +175,9 @@ fn decode_base_ctas(s: &AttentionShape) -> usize {
     (s.n_kv_heads * (s.tokens * g).div_ceil(ATTN_DECODE_ROWS)).max(1)
 }
 
-/// CTAs per SM that [`decode_splits`] aims at. With v2, 3 fit on sm_90 (168 registers x 128 threads, 68 KB of
-/// shared memory), but measured on the H100 at 64K context fewer splits stream faster: 1 CTA/SM 61 us, 2: 70 us,
-/// 3: 80 us, 4: 91 us (docs/perf-attention.md), so one CTA per SM (each streaming a long contiguous range); v3's
-/// ring (96-192 KB of shared memory) is built for one CTA per SM.
+/// CTAs per SM that [`decode_splits`] aims at. Measured on the H100 at 64K context with the earlier double-buffered
+/// kernel, fewer splits stream faster: 1 CTA/SM 61 us, 2: 70 us, 3: 80 us, 4: 91 us (docs/perf-attention.md), so
+/// one CTA per SM (each streaming a long contiguous range); the ring (96 KB of shared memory) is built for it.
 pub const DECODE_CTAS_PER_SM: usize = 1;
 
 /// [`decode_splits`] for a given target number of CTAs.
@@ -215,32 +191,27 @@ pub fn decode_splits_for(target_ctas: usize, s: &AttentionShape, max_splits: usi
 /// Which split-K decode kernel a call launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// The v3 ring [`decode_kernel_for`] picks for the device (at most 4 stages).
+    /// The kernel [`decode_kernel_for`] picks for the device (`V3` on every supported card).
     Auto,
-    /// `hga_attention_decode_v2`: double-buffered (68 KB of shared memory).
-    V2,
-    /// `hga_attention_decode_v3_s{N}`: an N-stage ring (N in `ATTN_DECODE_V3_STAGES`: 3, 4, 6; N x 32 KB).
-    V3(usize),
+    /// `hga_attention_decode_v3_s3`: the 3-stage `cp.async` ring (`ATTN_DECODE_V3_STAGES` = 3 stages x 32 KB).
+    V3,
 }
 
 impl DecodeKernel {
     /// (entry point, dynamic shared memory bytes); `Auto` must be resolved first.
     fn entry(self) -> Result<(&'static str, usize), RuntimeError> {
         match self {
-            DecodeKernel::V2 => Ok(("hga_attention_decode_v2", ATTN_DECODE_SMEM)),
-            DecodeKernel::V3(3) => Ok(("hga_attention_decode_v3_s3", attn_decode_v3_smem(3))),
-            DecodeKernel::V3(4) => Ok(("hga_attention_decode_v3_s4", attn_decode_v3_smem(4))),
-            DecodeKernel::V3(6) => Ok(("hga_attention_decode_v3_s6", attn_decode_v3_smem(6))),
-            k => Err(RuntimeError::Shape(format!("attention_decode: no kernel {k:?} (v3 stages: 3, 4, 6)"))),
+            DecodeKernel::V3 => Ok(("hga_attention_decode_v3_s3", attn_decode_v3_smem(ATTN_DECODE_V3_STAGES))),
+            DecodeKernel::Auto => Err(RuntimeError::Shape("attention_decode: `Auto` is resolved at launch".into())),
         }
     }
 
-    /// Key tiles the kernel keeps in flight per CTA (v3: its stages - 1; v2: 1; `Auto`: 1): the fewest tiles a
-    /// default split gets.
+    /// Key tiles the kernel keeps in flight per CTA (its stages - 1; `Auto`: 1): the fewest tiles a default split
+    /// gets.
     pub fn tiles_in_flight(self) -> usize {
         match self {
-            DecodeKernel::V3(n) => n.saturating_sub(1).max(1),
-            _ => 1,
+            DecodeKernel::V3 => ATTN_DECODE_V3_STAGES - 1,
+            DecodeKernel::Auto => 1,
         }
     }
 
@@ -250,24 +221,17 @@ impl DecodeKernel {
     }
 }
 
-/// Which kernel merges the split partials (both give the same numbers, bit for bit).
+/// Which kernel merges the split partials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeKernel {
-    /// `hga_attention_merge`: one warp per (token, head) row, the splits read 8 at a time (one L2 round trip per 8
-    /// splits, plus one for the largest LSE): 8.9 us for 32 rows x 32 splits on an H200, alone (ncu).
-    V1,
-    /// `hga_attention_merge_v2` (the default): one CTA of 4 warps per row, all of a row's splits (up to 32) read in
-    /// one round, products summed in split order through shared memory.
+    /// `hga_attention_merge_v2`: one CTA of 4 warps per row, all of a row's splits (up to 32) read in one round,
+    /// products summed in split order through shared memory.
     V2,
 }
 
 impl MergeKernel {
     fn launch_config(self, rows: usize, n_splits: usize) -> (&'static str, LaunchConfig) {
         match self {
-            MergeKernel::V1 => (
-                "hga_attention_merge",
-                LaunchConfig { grid_dim: (rows.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
-            ),
             MergeKernel::V2 => (
                 "hga_attention_merge_v2",
                 LaunchConfig {
@@ -280,30 +244,27 @@ impl MergeKernel {
     }
 }
 
-/// Deepest v3 ring `Auto` uses. With merge v1, at 64K 4 stages took 44.0 us, 6 stages 44.9 and 3 stages 44.5 (v2:
-/// 47.4; H200, graph replay). With merge v2, 3 stages are the fastest from 16K on in two runs (H200, graph
-/// replay; 3 / 4 / 6 stages): 16K 15.27 / 16.74 / 17.02 and 15.10 / 16.76 / 17.07 us, 64K 38.38 / 39.57 / 40.34
-/// and 38.38 / 39.58 / 40.49; at 4K the runs disagree (9.34 / 11.17 / 11.12, then 10.19 / 10.06 / 9.76)
-/// (docs/perf-attention.md). 3 stages (96 KB) is also what fits sm_89 and sm_120.
-const DECODE_AUTO_MAX_STAGES: usize = 3;
-
-/// The decode kernel `Auto` picks for a device allowing `max_smem_optin` bytes of shared memory per block: the v3
-/// ring with the most stages, up to 4, that fits (4 on sm_90's 227 KB, 3 on the 99 KB of sm_89 / sm_120), else v2.
-pub fn decode_kernel_for(max_smem_optin: usize) -> DecodeKernel {
-    ATTN_DECODE_V3_STAGES
-        .iter()
-        .rev()
-        .find(|&&n| n <= DECODE_AUTO_MAX_STAGES && attn_decode_v3_smem(n) <= max_smem_optin)
-        .map_or(DecodeKernel::V2, |&n| DecodeKernel::V3(n))
+/// The decode kernel `Auto` picks for a device allowing `max_smem_optin` bytes of shared memory per block: the
+/// 3-stage ring where its 96 KB fit (sm_89 / sm_120: 99 KB; sm_90: 227 KB), else none. 3 stages measured the
+/// fastest from 16K on against 4 and 6 stages on the H200 (docs/perf-attention.md).
+pub fn decode_kernel_for(max_smem_optin: usize) -> Option<DecodeKernel> {
+    (attn_decode_v3_smem(ATTN_DECODE_V3_STAGES) <= max_smem_optin).then_some(DecodeKernel::V3)
 }
 
-/// The kernel [`DecodeKernel::Auto`] resolves to on this device (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+/// The kernel [`DecodeKernel::Auto`] resolves to on this device (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`);
+/// an error where the decode kernel does not fit.
 pub fn decode_kernel_auto(gpu: &Gpu) -> Result<DecodeKernel, RuntimeError> {
-    Ok(decode_kernel_for(gpu.smem_per_block_optin()))
+    let optin = gpu.smem_per_block_optin();
+    decode_kernel_for(optin).ok_or_else(|| {
+        RuntimeError::Shape(format!(
+            "attention_decode: the decode kernel needs {} bytes of shared memory per block, the device allows {optin}",
+            attn_decode_v3_smem(ATTN_DECODE_V3_STAGES)
+        ))
+    })
 }
 
 /// Split-K decode attention of `s.tokens` (a few) query tokens: the decode kernel ([`DecodeKernel::Auto`]) writes
-/// per-split partials into `ws`, `hga_attention_merge` combines them into `out` and `lse`. Returns the number of
+/// per-split partials into `ws`, `hga_attention_merge_v2` combines them into `out` and `lse`. Returns the number of
 /// splits used.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_decode(
@@ -336,8 +297,8 @@ pub fn hga_attention_decode_ctas(
     hga_attention_decode_kernel(gpu, DecodeKernel::Auto, MergeKernel::V2, q, k_cache, v_cache, ws, out, lse, s, t)
 }
 
-/// [`hga_attention_decode`] with a chosen decode kernel (v2 or a v3 stage count) and merge kernel (for tests and
-/// benchmarks). With `target_ctas` = None the default split.
+/// [`hga_attention_decode`] with the decode and merge kernel given (`Auto` or the resolved kernel; `MergeKernel::V2`)
+/// and with `target_ctas` = None the default split, else the split for that many CTAs.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_attention_decode_kernel(
     gpu: &Gpu,
@@ -372,26 +333,15 @@ pub fn hga_attention_decode_upto(
     s: &AttentionShape,
     start_dev: &impl DevicePtr<u32>,
 ) -> Result<usize, RuntimeError> {
-    hga_attention_decode_upto_kernel(gpu, DecodeKernel::Auto, q, k_cache, v_cache, ws, out, lse, s, start_dev)
-}
-
-/// [`hga_attention_decode_upto`] with a chosen kernel (for tests and benchmarks).
-#[allow(clippy::too_many_arguments)]
-pub fn hga_attention_decode_upto_kernel(
-    gpu: &Gpu,
-    kernel: DecodeKernel,
-    q: &impl DevicePtr<bf16>,
-    k_cache: &impl DevicePtr<bf16>,
-    v_cache: &impl DevicePtr<bf16>,
-    ws: &mut DecodeWorkspace,
-    out: &mut impl DevicePtrMut<bf16>,
-    lse: &mut impl DevicePtrMut<f32>,
-    s: &AttentionShape,
-    start_dev: &impl DevicePtr<u32>,
-) -> Result<usize, RuntimeError> {
     check_len("attention_decode start_dev", start_dev.len(), 1)?;
     let (ps, _gs) = dptr(gpu, start_dev);
-    let c = DecodeCall { kernel, merge: MergeKernel::V2, target_ctas: None, start_dev: ps, quant: None };
+    let c = DecodeCall {
+        kernel: DecodeKernel::Auto,
+        merge: MergeKernel::V2,
+        target_ctas: None,
+        start_dev: ps,
+        quant: None,
+    };
     decode_launch(gpu, q, k_cache, v_cache, ws, out, lse, s, c)
 }
 
@@ -510,23 +460,24 @@ mod tests {
 
     #[test]
     fn decode_kernel_follows_shared_memory_per_block() {
-        assert_eq!(decode_kernel_for(232_448), DecodeKernel::V3(3)); // sm_90: 227 KB (3 stages measured fastest)
-        assert_eq!(decode_kernel_for(166_912), DecodeKernel::V3(3)); // sm_80: 163 KB
-        assert_eq!(decode_kernel_for(101_376), DecodeKernel::V3(3)); // sm_89 / sm_120: 99 KB
-        assert_eq!(decode_kernel_for(70_000), DecodeKernel::V2);
-        assert_eq!(DecodeKernel::V3(6).smem_bytes(), 196_608);
-        assert_eq!(DecodeKernel::V2.smem_bytes(), ATTN_DECODE_SMEM);
+        assert_eq!(decode_kernel_for(232_448), Some(DecodeKernel::V3)); // sm_90: 227 KB
+        assert_eq!(decode_kernel_for(166_912), Some(DecodeKernel::V3)); // sm_80: 163 KB
+        assert_eq!(decode_kernel_for(101_376), Some(DecodeKernel::V3)); // sm_89 / sm_120: 99 KB
+        assert_eq!(decode_kernel_for(98_304), Some(DecodeKernel::V3)); // exactly the ring
+        assert_eq!(decode_kernel_for(98_303), None);
+        assert_eq!(decode_kernel_for(70_000), None);
+        assert_eq!(DecodeKernel::V3.smem_bytes(), 98_304);
         assert_eq!(DecodeKernel::Auto.smem_bytes(), 0);
-        assert!(DecodeKernel::V3(5).entry().is_err());
+        assert!(DecodeKernel::Auto.entry().is_err());
     }
 
     #[test]
     fn decode_splits_fill_the_ring_on_short_contexts() {
         // Qwen3-30B-A3B decode: 32 query heads on 4 KV heads, one token: 4 CTAs per split; 132 SMs (H100 / H200).
         let at = |ctx: usize| AttentionShape { tokens: 1, n_heads: 32, n_kv_heads: 4, capacity: ctx, start: ctx - 1 };
-        let s3 = DecodeKernel::V3(3).tiles_in_flight();
-        let s4 = DecodeKernel::V3(4).tiles_in_flight();
-        assert_eq!((s3, s4, DecodeKernel::V2.tiles_in_flight()), (2, 3, 1));
+        let s3 = DecodeKernel::V3.tiles_in_flight();
+        let s4 = 3; // a 4-stage ring (measured, docs/perf-attention.md): 3 tiles in flight
+        assert_eq!((s3, DecodeKernel::Auto.tiles_in_flight()), (2, 1));
         assert_eq!(decode_splits(132, &at(4096), 256, s3), (32, 2)); // 64 tiles: one CTA per SM, 2 tiles each
         assert_eq!(decode_splits(132, &at(4096), 256, s4), (16, 4)); // 3 in flight: at most 21 splits, of 4 tiles
         assert_eq!(decode_splits(132, &at(2048), 256, s3), (16, 2));

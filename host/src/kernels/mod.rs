@@ -14,7 +14,7 @@ pub mod selftest;
 
 pub use attention::{
     hga_attention_decode, hga_attention_decode_kernel, hga_attention_decode_upto_quant, hga_attention_prefill,
-    hga_attention_prefill_lazy, AttentionShape, DecodeKernel, DecodeWorkspace, MergeKernel,
+    AttentionShape, DecodeKernel, DecodeWorkspace, MergeKernel,
 };
 pub use norm::hga_rmsnorm;
 pub use quant::{hga_fp8_dequant, hga_fp8_quant};
