@@ -1,22 +1,28 @@
-//! `hga_attention_merge_v2`: merges the split partials of the decode kernel by log-sum-exp (as FlashInfer's state
-//! merge): with M = max_s lse_s and w_s = exp(lse_s - M), out = sum_s w_s o_s / sum_s w_s (bf16) and
-//! lse = M + ln(sum_s w_s). Splits with lse = -inf weigh 0. The one merge kernel (the `_v2` name is that of the
-//! measured history, docs/perf-attention.md: the earlier one-warp-per-row form gave the same numbers bit for bit,
-//! slower).
+//! `hga_attention_merge_v2` (what every launcher runs) and `hga_attention_merge`: merge the split partials of the
+//! decode kernels by log-sum-exp (as FlashInfer's state merge): with M = max_s lse_s and w_s = exp(lse_s - M),
+//! out = sum_s w_s o_s / sum_s w_s (bf16) and lse = M + ln(sum_s w_s). Splits with lse = -inf weigh 0.
+//! `hga_attention_merge` (one warp per row) stays only as the comparison row of the routed attention's bench
+//! (bench_hga, `MergeKernel::V1`); both give the same numbers bit for bit (checked by `check::attention`).
 //!
 //! Shapes: part_o f32 [n_splits, tokens, n_heads, 128], part_lse f32 [n_splits, tokens, n_heads] -> out bf16
 //! [tokens, n_heads, 128], lse f32 [tokens, n_heads].
-//! Grid / block: one CTA of 4 warps per (token, head) row, grid.x = tokens * n_heads; lane l owns dims 4l..4l+3
-//! (`ld.global.v4`). A row's splits are read in rounds of 32 (warp w takes splits w, w + 4, ..., 8 per warp: one
-//! round of loads for 32 splits). Per chunk of 32 splits the warps put their products `w * o` (rounded to f32) into
-//! shared memory and thread d sums dim d over the chunk in split order (the sum padded with zero weights to a
-//! multiple of 8 splits); the weights go to shared memory as well and warp 0 ends the row with `merge_finish`.
-//! Shared memory [`ATTN_MERGE_V2_SMEM`]`(n_splits)`.
-//! Fused FP8 quantization (`p.out_q != 0`): the row of 128 is one 128-group of `hga_fp8_quant` on
+//! `hga_attention_merge`: one warp per (token, head), 4 warps per block, grid.x = ceil(tokens * n_heads / 4); lane
+//! l owns dims 4l..4l+3 (`ld.global.v4`); the partials are read 8 splits at a time (8 independent loads in flight per
+//! lane; the accumulation order is still s = 0, 1, ...). Shared memory: none.
+//! Fused FP8 quantization (`p.out_q != 0`): the warp's row of 128 is one 128-group of `hga_fp8_quant` on
 //! out [tokens, n_heads * 128]: absmax of the bf16-rounded outputs (warp max), scale = max(absmax, 1e-10) / 448,
 //! q = e4m3(x / scale) (IEEE division, saturating), scale to `out_scale[t * n_heads + h]`: bit-identical to
 //! `hga_fp8_quant` of `out` (the same operations on the same values), one launch and one read of `out` fewer.
 //! A warp-uniform branch on a launch constant (not per element).
+//!
+//! `hga_attention_merge_v2` computes the same numbers bit for bit (the same operations on the same values: max of the
+//! LSEs, weights `ex2((lse - M) log2 e)`, products `w * o` rounded to f32, each dim's products and the weights
+//! summed in split order with the same zero-weight padding to a multiple of 8 splits, the same end) with the
+//! parallelism the first kernel lacks: one CTA of 4 warps per row instead of one warp, so a row's 32 splits are
+//! read in ONE round of loads (warp w takes splits w, w + 4, ..., 8 per warp) instead of a serial round per 8 splits
+//! plus one for the maximum, and 32 rows use 32 SMs instead of 8. Per chunk of 32 splits the warps put their
+//! products into shared memory and thread d sums dim d over the chunk in split order; the weights go to shared
+//! memory as well and warp 0 ends the row with `merge_finish`. Shared memory [`ATTN_MERGE_V2_SMEM`]`(n_splits)`.
 //! Assumes: n_splits >= 1 and at least one split of every row has a finite LSE (key 0 is visible to every query).
 use crate::arch::*;
 use crate::num::{E4M3_MAX, FP8_ACT_EPS};
@@ -25,7 +31,58 @@ use crate::params::{AttentionParams, ATTN_MERGE_V2_CHUNK};
 /// Splits read per batch (independent loads in flight per lane).
 const U: usize = 8;
 
-/// The end of a row's merge (warp 0 of the CTA): lane `lane` holds dims 4 lane..4 lane + 3 of the
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn hga_attention_merge(p: AttentionParams) {
+    entry_prologue();
+    let rows = p.tokens * p.n_heads;
+    let row = block_x() * 4 + thread_x() / 32;
+    if row >= rows {
+        return;
+    }
+    let lane = lane_id() as usize;
+    let lse_in = (p.part_lse as *const f32).add(row as usize);
+    let ns = p.n_splits as usize;
+    let stride = rows as usize;
+    let mut mx = f32::NEG_INFINITY;
+    let mut s = lane;
+    while s < ns {
+        mx = fmax(mx, *lse_in.add(s * stride));
+        s += 32;
+    }
+    let mx = warp_max(mx);
+    let mut acc = [0f32; 4];
+    let mut wsum = 0f32;
+    let po = (p.part_o as *const f32).add(row as usize * 128 + 4 * lane);
+    let mut s = 0;
+    while s < ns {
+        // Loads first (indices clamped to the last split, so all are in bounds and unconditional), then the sums.
+        let mut lv = [0f32; U];
+        let mut v = [[0f32; 4]; U];
+        let mut u = 0;
+        while u < U {
+            let si = if s + u < ns { s + u } else { ns - 1 };
+            lv[u] = *lse_in.add(si * stride);
+            v[u] = ld_global_v4(po.add(si * stride * 128) as *const u8).map(f32::from_bits);
+            u += 1;
+        }
+        let mut u = 0;
+        while u < U {
+            // Past the last split: weight 0 on a repeated (finite) partial, branch-free so the loads stay batched.
+            let w = ex2((lv[u] - mx) * core::f32::consts::LOG2_E);
+            let w = if s + u < ns { w } else { 0.0 };
+            acc[0] += w * v[u][0];
+            acc[1] += w * v[u][1];
+            acc[2] += w * v[u][2];
+            acc[3] += w * v[u][3];
+            wsum += w;
+            u += 1;
+        }
+        s += U;
+    }
+    merge_finish(&p, row as usize, lane, acc, mx, wsum);
+}
+
+/// The end of a row's merge, shared by both merge kernels: lane `lane` holds dims 4 lane..4 lane + 3 of the
 /// weighted sum `acc` (splits in order), `mx` the largest LSE and `wsum` the sum of the weights (in split order).
 /// Writes out (bf16), lse and, when `p.out_q` is set, the fused FP8 quantization of the row.
 #[inline(always)]
@@ -62,7 +119,7 @@ pub unsafe extern "ptx-kernel" fn hga_attention_merge_v2(p: AttentionParams) {
     let tid = thread_x() as usize;
     let (warp, lane) = (tid / 32, tid % 32);
     let ns = p.n_splits as usize;
-    // Splits summed: padded with zero weights to a multiple of U.
+    // Splits summed: padded with zero weights to a multiple of U, as the first kernel's batches are.
     let padded = ns.div_ceil(U) * U;
     let stride = (p.tokens * p.n_heads) as usize;
     let lse_in = (p.part_lse as *const f32).add(row);

@@ -14,8 +14,10 @@
 //! | decode, per split | `hga_attention_decode_v3_s3` | 96 KB (fits the 99 KB of sm_89 / sm_120) |
 //! | merge of the splits | `hga_attention_merge_v2` | 17 KB at 32 splits |
 //!
-//! The `_v3_s3` / `_v2` names are those of the measured history (docs/perf-attention.md; the earlier decode and
-//! merge kernels, the 4- and 6-stage rings and the lazy-rescaling prefill are in git history).
+//! `hga_attention_merge` (the first merge, one warp per row, the same numbers bit for bit) is picked by no path; it
+//! stays as the comparison row of the routed attention's bench. The `_v3_s3` / `_v2` names are those of the
+//! measured history (docs/perf-attention.md; the double-buffered decode, the 4- and 6-stage rings and the
+//! lazy-rescaling prefill are in git history).
 //!
 //! Layouts: q / out bf16 [tokens, n_heads, 128]; K and V cache bf16 [n_kv_heads, capacity, 128] each (one KV head's
 //! tokens contiguous, as HGA's groups of 16 tokens of one KV head will be); LSE f32 [tokens, n_heads].

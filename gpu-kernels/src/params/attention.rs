@@ -1,5 +1,5 @@
 //! Parameter struct of the attention family: `hga_attention_prefill`, `hga_attention_decode_v3_s3` and
-//! `hga_attention_merge_v2` (gpu-kernels/src/attention/). One struct for all: they share shapes and buffers.
+//! `hga_attention_merge_v2` / `hga_attention_merge` (gpu-kernels/src/attention/). One struct for all: they share shapes and buffers.
 
 #[cfg(feature = "host")]
 use bytemuck::{Pod, Zeroable};

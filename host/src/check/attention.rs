@@ -3,7 +3,8 @@
 //! Pass: rel-L2 of out <= 1e-2 (bf16 inputs and output) and |lse - ref| <= 1e-3 everywhere; NaN never passes.
 //! Decode paths run the decode kernel and the merge (`hga_attention_decode_v3_s3`, `hga_attention_merge_v2`) with
 //! the split partials poisoned too; the device-start path also checks the merge's fused FP8 quantization bit for
-//! bit against `hga_fp8_quant` of the bf16 output.
+//! bit against `hga_fp8_quant` of the bf16 output, and the decode path `hga_attention_merge_v2` bit for bit against
+//! `hga_attention_merge` (the routed attention's bench compares with it) on the same partials.
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
     decode_kernel_auto, hga_attention_decode_kernel, hga_attention_decode_upto_quant, hga_attention_prefill,
@@ -91,6 +92,8 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     let extra: String;
     // The fused FP8 quantization (device-start path): (merge's q, scale, hga_fp8_quant's q, scale).
     let mut quant = None;
+    // The decode kernel's partials merged by `hga_attention_merge` (v1) instead of v2: (out, lse).
+    let mut merge_v1 = None;
     let max_splits = rng.gen_range(1..=256);
     let auto = decode_kernel_auto(gpu)?;
     match path {
@@ -104,6 +107,12 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
             st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
             let m = MergeKernel::V2;
             let n = hga_attention_decode_kernel(gpu, auto, m, &dq, &dk, &dv, &mut ws, &mut dout, &mut dlse, &s, None)?;
+            // The first merge kernel on the same partials: the same numbers, bit for bit.
+            let mut eo = st.clone_htod(&poison_bf16(q.len()))?;
+            let mut el = st.clone_htod(&vec![f32::NAN; s.tokens * s.n_heads])?;
+            let m1 = MergeKernel::V1;
+            hga_attention_decode_kernel(gpu, auto, m1, &dq, &dk, &dv, &mut ws, &mut eo, &mut el, &s, None)?;
+            merge_v1 = Some((st.clone_dtoh(&eo)?, st.clone_dtoh(&el)?));
             gpu.synchronize()?; // the workspace is freed at the end of the block
             extra = format!(" splits={n} kernel={auto:?}");
         }
@@ -133,6 +142,13 @@ pub fn attention(gpu: &Gpu, path: Path, s: AttentionShape, rng: &mut impl Rng) -
     gpu.synchronize()?;
     let want = crate::reference::attention::hga_attention(&q, &k, &v, &s);
     let (rel, mut bad) = judge(&out, &lse, &want, s.n_heads);
+    if let Some((o1, l1)) = merge_v1 {
+        let same = o1.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits())
+            && l1.iter().zip(&lse).all(|(a, b)| a.to_bits() == b.to_bits());
+        if bad.is_none() && !same {
+            bad = Some("hga_attention_merge (v1) and hga_attention_merge_v2 differ on the same partials".into());
+        }
+    }
     if let Some((q8, sc, rq8, rsc)) = quant {
         if bad.is_none() {
             bad = quant_mismatch(&q8, &sc, &rq8, &rsc, s.n_heads);

@@ -8,6 +8,9 @@
 //! | decode (a few query tokens), per split | `hga_attention_decode_v3_s3` (3-stage ring, 96 KB) | yes | yes |
 //! | merge of the decode splits | `hga_attention_merge_v2` (one CTA per row) | yes | yes |
 //!
+//! `hga_attention_merge` (`MergeKernel::V1`, one warp per row, the same numbers bit for bit) is launched by no
+//! path of the product; it stays as the comparison row of the routed attention's bench (bench_hga).
+//!
 //! A device with less than 96 KB of shared memory per block gets an error from the decode launchers.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::runtime::{Gpu, RuntimeError};
@@ -221,9 +224,13 @@ impl DecodeKernel {
     }
 }
 
-/// Which kernel merges the split partials.
+/// Which kernel merges the split partials (both give the same numbers, bit for bit). Every launcher here runs
+/// `V2`; `V1` stays as the comparison row of the routed attention's bench (bench_hga).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeKernel {
+    /// `hga_attention_merge`: one warp per (token, head) row, the splits read 8 at a time (one L2 round trip per 8
+    /// splits, plus one for the largest LSE): 8.9 us for 32 rows x 32 splits on an H200, alone (ncu).
+    V1,
     /// `hga_attention_merge_v2`: one CTA of 4 warps per row, all of a row's splits (up to 32) read in one round,
     /// products summed in split order through shared memory.
     V2,
@@ -232,6 +239,10 @@ pub enum MergeKernel {
 impl MergeKernel {
     fn launch_config(self, rows: usize, n_splits: usize) -> (&'static str, LaunchConfig) {
         match self {
+            MergeKernel::V1 => (
+                "hga_attention_merge",
+                LaunchConfig { grid_dim: (rows.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+            ),
             MergeKernel::V2 => (
                 "hga_attention_merge_v2",
                 LaunchConfig {
