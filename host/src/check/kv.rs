@@ -177,6 +177,10 @@ fn run(gpu: &Gpu, c: &KvCase, rng: &mut impl Rng) -> Result<Option<String>, Runt
         hga_kv_advance(gpu, pos)
     };
     let graph = if c.graph {
+        // Kernel handles loaded before the recording (a module lookup is not a stream operation).
+        for k in ["hga_kv_append", "hga_kv_lookup", "hga_kv_gather", "hga_kv_advance"] {
+            gpu.function(k)?;
+        }
         Some(gpu.capture(|| step(&mut layers, &mut pos))?)
     } else {
         None

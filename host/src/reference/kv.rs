@@ -434,4 +434,18 @@ mod tests {
             assert!(b >= clock_hits(&trace, slots, 1, 0).0);
         }
     }
+
+    #[test]
+    fn trace_bytes_round_trip() {
+        let t = SelectionTrace {
+            layers: 2,
+            kv_heads: 1,
+            first_pos: 900,
+            steps: vec![vec![vec![4, 9, 300], vec![]], vec![vec![5], vec![7, 8]]],
+        };
+        let b = t.to_bytes();
+        assert_eq!(SelectionTrace::from_bytes(&b).unwrap(), t);
+        assert!(SelectionTrace::from_bytes(&b[..b.len() - 1]).is_err());
+        assert_eq!(t.stream(1, 0), vec![vec![], vec![7, 8]]);
+    }
 }
