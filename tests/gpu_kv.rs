@@ -76,7 +76,11 @@ fn trace() -> SelectionTrace {
         let b = std::fs::read(&p).unwrap_or_else(|e| panic!("HGA_KV_TRACE={p}: {e}"));
         return SelectionTrace::from_bytes(&b).unwrap();
     }
-    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes"));
+    let dir = ["fixtures/qwen3-moe-bytes", concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes")]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|d| d.join("config.json").exists())
+        .expect("fixtures/qwen3-moe-bytes (run from the repository root)");
     let text = std::fs::read_to_string(dir.join("eval/torch.txt")).unwrap();
     SelectionTrace::record(&dir, &text, 1024, 24, 8).unwrap()
 }
@@ -157,11 +161,60 @@ fn record_fixture_trace() {
     let Ok(out) = std::env::var("HGA_KV_TRACE_OUT") else { return };
     let spec = std::env::var("HGA_KV_TRACE_SPEC").unwrap_or_else(|_| "8192,256,16".into());
     let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
-    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes"));
+    let dir = ["fixtures/qwen3-moe-bytes", concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes")]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|d| d.join("config.json").exists())
+        .expect("fixtures/qwen3-moe-bytes (run from the repository root)");
     let text = std::fs::read_to_string(dir.join("eval/torch.txt")).unwrap();
     let t = SelectionTrace::record(&dir, &text, v[0], v[1], v[2]).unwrap();
     let b = t.to_bytes();
     assert_eq!(SelectionTrace::from_bytes(&b).unwrap(), t);
     std::fs::write(&out, &b).unwrap();
     let _ = writeln!(std::io::stderr(), "wrote {out}: {} bytes, {} steps, <= {} groups", b.len(), t.steps.len(), t.max_selected());
+}
+
+/// Prints the CPU model's hit rates (CLOCK as on the GPU, with its reference-count variants), LRU and Belady's
+/// optimum for the trace of `HGA_KV_TRACE` at caches of 2x / 4x / 8x / 16x its largest selection (CPU only):
+/// `HGA_KV_TRACE=FILE cargo test --release --test gpu_kv -- --ignored trace_hit_rates_cpu --nocapture`.
+#[test]
+#[ignore]
+fn trace_hit_rates_cpu() {
+    let Ok(p) = std::env::var("HGA_KV_TRACE") else { return };
+    let t = SelectionTrace::from_bytes(&std::fs::read(&p).unwrap()).unwrap();
+    let max_sel = t.max_selected().max(1);
+    let streams: Vec<Vec<Vec<u32>>> =
+        (0..t.layers).flat_map(|l| (0..t.kv_heads).map(move |h| (l, h))).map(|(l, h)| t.stream(l, h)).collect();
+    let sel: u64 = streams.iter().flatten().map(|s| s.len() as u64).sum();
+    let distinct: u64 = streams
+        .iter()
+        .map(|s| s.iter().flatten().collect::<std::collections::HashSet<_>>().len() as u64)
+        .sum();
+    println!(
+        "trace: {} layers x {} KV heads, {} steps from {}, <= {max_sel} groups; {sel} selections, {distinct} distinct \
+         (compulsory-miss bound: {:.1}% hits)",
+        t.layers,
+        t.kv_heads,
+        t.steps.len(),
+        t.first_pos,
+        100.0 * (sel - distinct) as f64 / sel as f64
+    );
+    let r = |h: u64| 100.0 * h as f64 / sel as f64;
+    for mult in [2usize, 4, 8, 16] {
+        let slots = mult * max_sel;
+        let clock = |rh, rf| streams.iter().map(|x| hga::reference::kv::clock_hits(x, slots, rh, rf).0).sum::<u64>();
+        let lru: u64 = streams.iter().map(|x| hga::reference::kv::lru_hits(x, slots)).sum();
+        let bel: u64 = streams.iter().map(|x| hga::reference::kv::belady_hits(x, slots)).sum();
+        println!(
+            "{mult:>2}x ({slots:>4} slots): CLOCK {:.1}% (ref 2/0 {:.1}%, 3/0 {:.1}%, 1/1 {:.1}%, 3/1 {:.1}%), LRU {:.1}%, \
+             Belady {:.1}%",
+            r(clock(1, 0)),
+            r(clock(2, 0)),
+            r(clock(3, 0)),
+            r(clock(1, 1)),
+            r(clock(3, 1)),
+            r(lru),
+            r(bel)
+        );
+    }
 }

@@ -141,7 +141,11 @@ fn load_trace() -> SelectionTrace {
         let b = std::fs::read(&p).unwrap_or_else(|e| panic!("HGA_KV_TRACE={p}: {e}"));
         return SelectionTrace::from_bytes(&b).unwrap();
     }
-    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes"));
+    let dir = ["fixtures/qwen3-moe-bytes", concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes")]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|d| d.join("config.json").exists())
+        .expect("fixtures/qwen3-moe-bytes (run from the repository root)");
     let text = std::fs::read_to_string(dir.join("eval/torch.txt")).unwrap();
     println!("(no HGA_KV_TRACE: recording a short trace, 2048 tokens + 64 steps)");
     SelectionTrace::record(&dir, &text, 2048, 64, 16).unwrap()
