@@ -171,7 +171,13 @@ fn record_fixture_trace() {
     let b = t.to_bytes();
     assert_eq!(SelectionTrace::from_bytes(&b).unwrap(), t);
     std::fs::write(&out, &b).unwrap();
-    let _ = writeln!(std::io::stderr(), "wrote {out}: {} bytes, {} steps, <= {} groups", b.len(), t.steps.len(), t.max_selected());
+    let _ = writeln!(
+        std::io::stderr(),
+        "wrote {out}: {} bytes, {} steps, <= {} groups",
+        b.len(),
+        t.steps.len(),
+        t.max_selected()
+    );
 }
 
 /// Prints the CPU model's hit rates (CLOCK as on the GPU, with its reference-count variants), LRU and Belady's
@@ -186,10 +192,8 @@ fn trace_hit_rates_cpu() {
     let streams: Vec<Vec<Vec<u32>>> =
         (0..t.layers).flat_map(|l| (0..t.kv_heads).map(move |h| (l, h))).map(|(l, h)| t.stream(l, h)).collect();
     let sel: u64 = streams.iter().flatten().map(|s| s.len() as u64).sum();
-    let distinct: u64 = streams
-        .iter()
-        .map(|s| s.iter().flatten().collect::<std::collections::HashSet<_>>().len() as u64)
-        .sum();
+    let distinct: u64 =
+        streams.iter().map(|s| s.iter().flatten().collect::<std::collections::HashSet<_>>().len() as u64).sum();
     println!(
         "trace: {} layers x {} KV heads, {} steps from {}, <= {max_sel} groups; {sel} selections, {distinct} distinct \
          (compulsory-miss bound: {:.1}% hits)",

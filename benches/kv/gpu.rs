@@ -46,7 +46,17 @@ fn arena(gpu: &Gpu, mem: &PinnedMemory, layers: usize, kv: usize, groups: usize)
     (ext, t)
 }
 
-fn caches(gpu: &Gpu, layers: usize, kv: usize, slots: usize, table: usize, sel: usize, rh: u32, rf: u32) -> Vec<GpuCache> {
+#[allow(clippy::too_many_arguments)]
+fn caches(
+    gpu: &Gpu,
+    layers: usize,
+    kv: usize,
+    slots: usize,
+    table: usize,
+    sel: usize,
+    rh: u32,
+    rf: u32,
+) -> Vec<GpuCache> {
     (0..layers)
         .map(|l| {
             let cfg = GpuCacheConfig {

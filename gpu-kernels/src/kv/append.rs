@@ -10,7 +10,7 @@
 //! No shared memory.
 use super::arena_block;
 use crate::arch::*;
-use crate::params::{KvCacheParams, KV_GROUP_K_BYTES, KV_SINK_SLOTS, KV_GROUP_BYTES, HGA_HEAD_DIM};
+use crate::params::{KvCacheParams, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_SINK_SLOTS};
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn hga_kv_append(p: KvCacheParams) {

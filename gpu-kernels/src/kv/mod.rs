@@ -65,7 +65,7 @@ pub(crate) unsafe fn arena_block(p: &crate::params::KvCacheParams, h: u32, g: u3
     if base == 0 {
         return 0;
     }
-    let blk = (p.layer as u64 * p.n_kv as u64 + h as u64) * p.groups_per_extent as u64 + (g % p.groups_per_extent) as u64;
+    let blk =
+        (p.layer as u64 * p.n_kv as u64 + h as u64) * p.groups_per_extent as u64 + (g % p.groups_per_extent) as u64;
     base + blk * crate::params::KV_GROUP_BYTES as u64
 }
-

@@ -270,13 +270,7 @@ fn expected_block(ly: &Layer, n_kv: usize, h: usize, g: usize, appended: usize) 
     b
 }
 
-fn compare(
-    gpu: &Gpu,
-    c: &KvCase,
-    ly: &Layer,
-    p: u32,
-    table_groups: usize,
-) -> Result<Option<String>, RuntimeError> {
+fn compare(gpu: &Gpu, c: &KvCase, ly: &Layer, p: u32, table_groups: usize) -> Result<Option<String>, RuntimeError> {
     let (sel, want) = ly.want.as_ref().expect("a step's selection");
     let entries = ly.cache.entries(gpu)?;
     let misses = ly.cache.misses(gpu)?;
@@ -299,7 +293,10 @@ fn compare(
         }
         let n = c.cache_slots;
         if slot_group[h * n..(h + 1) * n] != m.slot_group[..] || hand[h] != m.hand {
-            return Ok(Some(format!("head {h}: slot groups or hand ({} vs {}) differ from the model", hand[h], m.hand)));
+            return Ok(Some(format!(
+                "head {h}: slot groups or hand ({} vs {}) differ from the model",
+                hand[h], m.hand
+            )));
         }
         let cn = counters[h];
         if [cn.hits, cn.misses, cn.bytes, cn.steps] != m.counters {

@@ -347,8 +347,11 @@ pub struct HgaAttention {
     diagnose_from: usize,
     /// When set, every routed block's selection `(layer, KV head, first position, groups)` (see
     /// [`Self::with_selection_log`]).
-    selection_log: Option<Mutex<Vec<(usize, usize, usize, Vec<usize>)>>>,
+    selection_log: Option<Mutex<Vec<SelectionRecord>>>,
 }
+
+/// One routed block's selection: (layer, KV head, first position of the block, sorted groups).
+pub type SelectionRecord = (usize, usize, usize, Vec<usize>);
 
 impl HgaAttention {
     pub fn new(params: HgaParams) -> Result<Self, String> {
@@ -364,7 +367,7 @@ impl HgaAttention {
     }
 
     /// The selections recorded so far: `(layer, KV head, first position of the block, sorted groups)`.
-    pub fn take_selection_log(&self) -> Vec<(usize, usize, usize, Vec<usize>)> {
+    pub fn take_selection_log(&self) -> Vec<SelectionRecord> {
         self.selection_log
             .as_ref()
             .map(|l| std::mem::take(&mut *l.lock().unwrap_or_else(|e| e.into_inner())))

@@ -113,7 +113,12 @@ pub fn hga_kv_lookup(
 }
 
 /// Gathers the misses of the last lookup from the mapped arena into their slots.
-pub fn hga_kv_gather(gpu: &Gpu, cache: &mut GpuCache, pos: &CudaSlice<u32>, arena: &ArenaTable) -> Result<(), RuntimeError> {
+pub fn hga_kv_gather(
+    gpu: &Gpu,
+    cache: &mut GpuCache,
+    pos: &CudaSlice<u32>,
+    arena: &ArenaTable,
+) -> Result<(), RuntimeError> {
     let p = params(gpu, cache, pos, arena)?;
     let cfg = LaunchConfig {
         grid_dim: ((cache.cfg.max_groups.div_ceil(KV_GATHER_WARPS)) as u32, p.n_kv, 1),

@@ -336,7 +336,8 @@ impl SelectionTrace {
         let mut cache = model.new_cache();
         let logits = model.prefill(&tokens[..context], &mut cache).map_err(|e| e.to_string())?;
         policy.take_selection_log();
-        let argmax = |v: &[f32]| v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+        let argmax =
+            |v: &[f32]| v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
         let mut next = argmax(logits.row(context - 1)) as u32;
         let mut out = Vec::with_capacity(steps);
         for t in 0..steps {
@@ -386,7 +387,10 @@ mod tests {
                     assert_eq!(st.table[g as usize], slot as u32);
                 }
             }
-            assert_eq!(st.table.iter().filter(|&&s| s != ABSENT).count(), st.slot_group.iter().filter(|&&g| g != ABSENT).count());
+            assert_eq!(
+                st.table.iter().filter(|&&s| s != ABSENT).count(),
+                st.slot_group.iter().filter(|&&g| g != ABSENT).count()
+            );
         }
         let c = m.heads[0].counters;
         assert_eq!(c[0] + c[1], taken);
