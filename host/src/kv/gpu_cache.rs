@@ -20,6 +20,18 @@
 //! given on a hit and on a fill (`ref_hit`, `ref_fill`) are the tuning knobs (a generalized CLOCK): measured on the
 //! fixture trace in docs/perf-kv.md.
 //!
+//! Lineage: a GPU-resident cache of fixed-size K/V blocks over host memory with a device page table, as InfLLM's
+//! GPU LRU over CPU K/V and RetroInfer's GPU cluster cache; replacement by CLOCK with reference counts (GCLOCK,
+//! from operating-system page replacement), chosen because one warp can run it inside a recorded step.
+//!
+//! ## Use
+//! Per decode step and layer, in stream order (all recordable in one graph): `hga_kv_append` (the new token),
+//! the routing's selection into a `u32 [n_kv][max_groups]` buffer, `hga_kv_lookup`, `hga_kv_gather`, routed
+//! attention over `slots` with `entry_slot / entry_pos / n_entries`; at the end of the step `hga_kv_advance`.
+//! One lookup per layer and position: the deduplication and the "used at this step" marks are stamped with
+//! `p + 1`, so a second lookup at the same position (re-running a step) takes none of the groups the first one
+//! took; call [`GpuCache::reset`] before replaying positions.
+//!
 //! ## Measured (H200, docs/perf-kv.md)
 //! - Cold gather of a 64K / 3% selection (157 MB over 48 layers x 4 KV heads): 41.6 GB/s with the lookups, 45.0
 //!   GB/s for the gathers alone, against 54.9 GB/s for a bulk pinned copy of the same bytes (0.76x / 0.82x);
