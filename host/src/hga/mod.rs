@@ -345,12 +345,33 @@ pub struct HgaAttention {
     diagnostics: Option<Mutex<Diagnostics>>,
     /// Queries at positions below this are not diagnosed.
     diagnose_from: usize,
+    /// When set, every routed block's selection `(layer, KV head, first position, groups)` (see
+    /// [`Self::with_selection_log`]).
+    selection_log: Option<Mutex<Vec<SelectionRecord>>>,
 }
+
+/// One routed block's selection: (layer, KV head, first position of the block, sorted groups).
+pub type SelectionRecord = (usize, usize, usize, Vec<usize>);
 
 impl HgaAttention {
     pub fn new(params: HgaParams) -> Result<Self, String> {
         params.validate()?;
-        Ok(HgaAttention { params, diagnostics: None, diagnose_from: 0 })
+        Ok(HgaAttention { params, diagnostics: None, diagnose_from: 0, selection_log: None })
+    }
+
+    /// Also records the selected groups of every routed block (decode: every step) per (layer, KV head): the
+    /// selection traces that the GPU working-set cache is measured on (`hga::kv::gpu_cache`).
+    pub fn with_selection_log(mut self) -> Self {
+        self.selection_log = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The selections recorded so far: `(layer, KV head, first position of the block, sorted groups)`.
+    pub fn take_selection_log(&self) -> Vec<SelectionRecord> {
+        self.selection_log
+            .as_ref()
+            .map(|l| std::mem::take(&mut *l.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
     }
 
     /// Also records, per layer and KV head, how the selection compares with dense attention (costs a dense pass).
@@ -517,6 +538,9 @@ impl AttentionPolicy for HgaAttention {
                     let keys = KeyView { keys: &kv.k, stride: kv_dim, off, d };
                     self.route(&geo, (&chunks, &grp), &qs, unit_heads, need_dense.then_some(&dense[..]), keys, s.scale)
                 };
+                if let (Some(log), false) = (&self.selection_log, dense_layer) {
+                    log.lock().unwrap_or_else(|e| e.into_inner()).push((layer, kvh, start + t0, groups.clone()));
+                }
                 let geo_groups = if dense_layer {
                     (geo.first_chunk * p.chunk / p.group..geo.end_chunk * p.chunk / p.group).collect()
                 } else {

@@ -18,7 +18,9 @@ pub mod gpu_cache;
 pub mod memory;
 pub mod pinned;
 
+pub use gpu_cache::{ArenaTable, GpuCache, GpuCacheConfig};
 pub use memory::{Extent, ExtentMemory, HeapMemory};
+pub use pinned::PinnedMemory;
 
 use gpu_kernels::params::KV_GROUP_BYTES;
 
