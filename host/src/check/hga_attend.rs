@@ -8,8 +8,9 @@
 //! at NaN slots, and makes the rows of the open group past the last position NaN: a read of anything unlisted or
 //! not visible shows. Outputs and split partials are poisoned. Pass: NaN exactly where the reference has NaN,
 //! rel-L2 of the rest <= 1e-2 (bf16 inputs and output), |lse - ref| <= 1e-3 where the reference is finite; in
-//! exactness mode also rel-L2 <= 1e-3 against the dense decode (default split, and the dense kernel's split, which
-//! should give the same bits) with the same NaN pattern.
+//! exactness mode also, with the same NaN pattern, rel-L2 <= 1e-3 against the dense decode when run with the dense
+//! kernel's split (the same arithmetic in the same order: the bits are expected equal, and reported), and <= 4e-3
+//! with the routed default split (other sums round to neighbouring bf16 values: about one bf16 ulp).
 use super::{poison_bf16, Outcome};
 use crate::kernels::attention::{
     decode_kernel_auto, decode_splits, hga_attention_decode_kernel, AttentionShape, DecodeWorkspace, MergeKernel,
@@ -317,18 +318,21 @@ pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, R
         let aligned = RoutedCall { tiles_per_split: Some(tps), ..RoutedCall::DECODE };
         let (ao, al, _) = run_routed(gpu, aligned, &inp, c.pos as u32)?;
         let (fo, fl) = first.as_ref().expect("one routed call");
-        let mut same = true;
-        for (label, o, l) in [("default split", fo, fl), ("dense split", &ao, &al)] {
-            let (r, b) = judge(o, l, &dense, c.n_heads, 1e-3);
-            rel = rel.max(r);
+        // With the dense kernel's split the routed decode does the same arithmetic in the same order (tiles of 4
+        // entries in position order are the dense 64-key tiles): rel-L2 <= 1e-3, and the bits are expected equal.
+        // With its own split the sums are grouped differently and the f32 results may round to neighbouring bf16
+        // values (rel-L2 ~1-2e-3 from that rounding alone): at most 4e-3 (about one bf16 ulp), LSE within 1e-3.
+        for (label, o, l, tol) in [("dense split", &ao, &al, 1e-3), ("default split", fo, fl, 4e-3)] {
+            let (_, b) = judge(o, l, &dense, c.n_heads, tol);
             if bad.is_none() {
                 bad = b.map(|b| format!("against the dense decode ({label}): {b}"));
             }
-            same &= o.iter().zip(&dense_o).all(|(a, b)| a.to_bits() == b.to_bits());
         }
+        let same = ao.iter().zip(&dense_o).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        let (dr, _) = judge(&ao, &al, &dense, c.n_heads, 1e-3);
         let (ar, _) = judge(&ao, &al, &want, s.n_heads, 1e-2);
         rel = rel.max(ar);
-        extra = format!(" vs-dense({} bits equal)", if same { "all" } else { "not all" });
+        extra = format!(" vs-dense(dense split: rel {dr:.1e}, bits {})", if same { "equal" } else { "differ" });
     }
     let name = match c.path {
         RoutedPath::Decode => "hga_attend_decode+merge",

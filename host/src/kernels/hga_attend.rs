@@ -70,15 +70,17 @@ pub struct RoutedCall {
     pub merge: MergeKernel,
     /// Tiles of 4 entries per split; None: [`routed_splits`]' default.
     pub tiles_per_split: Option<usize>,
+    /// Launch the routed kernel only, not the merge (for timing the two apart; `out` and `lse` are not written).
+    pub partials_only: bool,
 }
 
 impl RoutedCall {
     /// The default decode call (deepest ring, merge v2, default split).
     pub const DECODE: RoutedCall =
-        RoutedCall { kernel: RoutedKernel::DecodeAuto, merge: MergeKernel::V2, tiles_per_split: None };
+        RoutedCall { kernel: RoutedKernel::DecodeAuto, merge: MergeKernel::V2, tiles_per_split: None, partials_only: false };
     /// The default prefill call.
     pub const PREFILL: RoutedCall =
-        RoutedCall { kernel: RoutedKernel::Prefill, merge: MergeKernel::V2, tiles_per_split: None };
+        RoutedCall { kernel: RoutedKernel::Prefill, merge: MergeKernel::V2, tiles_per_split: None, partials_only: false };
 }
 
 /// CTAs of one split: KV heads x groups of `rows_per_cta` query rows.
@@ -234,6 +236,9 @@ pub fn hga_attend(
     // clamped to n_slots - 1, q rows < tokens * n_heads, and writes n_splits <= max_splits partial slots of
     // tokens * n_heads <= ws.rows rows.
     unsafe { launch(gpu, name, cfg, p)? };
+    if call.partials_only {
+        return Ok(n_splits);
+    }
     let mp = AttentionParams {
         q: 0,
         k_cache: 0,
