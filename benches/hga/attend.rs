@@ -151,8 +151,10 @@ pub fn run(gpu: &Gpu) {
         let mut splits = 0;
         let ms = time_graph_ms(gpu, 2 * SETS, 20, |i| {
             let j = i % SETS;
-            splits = hga_attend(gpu, call, &q, &pool, &dslots[j], &depos, &dne, &pos_dev, &mut ws, &mut out, &mut lse, &shape)
-                .unwrap();
+            splits = hga_attend(
+                gpu, call, &q, &pool, &dslots[j], &depos, &dne, &pos_dev, &mut ws, &mut out, &mut lse, &shape,
+            )
+            .unwrap();
         });
         let us = ms * 1e3;
         println!(

@@ -7,7 +7,8 @@
 //! into random slots of a pool whose other slots are NaN, fills the list past `n_entries` with entries pointing
 //! at NaN slots, and makes the rows of the open group past the last position NaN: a read of anything unlisted or
 //! not visible shows. Outputs and split partials are poisoned. Pass: NaN exactly where the reference has NaN,
-//! rel-L2 of the rest <= 1e-2 (bf16 inputs and output), |lse - ref| <= 1e-3 where the reference is finite; in
+//! rel-L2 of the rest <= 1e-2 (bf16 inputs and output), |lse - ref| <= 1e-3 where the reference is finite (the LSE
+//! of a row whose output is NaN is not specified); in
 //! exactness mode also, with the same NaN pattern, rel-L2 <= 1e-3 against the dense decode when run with the dense
 //! kernel's split (the same arithmetic in the same order: the bits are expected equal, and reported), and <= 4e-3
 //! with the routed default split (other sums round to neighbouring bf16 values: about one bf16 ulp).
@@ -201,7 +202,7 @@ fn poison(c: &RoutedCase, inp: &mut Inputs, rng: &mut impl Rng) -> String {
 }
 
 /// (rel-L2 over the finite reference values, first problem): NaN in `out` exactly where `want` has NaN; lse
-/// within 1e-3 where the reference's is finite.
+/// within 1e-3 where the reference's is finite and its output row is not NaN.
 fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize, tol: f64) -> (f64, Option<String>) {
     let (wo, wl) = want;
     let (mut num, mut den) = (0f64, 0f64);
@@ -224,6 +225,11 @@ fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize,
     }
     if bad.is_none() {
         for (i, (g, w)) in lse.iter().zip(wl).enumerate() {
+            // A row whose output is NaN has no meaningful LSE (a split with a NaN score weighs 0 in the merge, so
+            // the merged LSE depends on the split): compared only where the expected output row is not NaN.
+            if wo[i * D].is_nan() {
+                continue;
+            }
             if w.is_finite() && (g.is_nan() || (*g as f64 - w).abs() > 1e-3) {
                 bad = Some(format!("lse[{i}] (token {}, head {}): got {g}, expected {w:.6}", i / n_heads, i % n_heads));
                 break;
@@ -234,7 +240,12 @@ fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize,
 }
 
 /// Runs the routed kernel `call` on the inputs into fresh poisoned outputs and partials: (out, lse, n_splits).
-fn run_routed(gpu: &Gpu, call: RoutedCall, inp: &Inputs, pos: u32) -> Result<(Vec<bf16>, Vec<f32>, usize), RuntimeError> {
+fn run_routed(
+    gpu: &Gpu,
+    call: RoutedCall,
+    inp: &Inputs,
+    pos: u32,
+) -> Result<(Vec<bf16>, Vec<f32>, usize), RuntimeError> {
     let st = gpu.stream();
     let s = &inp.shape;
     let rows = s.tokens * s.n_heads;
@@ -260,8 +271,15 @@ pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, R
     let mut inp = build(&c, rng);
     let what = poison(&c, &mut inp, rng);
     let s = inp.shape;
-    let want =
-        crate::reference::hga_attend::hga_attend(&inp.q, &inp.pool, &inp.entry_slot, &inp.entry_pos, &inp.n_entries, c.pos as u32, &s);
+    let want = crate::reference::hga_attend::hga_attend(
+        &inp.q,
+        &inp.pool,
+        &inp.entry_slot,
+        &inp.entry_pos,
+        &inp.n_entries,
+        c.pos as u32,
+        &s,
+    );
     let calls: Vec<(String, RoutedCall)> = match c.path {
         RoutedPath::Prefill => vec![("prefill".into(), RoutedCall::PREFILL)],
         RoutedPath::Decode => {
@@ -300,7 +318,13 @@ pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, R
             kc.extend_from_slice(&inp.kd[o..o + ctx * D]);
             vc.extend_from_slice(&inp.vd[o..o + ctx * D]);
         }
-        let ds = AttentionShape { tokens: c.tokens, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, capacity: ctx, start: c.pos };
+        let ds = AttentionShape {
+            tokens: c.tokens,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            capacity: ctx,
+            start: c.pos,
+        };
         let dq = st.clone_htod(&inp.q)?;
         let dk = st.clone_htod(&kc)?;
         let dv = st.clone_htod(&vc)?;
@@ -308,11 +332,26 @@ pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, R
         let mut out = st.clone_htod(&poison_bf16(c.tokens * c.n_heads * D))?;
         let mut lse = st.clone_htod(&vec![f32::NAN; c.tokens * c.n_heads])?;
         let kernel = decode_kernel_auto(gpu)?;
-        hga_attention_decode_kernel(gpu, kernel, MergeKernel::V2, &dq, &dk, &dv, &mut ws, &mut out, &mut lse, &ds, None)?;
+        hga_attention_decode_kernel(
+            gpu,
+            kernel,
+            MergeKernel::V2,
+            &dq,
+            &dk,
+            &dv,
+            &mut ws,
+            &mut out,
+            &mut lse,
+            &ds,
+            None,
+        )?;
         let dense_o = st.clone_dtoh(&out)?;
         let dense_l = st.clone_dtoh(&lse)?;
         gpu.synchronize()?;
-        let dense = (dense_o.iter().map(|x| x.to_f32() as f64).collect::<Vec<_>>(), dense_l.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        let dense = (
+            dense_o.iter().map(|x| x.to_f32() as f64).collect::<Vec<_>>(),
+            dense_l.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        );
         // The routed decode with the dense kernel's split: tiles of 4 entries = the dense kernel's 64-key tiles.
         let (_, tps) = decode_splits(gpu.sm_count(), &ds, DECODE_MAX_SPLITS, kernel.tiles_in_flight());
         let aligned = RoutedCall { tiles_per_split: Some(tps), ..RoutedCall::DECODE };
@@ -370,7 +409,14 @@ pub fn selfcheck_rows(gpu: &Gpu, rng: &mut impl Rng) -> Result<Vec<Outcome>, Run
         RoutedCase { entries: None, spare: 0, pos: 1500, ..base },
         RoutedCase { entries: None, poison: Poison::KSeen, pos: 700, ..base },
         RoutedCase { path: RoutedPath::Prefill, tokens: 64, pos: 1024, entries: Some(29), ..base },
-        RoutedCase { path: RoutedPath::Prefill, tokens: 17, pos: 333, entries: Some(7), poison: Poison::KUnseen, ..base },
+        RoutedCase {
+            path: RoutedPath::Prefill,
+            tokens: 17,
+            pos: 333,
+            entries: Some(7),
+            poison: Poison::KUnseen,
+            ..base
+        },
     ];
     cases.iter().map(|&c| routed(gpu, c, rng)).collect()
 }

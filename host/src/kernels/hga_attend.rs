@@ -76,11 +76,19 @@ pub struct RoutedCall {
 
 impl RoutedCall {
     /// The default decode call (deepest ring, merge v2, default split).
-    pub const DECODE: RoutedCall =
-        RoutedCall { kernel: RoutedKernel::DecodeAuto, merge: MergeKernel::V2, tiles_per_split: None, partials_only: false };
+    pub const DECODE: RoutedCall = RoutedCall {
+        kernel: RoutedKernel::DecodeAuto,
+        merge: MergeKernel::V2,
+        tiles_per_split: None,
+        partials_only: false,
+    };
     /// The default prefill call.
-    pub const PREFILL: RoutedCall =
-        RoutedCall { kernel: RoutedKernel::Prefill, merge: MergeKernel::V2, tiles_per_split: None, partials_only: false };
+    pub const PREFILL: RoutedCall = RoutedCall {
+        kernel: RoutedKernel::Prefill,
+        merge: MergeKernel::V2,
+        tiles_per_split: None,
+        partials_only: false,
+    };
 }
 
 /// CTAs of one split: KV heads x groups of `rows_per_cta` query rows.
@@ -89,13 +97,18 @@ fn base_ctas(s: &RoutedShape, rows_per_cta: usize) -> usize {
     (s.n_kv_heads * (s.tokens * g).div_ceil(rows_per_cta)).max(1)
 }
 
-/// The default split of a routed call: (n_splits, tiles of 4 entries per split). Aims at one CTA per SM (`sms`),
-/// as the dense decode (each CTA's tiles are requested at once while its ring allows), at most `max_splits`
-/// splits, every split non-empty when the list is full. Depends only on the shape: fixed for a given max_entries.
-/// Qwen3-30B decode at 2K tokens per KV head (128 entries, 4 KV heads, 132 SMs): 32 splits of 1 tile, 128 CTAs.
+/// The default split of a routed call: (n_splits, tiles of 4 entries per split). Aims at one decode CTA per SM
+/// (`sms`), as the dense decode (each CTA's tiles are requested at once while its ring allows), or two prefill
+/// CTAs per SM; at most `max_splits` splits, every split non-empty when the list is full. Depends only on the
+/// shape: fixed for a given max_entries. Measured on an H200 (docs/perf-hga.md): Qwen3-30B decode at 2K tokens
+/// per KV head (128 entries, 4 KV heads): 32 splits of 1 tile (128 CTAs) 7.48 us, 16 of 2 tiles 7.39, 8 of 4
+/// tiles 8.66; the 64-token prefill block: 8 splits of 4 tiles (256 CTAs) 26.2 us, 5 of 7 tiles 31.0, 16 of 2
+/// tiles 33.7.
 pub fn routed_splits(sms: usize, s: &RoutedShape, rows_per_cta: usize, max_splits: usize) -> (usize, usize) {
     let tiles = s.max_entries.div_ceil(HGA_ATTEND_ENTRIES_PER_TILE).max(1);
-    let want = sms.max(1).div_ceil(base_ctas(s, rows_per_cta)).clamp(1, tiles.min(max_splits.max(1)));
+    // Prefill CTAs (200 registers, 80 KB) fit two per SM, and two per SM measured fastest (module docs).
+    let per_sm = if rows_per_cta == HGA_ATTEND_PREFILL_ROWS { 2 } else { 1 };
+    let want = (per_sm * sms.max(1)).div_ceil(base_ctas(s, rows_per_cta)).clamp(1, tiles.min(max_splits.max(1)));
     let tps = tiles.div_ceil(want);
     (tiles.div_ceil(tps), tps)
 }
@@ -184,7 +197,10 @@ pub fn hga_attend(
     }
     let (name, smem, rows_per_cta) = call.kernel.entry(gpu.smem_per_block_optin())?;
     if smem > gpu.smem_per_block_optin() {
-        return bad(format!("{name} needs {smem} bytes of shared memory, the device allows {}", gpu.smem_per_block_optin()));
+        return bad(format!(
+            "{name} needs {smem} bytes of shared memory, the device allows {}",
+            gpu.smem_per_block_optin()
+        ));
     }
     let (n_splits, tps) = match call.tiles_per_split {
         None => routed_splits(gpu.sm_count(), s, rows_per_cta, ws.max_splits),
@@ -283,7 +299,7 @@ mod tests {
         assert_eq!(routed_splits(132, &at(1, 4096), 16, 256), (32, 32)); // 64K: one CTA per SM
         assert_eq!(routed_splits(132, &at(1, 1), 16, 256), (1, 1));
         assert_eq!(routed_splits(132, &at(1, 4096), 16, 8), (8, 128)); // the workspace's limit
-        assert_eq!(routed_splits(132, &at(64, 128), 64, 256), (5, 7)); // prefill: 32 CTAs per split
+        assert_eq!(routed_splits(132, &at(64, 128), 64, 256), (8, 4)); // prefill: 32 CTAs per split, 2 per SM
         assert_eq!(RoutedKernel::DecodeAuto.entry(232_448).unwrap().0, "hga_attend_decode_s3");
         assert_eq!(RoutedKernel::DecodeAuto.entry(70_000).unwrap().0, "hga_attend_decode_s2");
         assert!(RoutedKernel::Decode(4).entry(232_448).is_err());

@@ -108,7 +108,18 @@ unsafe fn decode_ring<const S: u32, const W: u32>(p: HgaAttendParams) {
         cp_async_commit();
         if e < e_end && epos <= pmax {
             let st = slot(rd);
-            attend_tile::<2, 1, true, false>(&qf, st, st + TILE, warp * 16, epos, lim, p.scale_log2, &mut m, &mut l, &mut o);
+            attend_tile::<2, 1, true, false>(
+                &qf,
+                st,
+                st + TILE,
+                warp * 16,
+                epos,
+                lim,
+                p.scale_log2,
+                &mut m,
+                &mut l,
+                &mut o,
+            );
         }
         rd = if rd + 1 == S { 0 } else { rd + 1 };
         wr = if wr + 1 == S { 0 } else { wr + 1 };
