@@ -73,6 +73,7 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
         let s = hga::kernels::AttentionShape { tokens, n_heads: 32, n_kv_heads: 4, capacity: start + tokens, start };
         results.push(check::attention::attention(&gpu, path, s, &mut rng)?);
     }
+    results.extend(check::hga_attend::selfcheck_rows(&gpu, &mut rng)?);
     for t in [1, 4, 37] {
         let d = hga::reference::moe::MoeDims::qwen3_30b_a3b(t);
         let path = if t <= 4 { check::moe::MoePath::Decode } else { check::moe::MoePath::Grouped };

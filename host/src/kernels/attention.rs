@@ -45,10 +45,10 @@ pub const DECODE_MAX_SPLITS: usize = 256;
 
 /// Scratch of the split-K decode: partial outputs f32 [max_splits, tokens, n_heads, 128] and LSE.
 pub struct DecodeWorkspace {
-    part_o: CudaSlice<f32>,
-    part_lse: CudaSlice<f32>,
-    rows: usize,
-    max_splits: usize,
+    pub(crate) part_o: CudaSlice<f32>,
+    pub(crate) part_lse: CudaSlice<f32>,
+    pub(crate) rows: usize,
+    pub(crate) max_splits: usize,
 }
 
 impl DecodeWorkspace {
@@ -237,7 +237,7 @@ pub enum MergeKernel {
 }
 
 impl MergeKernel {
-    fn launch_config(self, rows: usize, n_splits: usize) -> (&'static str, LaunchConfig) {
+    pub(crate) fn launch_config(self, rows: usize, n_splits: usize) -> (&'static str, LaunchConfig) {
         match self {
             MergeKernel::V1 => (
                 "hga_attention_merge",
