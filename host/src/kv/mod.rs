@@ -17,8 +17,10 @@ pub mod disk;
 pub mod gpu_cache;
 pub mod memory;
 pub mod pinned;
+pub mod store;
 
 pub use memory::{Extent, ExtentMemory, HeapMemory};
+pub use store::{KvError, KvStore, KvTier};
 
 use gpu_kernels::params::KV_GROUP_BYTES;
 
