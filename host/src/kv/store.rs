@@ -250,7 +250,7 @@ impl KvTier {
 }
 
 /// Target size of a host arena extent.
-pub const HOST_EXTENT_BYTES: usize = 64 << 20;
+pub const HOST_EXTENT_BYTES: usize = 16 << 20;
 
 /// Counters of a store (cumulative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
