@@ -96,9 +96,18 @@ fn check_read(s: &mut KvStore, m: &Model, l: usize, h: usize, groups: &[usize]) 
 #[derive(Clone, Debug)]
 enum Op {
     /// Append `n` tokens to layer `l` (at its end, or `back` positions before it: a rewind).
-    Append { l: usize, n: usize, back: usize, seed: u64 },
+    Append {
+        l: usize,
+        n: usize,
+        back: usize,
+        seed: u64,
+    },
     /// Read a selection of groups (`pick` chooses them) of (l, h).
-    Read { l: usize, h: usize, pick: u64 },
+    Read {
+        l: usize,
+        h: usize,
+        pick: u64,
+    },
     Flush,
 }
 
@@ -250,7 +259,10 @@ fn a_flipped_byte_is_a_checksum_error_naming_file_and_offset() {
         bytes[off as usize + 4321] ^= 0x04;
         std::fs::write(&path, &bytes).unwrap(); // same inode: rewritten in place
         let e = check_read(&mut s, &m, 0, 0, &[good, bad]).unwrap_err();
-        let want = format!("K/V page file {}: checksum mismatch in the page at offset {off} (layer 0, KV head 0, group {bad})", path.display());
+        let want = format!(
+            "K/V page file {}: checksum mismatch in the page at offset {off} (layer 0, KV head 0, group {bad})",
+            path.display()
+        );
         assert!(e.starts_with(&want), "{io}: {e}");
         // The bad page did not become resident; the good one reads back right (again).
         assert!(!disk(&s).is_resident(0, 0, bad));
@@ -271,7 +283,13 @@ fn a_deleted_page_file_is_an_error_and_ram_stays_readable() {
     let path = disk(&s).page_file().to_path_buf();
     std::fs::remove_file(&path).unwrap();
     let e = check_read(&mut s, &m, 0, 0, &out[..1]).unwrap_err();
-    assert_eq!(e, format!("K/V page file {} was deleted or replaced underneath the store (the path no longer exists)", path.display()));
+    assert_eq!(
+        e,
+        format!(
+            "K/V page file {} was deleted or replaced underneath the store (the path no longer exists)",
+            path.display()
+        )
+    );
     check_read(&mut s, &m, 0, 0, &res).unwrap();
     // Writes stop with the same error.
     let e = s.append(0, 12 * GROUP, &[0.5; 16 * 256], &[0.25; 16 * 256]).and_then(|_| s.flush()).unwrap_err();

@@ -102,15 +102,19 @@ impl BlockFormat {
                 }
             }
             Elem::Bf16 => {
+                // bf16 is the top half of an f32: exact iff the low half is zero (NaN and inf included).
+                let mut low = 0u32;
                 for (d, &s) in dst.chunks_exact_mut(2).zip(src) {
-                    let b = half::bf16::from_f32(s);
-                    if b.to_f32().to_bits() != s.to_bits() && !s.is_nan() {
-                        return Err(KvError::Format(format!(
-                            "value {s:e} is not exactly representable in bf16: a bf16 store would round it (use an \
-                             f32 block format for unrounded activations)"
-                        )));
-                    }
-                    d.copy_from_slice(&b.to_bits().to_le_bytes());
+                    let b = s.to_bits();
+                    low |= b & 0xFFFF;
+                    d.copy_from_slice(&((b >> 16) as u16).to_le_bytes());
+                }
+                if low != 0 {
+                    let s = src.iter().find(|s| s.to_bits() & 0xFFFF != 0).copied().unwrap_or_default();
+                    return Err(KvError::Format(format!(
+                        "value {s:e} is not exactly representable in bf16: a bf16 store would round it (use an \
+                         f32 block format for unrounded activations)"
+                    )));
                 }
             }
         }
@@ -127,7 +131,7 @@ impl BlockFormat {
             }
             Elem::Bf16 => {
                 for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = half::bf16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
+                    *d = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
                 }
             }
         }

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::arena::{check_read, check_rows, BlockFormat, Elem, GROUP};
-use super::store::{IoMode, KvError, KvStats};
+use super::store::{BlockSink, IoMode, KvError, KvStats};
 use super::{Extent, ExtentMemory};
 
 /// Alignment of pages (offsets, lengths and buffers) for O_DIRECT.
@@ -144,7 +144,9 @@ impl PageFile {
         let (file, direct) = match open(if direct { libc::O_DIRECT } else { 0 }) {
             Ok(f) => (f, direct),
             // File systems without O_DIRECT refuse it with EINVAL: buffered I/O there.
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(|e| open_err(dir, &name, e))?, false),
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                (open(0).map_err(|e| open_err(dir, &name, e))?, false)
+            }
             Err(e) => return Err(open_err(dir, &name, e)),
         };
         let m = file.metadata().map_err(|e| derr(format!("cannot stat the new page file {name}: {e}")))?;
@@ -201,7 +203,7 @@ unsafe impl Send for Run {}
 unsafe impl Sync for Run {}
 
 enum Engine {
-    Uring { ring: io_uring::IoUring, depth: u32 },
+    Uring { ring: Box<io_uring::IoUring>, depth: u32 },
     Pool(rayon::ThreadPool),
 }
 
@@ -248,10 +250,9 @@ impl Engine {
     fn new(io: IoMode, threads: usize, depth: u32) -> Result<Self, KvError> {
         match io {
             IoMode::Uring => {
-                let ring = io_uring::IoUring::new(depth.max(1)).map_err(|e| {
-                    KvError::Io(format!("io_uring is not available here ({e}): use --kv-io pread"))
-                })?;
-                Ok(Engine::Uring { ring, depth: depth.max(1) })
+                let ring = io_uring::IoUring::new(depth.max(1))
+                    .map_err(|e| KvError::Io(format!("io_uring is not available here ({e}): use --kv-io pread")))?;
+                Ok(Engine::Uring { ring: Box::new(ring), depth: depth.max(1) })
             }
             IoMode::Pread => rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))
@@ -410,9 +411,10 @@ impl<M: ExtentMemory> Slots<M> {
         let n = self.per_extent.min(self.max - self.count());
         // Extents are always `per_extent` slots long so that `ptr` stays arithmetic; only `n` are used.
         let bytes = self.per_extent * self.page_bytes;
-        let mut e = self.mem.alloc(bytes).map_err(|e| {
-            KvError::Alloc(format!("K/V RAM cache: {bytes} bytes of {} memory: {e}", self.mem.name()))
-        })?;
+        let mut e = self
+            .mem
+            .alloc(bytes)
+            .map_err(|e| KvError::Alloc(format!("K/V RAM cache: {bytes} bytes of {} memory: {e}", self.mem.name())))?;
         self.bases.push(e.as_mut_slice().as_mut_ptr() as usize);
         self.extents.push(e);
         let first = self.count();
@@ -444,13 +446,7 @@ pub struct DiskStore<M: ExtentMemory> {
 
 impl<M: ExtentMemory> DiskStore<M> {
     /// Creates the page file in `cfg.dir` and an empty RAM cache of `cfg.cache_bytes`.
-    pub fn open(
-        mem: M,
-        layers: usize,
-        kv_heads: usize,
-        format: BlockFormat,
-        cfg: DiskConfig,
-    ) -> Result<Self, KvError> {
+    pub fn open(mem: M, layers: usize, kv_heads: usize, format: BlockFormat, cfg: DiskConfig) -> Result<Self, KvError> {
         if layers == 0 || kv_heads == 0 || format.head_dim == 0 {
             return Err(KvError::Usage(format!(
                 "disk tier: layers ({layers}), kv_heads ({kv_heads}) and head_dim ({}) must be > 0",
@@ -795,7 +791,15 @@ impl<M: ExtentMemory> DiskStore<M> {
             let expected = self.table[p].crc;
             if found != expected {
                 let (layer, kv_head, group) = self.coords(p);
-                return Err(KvError::Corrupt { file: file(), offset: r.offset, layer, kv_head, group, found, expected });
+                return Err(KvError::Corrupt {
+                    file: file(),
+                    offset: r.offset,
+                    layer,
+                    kv_head,
+                    group,
+                    found,
+                    expected,
+                });
             }
         }
         self.stats.bytes_read += (batch.len() * pb) as u64;
@@ -813,20 +817,39 @@ impl<M: ExtentMemory> DiskStore<M> {
         f: &mut dyn FnMut(usize, &[u8]),
     ) -> Result<(u64, u64), KvError> {
         check_read(layer, kv_head, groups, self.layers, self.kv_heads, self.lens.get(layer).copied())?;
+        let sel: Vec<(usize, usize, usize)> = groups.iter().map(|&g| (layer, kv_head, g)).collect();
+        self.read_unchecked(&sel, &mut |_, _, g, b| f(g, b))
+    }
+
+    /// [`Self::read_groups`] over a whole selection `(layer, kv_head, group)` (distinct), e.g. a decode step's
+    /// groups of every layer and KV head: its misses go to disk in as few batches as the cache allows.
+    /// `f(layer, kv_head, group, block)`.
+    pub fn read_selection(
+        &mut self,
+        sel: &[(usize, usize, usize)],
+        f: &mut BlockSink<'_>,
+    ) -> Result<(u64, u64), KvError> {
+        for &(l, h, g) in sel {
+            check_read(l, h, &[g], self.layers, self.kv_heads, self.lens.get(l).copied())?;
+        }
+        self.read_unchecked(sel, f)
+    }
+
+    fn read_unchecked(&mut self, sel: &[(usize, usize, usize)], f: &mut BlockSink<'_>) -> Result<(u64, u64), KvError> {
         let bb = self.format.block_bytes();
         let mut misses = Vec::new();
-        for &g in groups {
-            let p = self.index(layer, kv_head, g);
+        for &(l, h, g) in sel {
+            let p = self.index(l, h, g);
             let s = self.table[p].slot;
             if s != NONE {
                 self.slots.refbit[s as usize] = true;
-                f(g, &self.slots.bytes(s)[..bb]);
+                f(l, h, g, &self.slots.bytes(s)[..bb]);
             } else {
                 debug_assert_eq!(self.table[p].state, State::Clean);
-                misses.push((g, p));
+                misses.push(p);
             }
         }
-        let hits = (groups.len() - misses.len()) as u64;
+        let hits = (sel.len() - misses.len()) as u64;
         self.stats.hits += hits;
         let mut i = 0;
         while i < misses.len() {
@@ -835,7 +858,7 @@ impl<M: ExtentMemory> DiskStore<M> {
                 match self.alloc_slot() {
                     Ok(s) => {
                         self.slots.busy[s as usize] = true;
-                        round.push((misses[i].1, s));
+                        round.push((misses[i], s));
                         i += 1;
                     }
                     Err(e) if round.is_empty() => return Err(e),
@@ -855,9 +878,9 @@ impl<M: ExtentMemory> DiskStore<M> {
             }
             r?;
             self.stats.misses += round.len() as u64;
-            let first = i - round.len();
-            for (&(g, _), &(_, s)) in misses[first..i].iter().zip(&round) {
-                f(g, &self.slots.bytes(s)[..bb]);
+            for &(p, s) in &round {
+                let (l, h, g) = self.coords(p);
+                f(l, h, g, &self.slots.bytes(s)[..bb]);
             }
         }
         Ok((hits, misses.len() as u64))
@@ -865,10 +888,44 @@ impl<M: ExtentMemory> DiskStore<M> {
 
     /// The page table as bytes ([`PageTable`]): the pages on disk with their crc32c.
     pub fn page_table(&self) -> Vec<u8> {
-        let entries: Vec<Option<u32>> =
-            self.table.iter().map(|p| (p.state == State::Clean).then_some(p.crc)).collect();
+        let entries: Vec<Option<u32>> = self.table.iter().map(|p| (p.state == State::Clean).then_some(p.crc)).collect();
         PageTable { layers: self.layers, kv_heads: self.kv_heads, format: self.format, entries }.encode()
     }
+}
+
+/// The anchor of `benches/kv`: raw O_DIRECT reads of `len` bytes at each of `offsets` of `path` (a fresh
+/// descriptor, no cache, no checksum) through `io` with `threads` / `depth` as the disk tier uses them, all in one
+/// batch; returns the seconds taken.
+pub fn raw_reads(
+    path: &Path,
+    offsets: &[u64],
+    len: usize,
+    io: IoMode,
+    threads: usize,
+    depth: u32,
+) -> Result<f64, KvError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| KvError::Io(format!("opening {} with O_DIRECT: {e}", path.display())))?;
+    let mut engine = Engine::new(io, threads, depth)?;
+    let mut buf =
+        super::HeapMemory.alloc(offsets.len() * len).map_err(|e| KvError::Alloc(format!("bench buffers: {e}")))?;
+    let base = buf.as_mut_slice().as_mut_ptr() as usize;
+    let reqs: Vec<Req> =
+        offsets.iter().enumerate().map(|(i, &o)| Req { offset: o, ptr: base + i * len, len }).collect();
+    let t = std::time::Instant::now();
+    let res = engine.read(file.as_raw_fd(), &reqs);
+    let secs = t.elapsed().as_secs_f64();
+    for (r, out) in reqs.iter().zip(res) {
+        match out {
+            Ok(n) if n == len => {}
+            Ok(n) => return Err(KvError::Truncated { file: path.into(), offset: r.offset, want: len, got: n }),
+            Err(e) => return Err(KvError::Read { file: path.into(), offset: r.offset, len, msg: e.to_string() }),
+        }
+    }
+    Ok(secs)
 }
 
 /// A serialized page table: `HGAKVPT1`, then u32 little endian `layers`, `kv_heads`, `head_dim`, `elem` (0 bf16,
@@ -931,11 +988,13 @@ impl PageTable {
         };
         let format = BlockFormat { head_dim, elem };
         if pb != page_bytes(&format) {
-            return bad(format!("page size {pb} does not match the format (head_dim {head_dim}, {elem:?}: {})",
-                page_bytes(&format)));
+            return bad(format!(
+                "page size {pb} does not match the format (head_dim {head_dim}, {elem:?}: {})",
+                page_bytes(&format)
+            ));
         }
         let body = b.len() - TABLE_HEADER;
-        if body % 8 != 0 || pages != (body / 8) as u64 {
+        if !body.is_multiple_of(8) || pages != (body / 8) as u64 {
             return bad(format!("{pages} pages announced, {body} bytes of entries (8 per page) follow"));
         }
         if !(pages as usize).is_multiple_of(layers * kv_heads) {

@@ -37,7 +37,9 @@ pub enum KvError {
     #[error("reading K/V page file {file} at offset {offset} ({len} bytes): {msg}")]
     Read { file: PathBuf, offset: u64, len: usize, msg: String },
     /// The page file ends before a page the page table says was written.
-    #[error("K/V page file {file} is truncated: the page at offset {offset} needs {want} bytes, only {got} could be read")]
+    #[error(
+        "K/V page file {file} is truncated: the page at offset {offset} needs {want} bytes, only {got} could be read"
+    )]
     Truncated { file: PathBuf, offset: u64, want: usize, got: usize },
     /// A page's crc32c differs from the page table's.
     #[error(
@@ -181,10 +183,9 @@ impl KvTier {
             TierKind::Disk if self.dir.is_none() => {
                 Err(KvError::Usage("--kv-tier disk needs --kv-dir DIR (where the page files go)".into()))
             }
-            TierKind::Plain | TierKind::Host if self.dir.is_some() => Err(KvError::Usage(format!(
-                "--kv-dir is only used by --kv-tier disk (the tier is {})",
-                self.kind
-            ))),
+            TierKind::Plain | TierKind::Host if self.dir.is_some() => {
+                Err(KvError::Usage(format!("--kv-dir is only used by --kv-tier disk (the tier is {})", self.kind)))
+            }
             TierKind::Plain if self.host_limit.is_some() => {
                 Err(KvError::Usage("--host-kv-limit needs --kv-tier host or disk".into()))
             }
@@ -243,7 +244,7 @@ impl KvTier {
                     io: self.io,
                     ..DiskConfig::default()
                 };
-                Some(KvStore::Disk(DiskStore::open(mem, layers, kv_heads, format, cfg)?))
+                Some(KvStore::Disk(Box::new(DiskStore::open(mem, layers, kv_heads, format, cfg)?)))
             }
         })
     }
@@ -251,6 +252,9 @@ impl KvTier {
 
 /// Target size of a host arena extent.
 pub const HOST_EXTENT_BYTES: usize = 16 << 20;
+
+/// What a selection read hands each block to: `f(layer, kv_head, group, block)`.
+pub type BlockSink<'a> = dyn FnMut(usize, usize, usize, &[u8]) + 'a;
 
 /// Counters of a store (cumulative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,7 +279,7 @@ pub struct KvStats {
 /// An open store (see the module docs).
 pub enum KvStore<M: ExtentMemory = HeapMemory> {
     Host { arena: Arena<M>, limit: Option<u64> },
-    Disk(DiskStore<M>),
+    Disk(Box<DiskStore<M>>),
 }
 
 impl<M: ExtentMemory> KvStore<M> {
@@ -349,6 +353,24 @@ impl<M: ExtentMemory> KvStore<M> {
                 Ok((groups.len() as u64, 0))
             }
             KvStore::Disk(d) => d.read_groups(layer, kv_head, groups, f),
+        }
+    }
+
+    /// [`Self::read_groups`] over a selection `(layer, kv_head, group)` of several layers and heads (distinct):
+    /// the disk tier reads its misses in as few batches as its cache allows. `f(layer, kv_head, group, block)`.
+    pub fn read_selection(
+        &mut self,
+        sel: &[(usize, usize, usize)],
+        f: &mut BlockSink<'_>,
+    ) -> Result<(u64, u64), KvError> {
+        match self {
+            KvStore::Host { arena, .. } => {
+                for &(l, h, g) in sel {
+                    arena.read_groups(l, h, &[g], &mut |g, b| f(l, h, g, b))?;
+                }
+                Ok((sel.len() as u64, 0))
+            }
+            KvStore::Disk(d) => d.read_selection(sel, f),
         }
     }
 
