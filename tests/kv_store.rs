@@ -108,6 +108,10 @@ enum Op {
         h: usize,
         pick: u64,
     },
+    /// Read a selection over both layers and heads in one call (`pick` chooses the groups).
+    ReadSel {
+        pick: u64,
+    },
     Flush,
 }
 
@@ -116,6 +120,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..2usize, 1..40usize, prop_oneof![6 => Just(0usize), 1 => 1..20usize], any::<u64>())
             .prop_map(|(l, n, back, seed)| Op::Append { l, n, back, seed }),
         5 => (0..2usize, 0..2usize, any::<u64>()).prop_map(|(l, h, pick)| Op::Read { l, h, pick }),
+        2 => any::<u64>().prop_map(|pick| Op::ReadSel { pick }),
         1 => Just(Op::Flush),
     ]
 }
@@ -142,6 +147,48 @@ fn run_ops(store: &mut KvStore, elem: Elem, ops: &[Op], is_disk: bool) -> Result
                 let (a, b) = check_read(store, &m, l, h, &groups)?;
                 hits += a;
                 misses += b;
+            }
+            Op::ReadSel { pick } => {
+                let mut sel = Vec::new();
+                for l in 0..2 {
+                    for h in 0..heads {
+                        let n = m.len(l).div_ceil(GROUP);
+                        sel.extend(
+                            (0..n).filter(|g| (pick >> ((g + 7 * l + 13 * h) % 64)) & 1 == 1).map(|g| (l, h, g)),
+                        );
+                    }
+                }
+                let mut got = Vec::new();
+                let mut bad = None;
+                let f = store.format();
+                let (hi, mi) = store
+                    .read_selection(&sel, &mut |l, h, g, blk| {
+                        got.push((l, h, g));
+                        let n = m.len(l);
+                        let mut row = vec![0f32; d];
+                        for r in 0..GROUP.min(n - g * GROUP) {
+                            let o = (g * GROUP + r) * heads * d + h * d;
+                            f.decode_row(&blk[f.v_row(r)], &mut row);
+                            if row.iter().zip(&m.v[l][o..o + d]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                                bad = Some(format!("selection: layer {l} head {h} group {g} row {r} differs"));
+                            }
+                            f.decode_row(&blk[f.k_row(r)], &mut row);
+                            if row.iter().zip(&m.k[l][o..o + d]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                                bad = Some(format!("selection: layer {l} head {h} group {g} row {r} differs"));
+                            }
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                if let Some(b) = bad {
+                    return Err(b);
+                }
+                got.sort_unstable();
+                sel.sort_unstable();
+                if got != sel || hi + mi != sel.len() as u64 {
+                    return Err(format!("selection read {} blocks ({hi} + {mi}) of {}", got.len(), sel.len()));
+                }
+                hits += hi;
+                misses += mi;
             }
             Op::Flush => store.flush().map_err(|e| e.to_string())?,
         }
