@@ -27,7 +27,12 @@
 //! stall a step and invalidate every device pointer). One contiguous block per (layer, KV head, group): a gather
 //! moves whole 8 KB blocks, the unit the GPU cache and the disk tier also move. Extents of every (layer, KV head)
 //! rather than one per (layer, KV head): a few large allocations (pinned allocations are slow and the GPU needs a
-//! short table of pointers). Measured numbers: docs/perf-kv.md ("Host arena").
+//! short table of pointers).
+//!
+//! ## Measured
+//! Appends of the Qwen3-30B-A3B shape into heap extents, on the 2-core build machine (docs/perf-kv.md, "Host arena",
+//! 2026-12-03): 12.7K tokens/s (1.24 GB/s) one token at a time over 48 layers, 16.7K tokens/s (1.64 GB/s) in
+//! prefill calls of 1024 tokens, first touch of fresh extents included.
 use gpu_kernels::params::{HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES};
 
 use super::store::KvError;

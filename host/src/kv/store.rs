@@ -6,6 +6,11 @@
 //!   rather than swapping).
 //! - `disk`: the [`DiskStore`]: a RAM cache of `--host-kv-limit` bytes over page files in `--kv-dir`.
 //!
+//! Bytes per token (Qwen3-30B-A3B, 48 layers x 4 KV heads x 128): `plain` keeps f32 rows (192 KB on the CPU);
+//! `host` 96 KB of bf16 group blocks in RAM (f32 blocks, 192 KB, for the CPU forward's unrounded modes); `disk` the
+//! same on disk, with `--host-kv-limit` of RAM and 12 bytes per page of page table. Measured numbers:
+//! docs/perf-kv.md.
+//!
 //! Every tier stores what it is given bit for bit, so the logits of the CPU forward are bit-identical with every
 //! tier (tests/kv_forward.rs). Reads name groups of one (layer, KV head); `hits + misses` counts them all.
 use std::path::PathBuf;
@@ -193,7 +198,7 @@ impl KvTier {
         }
     }
 
-    /// One line for logs, e.g. `disk (dir /tmp/kv, RAM cache 64.0 MiB, io uring)`.
+    /// One line for logs, e.g. `disk (dir kv-pages, RAM cache 64.0 MiB, io uring)`.
     pub fn describe(&self) -> String {
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
         match self.kind {
