@@ -358,6 +358,7 @@ fn uring_run(ring: &mut io_uring::IoUring, depth: u32, ops: &[io_uring::squeue::
                 *r = Err(std::io::Error::new(e.kind(), format!("io_uring submit: {e}")));
             }
             let _ = ring.submit_and_wait(inflight);
+            ring.completion().for_each(drop); // nothing of this batch may be seen by the next one
             return res;
         }
         for cqe in ring.completion() {
