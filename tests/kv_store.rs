@@ -433,8 +433,11 @@ fn a_read_only_directory_is_an_error() {
     // Root ignores permission bits: a read-only tmpfs then; otherwise a directory without write permission.
     if is_root() {
         let Some(m) = tmpfs("ro", "1m") else { return };
-        let st = Command::new("mount").args(["-o", "remount,ro"]).arg(&m.0).status().unwrap();
-        assert!(st.success(), "remount read-only");
+        let st = Command::new("mount").args(["-o", "remount,ro"]).arg(&m.0).status();
+        if !st.is_ok_and(|s| s.success()) {
+            eprintln!("SKIP read-only directory: cannot remount the tmpfs read-only");
+            return;
+        }
         dir = m.0.clone();
         _mount = Some(m);
     } else {

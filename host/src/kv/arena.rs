@@ -277,6 +277,20 @@ impl<M: ExtentMemory> Arena<M> {
         &mut self.extents[e].as_mut_slice()[off..off + b]
     }
 
+    /// Records that positions `..len` of `layer` are stored, for a writer that fills the blocks itself (a GPU
+    /// writing the mapped extents, or [`Self::block_mut`]); the groups must be allocated ([`Self::reserve_groups`]).
+    pub fn set_len(&mut self, layer: usize, len: usize) -> Result<(), KvError> {
+        if layer >= self.layout.layers || len.div_ceil(GROUP) > self.capacity_groups() {
+            return Err(KvError::Usage(format!(
+                "set_len({layer}, {len}): the arena has {} layers and room for {} positions",
+                self.layout.layers,
+                self.capacity_groups() * GROUP
+            )));
+        }
+        self.lens[layer] = len;
+        Ok(())
+    }
+
     /// Writes the K/V rows of positions `pos0..pos0 + t` of `layer` (`k`, `v`: `[t, kv_heads * head_dim]`), each in
     /// place at its row of its group; the layer's length becomes `pos0 + t`. `pos0` must not be past the length
     /// (no holes; a smaller `pos0` rewrites).
@@ -397,5 +411,10 @@ mod tests {
         let e = a.read_groups(1, 0, &[5], &mut |_, _| {}).unwrap_err().to_string();
         assert!(e.contains("only 70 positions"), "{e}");
         assert!(a.append(0, 3, &rows(1, 0.0), &rows(1, 0.0)).is_err(), "a hole");
+        // A writer that fills blocks itself (a GPU) records the length; beyond the allocated extents is refused.
+        a.block_mut(0, 1, 0)[f.k_row(0)].copy_from_slice(&[0u8; 16]);
+        a.set_len(0, 96).unwrap();
+        assert_eq!(a.len(0), 96);
+        assert!(a.set_len(0, 97).unwrap_err().to_string().contains("room for 96 positions"));
     }
 }

@@ -560,6 +560,19 @@ impl<M: ExtentMemory> DiskStore<M> {
         self.table.get(self.index(layer, kv_head, group)).is_some_and(|p| p.slot != NONE)
     }
 
+    /// The device address of a resident group's block when the RAM cache is mapped for the GPU (e.g. after
+    /// [`Self::read_selection`] made a step's groups resident, for a gather from pinned memory); `None` if the group
+    /// is not in RAM or the memory is not mapped.
+    pub fn block_device_ptr(&self, layer: usize, kv_head: usize, group: usize) -> Option<u64> {
+        let s = self.table.get(self.index(layer, kv_head, group))?.slot;
+        if s == NONE {
+            return None;
+        }
+        let s = s as usize;
+        let e = &self.slots.extents[s / self.slots.per_extent];
+        e.device_ptr().map(|d| d + ((s % self.slots.per_extent) * self.page_bytes) as u64)
+    }
+
     pub fn stats(&self) -> KvStats {
         KvStats { resident_bytes: (self.slots.count() * self.page_bytes) as u64, ..self.stats }
     }
