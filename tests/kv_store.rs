@@ -474,5 +474,8 @@ fn reads_bigger_than_the_cache_go_in_rounds() {
         }
     }
     assert!(s.stats().misses >= 24, "{:?}", s.stats());
+    let (out, _) = evicted_and_resident(&s, 12);
+    let e = s.read_selection(&[(0, 0, out[0]), (0, 0, out[0])], &mut |_, _, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("is selected twice"), "{e}");
     let _ = DiskConfig::default();
 }

@@ -415,9 +415,10 @@ impl<M: ExtentMemory> Slots<M> {
         if self.count() >= self.max {
             return Ok(false);
         }
+        // Every extent but the last holds `per_extent` slots (so that `ptr` stays arithmetic); the last one what is
+        // left of `max`, so the cache never holds more than its limit.
         let n = self.per_extent.min(self.max - self.count());
-        // Extents are always `per_extent` slots long so that `ptr` stays arithmetic; only `n` are used.
-        let bytes = self.per_extent * self.page_bytes;
+        let bytes = n * self.page_bytes;
         let mut e = self
             .mem
             .alloc(bytes)
@@ -479,7 +480,7 @@ impl<M: ExtentMemory> DiskStore<M> {
             mem,
             extents: Vec::new(),
             bases: Vec::new(),
-            per_extent: cfg.slots_per_extent.max(1),
+            per_extent: cfg.slots_per_extent.clamp(1, max),
             page_bytes,
             max,
             owner: Vec::new(),
@@ -868,6 +869,12 @@ impl<M: ExtentMemory> DiskStore<M> {
                 debug_assert_eq!(self.table[p].state, State::Clean);
                 misses.push(p);
             }
+        }
+        let mut sorted = misses.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            let (l, h, g) = self.coords(w[0]);
+            return Err(KvError::Usage(format!("read: group {g} of layer {l} KV head {h} is selected twice")));
         }
         let hits = (sel.len() - misses.len()) as u64;
         self.stats.hits += hits;
