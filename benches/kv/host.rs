@@ -180,6 +180,9 @@ pub fn run() {
     let mut results = Vec::new();
     for (io, store) in stores.iter_mut() {
         let path = store.page_file().to_path_buf();
+        if store.io_mode() != *io {
+            println!("  ({io} is not available here: the store runs {}, so the row is not {io})", store.io_mode());
+        }
         let (mut st_gbs, mut raw_gbs, mut miss) = (Vec::new(), Vec::new(), Vec::new());
         for (i, sel) in sels.iter().enumerate() {
             // The misses of this step (the anchor reads exactly these pages).

@@ -257,7 +257,7 @@ impl Engine {
         match io {
             IoMode::Uring => {
                 let ring = io_uring::IoUring::new(depth.max(1))
-                    .map_err(|e| KvError::Io(format!("io_uring is not available here ({e}): use --kv-io pread")))?;
+                    .map_err(|e| KvError::Io(format!("io_uring is not available here ({e})")))?;
                 Ok(Engine::Uring { ring: Box::new(ring), depth: depth.max(1) })
             }
             IoMode::Pread => rayon::ThreadPoolBuilder::new()
@@ -475,7 +475,15 @@ impl<M: ExtentMemory> DiskStore<M> {
             )));
         }
         let file = PageFile::create(&cfg.dir, cfg.direct)?;
-        let engine = Engine::new(cfg.io, cfg.threads, cfg.queue_depth)?;
+        // Where io_uring is refused (old kernels, container seccomp profiles), the pread pool serves, said loudly.
+        let (engine, io) = match Engine::new(cfg.io, cfg.threads, cfg.queue_depth) {
+            Ok(e) => (e, cfg.io),
+            Err(e) if cfg.io == IoMode::Uring => {
+                eprintln!("warning: {e}; the K/V disk tier uses the pread pool instead");
+                (Engine::new(IoMode::Pread, cfg.threads, cfg.queue_depth)?, IoMode::Pread)
+            }
+            Err(e) => return Err(e),
+        };
         let slots = Slots {
             mem,
             extents: Vec::new(),
@@ -502,7 +510,7 @@ impl<M: ExtentMemory> DiskStore<M> {
             dirty: Vec::new(),
             batch: ((max - open_groups) / 2).max(1),
             stats: KvStats::default(),
-            io: cfg.io,
+            io,
         })
     }
 
@@ -542,6 +550,7 @@ impl<M: ExtentMemory> DiskStore<M> {
         self.file.direct
     }
 
+    /// The io mode in use (the pread pool where io_uring was asked for but is not available).
     pub fn io_mode(&self) -> IoMode {
         self.io
     }
@@ -936,7 +945,7 @@ pub fn raw_reads(
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .map_err(|e| KvError::Io(format!("opening {} with O_DIRECT: {e}", path.display())))?;
-    let mut engine = Engine::new(io, threads, depth)?;
+    let mut engine = Engine::new(io, threads, depth).or_else(|_| Engine::new(IoMode::Pread, threads, depth))?;
     let mut buf =
         super::HeapMemory.alloc(offsets.len() * len).map_err(|e| KvError::Alloc(format!("bench buffers: {e}")))?;
     let base = buf.as_mut_slice().as_mut_ptr() as usize;
