@@ -389,16 +389,16 @@ impl<M: ExtentMemory> KvStore<M> {
             check_read(layer, 0, &[n.div_ceil(GROUP)], self.layers(), heads, Some(self.len(layer)))?;
         }
         let (mut k, mut v) = (vec![0f32; n * w], vec![0f32; n * w]);
-        let groups: Vec<usize> = (0..n.div_ceil(GROUP)).collect();
-        for h in 0..heads {
-            self.read_groups(layer, h, &groups, &mut |g, blk| {
-                for r in 0..GROUP.min(n - g * GROUP) {
-                    let o = (g * GROUP + r) * w + h * d;
-                    f.decode_row(&blk[f.k_row(r)], &mut k[o..o + d]);
-                    f.decode_row(&blk[f.v_row(r)], &mut v[o..o + d]);
-                }
-            })?;
-        }
+        // One selection over every KV head: the disk tier reads the layer's misses in one batch.
+        let sel: Vec<(usize, usize, usize)> =
+            (0..heads).flat_map(|h| (0..n.div_ceil(GROUP)).map(move |g| (layer, h, g))).collect();
+        self.read_selection(&sel, &mut |_, h, g, blk| {
+            for r in 0..GROUP.min(n - g * GROUP) {
+                let o = (g * GROUP + r) * w + h * d;
+                f.decode_row(&blk[f.k_row(r)], &mut k[o..o + d]);
+                f.decode_row(&blk[f.v_row(r)], &mut v[o..o + d]);
+            }
+        })?;
         Ok((k, v))
     }
 
