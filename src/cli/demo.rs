@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use super::eval::{EvalArgs, GroupScoreArg, HgaOpts, Policy, Summary};
+use super::eval::{EvalArgs, GroupScoreArg, HgaOpts, KvOpts, Policy, Summary};
 
 /// Where the trained fixture is committed.
 pub const FIXTURE_DIR: &str = "fixtures/qwen3-moe-bytes";
@@ -19,6 +19,8 @@ pub struct DemoArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
+    #[command(flatten)]
+    pub kv: KvOpts,
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -71,5 +73,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             dense_layers: vec![0],
             query_block: 64,
         },
+        kv: a.kv,
     })
 }

@@ -6,10 +6,39 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use hga::hga::eval::{eval_window, EvalRow};
 use hga::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
+use hga::kv::store::{parse_size, IoMode, TierKind};
+use hga::kv::KvTier;
 use hga::model::checkpoint::Checkpoint;
 use hga::model::forward::{ActivationMode, CpuModel};
 use hga::model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// Where the CPU forward keeps its K/V history (hga_host::kv). Every tier gives bit-identical logits.
+#[derive(Args, Clone, Debug, Default)]
+pub struct KvOpts {
+    /// K/V tier of the CPU forward: plain (vectors in RAM), host (the host arena of group blocks) or disk (a RAM
+    /// cache of --host-kv-limit bytes over page files in --kv-dir).
+    #[arg(long, value_name = "TIER", default_value = "plain")]
+    pub kv_tier: TierKind,
+    /// Directory of the disk tier's page files (each run creates its own file there and removes it).
+    #[arg(long, value_name = "DIR")]
+    pub kv_dir: Option<PathBuf>,
+    /// Host RAM for K/V: the disk tier's RAM cache (default 1G) or a cap of the host tier, e.g. 64M, 2G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub host_kv_limit: Option<u64>,
+    /// How the disk tier reads its pages: uring (io_uring) or pread (a thread pool).
+    #[arg(long, value_name = "IO", default_value = "uring")]
+    pub kv_io: IoMode,
+}
+
+impl KvOpts {
+    /// The tier, checked (a disk tier needs --kv-dir, ...).
+    pub fn tier(&self) -> anyhow::Result<KvTier> {
+        let t = KvTier { kind: self.kv_tier, dir: self.kv_dir.clone(), host_limit: self.host_kv_limit, io: self.kv_io };
+        t.validate()?;
+        Ok(t)
+    }
+}
 
 /// Attention policies to compare with dense (dense is always run: it is the reference).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -194,6 +223,8 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub hga: HgaOpts,
+    #[command(flatten)]
+    pub kv: KvOpts,
 }
 
 pub fn selectors(p: &[Policy]) -> Vec<Selector> {
@@ -211,7 +242,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let params = a.hga.params(&selectors(&a.attention))?;
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tok = Tokenizer::from_model_dir(&a.model).context("hga eval reads text: the model needs tokenizer.json")?;
-    let mut model = CpuModel::load(&ckpt, a.activations)?;
+    let mut model = CpuModel::load(&ckpt, a.activations)?.with_kv_tier(a.kv.tier()?)?;
+    if model.kv_tier().kind != TierKind::Plain {
+        eprintln!("K/V tier: {}", model.kv_tier().describe());
+    }
     let mut windows = Vec::new();
     for f in &a.text {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;

@@ -64,9 +64,16 @@ pub struct LogitsArgs {
     /// Output file (safetensors).
     #[arg(long, value_name = "FILE.safetensors")]
     pub out: PathBuf,
+    /// Where the CPU forward keeps its K/V history (--backend cpu).
+    #[command(flatten)]
+    pub kv: super::eval::KvOpts,
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
+    let tier = args.kv.tier()?;
+    if args.backend == Backend::Cuda && tier.kind != hga::kv::store::TierKind::Plain {
+        bail!("--kv-tier applies to --backend cpu (the CUDA forward keeps its K/V on the GPU)");
+    }
     if args.backend == Backend::Cuda && args.activations == Activations::F32 {
         bail!("--backend cuda computes FP8 activations (the FP8 kernels): pass --activations fp8 (or fp8-bf16)");
     }
@@ -117,7 +124,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let model = CpuModel::load(&ckpt, mode)?;
+    let model = CpuModel::load(&ckpt, mode)?.with_kv_tier(tier)?;
     drop(ckpt);
     let t_load = t0.elapsed();
     let t1 = Instant::now();
@@ -132,6 +139,9 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         model.prefill(&tokens, &mut cache)?.data
     };
     let t_fwd = t1.elapsed();
+    if let Some(r) = cache.kv_report() {
+        eprintln!("{r}");
+    }
     write_logits(&args, &tokens, &tokenizer, vocab, data, mode, "cpu", t_load, t_fwd)
 }
 

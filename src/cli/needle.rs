@@ -10,7 +10,7 @@ use hga::model::forward::{ActivationMode, CpuModel, DenseAttention};
 use hga::model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::eval::{selectors, HgaOpts, Policy};
+use super::eval::{selectors, HgaOpts, KvOpts, Policy};
 
 /// Needle-in-a-haystack retrieval of dense attention and HGA at several depths and contexts.
 #[derive(Args, Debug)]
@@ -49,6 +49,8 @@ pub struct NeedleArgs {
     pub json: bool,
     #[command(flatten)]
     pub hga: HgaOpts,
+    #[command(flatten)]
+    pub kv: KvOpts,
 }
 
 /// A deterministic key (6 of a-z) and value (8 of A-Z0-9) from a seed (SplitMix64).
@@ -89,7 +91,10 @@ pub fn run(a: NeedleArgs) -> anyhow::Result<()> {
     if filler.is_empty() {
         bail!("{} has no tokens", a.filler.display());
     }
-    let mut model = CpuModel::load(&ckpt, a.activations)?;
+    let mut model = CpuModel::load(&ckpt, a.activations)?.with_kv_tier(a.kv.tier()?)?;
+    if model.kv_tier().kind != hga::kv::store::TierKind::Plain {
+        eprintln!("K/V tier: {}", model.kv_tier().describe());
+    }
     let mut policies: Vec<(String, Option<hga::hga::HgaParams>)> = vec![("dense".into(), None)];
     policies.extend(params.into_iter().map(|p| (format!("{:?} {}@{:?}", p.selector, p.label(), p.budget), Some(p))));
     let total = a.context.len() * a.depths.len() * a.trials * policies.len();

@@ -17,10 +17,12 @@ pub mod disk;
 pub mod gpu_cache;
 pub mod memory;
 pub mod pinned;
+pub mod store;
 
 pub use gpu_cache::{ArenaTable, GpuCache, GpuCacheConfig};
 pub use memory::{Extent, ExtentMemory, HeapMemory};
 pub use pinned::PinnedMemory;
+pub use store::{KvError, KvStore, KvTier};
 
 use gpu_kernels::params::KV_GROUP_BYTES;
 

@@ -34,6 +34,8 @@ use rayon::prelude::*;
 
 use super::checkpoint::Checkpoint;
 use super::config::Qwen3MoeConfig;
+use crate::kv::arena::{BlockFormat, Elem};
+use crate::kv::{KvStore, KvTier};
 
 /// Errors of the CPU forward.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,10 @@ pub enum ForwardError {
     /// An empty token sequence.
     #[error("no tokens given")]
     Empty,
+    /// The K/V store (`--kv-tier host|disk`) failed: the positions stored before stay correct, this step's tokens
+    /// were not accepted.
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
 }
 
 /// How the inputs of the FP8-weight linears are treated.
@@ -117,22 +123,79 @@ pub struct LayerKv {
     pub v: Vec<f32>,
 }
 
-/// The K/V cache of every layer, and how many positions it holds.
-#[derive(Clone, Debug)]
+/// The K/V cache of every layer, and how many positions it holds. With the `plain` tier the rows are in
+/// [`Self::layers`]; with `host` or `disk` ([`KvTier`]) the history lives in a [`KvStore`] (opened at the first
+/// prefill; `layers` stays empty): each layer's new K/V rows are appended to it and the attention policy gets the
+/// layer's rows read back through it, bit for bit what was stored, so the logits do not depend on the tier.
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     len: usize,
     kv_dim: usize,
+    tier: KvTier,
+    store: Option<KvStore>,
+}
+
+impl fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("kv_dim", &self.kv_dim)
+            .field("tier", &self.tier.describe())
+            .finish_non_exhaustive()
+    }
 }
 
 impl KvCache {
-    /// An empty cache for this config.
+    /// An empty cache for this config (the `plain` tier).
     pub fn new(config: &Qwen3MoeConfig) -> Self {
+        Self::with_tier(config, KvTier::plain())
+    }
+
+    /// An empty cache whose history goes to `tier` (the store is opened by the first prefill, in the block format
+    /// of the model's activation mode: bf16 for `fp8-bf16`, whose K/V are bf16, f32 otherwise).
+    pub fn with_tier(config: &Qwen3MoeConfig, tier: KvTier) -> Self {
         KvCache {
             layers: vec![LayerKv::default(); config.num_hidden_layers],
             len: 0,
             kv_dim: config.num_key_value_heads * config.head_dim,
+            tier,
+            store: None,
         }
+    }
+
+    /// The tier the history goes to.
+    pub fn tier(&self) -> &KvTier {
+        &self.tier
+    }
+
+    /// The store, once opened (`None` for the plain tier).
+    pub fn store(&self) -> Option<&KvStore> {
+        self.store.as_ref()
+    }
+
+    /// Mutable [`Self::store`] (e.g. to flush it).
+    pub fn store_mut(&mut self) -> Option<&mut KvStore> {
+        self.store.as_mut()
+    }
+
+    /// One line on the store's traffic (`None` for the plain tier).
+    pub fn kv_report(&self) -> Option<String> {
+        let s = self.store.as_ref()?.stats();
+        let mb = |b: u64| b as f64 / 1e6;
+        Some(format!(
+            "K/V tier {}: {} positions, groups read {} ({} hits, {} misses), {:.1} MB read from disk, {:.1} MB \
+             written in {} batches, {} evictions, {:.1} MB resident",
+            self.tier.describe(),
+            self.len,
+            s.hits + s.misses,
+            s.hits,
+            s.misses,
+            mb(s.bytes_read),
+            mb(s.bytes_written),
+            s.write_batches,
+            s.evictions,
+            mb(s.resident_bytes)
+        ))
     }
     /// Number of cached positions (the position of the next token).
     pub fn len(&self) -> usize {
@@ -226,6 +289,12 @@ impl AttentionPolicy for DenseAttention {
     }
 }
 
+/// Where one layer's K/V history is kept during a step.
+enum LayerSink<'a> {
+    Plain(&'a mut LayerKv),
+    Store(&'a mut KvStore),
+}
+
 /// A bias-free linear `y = x w^T`, `w: [n, k]` dequantized to f32.
 struct Linear {
     w: Vec<f32>,
@@ -295,6 +364,8 @@ pub struct CpuModel {
     /// `None` when the embeddings are tied.
     lm_head: Option<Vec<f32>>,
     policy: Box<dyn AttentionPolicy>,
+    /// Where [`Self::new_cache`]'s caches keep the K/V history.
+    kv_tier: KvTier,
 }
 
 impl fmt::Debug for CpuModel {
@@ -422,7 +493,16 @@ impl CpuModel {
         let norm = fetch("model.norm.weight".into(), &[h])?;
         let lm_head =
             if c.tie_word_embeddings { None } else { Some(fetch("lm_head.weight".into(), &[c.vocab_size, h])?) };
-        Ok(CpuModel { config, mode, embed_tokens, layers, norm, lm_head, policy: Box::new(DenseAttention) })
+        Ok(CpuModel {
+            config,
+            mode,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            policy: Box::new(DenseAttention),
+            kv_tier: KvTier::plain(),
+        })
     }
 
     /// Replaces the attention policy (e.g. a sparse one); the default is [`DenseAttention`].
@@ -444,9 +524,28 @@ impl CpuModel {
         &self.config
     }
 
-    /// An empty K/V cache for this model.
+    /// Where the caches of [`Self::new_cache`] keep the K/V history (default: `plain`). Checked here, opened by
+    /// each cache's first prefill.
+    pub fn with_kv_tier(mut self, tier: KvTier) -> Result<Self, ForwardError> {
+        tier.validate()?;
+        self.kv_tier = tier;
+        Ok(self)
+    }
+
+    pub fn kv_tier(&self) -> &KvTier {
+        &self.kv_tier
+    }
+
+    /// An empty K/V cache for this model, in its K/V tier ([`Self::with_kv_tier`]).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config)
+        KvCache::with_tier(&self.config, self.kv_tier.clone())
+    }
+
+    /// The block format a store of this model uses: the model's head_dim, bf16 when the activation mode rounds
+    /// K/V to bf16 (`fp8-bf16`: the shared group block of the GPU for head_dim 128), f32 otherwise.
+    pub fn kv_block_format(&self) -> BlockFormat {
+        let elem = if self.mode == ActivationMode::Fp8Bf16 { Elem::Bf16 } else { Elem::F32 };
+        BlockFormat { head_dim: self.config.head_dim, elem }
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their K/V to `cache`, returns their logits
@@ -482,6 +581,9 @@ impl CpuModel {
                 return Err(ForwardError::TokenOutOfRange { token, index, vocab: c.vocab_size });
             }
         }
+        if cache.store.is_none() {
+            cache.store = cache.tier.open(c.num_hidden_layers, c.num_key_value_heads, self.kv_block_format())?;
+        }
         let h = c.hidden_size;
         let t = tokens.len();
         let start = cache.len;
@@ -496,7 +598,11 @@ impl CpuModel {
             let mut a = x.clone();
             self.norm(&mut a, &layer.input_layernorm);
             tap(Tap::AttnNorm, Some(l), &a);
-            let attn = self.attention(l, layer, &a, t, start, &rope, &mut cache.layers[l], tap);
+            let kv = match &mut cache.store {
+                Some(store) => LayerSink::Store(store),
+                None => LayerSink::Plain(&mut cache.layers[l]),
+            };
+            let attn = self.attention(l, layer, &a, t, start, &rope, kv, tap)?;
             tap(Tap::AttnOut, Some(l), &attn);
             add_in_place(&mut x, &attn);
             self.bf16(&mut x);
@@ -591,9 +697,9 @@ impl CpuModel {
         t: usize,
         start: usize,
         rope: &[(Vec<f32>, Vec<f32>)],
-        kv: &mut LayerKv,
+        kv: LayerSink<'_>,
         tap: &mut TapFn<'_>,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, ForwardError> {
         let c = &self.config;
         let d = c.head_dim;
         let (qdim, kvdim) = (c.num_attention_heads * d, c.num_key_value_heads * d);
@@ -619,11 +725,24 @@ impl CpuModel {
         }
         self.bf16(&mut q);
         self.bf16(&mut k);
-        kv.k.extend_from_slice(&k);
         tap(Tap::Q, Some(l), &q);
         tap(Tap::K, Some(l), &k);
         tap(Tap::V, Some(l), &v);
-        kv.v.extend_from_slice(&v);
+        // The history of this layer, the new tokens included: the plain rows, or the store's read back.
+        let stored;
+        let kv: &LayerKv = match kv {
+            LayerSink::Plain(kv) => {
+                kv.k.extend_from_slice(&k);
+                kv.v.extend_from_slice(&v);
+                kv
+            }
+            LayerSink::Store(store) => {
+                store.append(l, start, &k, &v)?;
+                let (k, v) = store.read_layer(l, start + t)?;
+                stored = LayerKv { k, v };
+                &stored
+            }
+        };
         let shape = AttentionShape {
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
@@ -633,7 +752,7 @@ impl CpuModel {
         let mut o = self.policy.attend(l, &shape, start, &q, kv);
         self.bf16(&mut o);
         tap(Tap::Attn, Some(l), &o);
-        self.linear(&w.o_proj, &o, t)
+        Ok(self.linear(&w.o_proj, &o, t))
     }
 
     /// `down(silu(gate(x)) * up(x))`. Gate and up stay f32 (the MoE kernels keep them in registers and round only

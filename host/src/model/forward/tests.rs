@@ -232,8 +232,8 @@ fn errors_are_clear() {
     let e = m.prefill(&[1, 320], &mut m.new_cache()).unwrap_err();
     assert_eq!(e.to_string(), "token id 320 at index 1 is out of range (vocab_size 320)");
     assert!(matches!(m.prefill(&[], &mut m.new_cache()), Err(ForwardError::Empty)));
-    let other = KvCache::new(&mixed());
-    assert!(matches!(m.prefill(&[1], &mut other.clone()), Err(ForwardError::CacheMismatch(_))));
+    let mut other = KvCache::new(&mixed());
+    assert!(matches!(m.prefill(&[1], &mut other), Err(ForwardError::CacheMismatch(_))));
     // A wrongly sized tensor names itself.
     let mut w = random_weights(&c, 1);
     w.get_mut("model.layers.1.self_attn.k_proj.weight").unwrap().pop();
