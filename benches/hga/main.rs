@@ -2,9 +2,9 @@
 //! with its anchor measured in the same run (see each part's docs). Without a GPU: a SKIP line.
 //!
 //! Run: `cargo bench --bench hga` (or the staged binary on the GPU machine).
+mod attend;
 #[path = "../common/mod.rs"]
 mod common;
-mod attend;
 mod route;
 
 fn main() {
