@@ -17,7 +17,7 @@ pub mod stage2;
 pub mod summary;
 
 use crate::arch::*;
-use crate::moe::{last_block_arrives, ld_cg_f32};
+use crate::moe::{last_block_arrives, ld_cg_f32, unroll};
 use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_THREADS};
 
 /// The routing geometry of the launch's query block (fields as `host/src/hga::Geometry`).
@@ -155,6 +155,30 @@ pub(crate) fn lse_finish(m: f32, sum: f32) -> f32 {
     }
 }
 
+/// One step of an online log-sum-exp `(m, s)` (max and sum of `exp(x - m)`): the same value as host/src/hga's
+/// two-pass `log_sum_exp` up to rounding, and the same NaN/inf behaviour (a NaN or a +inf term gives NaN, -inf
+/// terms count 0, all -inf gives -inf through [`lse_finish`]).
+#[inline(always)]
+pub(crate) fn lse_push(m: f32, s: f32, x: f32) -> (f32, f32) {
+    if x == f32::NEG_INFINITY {
+        return (m, s);
+    }
+    let mn = fmax(m, x);
+    let l2e = core::f32::consts::LOG2_E;
+    (mn, s * ex2((m - mn) * l2e) + ex2((x - mn) * l2e))
+}
+
+/// Merges two online log-sum-exp states.
+#[inline(always)]
+pub(crate) fn lse_merge(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
+    let mn = fmax(a.0, b.0);
+    if mn == f32::NEG_INFINITY {
+        return (mn, 0.0);
+    }
+    let l2e = core::f32::consts::LOG2_E;
+    (mn, a.1 * ex2((a.0 - mn) * l2e) + b.1 * ex2((b.0 - mn) * l2e))
+}
+
 /// Monotone u32 key of a score: larger score, larger key; NaN ranks as -inf (host/src/hga's `top_k`).
 #[inline(always)]
 pub(crate) fn order_key(s: f32) -> u32 {
@@ -175,6 +199,16 @@ fn shfl_up_u32(v: u32, d: u32) -> u32 {
     let r: u32;
     unsafe {
         core::arch::asm!("shfl.sync.up.b32 {0}, {1}, {2}, 0, 0xffffffff;", out(reg32) r, in(reg32) v, in(reg32) d, options(nostack))
+    };
+    r
+}
+
+/// `match.any.sync.b32` over the full warp: the lanes holding the same value.
+#[inline(always)]
+fn match_any(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        core::arch::asm!("match.any.sync.b32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
     };
     r
 }
@@ -247,12 +281,23 @@ pub(crate) unsafe fn select_top_k(
     let hist = keys.add(n);
     let scan = hist.add(256);
     let mut lost = 0u32;
-    let mut i = tid;
-    while i < n {
-        let key = order_key(ld_cg_f32(scores.add(i)));
-        *keys.add(i) = key;
-        lost += (key <= NEG_INF_KEY) as u32;
-        i += nt;
+    // Four independent loads in flight per thread (the scores sit in L2).
+    let mut i0 = 0;
+    while i0 < n {
+        let mut v = [0f32; 4];
+        unroll!(u in [0, 1, 2, 3] {
+            let i = i0 + u * nt + tid;
+            v[u] = if i < n { ld_cg_f32(scores.add(i)) } else { 0.0 };
+        });
+        unroll!(u in [0, 1, 2, 3] {
+            let i = i0 + u * nt + tid;
+            if i < n {
+                let key = order_key(v[u]);
+                *keys.add(i) = key;
+                lost += (key <= NEG_INF_KEY) as u32;
+            }
+        });
+        i0 += 4 * nt;
     }
     let (_, lost) = block_scan(lost, scan);
     // Threshold key T and how many candidates equal to T are taken (the lowest indices).
@@ -266,11 +311,17 @@ pub(crate) unsafe fn select_top_k(
             let shift = 24 - 8 * pass;
             *hist.add(tid) = 0;
             sync_threads();
+            // Warp-aggregated counts: the lanes of a warp with the same bin (scores of one scale share their top
+            // byte, so most keys fall in one bin) add once, through their leader (`match.any`).
+            let lane = (tid % 32) as u32;
             let mut i = tid;
-            while i < n {
-                let key = *keys.add(i);
-                if key & mask == prefix {
-                    atom_shared_add(hist.add(((key >> shift) & 255) as usize), 1);
+            while i - (lane as usize) < n {
+                let key = if i < n { *keys.add(i) } else { 0 };
+                let active = i < n && key & mask == prefix;
+                let bin = if active { (key >> shift) & 255 } else { 0x100 | lane };
+                let peers = match_any(bin);
+                if active && (peers & ((1u32 << lane) - 1)) == 0 {
+                    atom_shared_add(hist.add(bin as usize), peers.count_ones());
                 }
                 i += nt;
             }

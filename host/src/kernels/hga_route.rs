@@ -93,14 +93,14 @@ impl RouteShape {
         }
     }
     /// Default grids: stage 1 about two work items per thread (capped at 2 CTAs per SM over the layer), stage 2
-    /// about two groups per warp (capped at 3 CTAs per SM).
+    /// about two groups per warp (capped at 2 CTAs per SM: 123 registers per thread on sm_90 fit two).
     pub fn auto_ctas(&self, sms: usize) -> (usize, usize) {
         let kv = self.n_kv_heads.max(1);
         let items = (self.max_always() + if self.chunk_stage() { self.max_cand_chunks() } else { 0 }) * self.rows();
         let c1 =
             if self.ctas1 > 0 { self.ctas1 } else { items.div_ceil(2 * ROUTE_THREADS).clamp(1, (2 * sms / kv).max(1)) };
         let c2 =
-            if self.ctas2 > 0 { self.ctas2 } else { self.max_stage2().div_ceil(16).clamp(1, (3 * sms / kv).max(1)) };
+            if self.ctas2 > 0 { self.ctas2 } else { self.max_stage2().div_ceil(16).clamp(1, (2 * sms / kv).max(1)) };
         (c1, c2)
     }
 
@@ -501,7 +501,7 @@ pub fn hga_route_stage1(
     let mut p = params(shape, dims, Some(keys), (ppos, b0), pq, Some(&w), 0, c1);
     p.chunk_min = pmin;
     p.chunk_max = pmax;
-    let smem = route_select_smem(shape.max_cand_chunks().max(1));
+    let smem = route_select_smem(shape.max_cand_chunks().max(1)) + 4 * ROUTE_MAX_ROWS;
     let cfg = LaunchConfig {
         grid_dim: (c1 as u32, shape.n_kv_heads as u32, 1),
         block_dim: (ROUTE_THREADS as u32, 1, 1),

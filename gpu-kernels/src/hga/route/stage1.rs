@@ -15,58 +15,62 @@
 //! products then (candidate chunk c, row r) bounds, flattened as `unit * R + r` and split evenly over the head's
 //! CTAs; one item per thread at a time (neighbouring threads share a unit: its key or summary loads coalesce into
 //! one request); raw values to the scratch `key_scores` / `raw`. Phase 2 (the head's last CTA to finish, by an
-//! atomic counter that resets itself): per row the two-pass log-sum-exp of its key scores (a warp per row) to
-//! `base`; the chunk scores (a thread per chunk, max over rows) to `chunk_scores`; the top-k (`select_top_k`,
-//! radix select in shared memory). Shared memory: `route_select_smem(max_cand_chunks)`.
+//! atomic counter that resets itself): per row the log-sum-exp of its key scores (a warp per row, online, 4 loads in flight per lane) to
+//! `base` (and to shared memory); the chunk scores (a thread per chunk, max over rows) to `chunk_scores`; the top-k (`select_top_k`,
+//! radix select in shared memory). Shared memory: `route_select_smem(max_cand_chunks)` + 4 * ROUTE_MAX_ROWS.
+//! Loads are issued in unrolled batches (a row of 16 x 16 bytes per key, 8 x 16 bytes of min and of max per
+//! half chunk): a first version with plain loops waited for every load in turn and took 28 us at 64K.
 use crate::arch::*;
-use crate::hga::route::{geometry, key_row, last_of_head, lse_finish, q_row, select_top_k};
-use crate::moe::{fence_gpu, ld_cg_f32};
+use crate::hga::route::{geometry, key_row, last_of_head, lse_finish, lse_merge, lse_push, q_row, select_top_k};
+use crate::moe::{fence_gpu, ld_cg_f32, unroll};
 use crate::params::{RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
 
-/// q . k for a bf16 key row (f32 accumulation, dims in order).
+/// q . k for a bf16 key row (f32 accumulation, dims in order): the 16 loads of the row are issued before the
+/// arithmetic (unrolled; a loop would wait for each load in turn).
 #[inline(always)]
 unsafe fn dot_bf16(q: *const f32, k: *const u16) -> f32 {
+    let mut kw = [[0u32; 4]; 16];
+    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+        kw[i] = ld_global_v4(k.add(8 * i) as *const u8);
+    });
     let mut acc = 0f32;
-    let mut i = 0;
-    while i < 16 {
-        let kw = ld_global_v4(k.add(8 * i) as *const u8);
+    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
         let qa = *(q.add(8 * i) as *const [f32; 4]);
         let qb = *(q.add(8 * i + 4) as *const [f32; 4]);
-        let mut w = 0;
-        while w < 4 {
-            let (a, b) = bf16x2_to_f32(kw[w]);
+        unroll!(w in [0, 1, 2, 3] {
+            let (a, b) = bf16x2_to_f32(kw[i][w]);
             let qq = if w < 2 { qa } else { qb };
             acc += qq[(2 * w) % 4] * a;
             acc += qq[(2 * w + 1) % 4] * b;
-            w += 1;
-        }
-        i += 1;
-    }
+        });
+    });
     acc
 }
 
-/// sum_d max(q_d m_d, q_d M_d) (f32, dims in order).
+/// sum_d max(q_d m_d, q_d M_d) (f32, dims in order), loads issued 8 rows of 16 bytes at a time.
 #[inline(always)]
 unsafe fn bound(q: *const f32, mn: *const u16, mx: *const u16) -> f32 {
     let mut acc = 0f32;
-    let mut i = 0;
-    while i < 16 {
-        let a = ld_global_v4(mn.add(8 * i) as *const u8);
-        let b = ld_global_v4(mx.add(8 * i) as *const u8);
-        let qa = *(q.add(8 * i) as *const [f32; 4]);
-        let qb = *(q.add(8 * i + 4) as *const [f32; 4]);
-        let mut w = 0;
-        while w < 4 {
-            let (m0, m1) = bf16x2_to_f32(a[w]);
-            let (x0, x1) = bf16x2_to_f32(b[w]);
-            let qq = if w < 2 { qa } else { qb };
-            let (q0, q1) = (qq[(2 * w) % 4], qq[(2 * w + 1) % 4]);
-            acc += fmax(q0 * m0, q0 * x0);
-            acc += fmax(q1 * m1, q1 * x1);
-            w += 1;
-        }
-        i += 1;
-    }
+    unroll!(h in [0, 1] {
+        let mut a = [[0u32; 4]; 8];
+        let mut b = [[0u32; 4]; 8];
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+            a[i] = ld_global_v4(mn.add(64 * h + 8 * i) as *const u8);
+            b[i] = ld_global_v4(mx.add(64 * h + 8 * i) as *const u8);
+        });
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+            let qa = *(q.add(64 * h + 8 * i) as *const [f32; 4]);
+            let qb = *(q.add(64 * h + 8 * i + 4) as *const [f32; 4]);
+            unroll!(w in [0, 1, 2, 3] {
+                let (m0, m1) = bf16x2_to_f32(a[i][w]);
+                let (x0, x1) = bf16x2_to_f32(b[i][w]);
+                let qq = if w < 2 { qa } else { qb };
+                let (q0, q1) = (qq[(2 * w) % 4], qq[(2 * w + 1) % 4]);
+                acc += fmax(q0 * m0, q0 * x0);
+                acc += fmax(q1 * m1, q1 * x1);
+            });
+        });
+    });
     acc
 }
 
@@ -110,32 +114,42 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     if !last_of_head((p.counters as *mut u32).add(h * ROUTE_COUNTERS), p.ctas) {
         return;
     }
-    // Phase 2, the head's last CTA: base per row (a warp per row).
+    // Phase 2, the head's last CTA: base per row (a warp per row, an online log-sum-exp with 4 loads in flight
+    // per lane), kept in shared memory behind the select's space.
     let (warp, lane) = (tid / 32, tid % 32);
     let base = (p.base as *mut f32).add(h * mr);
+    let base_sm = dyn_smem_ptr::<f32>().add(mc + 256 + 64);
     let mut r = warp;
     while r < rows {
         let row = key_scores.add(r * ma);
-        let mut m = f32::NEG_INFINITY;
-        let mut j = lane;
-        while j < n_always {
-            m = fmax(m, ld_cg_f32(row.add(j)));
-            j += 32;
+        let mut st = (f32::NEG_INFINITY, 0f32);
+        let mut j0 = 0;
+        while j0 < n_always {
+            let mut v = [f32::NEG_INFINITY; 4];
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + 32 * u + lane;
+                if j < n_always {
+                    v[u] = ld_cg_f32(row.add(j));
+                }
+            });
+            unroll!(u in [0, 1, 2, 3] {
+                st = lse_push(st.0, st.1, v[u]);
+            });
+            j0 += 128;
         }
-        let m = warp_max(m);
-        let mut s = 0f32;
-        let mut j = lane;
-        while j < n_always {
-            s += ex2((ld_cg_f32(row.add(j)) - m) * core::f32::consts::LOG2_E);
-            j += 32;
+        let mut d = 16;
+        while d > 0 {
+            let o = (shfl_xor_f32(st.0, d), shfl_xor_f32(st.1, d));
+            st = lse_merge(st, o);
+            d >>= 1;
         }
-        let s = warp_sum(s);
+        let b = if p.normalize != 0 { lse_finish(st.0, st.1) } else { 0.0 };
         if lane == 0 {
-            *base.add(r) = if p.normalize != 0 { lse_finish(m, s) } else { 0.0 };
+            *base.add(r) = b;
+            *base_sm.add(r) = b;
         }
         r += ROUTE_THREADS / 32;
     }
-    fence_gpu();
     sync_threads();
     let stats = (p.stats as *mut u32).add(h * ROUTE_STATS);
     if p.chunk_stage == 0 {
@@ -145,14 +159,25 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
         }
         return;
     }
+    // Chunk scores: a thread per chunk, 8 rows' raw bounds loaded at a time.
     let scores = (p.chunk_scores as *mut f32).add(h * mc);
     let mut i = tid;
     while i < n_cand {
         let mut v = f32::NEG_INFINITY;
-        let mut r = 0;
-        while r < rows {
-            v = fmax(v, ld_cg_f32(raw.add(r * mc + i)) * p.scale - ld_cg_f32(base.add(r)));
-            r += 1;
+        let mut r0 = 0;
+        while r0 < rows {
+            let mut x = [0f32; 8];
+            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+                if r0 + u < rows {
+                    x[u] = ld_cg_f32(raw.add((r0 + u) * mc + i));
+                }
+            });
+            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+                if r0 + u < rows {
+                    v = fmax(v, x[u] * p.scale - *base_sm.add(r0 + u));
+                }
+            });
+            r0 += 8;
         }
         *scores.add(i) = v;
         i += ROUTE_THREADS;

@@ -17,7 +17,8 @@
 //! multiplied (two mma per k-step): about 22 significant bits of q, products exact, f32 accumulation. The token's
 //! log-sum-exp over the 16 rows of D is a 3-step shuffle reduction (lanes of equal t), then the max over rows.
 //! Rows beyond 8 (prefill blocks, GQA > 8) loop over tiles of 8 columns (q fragments reloaded per tile).
-//! The last CTA of the head selects (`select_top_k`). Shared memory: `route_select_smem(max_cand_groups)`.
+//! Each warp issues the next group's loads before the current group's arithmetic; the hi and lo products
+//! accumulate in two chains. The last CTA of the head selects (`select_top_k`). Shared memory: `route_select_smem(max_cand_groups)`.
 use crate::arch::*;
 use crate::hga::route::{geometry, last_of_head, lse_finish, q_row, select_top_k};
 use crate::moe::unroll;
@@ -141,15 +142,23 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
     let l2e = core::f32::consts::LOG2_E;
     let mut i = block_x() as usize * 8 + warp;
     let stride = p.ctas as usize * 8;
-    while i < n_cand {
-        let grp = group_of(i);
-        let tok = h * p.max_tokens as usize + grp * 16;
+    let sc = p.sketch_scale as *const u16;
+    // A group's sketch words and scales (lane (g, t): bytes 16t .. 16t + 15 of tokens g and g + 8).
+    let load = |i: usize| -> ([u32; 4], [u32; 4], f32, f32) {
+        let tok = h * p.max_tokens as usize + group_of(i) * 16;
         let sk = (p.sketch as *const u8).add(tok * 64 + 16 * t);
-        let wa = ld_global_v4(sk.add(gr * 64));
-        let wb = ld_global_v4(sk.add((gr + 8) * 64));
-        let sc = p.sketch_scale as *const u16;
-        let sa = f16_to_f32(*sc.add(tok + gr)) * p.scale;
-        let sb = f16_to_f32(*sc.add(tok + gr + 8)) * p.scale;
+        (
+            ld_global_v4(sk.add(gr * 64)),
+            ld_global_v4(sk.add((gr + 8) * 64)),
+            f16_to_f32(*sc.add(tok + gr)) * p.scale,
+            f16_to_f32(*sc.add(tok + gr + 8)) * p.scale,
+        )
+    };
+    let mut cur = if i < n_cand { load(i) } else { ([0; 4], [0; 4], 0.0, 0.0) };
+    while i < n_cand {
+        // The next group's loads are issued before this group's arithmetic (software pipelining).
+        let nxt = if i + stride < n_cand { load(i + stride) } else { cur };
+        let (wa, wb, sa, sb) = cur;
         let mut best = f32::NEG_INFINITY;
         let mut tile = 0;
         while tile < tiles {
@@ -158,14 +167,17 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
                 qhi = f.0;
                 qlo = f.1;
             }
-            let mut acc = [0f32; 4];
+            // Two accumulator chains (hi and lo parts of q), added at the end.
+            let mut acc_h = [0f32; 4];
+            let mut acc_l = [0f32; 4];
             unroll!(s in [0, 1, 2, 3, 4, 5, 6, 7] {
                 let ha = (wa[s / 2] >> (16 * (s % 2))) & 0xFFFF;
                 let hb = (wb[s / 2] >> (16 * (s % 2))) & 0xFFFF;
                 let a = [nib2_to_f16x2(ha), nib2_to_f16x2(hb), nib2_to_f16x2(ha >> 8), nib2_to_f16x2(hb >> 8)];
-                acc = mma_f16_m16n8k16(a, qhi[s], acc);
-                acc = mma_f16_m16n8k16(a, qlo[s], acc);
+                acc_h = mma_f16_m16n8k16(a, qhi[s], acc_h);
+                acc_l = mma_f16_m16n8k16(a, qlo[s], acc_l);
             });
+            let acc = [acc_h[0] + acc_l[0], acc_h[1] + acc_l[1], acc_h[2] + acc_l[2], acc_h[3] + acc_l[3]];
             // acc[0], acc[1]: token gr, columns 2t, 2t + 1; acc[2], acc[3]: token gr + 8.
             let (e0, e1, e2, e3) = (acc[0] * sa, acc[1] * sa, acc[2] * sb, acc[3] * sb);
             let mut m0 = fmax(e0, e2);
@@ -195,6 +207,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
         if lane == 0 {
             *scores.add(i) = best;
         }
+        cur = nxt;
         i += stride;
     }
     if !last_of_head((p.counters as *mut u32).add(h * ROUTE_COUNTERS + 1), p.ctas) {

@@ -15,11 +15,12 @@
 //! summarizes chunk `*pos / 64 - 1` when `*pos` is a positive multiple of 64, else does nothing.
 //!
 //! Grid (chunks, n_kv), block 256 = 8 warps; warp w takes tokens 8w .. 8w + 7 of the chunk, lane l dims 4l .. 4l + 3
-//! (one 8-byte load per token and lane, a warp max for the scale, a 2-byte nibble store per lane); the min/max of
+//! (one 8-byte load per token and lane, the warp's 8 loads issued together, a warp max for the scale, a 2-byte nibble store per lane); the min/max of
 //! the warps meet in shared memory (8 x 128 x 2 f32 = 8 KB) and thread d < 128 writes dim d. Bytes: 16 KB of keys
 //! read, 1 KB of summary + 4.2 KB of sketches written per (chunk, KV head).
 use crate::arch::*;
 use crate::hga::route::{fmin, key_row};
+use crate::moe::unroll;
 use crate::params::{RouteParams, HGA_CHUNK};
 
 /// Shared memory of the summary kernel (bytes).
@@ -89,26 +90,28 @@ pub unsafe extern "ptx-kernel" fn hga_route_summary(p: RouteParams) {
     }
     let mut mn = [f32::INFINITY; 4];
     let mut mx = [f32::NEG_INFINITY; 4];
-    let mut t = 0;
-    while t < 8 {
+    // The warp's 8 tokens loaded first (unrolled), then processed.
+    let mut kw = [[0u32; 2]; 8];
+    unroll!(t in [0, 1, 2, 3, 4, 5, 6, 7] {
         let j = chunk * HGA_CHUNK + warp * 8 + t;
-        let row = key_row(&p, h, j).add(4 * lane) as *const [u32; 2];
-        let w = *row;
+        kw[t] = *(key_row(&p, h, j).add(4 * lane) as *const [u32; 2]);
+    });
+    unroll!(t in [0, 1, 2, 3, 4, 5, 6, 7] {
+        let j = chunk * HGA_CHUNK + warp * 8 + t;
+        let w = kw[t];
         let (k0, k1) = bf16x2_to_f32(w[0]);
         let (k2, k3) = bf16x2_to_f32(w[1]);
         let k = [k0, k1, k2, k3];
         let mut amax = 0f32;
         let mut nan = 0f32;
-        let mut d = 0;
-        while d < 4 {
+        unroll!(d in [0, 1, 2, 3] {
             mn[d] = fmin(mn[d], k[d]);
             mx[d] = fmax(mx[d], k[d]);
             amax = fmax(amax, fabs(k[d]));
             if k[d] != k[d] {
                 nan = 1.0;
             }
-            d += 1;
-        }
+        });
         let amax = warp_max(amax);
         let nan = warp_max(nan);
         let s = amax / 7.0;
@@ -118,8 +121,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_summary(p: RouteParams) {
         if lane == 0 {
             *(p.sketch_scale as *mut u16).add(tok) = if nan != 0.0 { 0x7E00 } else { f32_to_f16(s) };
         }
-        t += 1;
-    }
+    });
     let sm = dyn_smem_ptr::<f32>();
     let mut d = 0;
     while d < 4 {
