@@ -85,6 +85,34 @@ pub fn run(gpu: &hga::runtime::Gpu) {
             us / floor_us
         ));
     }
+    // Grid sweeps (CTAs per KV head) of each stage, graph replay.
+    for (shortlist, c1s, c2s) in
+        [(8.0, [11usize, 22, 44], [33usize, 66, 132]), (f64::INFINITY, [3, 6, 12], [66, 132, 264])]
+    {
+        for (c1, c2) in c1s.iter().zip(c2s) {
+            let mut sh = RouteShape::default_for(nh, nkv, 1, ctx, Budget::Fraction(0.03));
+            sh.shortlist = shortlist;
+            if shortlist.is_infinite() {
+                sh.max_kept = 1;
+            }
+            sh.ctas1 = *c1;
+            sh.ctas2 = c2;
+            let mut ws = RouteWorkspace::new(gpu, &sh).unwrap();
+            let mut sel = s.alloc_zeros::<u32>(nkv * sh.max_groups).unwrap();
+            let pos = RoutePos::Device(&dpos);
+            let t1 = 1e3
+                * common::time_graph_ms(gpu, 20, 20, |_| {
+                    hga_route_stage1(gpu, &sh, &keys, &sums, &dq, pos, &mut ws).unwrap();
+                });
+            let t2 = 1e3
+                * common::time_graph_ms(gpu, 20, 20, |_| {
+                    hga_route_stage2(gpu, &sh, &sums, &dq, pos, &mut ws, &mut sel).unwrap();
+                });
+            println!(
+                "RESULT route_sweep shortlist={shortlist} ctas1={c1} stage1_us={t1:.2} ctas2={c2} stage2_us={t2:.2}"
+            );
+        }
+    }
     // Summary kernel: decode form (one closing chunk, and a no-op step), prefill of 4K tokens.
     let closing = s.clone_htod(&[(ctx / 2) as u32]).unwrap();
     let noop = s.clone_htod(&[(ctx / 2 + 1) as u32]).unwrap();
