@@ -5,8 +5,7 @@
 //! - sketch scores of every group + top-k (no chunk stage; stage 1 then only normalizes) at 64K against the bytes
 //!   floor 4 x 64K x 66 B at the same-run copy bandwidth;
 //! - the summary kernel: one closing chunk (decode, also its no-op launch) and a 4K-token prefill.
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 use half::bf16;
 use hga::hga::Budget;
 use hga::kernels::hga_route::{

@@ -142,7 +142,7 @@ fn real_misses(got: &[usize], want: &[usize], cand: &[usize], ref_scores: &[f64]
     got.iter()
         .filter(|x| !want.contains(x))
         .map(|&x| (x, lo_want - sc(x)))
-        .filter(|&(_, gap)| !(gap <= TOL) && lo_want.is_finite())
+        .filter(|&(_, gap)| (gap > TOL || gap.is_nan()) && lo_want.is_finite())
         .collect()
 }
 
