@@ -183,3 +183,78 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 pub fn default_shape(n_heads: usize, n_kv: usize, q_len: usize, max_ctx: usize, budget: Budget) -> RouteShape {
     RouteShape::default_for(n_heads, n_kv, q_len, max_ctx, budget)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The reference picks what the oracle (`hga::route_unit`) picks on the same bf16 keys, up to ties within
+    /// 2e-3 of the reference scores (f16 sketch scales against the oracle's f32 ones), and its sketches decode
+    /// to what the oracle's f32-scale sketch gives up to the f16 rounding of the scale.
+    #[test]
+    fn reference_agrees_with_oracle() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (rows, n) = (8usize, 3001usize);
+        for budget in [Budget::Fraction(0.2), Budget::Fraction(0.4)] {
+            let off: Vec<f32> = (0..128).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let kb: Vec<bf16> =
+                (0..n * 128).map(|i| bf16::from_f32(off[i % 128] + rng.gen_range(-1.5f32..1.5))).collect();
+            let kf: Vec<f32> = kb.iter().map(|v| v.to_f32()).collect();
+            let q: Vec<f32> = (0..rows * 128).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
+            let (mn, mx, sk, sc) = summaries(&kb, n);
+            let (mnf, mxf): (Vec<f32>, Vec<f32>) =
+                (mn.iter().map(|v| v.to_f32()).collect(), mx.iter().map(|v| v.to_f32()).collect());
+            let q_rows: Vec<&[f32]> = (0..rows).map(|r| &q[r * 128..(r + 1) * 128]).collect();
+            let shape = default_shape(rows, 1, 1, n, budget);
+            let b0 = n - 1;
+            let x = HeadInputs {
+                q_rows: q_rows.clone(),
+                keys: &kf,
+                chunk_min: &mnf,
+                chunk_max: &mxf,
+                sketch: &sk,
+                scale: &sc,
+            };
+            let want = route_head(&shape, b0, &x);
+            let p = HgaParams { budget, ..HgaParams::default() };
+            let (kept, sel) = crate::hga::route_unit(&p, b0, 1, &kf, 128, 0, 128, &q_rows, rows, 1.0 / 128f64.sqrt());
+            assert!(!sel.is_empty());
+            assert_eq!(kept.len(), want.kept.len());
+            assert_eq!(sel.len(), want.selected.len());
+            let g = geometry(&shape, b0);
+            let cs = |c: usize| want.chunk_scores[c - g.first_chunk];
+            let lo = want.kept.iter().map(|&c| cs(c)).fold(f64::INFINITY, f64::min);
+            for &c in kept.iter().filter(|c| !want.kept.contains(c)) {
+                assert!(lo - cs(c) <= 2e-3, "chunk {c}: gap {}", lo - cs(c));
+            }
+            if kept == want.kept {
+                let gs = |gi: usize| want.group_scores[want.cand.iter().position(|&x| x == gi).unwrap()];
+                let lo = want.selected.iter().map(|&gi| gs(gi)).fold(f64::INFINITY, f64::min);
+                for &gi in sel.iter().filter(|g| !want.selected.contains(g)) {
+                    assert!(lo - gs(gi) <= 2e-3, "group {gi}: gap {}", lo - gs(gi));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sketch_rules() {
+        // Round half away from zero, clamp, f32 division; all-zero key; NaN scale for a NaN key.
+        let mut k = [bf16::ZERO; 128];
+        k[0] = bf16::from_f32(7.0);
+        k[1] = bf16::from_f32(-7.0);
+        k[2] = bf16::from_f32(0.5);
+        k[3] = bf16::from_f32(-0.5);
+        k[4] = bf16::from_f32(1.5);
+        let (b, s) = sketch(&k);
+        assert_eq!(f16::from_bits(s).to_f32(), 1.0);
+        assert_eq!(b[0], 0x7 | 0x9 << 4); // 7, -7
+        assert_eq!(b[1], 0x1 | 0xF << 4); // 0.5 -> 1, -0.5 -> -1
+        assert_eq!(b[2], 0x2); // 1.5 -> 2
+        assert_eq!(sketch_key(&b, s)[1], -7.0);
+        assert_eq!(sketch(&[bf16::ZERO; 128]), ([0u8; 64], 0));
+        k[5] = bf16::from_f32(f32::NAN);
+        assert!(f16::from_bits(sketch(&k).1).is_nan());
+    }
+}
