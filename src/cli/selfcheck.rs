@@ -87,6 +87,7 @@ pub fn run(a: SelfcheckArgs) -> anyhow::Result<()> {
     results.push(check::head::lm_head(&gpu, 3, 4099, 2048, &mut rng)?);
     results.push(check::head::argmax(&gpu, 4, 151936, &mut rng)?);
     results.push(check::head::sample(&gpu, 2, 32000, &mut rng)?);
+    results.extend(check::hga_route::selfcheck_rows(&gpu, &mut rng)?);
     results.extend(check::kv::selfcheck_rows(&gpu, &mut rng)?);
     let failed = results.iter().filter(|r| !r.ok).count();
     if a.json {

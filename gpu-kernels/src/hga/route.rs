@@ -1,1 +1,423 @@
-//! Routing kernels: summary maintenance, stage 1 (chunk scores + top-k), stage 2 (sketch scores + top-k).
+//! Routing kernels: summary maintenance ([`summary`]), stage 1 ([`stage1`]: chunk bounds + top n_c) and stage 2
+//! ([`stage2`]: int4-sketch group scores + top n_g, or every candidate group with no chunk stage). They implement
+//! `host/src/hga`'s default (`HgaParams::default()`: chunk 64, group 16, min/max chunk summaries, int4-sketch group
+//! score as the log-sum-exp of a group's estimated scaled scores, scores normalized by each query row's sink +
+//! window log-sum-exp, GQA max); `host/src/reference/hga_route.rs` is their CPU reference.
+//!
+//! Shared here: the routing geometry evaluated on the device ([`geometry`], `host/src/hga::Geometry::new` line
+//! for line, in f64), the key source ([`key_row`]) and the last-CTA top-k ([`select_top_k`]).
+//!
+//! Tie and NaN rule of every selection (the one of `host/src/hga::top_k`): candidates are ranked by score, a NaN
+//! score counts as -inf, equal scores go to the lower candidate index (stage 1: the lower chunk; stage 2: the lower
+//! absolute group, since candidates are enumerated in ascending group order). Scores are aggregated over query rows
+//! with a NaN-ignoring max from -inf (as host/src/hga's `fold(-inf, f64::max)`), so a candidate whose every row
+//! score is NaN scores -inf; `stats` counts the candidates that scored -inf or NaN.
+pub mod stage1;
+pub mod stage2;
+pub mod summary;
+
+use crate::arch::*;
+use crate::moe::{last_block_arrives, ld_cg_f32, unroll};
+use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_THREADS};
+
+/// The routing geometry of the launch's query block (fields as `host/src/hga::Geometry`).
+#[derive(Clone, Copy)]
+pub(crate) struct Geo {
+    pub sink_end: usize,
+    pub local_start: usize,
+    pub first_chunk: usize,
+    pub end_chunk: usize,
+    pub n_groups: usize,
+    pub n_chunks: usize,
+    pub b0: usize,
+    /// `b0 + q_len <= max_ctx` (else nothing is routed).
+    pub ok: bool,
+}
+
+#[inline(always)]
+fn ceil_f64(x: f64) -> f64 {
+    let r: f64;
+    unsafe { core::arch::asm!("cvt.rpi.f64.f64 {0}, {1};", out(reg64) r, in(reg64) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// The query block's first position: `*p.pos` when set (device-resident), else `p.b0`.
+#[inline(always)]
+pub(crate) unsafe fn block_start(p: &RouteParams) -> usize {
+    if p.pos != 0 {
+        *(p.pos as *const u32) as usize
+    } else {
+        p.b0 as usize
+    }
+}
+
+/// `host/src/hga::Geometry::new(params, b0, q_len)`, then n_g capped by `max_groups` and n_c (computed from the
+/// capped n_g as host/src/hga computes it from n_g) capped by `max_kept`. With no chunk stage n_c is every chunk.
+#[inline(always)]
+pub(crate) unsafe fn geometry(p: &RouteParams) -> Geo {
+    let c = HGA_CHUNK;
+    let b0 = block_start(p);
+    let sink_end = (p.sink as usize).div_ceil(c) * c;
+    let ls = b0.saturating_sub(p.local as usize) / c * c;
+    let local_start = if ls > sink_end.min(b0) { ls } else { sink_end.min(b0) };
+    let first_chunk = sink_end / c;
+    let end_chunk = if local_start / c > first_chunk { local_start / c } else { first_chunk };
+    let ctx = b0 + p.q_len as usize;
+    let budget =
+        if p.budget_tokens != 0 { p.budget_tokens as usize } else { ceil_f64(p.budget_frac * ctx as f64) as usize };
+    let always = sink_end.min(ctx) + (ctx - local_start.min(ctx));
+    let n_cand_chunks = end_chunk - first_chunk;
+    let candidates = n_cand_chunks * (c / HGA_GROUP);
+    let mut n_groups = budget.saturating_sub(always) / HGA_GROUP;
+    if n_groups > candidates {
+        n_groups = candidates;
+    }
+    if n_groups > p.max_groups as usize {
+        n_groups = p.max_groups as usize;
+    }
+    let mut n_chunks = n_cand_chunks;
+    if p.chunk_stage != 0 {
+        let want = ceil_f64(p.shortlist * (n_groups * HGA_GROUP) as f64 / c as f64);
+        if want.is_finite() && want < n_cand_chunks as f64 {
+            n_chunks = want as usize;
+        }
+        if n_chunks > p.max_kept as usize {
+            n_chunks = p.max_kept as usize;
+        }
+    }
+    Geo { sink_end, local_start, first_chunk, end_chunk, n_groups, n_chunks, b0, ok: ctx <= p.max_ctx as usize }
+}
+
+impl Geo {
+    /// Sink positions of the normalization set (`[0, min(sink_end, local_start))`).
+    #[inline(always)]
+    pub fn n_sink(&self) -> usize {
+        self.sink_end.min(self.local_start)
+    }
+    /// Size of the normalization set (host/src/hga's `Geometry::always`: the sink and the window up to `b0`).
+    #[inline(always)]
+    pub fn n_always(&self) -> usize {
+        self.n_sink() + self.b0.saturating_sub(self.local_start.max(self.sink_end))
+    }
+    /// Position of the `j`-th element of the normalization set.
+    #[inline(always)]
+    pub fn always_pos(&self, j: usize) -> usize {
+        let s = self.n_sink();
+        if j < s {
+            j
+        } else {
+            self.local_start.max(self.sink_end) + (j - s)
+        }
+    }
+}
+
+/// Address of the bf16 key row of position `j`, KV head `h` (see [`RouteParams`]).
+#[inline(always)]
+pub(crate) unsafe fn key_row(p: &RouteParams, h: usize, j: usize) -> *const u16 {
+    if p.k_table != 0 {
+        let t = *(p.k_table as *const u64).add(h * p.k_table_len as usize + j / HGA_GROUP);
+        (t as *const u16).add((j % HGA_GROUP) * p.k_row_stride as usize)
+    } else {
+        (p.k as *const u16).add(h * p.k_head_stride as usize + j * p.k_row_stride as usize)
+    }
+}
+
+/// The q row `r` of KV head `h` (rows query-major: token `r / per_kv`, query head `h * per_kv + r % per_kv`).
+#[inline(always)]
+pub(crate) unsafe fn q_row(p: &RouteParams, h: usize, r: usize) -> *const f32 {
+    let per_kv = (p.n_heads / p.n_kv_heads) as usize;
+    (p.q as *const f32).add(((r / per_kv) * p.n_heads as usize + h * per_kv + r % per_kv) * 128)
+}
+
+/// `min.f32` (NaN-ignoring, as f32::min).
+#[inline(always)]
+pub(crate) fn fmin(a: f32, b: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        core::arch::asm!("min.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Natural log (lg2.approx).
+#[inline(always)]
+pub(crate) fn ln(x: f32) -> f32 {
+    lg2(x) * core::f32::consts::LN_2
+}
+
+/// `ln sum exp` of two-pass form as host/src/hga's `log_sum_exp`: -inf when the max is -inf.
+#[inline(always)]
+pub(crate) fn lse_finish(m: f32, sum: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        f32::NEG_INFINITY
+    } else {
+        m + ln(sum)
+    }
+}
+
+/// One step of an online log-sum-exp `(m, s)` (max and sum of `exp(x - m)`): the same value as host/src/hga's
+/// two-pass `log_sum_exp` up to rounding, and the same NaN/inf behaviour (a NaN or a +inf term gives NaN, -inf
+/// terms count 0, all -inf gives -inf through [`lse_finish`]).
+#[inline(always)]
+pub(crate) fn lse_push(m: f32, s: f32, x: f32) -> (f32, f32) {
+    if x == f32::NEG_INFINITY {
+        return (m, s);
+    }
+    let mn = fmax(m, x);
+    let l2e = core::f32::consts::LOG2_E;
+    (mn, s * ex2((m - mn) * l2e) + ex2((x - mn) * l2e))
+}
+
+/// Merges two online log-sum-exp states.
+#[inline(always)]
+pub(crate) fn lse_merge(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
+    let mn = fmax(a.0, b.0);
+    if mn == f32::NEG_INFINITY {
+        return (mn, 0.0);
+    }
+    let l2e = core::f32::consts::LOG2_E;
+    (mn, a.1 * ex2((a.0 - mn) * l2e) + b.1 * ex2((b.0 - mn) * l2e))
+}
+
+/// Monotone u32 key of a score: larger score, larger key; NaN ranks as -inf (host/src/hga's `top_k`).
+#[inline(always)]
+pub(crate) fn order_key(s: f32) -> u32 {
+    let s = if s != s { f32::NEG_INFINITY } else { s };
+    let b = s.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The key of -inf (the lowest a score can have).
+pub(crate) const NEG_INF_KEY: u32 = !0xFF80_0000u32;
+
+#[inline(always)]
+fn shfl_up_u32(v: u32, d: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        core::arch::asm!("shfl.sync.up.b32 {0}, {1}, {2}, 0, 0xffffffff;", out(reg32) r, in(reg32) v, in(reg32) d, options(nostack))
+    };
+    r
+}
+
+/// `match.any.sync.b32` over the full warp: the lanes holding the same value.
+#[inline(always)]
+fn match_any(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        core::arch::asm!("match.any.sync.b32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
+    };
+    r
+}
+
+#[inline(always)]
+unsafe fn atom_shared_add(p: *mut u32, v: u32) {
+    core::arch::asm!("red.shared.add.u32 [{0}], {1};", in(reg64) cvta_to_shared(p), in(reg32) v, options(nostack));
+}
+
+#[inline(always)]
+fn cvta_to_shared(p: *mut u32) -> u64 {
+    let r: u64;
+    unsafe {
+        core::arch::asm!("cvta.to.shared.u64 {0}, {1};", out(reg64) r, in(reg64) p, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Block-wide exclusive prefix sum of one u32 per thread (ROUTE_THREADS threads) and the total; `scan` is 9 words
+/// of shared memory. Every thread must call it.
+#[inline(always)]
+unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
+    let tid = thread_x() as usize;
+    let (warp, lane) = (tid / 32, tid % 32);
+    let mut x = v;
+    let mut d = 1;
+    while d < 32 {
+        let y = shfl_up_u32(x, d);
+        if lane as u32 >= d {
+            x += y;
+        }
+        d <<= 1;
+    }
+    if lane == 31 {
+        *scan.add(warp) = x;
+    }
+    sync_threads();
+    let mut before = 0;
+    let mut total = 0;
+    let mut w = 0;
+    while w < ROUTE_THREADS / 32 {
+        let t = *scan.add(w);
+        if w < warp {
+            before += t;
+        }
+        total += t;
+        w += 1;
+    }
+    sync_threads();
+    (before + x - v, total)
+}
+
+/// The last CTA's top-k: among the `n` scores at `scores` (global, written by the CTAs of this launch, read with
+/// `ld.global.cg`), selects the `k` best (rule in the module docs; all `n` when `k >= n`) and writes `map(i)` for
+/// the selected `i` in ascending `i` to `out[0..]`, then `u32::MAX` up to `out_len`. Returns the number of scores
+/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (4 passes of 8 bits, a
+/// 256-bin histogram each), then an ordered compaction (block scans). Shared memory: `route_select_smem(n)`.
+/// Every thread of the CTA must call it.
+pub(crate) unsafe fn select_top_k(
+    scores: *const f32,
+    n: usize,
+    k: usize,
+    out: *mut u32,
+    out_len: usize,
+    map: impl Fn(usize) -> u32,
+) -> u32 {
+    let tid = thread_x() as usize;
+    let nt = ROUTE_THREADS;
+    let keys = dyn_smem_ptr::<u32>();
+    let hist = keys.add(n);
+    let scan = hist.add(256);
+    let mut lost = 0u32;
+    // Four independent loads in flight per thread (the scores sit in L2).
+    let mut i0 = 0;
+    while i0 < n {
+        let mut v = [0f32; 4];
+        unroll!(u in [0, 1, 2, 3] {
+            let i = i0 + u * nt + tid;
+            v[u] = if i < n { ld_cg_f32(scores.add(i)) } else { 0.0 };
+        });
+        unroll!(u in [0, 1, 2, 3] {
+            let i = i0 + u * nt + tid;
+            if i < n {
+                let key = order_key(v[u]);
+                *keys.add(i) = key;
+                lost += (key <= NEG_INF_KEY) as u32;
+            }
+        });
+        i0 += 4 * nt;
+    }
+    let (_, lost) = block_scan(lost, scan);
+    // Threshold key T and how many candidates equal to T are taken (the lowest indices).
+    let (mut thr, mut need) = (0u32, 0u32);
+    if k == 0 {
+        thr = u32::MAX;
+    } else if k < n {
+        let (mut prefix, mut mask, mut kk) = (0u32, 0u32, k as u32);
+        let mut pass = 0;
+        while pass < 4 {
+            let shift = 24 - 8 * pass;
+            *hist.add(tid) = 0;
+            sync_threads();
+            // Warp-aggregated counts: the lanes of a warp with the same bin (scores of one scale share their top
+            // byte, so most keys fall in one bin) add once, through their leader (`match.any`).
+            let lane = (tid % 32) as u32;
+            let mut i = tid;
+            while i - (lane as usize) < n {
+                let key = if i < n { *keys.add(i) } else { 0 };
+                let active = i < n && key & mask == prefix;
+                let bin = if active { (key >> shift) & 255 } else { 0x100 | lane };
+                let peers = match_any(bin);
+                if active && (peers & ((1u32 << lane) - 1)) == 0 {
+                    atom_shared_add(hist.add(bin as usize), peers.count_ones());
+                }
+                i += nt;
+            }
+            sync_threads();
+            if tid < 32 {
+                // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
+                let top = 255 - 8 * tid;
+                let mut s = 0u32;
+                let mut j = 0;
+                while j < 8 {
+                    s += *hist.add(top - j);
+                    j += 1;
+                }
+                let mut incl = s;
+                let mut d = 1;
+                while d < 32 {
+                    let y = shfl_up_u32(incl, d);
+                    if tid as u32 >= d {
+                        incl += y;
+                    }
+                    d <<= 1;
+                }
+                let excl = incl - s;
+                if excl < kk && kk <= incl {
+                    let mut cum = excl;
+                    let mut j = 0;
+                    while j < 8 {
+                        let c = *hist.add(top - j);
+                        if cum + c >= kk {
+                            *scan.add(16) = (top - j) as u32;
+                            *scan.add(17) = kk - cum;
+                            break;
+                        }
+                        cum += c;
+                        j += 1;
+                    }
+                }
+            }
+            sync_threads();
+            let b = *scan.add(16);
+            kk = *scan.add(17);
+            prefix |= b << shift;
+            mask |= 255 << shift;
+            sync_threads();
+            pass += 1;
+        }
+        thr = prefix;
+        need = kk;
+    }
+    // Ordered compaction: thread t owns the contiguous candidates [t * e, (t + 1) * e).
+    let e = n.div_ceil(nt);
+    let lo = (tid * e).min(n);
+    let hi = (lo + e).min(n);
+    let mut eq = 0u32;
+    let mut i = lo;
+    while i < hi {
+        eq += (*keys.add(i) == thr) as u32;
+        i += 1;
+    }
+    let (eq_before, _) = block_scan(eq, scan);
+    let mut sel = 0u32;
+    let mut seen = eq_before;
+    let mut i = lo;
+    while i < hi {
+        let key = *keys.add(i);
+        if key > thr || (key == thr && seen < need) {
+            sel += 1;
+        }
+        seen += (key == thr) as u32;
+        i += 1;
+    }
+    let (mut at, total) = block_scan(sel, scan);
+    let mut seen = eq_before;
+    let mut i = lo;
+    while i < hi {
+        let key = *keys.add(i);
+        if key > thr || (key == thr && seen < need) {
+            *out.add(at as usize) = map(i);
+            at += 1;
+        }
+        seen += (key == thr) as u32;
+        i += 1;
+    }
+    let mut i = total as usize + tid;
+    while i < out_len {
+        *out.add(i) = u32::MAX;
+        i += nt;
+    }
+    lost
+}
+
+/// [`last_block_arrives`] for the CTAs of one KV head (grid.x of them); `flag` is a word of shared memory.
+#[inline(always)]
+pub(crate) unsafe fn last_of_head(counter: *mut u32, ctas: u32) -> bool {
+    let flag = dyn_smem_ptr::<u32>();
+    let last = last_block_arrives(counter, ctas, flag);
+    sync_threads(); // every thread has read the flag before shared memory is reused
+    last
+}

@@ -17,11 +17,12 @@
 //! - **Chunk summary** (stage 1, per (layer, KV head, closed chunk)): elementwise min and max of the chunk's 64
 //!   post-RoPE bf16 keys, `bf16 [n_kv_heads][max_chunks][128]` each ([`SUMMARY_BYTES_PER_CHUNK`] per chunk and head).
 //!   The keys are bf16, so their min and max are exact in bf16.
-//! - **int4 sketch** (stage 2, per (layer, KV head, token)): `s = f16(max_d |k_d| / 7)`, `q_d = clamp(round(k_d / s),
-//!   -8, 7)` (round half away from zero, the division in f32 with `s` as the f16 value), two's complement nibbles,
+//! - **int4 sketch** (stage 2, per (layer, KV head, token)): `s = max_d |k_d| / 7` in f32, `q_d = clamp(round(k_d / s),
+//!   -8, 7)` (round half away from zero, the division in f32 by that f32 `s`, as host/src/hga computes it); the stored
+//!   scale is `f16(s)` (round to nearest even; NaN if the key has a NaN), two's complement nibbles,
 //!   dimension `2i` in the low nibble of byte `i` and `2i + 1` in the high nibble: `u8 [n_kv_heads][max_tokens][64]`
 //!   and the scales `f16 [n_kv_heads][max_tokens]` ([`SKETCH_BYTES_PER_TOKEN`] per token and head). The estimated
-//!   key is `q_d * s`; `s = 0` (an all-zero key) gives the zero key.
+//!   key is `q_d * f16(s)`; `s = 0` (an all-zero key) gives the zero key.
 //! - **Selected groups** (the output of stage 2, per KV head): `u32 [n_kv_heads][n_groups]`, absolute group indices.
 
 /// Head dimension of every HGA kernel.

@@ -339,6 +339,89 @@ impl Geometry {
     }
 }
 
+/// HGA's two-stage routing of one routing unit (Selector::Hga): the chunks stage 1 keeps (absolute chunk indices,
+/// sorted) and the groups stage 2 selects (absolute group indices, sorted). `g.n_groups` must be > 0.
+fn route_hga(
+    p: &HgaParams,
+    g: &Geometry,
+    sums: (&Summaries, &Summaries),
+    qs: &[&[f32]],
+    unit_heads: usize,
+    keys: KeyView<'_>,
+    scale: f64,
+) -> (Vec<usize>, Vec<usize>) {
+    let gpc = p.chunk / p.group;
+    let agg = |vals: &mut dyn Iterator<Item = f64>, n_heads: usize| -> f64 {
+        match p.gqa {
+            GqaMode::Mean => vals.sum::<f64>() / n_heads as f64,
+            _ => vals.fold(f64::NEG_INFINITY, f64::max),
+        }
+    };
+    let (chunks, groups) = sums;
+    // Per (query, head): the log-sum-exp of its sink and window scores, subtracted when normalizing.
+    // Summary scores are unscaled `q . k` bounds or estimates, so they are scaled first.
+    let base: Vec<f64> =
+        if p.normalize { qs.iter().map(|q| keys.lse(q, g.always(), scale)).collect() } else { vec![0.0; qs.len()] };
+    // `qs` is query-major ([q0h0, q0h1, .., q1h0, ..]): per head, the max over the block's queries;
+    // then the GQA aggregation over the unit's heads.
+    let combine = |f: &dyn Fn(usize) -> f64| -> f64 {
+        let per_head = |h: usize| -> f64 {
+            (h..qs.len()).step_by(unit_heads).map(|i| f(i) - base[i]).fold(f64::NEG_INFINITY, f64::max)
+        };
+        agg(&mut (0..unit_heads).map(per_head), unit_heads)
+    };
+    let score = |sm: &Summaries, b: usize| combine(&|i| sm.score(p.summary, qs[i], b) * scale);
+    let chunk_scores: Vec<f64> = (g.first_chunk..g.end_chunk).map(|c| score(chunks, c)).collect();
+    let kept = top_k(&chunk_scores, g.n_chunks);
+    let cand: Vec<usize> =
+        kept.iter().flat_map(|&c| (g.first_chunk + c) * gpc..(g.first_chunk + c + 1) * gpc).collect();
+    let group_scores: Vec<f64> = match p.group_score {
+        GroupScore::Summary => cand.iter().map(|&gi| score(groups, gi)).collect(),
+        GroupScore::Sketch4 => cand
+            .iter()
+            .map(|&gi| {
+                let sk: Vec<Vec<f32>> = (gi * p.group..(gi + 1) * p.group).map(|j| keys.sketch4(j)).collect();
+                combine(&|i| {
+                    let s: Vec<f64> = sk.iter().map(|k| dot_f64(qs[i], k) * scale).collect();
+                    log_sum_exp(&s)
+                })
+            })
+            .collect(),
+    };
+    let mut sel: Vec<usize> = top_k(&group_scores, g.n_groups).into_iter().map(|i| cand[i]).collect();
+    sel.sort_unstable();
+    let mut kept_abs: Vec<usize> = kept.iter().map(|&c| g.first_chunk + c).collect();
+    kept_abs.sort_unstable();
+    (kept_abs, sel)
+}
+
+/// [`HgaAttention`]'s choice for one routing unit at the query block `b0 .. b0 + len`: (kept chunks, selected
+/// groups), both absolute and sorted (empty when the geometry selects no group). `keys` is `[positions, stride]`
+/// with the KV head's rotated keys at `off .. off + d` (at least the block's positions); `qs` the block's query rows
+/// query-major (`[q0h0, q0h1, .., q1h0, ..]`) for the `unit_heads` query heads of the unit. Exposed so that the GPU
+/// routing can be compared with the oracle on the same keys.
+#[allow(clippy::too_many_arguments)]
+pub fn route_unit(
+    p: &HgaParams,
+    b0: usize,
+    len: usize,
+    keys: &[f32],
+    stride: usize,
+    off: usize,
+    d: usize,
+    qs: &[&[f32]],
+    unit_heads: usize,
+    scale: f64,
+) -> (Vec<usize>, Vec<usize>) {
+    let g = Geometry::new(p, b0, len);
+    if g.n_groups == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let chunks = Summaries::build(keys, stride, off, d, g.end_chunk * p.chunk, p.chunk);
+    let grp = Summaries::build(keys, stride, off, d, g.end_chunk * p.chunk, p.group);
+    route_hga(p, &g, (&chunks, &grp), qs, unit_heads, KeyView { keys, stride, off, d }, scale)
+}
+
 /// The HGA attention policy (with optional diagnostics, see [`diag`]).
 pub struct HgaAttention {
     pub params: HgaParams,
@@ -412,54 +495,9 @@ impl HgaAttention {
             return Vec::new();
         }
         let gpc = p.chunk / p.group;
-        let agg = |vals: &mut dyn Iterator<Item = f64>, n_heads: usize| -> f64 {
-            match p.gqa {
-                GqaMode::Mean => vals.sum::<f64>() / n_heads as f64,
-                _ => vals.fold(f64::NEG_INFINITY, f64::max),
-            }
-        };
         let group_range = g.first_chunk * gpc..g.end_chunk * gpc;
         match (p.selector, dense_probs) {
-            (Selector::Hga, _) | (_, None) => {
-                let (chunks, groups) = sums;
-                // Per (query, head): the log-sum-exp of its sink and window scores, subtracted when normalizing.
-                // Summary scores are unscaled `q . k` bounds or estimates, so they are scaled first.
-                let base: Vec<f64> = if p.normalize {
-                    qs.iter().map(|q| keys.lse(q, g.always(), scale)).collect()
-                } else {
-                    vec![0.0; qs.len()]
-                };
-                // `qs` is query-major ([q0h0, q0h1, .., q1h0, ..]): per head, the max over the block's queries;
-                // then the GQA aggregation over the unit's heads.
-                let combine = |f: &dyn Fn(usize) -> f64| -> f64 {
-                    let per_head = |h: usize| -> f64 {
-                        (h..qs.len()).step_by(unit_heads).map(|i| f(i) - base[i]).fold(f64::NEG_INFINITY, f64::max)
-                    };
-                    agg(&mut (0..unit_heads).map(per_head), unit_heads)
-                };
-                let score = |sm: &Summaries, b: usize| combine(&|i| sm.score(p.summary, qs[i], b) * scale);
-                let chunk_scores: Vec<f64> = (g.first_chunk..g.end_chunk).map(|c| score(chunks, c)).collect();
-                let kept = top_k(&chunk_scores, g.n_chunks);
-                let cand: Vec<usize> =
-                    kept.iter().flat_map(|&c| (g.first_chunk + c) * gpc..(g.first_chunk + c + 1) * gpc).collect();
-                let group_scores: Vec<f64> = match p.group_score {
-                    GroupScore::Summary => cand.iter().map(|&gi| score(groups, gi)).collect(),
-                    GroupScore::Sketch4 => cand
-                        .iter()
-                        .map(|&gi| {
-                            let sk: Vec<Vec<f32>> =
-                                (gi * p.group..(gi + 1) * p.group).map(|j| keys.sketch4(j)).collect();
-                            combine(&|i| {
-                                let s: Vec<f64> = sk.iter().map(|k| dot_f64(qs[i], k) * scale).collect();
-                                log_sum_exp(&s)
-                            })
-                        })
-                        .collect(),
-                };
-                let mut sel: Vec<usize> = top_k(&group_scores, g.n_groups).into_iter().map(|i| cand[i]).collect();
-                sel.sort_unstable();
-                sel
-            }
+            (Selector::Hga, _) | (_, None) => route_hga(p, g, sums, qs, unit_heads, keys, scale).1,
             (Selector::OracleGroups, Some(probs)) => {
                 // Mass of each candidate group, max over (query, head).
                 let mass: Vec<f64> = group_range
@@ -646,8 +684,8 @@ impl KeyView<'_> {
     }
 }
 
-/// `ln sum exp(s_i)`, -inf for an empty slice.
-fn log_sum_exp(s: &[f64]) -> f64 {
+/// `ln sum exp(s_i)`, -inf for an empty slice (NaN if any `s_i` is NaN or the max is +inf).
+pub fn log_sum_exp(s: &[f64]) -> f64 {
     let m = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
     if m == f64::NEG_INFINITY {
         return m;
