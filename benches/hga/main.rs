@@ -5,6 +5,7 @@
 mod attend;
 #[path = "../common/mod.rs"]
 mod common;
+mod layer;
 mod route;
 
 fn main() {
@@ -16,4 +17,5 @@ fn main() {
     println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
     route::run(&gpu);
     attend::run(&gpu);
+    layer::run(&gpu);
 }
