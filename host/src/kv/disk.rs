@@ -68,6 +68,11 @@ pub fn page_bytes(format: &BlockFormat) -> usize {
     format.block_bytes().next_multiple_of(PAGE_ALIGN)
 }
 
+/// The checksum of a page (crc32c, hardware-accelerated where the CPU has it), as the page table keeps it.
+pub fn page_checksum(page: &[u8]) -> u32 {
+    crc32c::crc32c(page)
+}
+
 /// Options of the disk tier.
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
@@ -809,7 +814,14 @@ impl<M: ExtentMemory> DiskStore<M> {
         let reqs: Vec<Req> =
             batch.iter().map(|&(p, s)| Req { offset: p as u64 * pb as u64, ptr: self.slots.ptr(s), len: pb }).collect();
         let res = self.engine.read(self.file.file.as_raw_fd(), &reqs);
-        for ((&(p, s), r), out) in batch.iter().zip(&reqs).zip(res) {
+        // The checksums of the batch in parallel (crc32c runs at ~8 GB/s per core: serial, it would be a tenth of
+        // the time of the reads it checks).
+        let found: Vec<u32> = {
+            use rayon::prelude::*;
+            let slots = &self.slots;
+            batch.par_iter().map(|&(_, s)| page_checksum(slots.bytes(s))).collect()
+        };
+        for (((&(p, _), r), out), found) in batch.iter().zip(&reqs).zip(res).zip(found) {
             let file = || self.file.path.clone();
             match out {
                 Err(e) => return Err(KvError::Read { file: file(), offset: r.offset, len: r.len, msg: e.to_string() }),
@@ -818,7 +830,6 @@ impl<M: ExtentMemory> DiskStore<M> {
                 }
                 Ok(_) => {}
             }
-            let found = crc32c::crc32c(self.slots.bytes(s));
             let expected = self.table[p].crc;
             if found != expected {
                 let (layer, kv_head, group) = self.coords(p);
