@@ -43,9 +43,9 @@
 //!
 //! ## Measured
 //! On the 2-core build machine's virtio disk (docs/perf-kv.md, "Disk tier", 2026-12-03; the H200 host's disk was not
-//! measured), misses of random 3% selections of a 536 MB history through a 16 MB cache: io_uring 0.668 GB/s =
-//! 0.90x raw O_DIRECT reads of the same offsets (0.741 GB/s); the pread pool 0.503 GB/s = 0.90x raw pread reads,
-//! 0.68x raw io_uring. io_uring is the default (the pread pool where io_uring is refused, with a warning). Appends
+//! measured), misses of random 3% selections of a 536 MB history through a 16 MB cache: io_uring 0.53-0.63 GB/s =
+//! 0.83-1.01x raw O_DIRECT reads of the same offsets in the same run (three runs); the pread pool 0.48-0.51 GB/s =
+//! 0.90-1.04x raw pread reads, 0.75-0.81x raw io_uring. crc32c: 7.9 GB/s per core. io_uring is the default (the pread pool where io_uring is refused, with a warning). Appends
 //! with batched writes: 7-10K tokens/s (0.7-1.0 GB/s).
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
