@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use hga::kv::arena::{BlockFormat, GROUP};
-use hga::kv::disk::{raw_reads, DiskConfig, DiskStore};
+use hga::kv::disk::{page_checksum, raw_reads, DiskConfig, DiskStore};
 use hga::kv::store::IoMode;
 use hga::kv::{HeapMemory, KvTier};
 
@@ -128,6 +128,25 @@ pub fn run() {
     for (n, how, tps, gbs, wr) in &append_rows {
         println!("| {n} | {how} | {tps:.0} | {gbs:.2} | {:.1} MB |", *wr as f64 / 1e6);
     }
+
+    // ---- the page checksum ----
+    let buf = rows(64 << 18, 9); // 64 MiB of f32
+    let bytes: &[u8] = bytemuck::cast_slice(&buf);
+    let mut t_crc = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut x = 0u32;
+        for page in bytes.chunks_exact(f.block_bytes()) {
+            x ^= page_checksum(page);
+        }
+        std::hint::black_box(x);
+        t_crc.push(bytes.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    println!(
+        "
+page checksum (crc32c of 8 KB pages, 64 MiB, median of 5): {:.1} GB/s",
+        median(t_crc)
+    );
 
     // ---- disk tier misses vs raw O_DIRECT reads ----
     let groups = (mb << 20) / (LAYERS * HEADS * f.block_bytes());

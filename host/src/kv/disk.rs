@@ -43,9 +43,9 @@
 //!
 //! ## Measured
 //! On the 2-core build machine's virtio disk (docs/perf-kv.md, "Disk tier", 2026-12-03; the H200 host's disk was not
-//! measured), misses of random 3% selections of a 536 MB history through a 16 MB cache: io_uring 0.668 GB/s =
-//! 0.90x raw O_DIRECT reads of the same offsets (0.741 GB/s); the pread pool 0.503 GB/s = 0.90x raw pread reads,
-//! 0.68x raw io_uring. io_uring is the default (the pread pool where io_uring is refused, with a warning). Appends
+//! measured), misses of random 3% selections of a 536 MB history through a 16 MB cache: io_uring 0.53-0.63 GB/s =
+//! 0.83-1.01x raw O_DIRECT reads of the same offsets in the same run (three runs); the pread pool 0.48-0.51 GB/s =
+//! 0.90-1.04x raw pread reads, 0.75-0.81x raw io_uring. crc32c: 7.9 GB/s per core. io_uring is the default (the pread pool where io_uring is refused, with a warning). Appends
 //! with batched writes: 7-10K tokens/s (0.7-1.0 GB/s).
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -66,6 +66,11 @@ pub const MIN_SPARE_SLOTS: usize = 8;
 /// Bytes of one page of `format`: its block padded to [`PAGE_ALIGN`].
 pub fn page_bytes(format: &BlockFormat) -> usize {
     format.block_bytes().next_multiple_of(PAGE_ALIGN)
+}
+
+/// The checksum of a page (crc32c, hardware-accelerated where the CPU has it), as the page table keeps it.
+pub fn page_checksum(page: &[u8]) -> u32 {
+    crc32c::crc32c(page)
 }
 
 /// Options of the disk tier.
@@ -809,7 +814,14 @@ impl<M: ExtentMemory> DiskStore<M> {
         let reqs: Vec<Req> =
             batch.iter().map(|&(p, s)| Req { offset: p as u64 * pb as u64, ptr: self.slots.ptr(s), len: pb }).collect();
         let res = self.engine.read(self.file.file.as_raw_fd(), &reqs);
-        for ((&(p, s), r), out) in batch.iter().zip(&reqs).zip(res) {
+        // The checksums of the batch in parallel (crc32c runs at ~8 GB/s per core: serial, it would be a tenth of
+        // the time of the reads it checks).
+        let found: Vec<u32> = {
+            use rayon::prelude::*;
+            let slots = &self.slots;
+            batch.par_iter().map(|&(_, s)| page_checksum(slots.bytes(s))).collect()
+        };
+        for (((&(p, _), r), out), found) in batch.iter().zip(&reqs).zip(res).zip(found) {
             let file = || self.file.path.clone();
             match out {
                 Err(e) => return Err(KvError::Read { file: file(), offset: r.offset, len: r.len, msg: e.to_string() }),
@@ -818,7 +830,6 @@ impl<M: ExtentMemory> DiskStore<M> {
                 }
                 Ok(_) => {}
             }
-            let found = crc32c::crc32c(self.slots.bytes(s));
             let expected = self.table[p].crc;
             if found != expected {
                 let (layer, kv_head, group) = self.coords(p);
