@@ -23,7 +23,8 @@
 //!   dimension `2i` in the low nibble of byte `i` and `2i + 1` in the high nibble: `u8 [n_kv_heads][max_tokens][64]`
 //!   and the scales `f16 [n_kv_heads][max_tokens]` ([`SKETCH_BYTES_PER_TOKEN`] per token and head). The estimated
 //!   key is `q_d * f16(s)`; `s = 0` (an all-zero key) gives the zero key.
-//! - **Selected groups** (the output of stage 2, per KV head): `u32 [n_kv_heads][n_groups]`, absolute group indices.
+//! - **Selected groups** (the output of stage 2, per KV head): `u32 [n_kv_heads][n_groups]`, absolute group indices
+//!   (`hga_route_stage2`: `n_groups` is the launch's max_groups; the selection ascending, then u32::MAX padding).
 
 /// Head dimension of every HGA kernel.
 pub const HGA_HEAD_DIM: usize = 128;

@@ -311,7 +311,7 @@ pub fn route(
         }
     }
     let shape_s = format!(
-        "heads={}/{} q_len={} b0={b0} budget={:?} shortlist={} n_c={} n_g={} {}{special:?} tie-diffs={diffs}",
+        "heads={}/{} q_len={} b0={b0} budget={:?} shortlist={:.3e} n_c={} n_g={} {}{special:?} tie-diffs={diffs}",
         shape.n_heads,
         kv,
         shape.q_len,
