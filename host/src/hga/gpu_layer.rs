@@ -1,0 +1,409 @@
+//! The embeddable HGA attention layer: one [`HgaLayer`] per model layer, driven from the caller's stream (the
+//! [`Gpu`]'s) and device buffers, with the K/V tiers behind it: the host arena (mapped pinned extents, addressed
+//! through an [`ArenaTable`] shared by every layer), the layer's GPU working set ([`GpuCache`]: sink slots, window
+//! ring, routed slots) and its routing summaries.
+//!
+//! Per decode step and layer, in stream order, all enqueued without a host synchronization and with fixed launch
+//! shapes (one recorded CUDA graph serves every step; the position is a device u32 shared by the layers):
+//! - [`HgaLayer::append`]: the token's post-RoPE K and V (`bf16 [n_kv][128]`) at the device position `p` go into
+//!   the window ring, the sink (while `p < 64`) and the mapped arena (`hga_kv_append`); then the summary of the
+//!   chunk that this key closes, if any (`hga_route_summary` with `SummaryChunks::Closed` and a device count
+//!   `p + 1`, made on the device by a copy of the position and `hga_kv_advance`).
+//! - [`HgaLayer::attend`]: the query's f32 copy (`hga_cast_bf16_f32`, unless the caller passes one), stage 1 and
+//!   stage 2 of the routing (`hga_route` at the device position), the cache lookup and the gather of its misses
+//!   from the arena, and the routed split-K attention with its merge (`hga_attend_decode`) into the caller's
+//!   `out bf16 [n_heads][128]` and `lse f32 [n_heads]` (natural log).
+//! - after the last layer, the caller advances the shared position ([`advance_position`]).
+//!
+//! ## Which keys the routing reads
+//! The routing reads keys for two things: the normalization set (the sink, positions 0..63, and the window from
+//! `local_start` to `p - 1`) and the summary of a closing chunk (its 64 keys, positions `p - 63 ..= p`). Both are
+//! always on the GPU already: the sink in the 4 sink slots, everything from `local_start` on in the window ring
+//! (20 groups: `p - local_start <= 319`), and a closing chunk is the newest 4 groups of the ring. So the layer keeps
+//! one fixed table of group-block addresses per KV head (`KeySource::table`): group `g < 4` -> sink slot `g`,
+//! group `g >= 4` -> ring slot `g % 20`. An entry is valid exactly for the groups the kernels read at that step,
+//! and the table never changes, so it is recorded once. Reading the arena's mapped blocks instead would cross
+//! PCIe for every normalization key of every step.
+//!
+//! ## After a prompt
+//! [`HgaLayer::prefill_history`] takes the dense post-RoPE K and V of a prompt (`bf16 [tokens][n_kv][128]`, as the
+//! dense prefill produces them), writes the summaries of its whole chunks (`SummaryChunks::Range`), copies every
+//! group into the arena and the sink and the newest 20 groups into the window ring (strided device copies, one
+//! per head and run of consecutive blocks), and empties the cache. The caller then sets the device position to
+//! `tokens` and decodes. (The exact layer-major prefill of a long prompt is the model's; it ends here.)
+use super::Budget;
+use crate::kernels::attention::DecodeWorkspace;
+use crate::kernels::hga_attend::{hga_attend_decode, RoutedShape};
+use crate::kernels::hga_route::{
+    hga_route, hga_route_summary, KeySource, RoutePos, RouteShape, RouteSummaries, RouteWorkspace, SummaryChunks,
+};
+use crate::kernels::kv::{hga_kv_advance, hga_kv_append, hga_kv_gather, hga_kv_lookup};
+use crate::kernels::{dptr, dptr_mut, launch};
+use crate::kv::gpu_cache::{ArenaTable, CacheCounters, GpuCache, GpuCacheConfig};
+use crate::runtime::{Gpu, RuntimeError};
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use gpu_kernels::params::{
+    HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_SINK_SLOTS,
+    KV_WINDOW_SLOTS,
+};
+use half::bf16;
+
+/// What one layer serves.
+#[derive(Clone, Copy, Debug)]
+pub struct HgaLayerConfig {
+    /// This layer's index in the arena.
+    pub layer: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Longest context (positions `0 .. max_ctx`).
+    pub max_ctx: usize,
+    /// The routing budget (host/src/hga's; the rest of the routing is `HgaParams::default()`'s).
+    pub budget: Budget,
+    /// Routed-group slots per KV head of the GPU cache (>= the selection width; 0: twice the selection width).
+    pub cache_slots: usize,
+    /// CLOCK reference counts on a hit and on a fill (see `kv::gpu_cache`).
+    pub ref_hit: u32,
+    pub ref_fill: u32,
+}
+
+impl HgaLayerConfig {
+    /// The default routing with `budget`, a cache of twice the selection and CLOCK counts (2, 1).
+    pub fn new(layer: usize, n_heads: usize, n_kv_heads: usize, max_ctx: usize, budget: Budget) -> Self {
+        HgaLayerConfig { layer, n_heads, n_kv_heads, max_ctx, budget, cache_slots: 0, ref_hit: 2, ref_fill: 1 }
+    }
+
+    /// The routing shape: host/src/hga's default routing, one query token, the selection width `max_groups` sized
+    /// by the budget at `max_ctx` (so that it never binds) rather than by every candidate.
+    pub fn route_shape(&self) -> RouteShape {
+        let mut s = RouteShape::default_for(self.n_heads, self.n_kv_heads, 1, self.max_ctx, self.budget);
+        let budget = match self.budget {
+            Budget::Tokens(t) => t,
+            Budget::Fraction(f) => (f * self.max_ctx as f64).ceil() as usize,
+        };
+        s.max_groups = (budget / HGA_GROUP).min(s.max_cand_groups()).max(1);
+        let kept = (s.shortlist * (s.max_groups * HGA_GROUP) as f64 / HGA_CHUNK as f64).ceil();
+        s.max_kept = if kept.is_finite() { kept as usize } else { usize::MAX }.min(s.max_cand_chunks()).max(1);
+        s
+    }
+
+    /// The cache's configuration.
+    pub fn cache_config(&self) -> GpuCacheConfig {
+        let mg = self.route_shape().max_groups;
+        GpuCacheConfig {
+            layer: self.layer,
+            n_kv: self.n_kv_heads,
+            cache_slots: if self.cache_slots == 0 { 2 * mg } else { self.cache_slots },
+            table_groups: self.max_ctx.div_ceil(HGA_GROUP),
+            max_groups: mg,
+            ref_hit: self.ref_hit,
+            ref_fill: self.ref_fill,
+        }
+    }
+}
+
+/// One layer's HGA decode attention on the GPU (see the module docs).
+pub struct HgaLayer {
+    cfg: HgaLayerConfig,
+    route: RouteShape,
+    attn: RoutedShape,
+    sums: RouteSummaries,
+    ws: RouteWorkspace,
+    /// The last step's selection, u32 [n_kv][max_groups] (absolute groups ascending, u32::MAX padding).
+    pub selected: CudaSlice<u32>,
+    pub cache: GpuCache,
+    aws: DecodeWorkspace,
+    /// u64 [n_kv][table_len]: group -> address of its block in the sink slots or the window ring.
+    key_table: CudaSlice<u64>,
+    table_len: usize,
+    q32: CudaSlice<f32>,
+    /// u32 [1]: `p + 1` for the closing-chunk summary.
+    count: CudaSlice<u32>,
+}
+
+impl HgaLayer {
+    /// Allocates the layer's summaries, routing workspace, selection, cache and attention workspace. `arena` is
+    /// the table every layer shares (checked against this layer's index and heads, and its reach).
+    pub fn new(gpu: &Gpu, cfg: &HgaLayerConfig, arena: &ArenaTable) -> Result<Self, RuntimeError> {
+        let d = HGA_HEAD_DIM;
+        if cfg.max_ctx == 0 || cfg.n_kv_heads == 0 {
+            return Err(RuntimeError::Shape("hga layer: max_ctx and n_kv_heads must be positive".into()));
+        }
+        let l = &arena.layout;
+        if cfg.layer >= l.layers || cfg.n_kv_heads != l.kv_heads {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer {} with {} KV heads does not fit the arena ({} layers, {} KV heads)",
+                cfg.layer, cfg.n_kv_heads, l.layers, l.kv_heads
+            )));
+        }
+        let route = cfg.route_shape();
+        let cc = cfg.cache_config();
+        if cc.table_groups > arena.groups() {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer: max_ctx {} needs {} groups, the arena table reaches {}",
+                cfg.max_ctx,
+                cc.table_groups,
+                arena.groups()
+            )));
+        }
+        let s = gpu.stream();
+        let sums = RouteSummaries::new(gpu, cfg.n_kv_heads, cfg.max_ctx)?;
+        let ws = RouteWorkspace::new(gpu, &route)?;
+        let selected = s.alloc_zeros::<u32>(cfg.n_kv_heads * route.max_groups)?;
+        let cache = GpuCache::new(gpu, cc)?;
+        let attn = RoutedShape {
+            tokens: 1,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            n_slots: cc.n_slots(),
+            max_entries: cc.max_entries(),
+        };
+        let aws = DecodeWorkspace::new(gpu, 64, cfg.n_heads, 256)?;
+        let table_len = cfg.max_ctx.div_ceil(HGA_GROUP);
+        let base = cache.slots.device_ptr(s).0;
+        let sph = cc.slots_per_head();
+        let mut t = vec![0u64; cfg.n_kv_heads * table_len];
+        for h in 0..cfg.n_kv_heads {
+            for g in 0..table_len {
+                let slot = h * sph + if g < KV_SINK_SLOTS { g } else { KV_SINK_SLOTS + g % KV_WINDOW_SLOTS };
+                t[h * table_len + g] = base + (slot * KV_GROUP_BYTES) as u64;
+            }
+        }
+        let key_table = s.clone_htod(&t)?;
+        let q32 = s.alloc_zeros::<f32>(cfg.n_heads * d)?;
+        let count = s.alloc_zeros::<u32>(1)?;
+        Ok(HgaLayer { cfg: *cfg, route, attn, sums, ws, selected, cache, aws, key_table, table_len, q32, count })
+    }
+
+    pub fn config(&self) -> &HgaLayerConfig {
+        &self.cfg
+    }
+    pub fn route_shape(&self) -> &RouteShape {
+        &self.route
+    }
+    pub fn attend_shape(&self) -> &RoutedShape {
+        &self.attn
+    }
+    pub fn summaries(&self) -> &RouteSummaries {
+        &self.sums
+    }
+    /// The routing's by-products of the last step (stats: n_c, n_g per KV head...).
+    pub fn route_workspace(&self) -> &RouteWorkspace {
+        &self.ws
+    }
+    /// Cache hits, misses and bytes so far, summed over the KV heads (no synchronization: see `GpuCache`).
+    pub fn cache_totals(&self) -> CacheCounters {
+        self.cache.total()
+    }
+
+    /// Appends the token at the device position `pos` (`k_new`, `v_new: bf16 [n_kv][128]`, post-RoPE) to the
+    /// window ring, the sink and the arena, and summarizes the chunk it closes. Two kernels, a 4-byte device copy
+    /// and one more kernel, all stream ordered.
+    pub fn append(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        k_new: &impl DevicePtr<bf16>,
+        v_new: &impl DevicePtr<bf16>,
+        arena: &ArenaTable,
+    ) -> Result<(), RuntimeError> {
+        hga_kv_append(gpu, &mut self.cache, pos, k_new, v_new, arena, true)?;
+        gpu.stream().memcpy_dtod(pos, &mut self.count)?;
+        hga_kv_advance(gpu, &mut self.count)?;
+        // SAFETY: the table's entries are the addresses of this layer's sink and ring slots, which live as long as
+        // `self`; the summary of the chunk closed at p reads groups p/16 - 3 ..= p/16, the newest four of the ring.
+        let keys = unsafe { KeySource::table(gpu, &self.key_table, self.table_len) };
+        hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::Closed(&self.count))
+    }
+
+    /// The attention of the query at the device position `pos` (after [`HgaLayer::append`] of that position):
+    /// `q: bf16 [n_heads][128]` post-RoPE, `q_f32` its f32 copy if the caller has one (else made on the device),
+    /// `out: bf16 [n_heads][128]`, `lse: f32 [n_heads]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        q: &impl DevicePtr<bf16>,
+        q_f32: Option<&CudaSlice<f32>>,
+        out: &mut impl DevicePtrMut<bf16>,
+        lse: &mut impl DevicePtrMut<f32>,
+        arena: &ArenaTable,
+    ) -> Result<(), RuntimeError> {
+        let n = self.cfg.n_heads * HGA_HEAD_DIM;
+        if q.len() != n {
+            return Err(RuntimeError::Shape(format!("hga layer q: {} elements, expected {n}", q.len())));
+        }
+        if q_f32.is_none() {
+            cast_bf16_f32(gpu, q, &mut self.q32)?;
+        }
+        let q32 = q_f32.unwrap_or(&self.q32);
+        // SAFETY: as in `append`: the normalization keys (sink, window below p) are in the sink slots and the ring.
+        let keys = unsafe { KeySource::table(gpu, &self.key_table, self.table_len) };
+        hga_route(gpu, &self.route, &keys, &self.sums, q32, RoutePos::Device(pos), &mut self.ws, &mut self.selected)?;
+        hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)?;
+        hga_kv_gather(gpu, &mut self.cache, pos, arena)?;
+        let c = &self.cache;
+        hga_attend_decode(
+            gpu,
+            q,
+            &c.slots,
+            &c.entry_slot,
+            &c.entry_pos,
+            &c.n_entries,
+            pos,
+            &mut self.aws,
+            out,
+            lse,
+            &self.attn,
+        )?;
+        Ok(())
+    }
+
+    /// Fills the layer from the dense post-RoPE K and V of a computed prompt (`bf16 [>= n_tokens][n_kv][128]`):
+    /// the summaries of its whole chunks, every group in the arena (copies into the mapped extents, which must be
+    /// allocated), the sink and the window ring, and an empty cache. The caller then sets the device position to
+    /// `n_tokens`. Synchronizes (once, to read the arena's extent addresses and to empty the cache).
+    pub fn prefill_history(
+        &mut self,
+        gpu: &Gpu,
+        k_all: &CudaSlice<bf16>,
+        v_all: &CudaSlice<bf16>,
+        n_tokens: usize,
+        arena: &ArenaTable,
+    ) -> Result<(), RuntimeError> {
+        let (d, nkv) = (HGA_HEAD_DIM, self.cfg.n_kv_heads);
+        if n_tokens == 0 {
+            return self.cache.reset(gpu);
+        }
+        if n_tokens >= self.cfg.max_ctx {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer prefill: {n_tokens} tokens leave no room under max_ctx {}",
+                self.cfg.max_ctx
+            )));
+        }
+        for (what, b) in [("k_all", k_all), ("v_all", v_all)] {
+            if b.len() < n_tokens * nkv * d {
+                return Err(RuntimeError::Shape(format!(
+                    "hga layer prefill {what}: {} elements, need {}",
+                    b.len(),
+                    n_tokens * nkv * d
+                )));
+            }
+        }
+        self.cache.reset(gpu)?;
+        let keys = KeySource::dense(gpu, k_all, d, nkv * d);
+        hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::Range { first: 0, count: n_tokens / HGA_CHUNK })?;
+        let s = gpu.stream();
+        let extents = s.clone_dtoh(&arena.table)?;
+        let l = arena.layout;
+        let (pk, _gk) = dptr(gpu, k_all);
+        let (pv, _gv) = dptr(gpu, v_all);
+        let slots = self.cache.slots.device_ptr(s).0;
+        let sph = self.cache.cfg.slots_per_head();
+        let row_bytes = d * 2;
+        let pitch = nkv * row_bytes;
+        let n_groups = n_tokens.div_ceil(HGA_GROUP);
+        let last = n_groups - 1;
+        gpu.context().bind_to_thread()?;
+        // One run: groups g0 .. g0 + n of head h into consecutive blocks starting at `dst` (K at +0, V at +4096).
+        let copy_run = |h: usize, g0: usize, n: usize, dst: u64| -> Result<(), RuntimeError> {
+            let src_off = ((g0 * HGA_GROUP) * nkv + h) * row_bytes;
+            let rows_end = ((g0 + n) * HGA_GROUP).min(n_tokens);
+            let full = (rows_end - g0 * HGA_GROUP) / HGA_GROUP;
+            let tail = rows_end - (g0 + full) * HGA_GROUP;
+            for (src, half) in [(pk, 0usize), (pv, KV_GROUP_K_BYTES)] {
+                if full > 0 {
+                    copy_blocks(gpu, src + src_off as u64, pitch, dst + half as u64, HGA_GROUP, full)?;
+                }
+                if tail > 0 {
+                    let so = src_off + full * HGA_GROUP * pitch;
+                    let dd = dst + (full * KV_GROUP_BYTES + half) as u64;
+                    copy_blocks(gpu, src + so as u64, pitch, dd, tail, 1)?;
+                }
+            }
+            Ok(())
+        };
+        for h in 0..nkv {
+            // The arena, one run per extent.
+            let mut g = 0;
+            while g < n_groups {
+                let e = g / l.groups_per_extent;
+                let end = ((e + 1) * l.groups_per_extent).min(n_groups);
+                let base = *extents.get(e).unwrap_or(&0);
+                if base == 0 {
+                    return Err(RuntimeError::Shape(format!(
+                        "hga layer prefill: arena extent {e} (groups {g}..{end}) is not allocated"
+                    )));
+                }
+                let (_, off) = l.locate(self.cfg.layer, h, g);
+                copy_run(h, g, end - g, base + off as u64)?;
+                g = end;
+            }
+            // The sink (groups 0..3).
+            let ns = n_groups.min(KV_SINK_SLOTS);
+            copy_run(h, 0, ns, slots + (h * sph * KV_GROUP_BYTES) as u64)?;
+            // The window ring: the newest 20 groups, in runs that do not wrap.
+            let mut g = last.saturating_sub(KV_WINDOW_SLOTS - 1);
+            while g <= last {
+                let r = g % KV_WINDOW_SLOTS;
+                let n = (KV_WINDOW_SLOTS - r).min(last + 1 - g);
+                copy_run(h, g, n, slots + ((h * sph + KV_SINK_SLOTS + r) * KV_GROUP_BYTES) as u64)?;
+                g += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `pos += 1` on the device: the end of a decode step, once for all layers sharing `pos`.
+pub fn advance_position(gpu: &Gpu, pos: &mut CudaSlice<u32>) -> Result<(), RuntimeError> {
+    hga_kv_advance(gpu, pos)
+}
+
+/// `dst = f32(src)` on the device (`hga_cast_bf16_f32`).
+pub fn cast_bf16_f32(
+    gpu: &Gpu,
+    src: &impl DevicePtr<bf16>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<(), RuntimeError> {
+    let n = src.len();
+    if dst.len() != n || n == 0 {
+        return Err(RuntimeError::Shape(format!("hga cast: {n} bf16 into {} f32", dst.len())));
+    }
+    let (ps, _g0) = dptr(gpu, src);
+    let (pd, _g1) = dptr_mut(gpu, dst);
+    let p = HgaCastParams { src: ps, dst: pd, n: crate::kernels::dim_u32("hga cast n", n)?, _pad: 0 };
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: n elements of each buffer, checked above.
+    unsafe { launch(gpu, "hga_cast_bf16_f32", cfg, p) }
+}
+
+/// Copies `blocks` runs of `rows` rows of 256 bytes (one head's K or V rows of 16 consecutive tokens, `src_pitch`
+/// bytes apart) into consecutive group blocks at `dst` (rows 256 bytes apart, blocks 8192 bytes apart): one 3D copy
+/// on the stream (unified addresses: device memory or mapped host memory on either side).
+fn copy_blocks(
+    gpu: &Gpu,
+    src: u64,
+    src_pitch: usize,
+    dst: u64,
+    rows: usize,
+    blocks: usize,
+) -> Result<(), RuntimeError> {
+    let row = HGA_HEAD_DIM * 2;
+    let mut c: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
+    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
+    c.srcDevice = src;
+    c.srcPitch = src_pitch;
+    c.srcHeight = HGA_GROUP;
+    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
+    c.dstDevice = dst;
+    c.dstPitch = row;
+    c.dstHeight = KV_GROUP_BYTES / row;
+    c.WidthInBytes = row;
+    c.Height = rows;
+    c.Depth = blocks;
+    // SAFETY: the caller passes source rows inside the dense K/V buffer and destination blocks inside the slot pool
+    // or an allocated arena extent; the descriptor lives across the call (the driver copies it).
+    unsafe { sys::cuMemcpy3DAsync_v2(&c, gpu.stream().cu_stream()) }.result()?;
+    Ok(())
+}
