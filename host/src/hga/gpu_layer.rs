@@ -43,8 +43,7 @@ use crate::kv::gpu_cache::{ArenaTable, CacheCounters, GpuCache, GpuCacheConfig};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
-    HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_SINK_SLOTS,
-    KV_WINDOW_SLOTS,
+    HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_SINK_SLOTS, KV_WINDOW_SLOTS,
 };
 use half::bf16;
 
@@ -361,11 +360,7 @@ pub fn advance_position(gpu: &Gpu, pos: &mut CudaSlice<u32>) -> Result<(), Runti
 }
 
 /// `dst = f32(src)` on the device (`hga_cast_bf16_f32`).
-pub fn cast_bf16_f32(
-    gpu: &Gpu,
-    src: &impl DevicePtr<bf16>,
-    dst: &mut CudaSlice<f32>,
-) -> Result<(), RuntimeError> {
+pub fn cast_bf16_f32(gpu: &Gpu, src: &impl DevicePtr<bf16>, dst: &mut CudaSlice<f32>) -> Result<(), RuntimeError> {
     let n = src.len();
     if dst.len() != n || n == 0 {
         return Err(RuntimeError::Shape(format!("hga cast: {n} bf16 into {} f32", dst.len())));
@@ -406,4 +401,62 @@ fn copy_blocks(
     // or an allocated arena extent; the descriptor lives across the call (the driver copies it).
     unsafe { sys::cuMemcpy3DAsync_v2(&c, gpu.stream().cu_stream()) }.result()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hga::{Geometry, HgaParams};
+
+    /// The selection width and the kept-chunk width sized from the budget never bind: at every position below
+    /// max_ctx, host/src/hga's geometry (uncapped) fits them, so the GPU routes exactly what the oracle routes.
+    #[test]
+    fn route_widths_never_bind() {
+        for (max_ctx, budget) in [
+            (1100usize, Budget::Tokens(768)),
+            (4096, Budget::Fraction(0.03)),
+            (3100, Budget::Fraction(0.3)),
+            (70_000, Budget::Fraction(0.03)),
+            (2200, Budget::Fraction(1.0)),
+            (5000, Budget::Tokens(64)),
+        ] {
+            let cfg = HgaLayerConfig::new(0, 32, 4, max_ctx, budget);
+            let s = cfg.route_shape();
+            let p = HgaParams { budget, ..HgaParams::default() };
+            for b0 in (0..max_ctx).step_by(7).chain([max_ctx - 1]) {
+                let g = Geometry::new(&p, b0, 1);
+                assert!(g.n_groups <= s.max_groups, "{max_ctx} {budget:?} at {b0}: {} > {}", g.n_groups, s.max_groups);
+                assert!(g.n_chunks <= s.max_kept, "{max_ctx} {budget:?} at {b0}: {} > {}", g.n_chunks, s.max_kept);
+                let r = crate::reference::hga_route::geometry(&s, b0);
+                assert_eq!((r.n_groups, r.n_chunks), (g.n_groups, g.n_chunks));
+            }
+            let c = cfg.cache_config();
+            assert!(c.cache_slots >= c.max_groups && c.table_groups * 16 >= max_ctx);
+        }
+    }
+
+    /// Every key the routing reads at position p (the sink, the window below p) and the closing chunk's keys lie in
+    /// slots that the key table maps and that hold them at that step: group g < 4 in sink slot g, the rest in ring
+    /// slot g % 20, with the ring holding groups p / 16 - 19 ..= p / 16.
+    #[test]
+    fn key_table_covers_what_the_routing_reads() {
+        let p = HgaParams::default();
+        for pos in 64..5000usize {
+            let g = Geometry::new(&p, pos, 1);
+            let pg = pos / 16;
+            let ring_ok = |grp: usize| grp + KV_WINDOW_SLOTS > pg && grp <= pg;
+            for j in g.always() {
+                let grp = j / 16;
+                assert!(grp < KV_SINK_SLOTS || ring_ok(grp), "pos {pos}: key {j}");
+            }
+            if (pos + 1) % 64 == 0 {
+                for j in pos - 63..=pos {
+                    assert!(j / 16 < KV_SINK_SLOTS || ring_ok(j / 16));
+                }
+            }
+            // The lookup's window (kv_local_start) is the routing's local_start.
+            let w0 = gpu_kernels::params::kv_local_start(pos as u32) as usize;
+            assert_eq!(w0.max(64), g.local_start.max(64), "pos {pos}");
+        }
+    }
 }
