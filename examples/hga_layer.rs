@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_ext = (max_ctx / 16).div_ceil(layout.groups_per_extent);
     let extents = (0..n_ext).map(|_| mem.alloc(layout.extent_bytes())).collect::<Result<Vec<_>, _>>()?;
     let arena = ArenaTable::new(&gpu, layout, &extents, n_ext)?;
-    let cfg = HgaLayerConfig::new(0, n_heads, n_kv, max_ctx, Budget::Fraction(0.1));
+    let cfg = HgaLayerConfig::new(0, n_heads, n_kv, max_ctx, Budget::Fraction(0.25));
     let mut layer = HgaLayer::new(&gpu, &cfg, &arena)?;
 
     // A prompt's K/V as the dense prefill leaves them: bf16 [tokens][n_kv][128].

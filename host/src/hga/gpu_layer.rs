@@ -375,7 +375,8 @@ pub fn cast_bf16_f32(gpu: &Gpu, src: &impl DevicePtr<bf16>, dst: &mut CudaSlice<
 
 /// Copies `blocks` runs of `rows` rows of 256 bytes (one head's K or V rows of 16 consecutive tokens, `src_pitch`
 /// bytes apart) into consecutive group blocks at `dst` (rows 256 bytes apart, blocks 8192 bytes apart): one 3D copy
-/// on the stream (unified addresses: device memory or mapped host memory on either side).
+/// on the stream with unified addresses (device memory or mapped host memory on either side); should the driver
+/// refuse that descriptor, the same copy with device addresses, and last one row copy per row.
 fn copy_blocks(
     gpu: &Gpu,
     src: u64,
@@ -385,21 +386,35 @@ fn copy_blocks(
     blocks: usize,
 ) -> Result<(), RuntimeError> {
     let row = HGA_HEAD_DIM * 2;
-    let mut c: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
-    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
-    c.srcDevice = src;
-    c.srcPitch = src_pitch;
-    c.srcHeight = HGA_GROUP;
-    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
-    c.dstDevice = dst;
-    c.dstPitch = row;
-    c.dstHeight = KV_GROUP_BYTES / row;
-    c.WidthInBytes = row;
-    c.Height = rows;
-    c.Depth = blocks;
-    // SAFETY: the caller passes source rows inside the dense K/V buffer and destination blocks inside the slot pool
-    // or an allocated arena extent; the descriptor lives across the call (the driver copies it).
-    unsafe { sys::cuMemcpy3DAsync_v2(&c, gpu.stream().cu_stream()) }.result()?;
+    let stream = gpu.stream().cu_stream();
+    for ty in [sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED, sys::CUmemorytype::CU_MEMORYTYPE_DEVICE] {
+        // SAFETY: a plain C descriptor; zero is "unused" for every field not set below.
+        let mut c: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
+        c.srcMemoryType = ty;
+        c.srcDevice = src;
+        c.srcPitch = src_pitch;
+        c.srcHeight = HGA_GROUP;
+        c.dstMemoryType = ty;
+        c.dstDevice = dst;
+        c.dstPitch = row;
+        c.dstHeight = KV_GROUP_BYTES / row;
+        c.WidthInBytes = row;
+        c.Height = rows;
+        c.Depth = blocks;
+        // SAFETY: the caller passes source rows inside the dense K/V buffer and destination blocks inside the slot
+        // pool or an allocated arena extent; the driver reads the descriptor during the call.
+        if unsafe { sys::cuMemcpy3DAsync_v2(&c, stream) } == sys::CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+    }
+    for b in 0..blocks {
+        for r in 0..rows {
+            let s = src + ((b * HGA_GROUP + r) * src_pitch) as u64;
+            let d = dst + (b * KV_GROUP_BYTES + r * row) as u64;
+            // SAFETY: as above, one row of 256 bytes.
+            unsafe { sys::cuMemcpyDtoDAsync_v2(d, s, row, stream) }.result()?;
+        }
+    }
     Ok(())
 }
 
