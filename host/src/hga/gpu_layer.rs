@@ -294,64 +294,99 @@ impl HgaLayer {
         hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::Range { first: 0, count: n_tokens / HGA_CHUNK })?;
         let s = gpu.stream();
         let extents = s.clone_dtoh(&arena.table)?;
-        let l = arena.layout;
         let (pk, _gk) = dptr(gpu, k_all);
         let (pv, _gv) = dptr(gpu, v_all);
         let slots = self.cache.slots.device_ptr(s).0;
-        let sph = self.cache.cfg.slots_per_head();
-        let row_bytes = d * 2;
-        let pitch = nkv * row_bytes;
-        let n_groups = n_tokens.div_ceil(HGA_GROUP);
-        let last = n_groups - 1;
+        let plan = prefill_plan(&arena.layout, self.cfg.layer, nkv, self.cache.cfg.slots_per_head(), n_tokens);
         gpu.context().bind_to_thread()?;
-        // One run: groups g0 .. g0 + n of head h into consecutive blocks starting at `dst` (K at +0, V at +4096).
-        let copy_run = |h: usize, g0: usize, n: usize, dst: u64| -> Result<(), RuntimeError> {
-            let src_off = ((g0 * HGA_GROUP) * nkv + h) * row_bytes;
-            let rows_end = ((g0 + n) * HGA_GROUP).min(n_tokens);
-            let full = (rows_end - g0 * HGA_GROUP) / HGA_GROUP;
-            let tail = rows_end - (g0 + full) * HGA_GROUP;
-            for (src, half) in [(pk, 0usize), (pv, KV_GROUP_K_BYTES)] {
-                if full > 0 {
-                    copy_blocks(gpu, src + src_off as u64, pitch, dst + half as u64, HGA_GROUP, full)?;
-                }
-                if tail > 0 {
-                    let so = src_off + full * HGA_GROUP * pitch;
-                    let dd = dst + (full * KV_GROUP_BYTES + half) as u64;
-                    copy_blocks(gpu, src + so as u64, pitch, dd, tail, 1)?;
-                }
-            }
-            Ok(())
-        };
-        for h in 0..nkv {
-            // The arena, one run per extent.
-            let mut g = 0;
-            while g < n_groups {
-                let e = g / l.groups_per_extent;
-                let end = ((e + 1) * l.groups_per_extent).min(n_groups);
-                let base = *extents.get(e).unwrap_or(&0);
-                if base == 0 {
-                    return Err(RuntimeError::Shape(format!(
-                        "hga layer prefill: arena extent {e} (groups {g}..{end}) is not allocated"
-                    )));
-                }
-                let (_, off) = l.locate(self.cfg.layer, h, g);
-                copy_run(h, g, end - g, base + off as u64)?;
-                g = end;
-            }
-            // The sink (groups 0..3).
-            let ns = n_groups.min(KV_SINK_SLOTS);
-            copy_run(h, 0, ns, slots + (h * sph * KV_GROUP_BYTES) as u64)?;
-            // The window ring: the newest 20 groups, in runs that do not wrap.
-            let mut g = last.saturating_sub(KV_WINDOW_SLOTS - 1);
-            while g <= last {
-                let r = g % KV_WINDOW_SLOTS;
-                let n = (KV_WINDOW_SLOTS - r).min(last + 1 - g);
-                copy_run(h, g, n, slots + ((h * sph + KV_SINK_SLOTS + r) * KV_GROUP_BYTES) as u64)?;
-                g += n;
-            }
+        for c in plan {
+            let dst = match c.dst {
+                PrefillDst::Arena { extent, offset } => match extents.get(extent) {
+                    Some(&b) if b != 0 => b + offset as u64,
+                    _ => {
+                        return Err(RuntimeError::Shape(format!(
+                            "hga layer prefill: arena extent {extent} is not allocated"
+                        )))
+                    }
+                },
+                PrefillDst::Slot(i) => slots + (i * KV_GROUP_BYTES) as u64,
+            };
+            let src = if c.v { pv } else { pk } + c.src as u64;
+            copy_blocks(gpu, src, nkv * d * 2, dst + c.dst_off as u64, c.rows, c.blocks)?;
         }
         Ok(())
     }
+}
+
+/// Where a prefill copy lands: a group block of the arena (extent, byte offset) or a slot of the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PrefillDst {
+    Arena { extent: usize, offset: usize },
+    Slot(usize),
+}
+
+/// One strided copy of [`HgaLayer::prefill_history`]: `blocks` runs of `rows` token rows (K, or V with `v`) of one
+/// KV head from byte `src` of the dense buffer (rows `n_kv * 256` bytes apart) into consecutive blocks at `dst` +
+/// `dst_off` bytes (rows 256 bytes apart, blocks 8192 apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PrefillCopy {
+    pub v: bool,
+    pub src: usize,
+    pub dst: PrefillDst,
+    pub dst_off: usize,
+    pub rows: usize,
+    pub blocks: usize,
+}
+
+/// The copies that fill the arena (every group, one run per extent), the sink (groups 0..3) and the window ring
+/// (the newest 20 groups, runs that do not wrap) of every KV head from `n_tokens >= 1` dense rows.
+pub(crate) fn prefill_plan(
+    l: &crate::kv::ArenaLayout,
+    layer: usize,
+    nkv: usize,
+    slots_per_head: usize,
+    n_tokens: usize,
+) -> Vec<PrefillCopy> {
+    let row_bytes = HGA_HEAD_DIM * 2;
+    let pitch = nkv * row_bytes;
+    let n_groups = n_tokens.div_ceil(HGA_GROUP);
+    let last = n_groups - 1;
+    let mut out = Vec::new();
+    let mut run = |h: usize, g0: usize, n: usize, dst: PrefillDst| {
+        let src_off = ((g0 * HGA_GROUP) * nkv + h) * row_bytes;
+        let rows_end = ((g0 + n) * HGA_GROUP).min(n_tokens);
+        let full = (rows_end - g0 * HGA_GROUP) / HGA_GROUP;
+        let tail = rows_end - (g0 + full) * HGA_GROUP;
+        for (v, half) in [(false, 0usize), (true, KV_GROUP_K_BYTES)] {
+            if full > 0 {
+                out.push(PrefillCopy { v, src: src_off, dst, dst_off: half, rows: HGA_GROUP, blocks: full });
+            }
+            if tail > 0 {
+                let src = src_off + full * HGA_GROUP * pitch;
+                let dst_off = full * KV_GROUP_BYTES + half;
+                out.push(PrefillCopy { v, src, dst, dst_off, rows: tail, blocks: 1 });
+            }
+        }
+    };
+    for h in 0..nkv {
+        let mut g = 0;
+        while g < n_groups {
+            let e = g / l.groups_per_extent;
+            let end = ((e + 1) * l.groups_per_extent).min(n_groups);
+            let (_, offset) = l.locate(layer, h, g);
+            run(h, g, end - g, PrefillDst::Arena { extent: e, offset });
+            g = end;
+        }
+        run(h, 0, n_groups.min(KV_SINK_SLOTS), PrefillDst::Slot(h * slots_per_head));
+        let mut g = last.saturating_sub(KV_WINDOW_SLOTS - 1);
+        while g <= last {
+            let r = g % KV_WINDOW_SLOTS;
+            let n = (KV_WINDOW_SLOTS - r).min(last + 1 - g);
+            run(h, g, n, PrefillDst::Slot(h * slots_per_head + KV_SINK_SLOTS + r));
+            g += n;
+        }
+    }
+    out
 }
 
 /// `pos += 1` on the device: the end of a decode step, once for all layers sharing `pos`.
@@ -472,6 +507,134 @@ mod tests {
             // The lookup's window (kv_local_start) is the routing's local_start.
             let w0 = gpu_kernels::params::kv_local_start(pos as u32) as usize;
             assert_eq!(w0.max(64), g.local_start.max(64), "pos {pos}");
+        }
+    }
+
+    /// The data movement of the layer on the CPU, by construction of its parts: `prefill_plan`'s copies applied to
+    /// host buffers, then decode appends (the rule of `hga_kv_append`), lookups of the cache model
+    /// (`reference::kv`, the kernel's model) with random selections and their gathers from the arena. At every
+    /// step, every key row the routing reads through the key table is the token's key, and every row the entry
+    /// list makes visible holds the K and V of its position, the visible positions being exactly the oracle's
+    /// sink + window + selected groups (`Geometry::positions`).
+    #[test]
+    fn prefill_append_lookup_gather_place_every_row() {
+        use crate::kv::ArenaLayout;
+        use crate::reference::kv::{CacheModel, ABSENT};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        for (t0, nkv, gpe, steps) in
+            [(1000usize, 2usize, 16usize, 70usize), (2077, 1, 50, 30), (64, 1, 7, 280), (333, 3, 4, 70)]
+        {
+            let (d, layers, layer) = (HGA_HEAD_DIM, 2usize, 1usize);
+            let max_ctx = t0 + steps + 16;
+            let cfg = HgaLayerConfig::new(layer, 8 * nkv, nkv, max_ctx, Budget::Tokens(512));
+            let cc = cfg.cache_config();
+            let sph = cc.slots_per_head();
+            let l = ArenaLayout { layers, kv_heads: nkv, groups_per_extent: gpe };
+            let n_ext = cc.table_groups.div_ceil(gpe);
+            // Rows identify (token, head, K or V) in every element.
+            let val = |t: usize, h: usize, v: usize, i: usize| ((t * 7 + h * 3 + v) * 131 + i) as u16;
+            let n = t0 + steps;
+            let mut k = vec![0u16; n * nkv * d];
+            let mut vv = vec![0u16; n * nkv * d];
+            for t in 0..n {
+                for h in 0..nkv {
+                    for i in 0..d {
+                        k[(t * nkv + h) * d + i] = val(t, h, 0, i);
+                        vv[(t * nkv + h) * d + i] = val(t, h, 1, i);
+                    }
+                }
+            }
+            let kb: &[u8] = bytemuck::cast_slice(&k);
+            let vb: &[u8] = bytemuck::cast_slice(&vv);
+            let mut ext = vec![vec![0xEEu8; l.extent_bytes()]; n_ext];
+            let mut pool = vec![0xEEu8; cc.n_slots() * KV_GROUP_BYTES];
+            let pitch = nkv * d * 2;
+            for c in prefill_plan(&l, layer, nkv, sph, t0) {
+                let src = if c.v { vb } else { kb };
+                for b in 0..c.blocks {
+                    for r in 0..c.rows {
+                        let so = c.src + (b * HGA_GROUP + r) * pitch;
+                        let doff = c.dst_off + b * KV_GROUP_BYTES + r * 256;
+                        let dst = match c.dst {
+                            PrefillDst::Arena { extent, offset } => &mut ext[extent][offset + doff..][..256],
+                            PrefillDst::Slot(i) => &mut pool[i * KV_GROUP_BYTES + doff..][..256],
+                        };
+                        dst.copy_from_slice(&src[so..so + 256]);
+                    }
+                }
+            }
+            let row_of = |buf: &[u8], off: usize| -> Vec<u16> {
+                buf[off..off + 256].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+            };
+            let want = |t: usize, h: usize, v: usize| -> Vec<u16> { (0..d).map(|i| val(t, h, v, i)).collect() };
+            let mut model = CacheModel::new(cc.model(n_ext * gpe));
+            let hp = HgaParams::default();
+            for p in t0..n {
+                // hga_kv_append's rule.
+                let g = p / 16;
+                for h in 0..nkv {
+                    let mut targets = vec![(h * sph + KV_SINK_SLOTS + g % KV_WINDOW_SLOTS) * KV_GROUP_BYTES];
+                    if g < KV_SINK_SLOTS {
+                        targets.push((h * sph + g) * KV_GROUP_BYTES);
+                    }
+                    let inner = (p % 16) * 256;
+                    for (v, src) in [(0usize, kb), (1, vb)] {
+                        let so = (p * nkv + h) * 256;
+                        for &t in &targets {
+                            pool[t + v * KV_GROUP_K_BYTES + inner..][..256].copy_from_slice(&src[so..so + 256]);
+                        }
+                        let (e, off) = l.locate(layer, h, g);
+                        ext[e][off + v * KV_GROUP_K_BYTES + inner..][..256].copy_from_slice(&src[so..so + 256]);
+                    }
+                }
+                // The key table's rows: the normalization set and a closing chunk.
+                let geo = Geometry::new(&hp, p, 1);
+                let key_slot = |h: usize, grp: usize| {
+                    h * sph + if grp < KV_SINK_SLOTS { grp } else { KV_SINK_SLOTS + grp % KV_WINDOW_SLOTS }
+                };
+                let closing: Vec<usize> = if (p + 1) % 64 == 0 { (p - 63..=p).collect() } else { Vec::new() };
+                for h in 0..nkv {
+                    for j in geo.always().chain(closing.iter().copied()) {
+                        let off = key_slot(h, j / 16) * KV_GROUP_BYTES + (j % 16) * 256;
+                        assert_eq!(row_of(&pool, off), want(j, h, 0), "t0 {t0} p {p} h {h}: key {j}");
+                    }
+                }
+                // A random selection of candidates, the lookup and the gather.
+                let cand: Vec<u32> = (geo.first_chunk * 4..geo.end_chunk * 4).map(|x| x as u32).collect();
+                let sel: Vec<Vec<u32>> = (0..nkv)
+                    .map(|_| {
+                        let mut s: Vec<u32> = cand.iter().copied().filter(|_| rng.gen_bool(0.3)).collect();
+                        s.truncate(cc.max_groups);
+                        s.resize(cc.max_groups, ABSENT);
+                        s
+                    })
+                    .collect();
+                let outs = model.lookup(p as u32, &sel);
+                for (h, o) in outs.iter().enumerate() {
+                    for &(grp, slot) in &o.misses {
+                        let (e, off) = l.locate(layer, h, grp as usize);
+                        let blk = ext[e][off..off + KV_GROUP_BYTES].to_vec();
+                        pool[slot as usize * KV_GROUP_BYTES..][..KV_GROUP_BYTES].copy_from_slice(&blk);
+                    }
+                    let mut seen = Vec::new();
+                    for &(slot, pos0) in &o.entries {
+                        for r in 0..16 {
+                            let t = pos0 as usize + r;
+                            if t > p {
+                                break;
+                            }
+                            let off = slot as usize * KV_GROUP_BYTES + r * 256;
+                            assert_eq!(row_of(&pool, off), want(t, h, 0), "t0 {t0} p {p} h {h}: K of {t}");
+                            assert_eq!(row_of(&pool, off + KV_GROUP_K_BYTES), want(t, h, 1), "V of {t}");
+                            seen.push(t);
+                        }
+                    }
+                    seen.sort_unstable();
+                    let groups: Vec<usize> = sel[h].iter().filter(|&&x| x != ABSENT).map(|&x| x as usize).collect();
+                    assert_eq!(seen, geo.positions(16, &groups, p), "t0 {t0} p {p} h {h}: visible positions");
+                }
+            }
         }
     }
 }
