@@ -61,6 +61,7 @@ mod gemm;
 mod head;
 mod hga;
 mod hga_attend;
+mod hga_layer;
 mod hga_route;
 mod kv;
 mod moe;
@@ -76,6 +77,8 @@ pub use head::*;
 pub use hga::*;
 #[allow(unused_imports)]
 pub use hga_attend::*;
+#[allow(unused_imports)]
+pub use hga_layer::*;
 #[allow(unused_imports)]
 pub use hga_route::*;
 #[allow(unused_imports)]

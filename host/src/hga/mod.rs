@@ -30,7 +30,9 @@ use crate::model::forward::{AttentionPolicy, AttentionShape, LayerKv};
 
 pub mod diag;
 pub mod eval;
+pub mod gpu_layer;
 pub use diag::{Diagnostics, HeadStats};
+pub use gpu_layer::{HgaLayer, HgaLayerConfig};
 
 /// What summarizes a chunk or group of keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
