@@ -423,19 +423,34 @@ fn copy_blocks(
     let row = HGA_HEAD_DIM * 2;
     let stream = gpu.stream().cu_stream();
     for ty in [sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED, sys::CUmemorytype::CU_MEMORYTYPE_DEVICE] {
-        // SAFETY: a plain C descriptor; zero is "unused" for every field not set below.
-        let mut c: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
-        c.srcMemoryType = ty;
-        c.srcDevice = src;
-        c.srcPitch = src_pitch;
-        c.srcHeight = HGA_GROUP;
-        c.dstMemoryType = ty;
-        c.dstDevice = dst;
-        c.dstPitch = row;
-        c.dstHeight = KV_GROUP_BYTES / row;
-        c.WidthInBytes = row;
-        c.Height = rows;
-        c.Depth = blocks;
+        // Every field spelled out: the memory-type enum has no zero value, so the descriptor cannot be zeroed.
+        let c = sys::CUDA_MEMCPY3D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcZ: 0,
+            srcLOD: 0,
+            srcMemoryType: ty,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            reserved0: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            srcHeight: HGA_GROUP,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstZ: 0,
+            dstLOD: 0,
+            dstMemoryType: ty,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            reserved1: std::ptr::null_mut(),
+            dstPitch: row,
+            dstHeight: KV_GROUP_BYTES / row,
+            WidthInBytes: row,
+            Height: rows,
+            Depth: blocks,
+        };
         // SAFETY: the caller passes source rows inside the dense K/V buffer and destination blocks inside the slot
         // pool or an allocated arena extent; the driver reads the descriptor during the call.
         if unsafe { sys::cuMemcpy3DAsync_v2(&c, stream) } == sys::CUresult::CUDA_SUCCESS {
