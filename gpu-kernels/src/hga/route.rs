@@ -17,6 +17,7 @@ pub mod stage2;
 pub mod summary;
 
 use crate::arch::*;
+use crate::kv::{ballot, lanemask_lt};
 use crate::moe::{last_block_arrives, ld_cg_f32, unroll};
 use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_THREADS};
 
@@ -264,8 +265,10 @@ unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
 /// The last CTA's top-k: among the `n` scores at `scores` (global, written by the CTAs of this launch, read with
 /// `ld.global.cg`), selects the `k` best (rule in the module docs; all `n` when `k >= n`) and writes `map(i)` for
 /// the selected `i` in ascending `i` to `out[0..]`, then `u32::MAX` up to `out_len`. Returns the number of scores
-/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (4 passes of 8 bits, a
-/// 256-bin histogram each), then an ordered compaction (block scans). Shared memory: `route_select_smem(n)`.
+/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (up to 4 passes of 8 bits, a
+/// 256-bin histogram each; it stops after the pass whose threshold bin is taken whole), then an ordered
+/// compaction by warp ballots (each warp a contiguous segment: a counting pass, one barrier, a writing pass).
+/// Shared memory: `route_select_smem(n)`.
 /// Every thread of the CTA must call it.
 pub(crate) unsafe fn select_top_k(
     scores: *const f32,
@@ -300,12 +303,14 @@ pub(crate) unsafe fn select_top_k(
         i0 += 4 * nt;
     }
     let (_, lost) = block_scan(lost, scan);
-    // Threshold key T and how many candidates equal to T are taken (the lowest indices).
-    let (mut thr, mut need) = (0u32, 0u32);
+    // Threshold: the masked key `thr` (bits `mask`) and how many candidates whose masked key equals it are taken
+    // (the lowest indices); candidates with a larger masked key are all taken.
+    let (mut thr, mut mask, mut need) = (0u32, u32::MAX, 0u32);
     if k == 0 {
         thr = u32::MAX;
     } else if k < n {
-        let (mut prefix, mut mask, mut kk) = (0u32, 0u32, k as u32);
+        let (mut prefix, mut kk) = (0u32, k as u32);
+        mask = 0;
         let mut pass = 0;
         while pass < 4 {
             let shift = 24 - 8 * pass;
@@ -329,12 +334,11 @@ pub(crate) unsafe fn select_top_k(
             if tid < 32 {
                 // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
                 let top = 255 - 8 * tid;
-                let mut s = 0u32;
-                let mut j = 0;
-                while j < 8 {
-                    s += *hist.add(top - j);
-                    j += 1;
-                }
+                let mut c = [0u32; 8];
+                unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    c[j] = *hist.add(top - j);
+                });
+                let s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
                 let mut incl = s;
                 let mut d = 1;
                 while d < 32 {
@@ -349,13 +353,14 @@ pub(crate) unsafe fn select_top_k(
                     let mut cum = excl;
                     let mut j = 0;
                     while j < 8 {
-                        let c = *hist.add(top - j);
-                        if cum + c >= kk {
+                        if cum + c[j] >= kk {
                             *scan.add(16) = (top - j) as u32;
                             *scan.add(17) = kk - cum;
+                            // Every candidate of the bin is taken: the lower bits need not be resolved.
+                            *scan.add(18) = (cum + c[j] == kk) as u32;
                             break;
                         }
-                        cum += c;
+                        cum += c[j];
                         j += 1;
                     }
                 }
@@ -363,47 +368,70 @@ pub(crate) unsafe fn select_top_k(
             sync_threads();
             let b = *scan.add(16);
             kk = *scan.add(17);
+            let whole = *scan.add(18);
             prefix |= b << shift;
             mask |= 255 << shift;
             sync_threads();
             pass += 1;
+            if whole != 0 {
+                break;
+            }
         }
         thr = prefix;
         need = kk;
     }
-    // Ordered compaction: thread t owns the contiguous candidates [t * e, (t + 1) * e).
-    let e = n.div_ceil(nt);
-    let lo = (tid * e).min(n);
-    let hi = (lo + e).min(n);
-    let mut eq = 0u32;
-    let mut i = lo;
-    while i < hi {
-        eq += (*keys.add(i) == thr) as u32;
-        i += 1;
+    // Ordered compaction by warp ballots: warp w owns the candidates [w * seg, (w + 1) * seg) (seg a multiple of
+    // 32, read lane-strided: no bank conflicts); a counting pass, one exchange of the 8 warps' counts, a writing
+    // pass. Taken: masked key > thr, or == thr among the first `need` of those (in index order).
+    let (warp, lane) = (tid / 32, tid % 32);
+    let nw = nt / 32;
+    let seg = n.div_ceil(nw * 32) * 32;
+    let w_lo = (warp * seg).min(n);
+    let w_hi = (w_lo + seg).min(n);
+    let (mut gt_n, mut eq_n) = (0u32, 0u32);
+    let mut i0 = w_lo;
+    while i0 < w_hi {
+        let i = i0 + lane;
+        let key = if i < w_hi { *keys.add(i) & mask } else { 0 };
+        gt_n += ballot(i < w_hi && key > thr).count_ones();
+        eq_n += ballot(i < w_hi && key == thr).count_ones();
+        i0 += 32;
     }
-    let (eq_before, _) = block_scan(eq, scan);
-    let mut sel = 0u32;
-    let mut seen = eq_before;
-    let mut i = lo;
-    while i < hi {
-        let key = *keys.add(i);
-        if key > thr || (key == thr && seen < need) {
-            sel += 1;
-        }
-        seen += (key == thr) as u32;
-        i += 1;
+    if lane == 0 {
+        *scan.add(2 * warp) = gt_n;
+        *scan.add(2 * warp + 1) = eq_n;
     }
-    let (mut at, total) = block_scan(sel, scan);
-    let mut seen = eq_before;
-    let mut i = lo;
-    while i < hi {
-        let key = *keys.add(i);
-        if key > thr || (key == thr && seen < need) {
-            *out.add(at as usize) = map(i);
-            at += 1;
+    sync_threads();
+    // eq_before / at: the tied / taken candidates of the warps before this one; eq_run: of the warps before w.
+    let (mut eq_before, mut at, mut total, mut eq_run) = (0u32, 0u32, 0u32, 0u32);
+    let mut w = 0;
+    while w < nw {
+        let (g, e) = (*scan.add(2 * w), *scan.add(2 * w + 1));
+        let left = need.saturating_sub(eq_run);
+        let taken = g + if e < left { e } else { left };
+        if w < warp {
+            at += taken;
+            eq_before += e;
         }
-        seen += (key == thr) as u32;
-        i += 1;
+        total += taken;
+        eq_run += e;
+        w += 1;
+    }
+    let lt = lanemask_lt();
+    let mut i0 = w_lo;
+    while i0 < w_hi {
+        let i = i0 + lane;
+        let key = if i < w_hi { *keys.add(i) & mask } else { 0 };
+        let eqb = ballot(i < w_hi && key == thr);
+        let rank = eq_before + (eqb & lt).count_ones();
+        let take = i < w_hi && (key > thr || (key == thr && rank < need));
+        let tb = ballot(take);
+        if take {
+            *out.add((at + (tb & lt).count_ones()) as usize) = map(i);
+        }
+        at += tb.count_ones();
+        eq_before += eqb.count_ones();
+        i0 += 32;
     }
     let mut i = total as usize + tid;
     while i < out_len {
