@@ -281,8 +281,13 @@ pub(crate) unsafe fn select_top_k(
     let tid = thread_x() as usize;
     let nt = ROUTE_THREADS;
     let keys = dyn_smem_ptr::<u32>();
+    // One histogram per radix pass, all zeroed here (the barrier of the first block scan orders the zeroing
+    // before any count), so that a pass needs a single barrier.
     let hist = keys.add(n);
-    let scan = hist.add(256);
+    let scan = hist.add(1024);
+    unroll!(u in [0, 1, 2, 3] {
+        *hist.add(u * nt + tid) = 0;
+    });
     let mut lost = 0u32;
     // Four independent loads in flight per thread (the scores sit in L2).
     let mut i0 = 0;
@@ -314,8 +319,7 @@ pub(crate) unsafe fn select_top_k(
         let mut pass = 0;
         while pass < 4 {
             let shift = 24 - 8 * pass;
-            *hist.add(tid) = 0;
-            sync_threads();
+            let hist = hist.add(256 * pass);
             // Warp-aggregated counts: the lanes of a warp with the same bin (scores of one scale share their top
             // byte, so most keys fall in one bin) add once, through their leader (`match.any`).
             let lane = (tid % 32) as u32;
@@ -331,47 +335,47 @@ pub(crate) unsafe fn select_top_k(
                 i += nt;
             }
             sync_threads();
-            if tid < 32 {
-                // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
-                let top = 255 - 8 * tid;
-                let mut c = [0u32; 8];
-                unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    c[j] = *hist.add(top - j);
-                });
-                let s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
-                let mut incl = s;
-                let mut d = 1;
-                while d < 32 {
-                    let y = shfl_up_u32(incl, d);
-                    if tid as u32 >= d {
-                        incl += y;
-                    }
-                    d <<= 1;
+            // Every warp finds the threshold bin itself (the same result in each: no hand-off, no barrier).
+            // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
+            let top = 255 - 8 * lane as usize;
+            let mut c = [0u32; 8];
+            unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                c[j] = *hist.add(top - j);
+            });
+            let s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
+            let mut incl = s;
+            let mut d = 1;
+            while d < 32 {
+                let y = shfl_up_u32(incl, d);
+                if lane >= d {
+                    incl += y;
                 }
-                let excl = incl - s;
-                if excl < kk && kk <= incl {
-                    let mut cum = excl;
-                    let mut j = 0;
-                    while j < 8 {
-                        if cum + c[j] >= kk {
-                            *scan.add(16) = (top - j) as u32;
-                            *scan.add(17) = kk - cum;
-                            // Every candidate of the bin is taken: the lower bits need not be resolved.
-                            *scan.add(18) = (cum + c[j] == kk) as u32;
-                            break;
-                        }
-                        cum += c[j];
-                        j += 1;
+                d <<= 1;
+            }
+            let excl = incl - s;
+            // The lane whose range holds the kk-th key (exactly one) finds the bin, then broadcasts.
+            let (mut bl, mut kl, mut wl) = (0u32, 0u32, 0u32);
+            if excl < kk && kk <= incl {
+                let mut cum = excl;
+                let mut j = 0;
+                while j < 8 {
+                    if cum + c[j] >= kk {
+                        bl = (top - j) as u32;
+                        kl = kk - cum;
+                        // Every candidate of the bin is taken: the lower bits need not be resolved.
+                        wl = (cum + c[j] == kk) as u32;
+                        break;
                     }
+                    cum += c[j];
+                    j += 1;
                 }
             }
-            sync_threads();
-            let b = *scan.add(16);
-            kk = *scan.add(17);
-            let whole = *scan.add(18);
+            let src = ballot(excl < kk && kk <= incl).trailing_zeros();
+            let b = shfl_idx_u32(bl, src);
+            kk = shfl_idx_u32(kl, src);
+            let whole = shfl_idx_u32(wl, src);
             prefix |= b << shift;
             mask |= 255 << shift;
-            sync_threads();
             pass += 1;
             if whole != 0 {
                 break;

@@ -23,7 +23,7 @@
 use crate::arch::*;
 use crate::hga::route::{geometry, key_row, last_of_head, lse_finish, lse_merge, lse_push, q_row, select_top_k};
 use crate::moe::{fence_gpu, ld_cg_f32, unroll};
-use crate::params::{RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
+use crate::params::{route_select_smem, RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
 
 /// q . k for a bf16 key row (f32 accumulation, dims in order): the 16 loads of the row are issued before the
 /// arithmetic (unrolled; a loop would wait for each load in turn).
@@ -118,7 +118,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     // per lane), kept in shared memory behind the select's space.
     let (warp, lane) = (tid / 32, tid % 32);
     let base = (p.base as *mut f32).add(h * mr);
-    let base_sm = dyn_smem_ptr::<f32>().add(mc + 256 + 64);
+    let base_sm = dyn_smem_ptr::<f32>().add(route_select_smem(mc) / 4);
     // With at most 8 rows (decode) a thread's first chunk's raw bounds are loaded now, their latency hidden
     // behind the base computation; later chunks are loaded one iteration ahead.
     let few = rows <= 8;
