@@ -195,6 +195,14 @@ pub(crate) fn order_key(s: f32) -> u32 {
 /// The key of -inf (the lowest a score can have).
 pub(crate) const NEG_INF_KEY: u32 = !0xFF80_0000u32;
 
+/// `ld.global.cg.u32` (L2: data written by this CTA before a barrier).
+#[inline(always)]
+unsafe fn ld_cg_u32(p: *const u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("ld.global.cg.u32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack, readonly));
+    r
+}
+
 #[inline(always)]
 fn shfl_up_u32(v: u32, d: u32) -> u32 {
     let r: u32;
@@ -268,6 +276,7 @@ unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
 /// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (up to 4 passes of 8 bits, a
 /// 256-bin histogram each; it stops after the pass whose threshold bin is taken whole), then an ordered
 /// compaction by warp ballots (each warp a contiguous segment: a counting pass, one barrier, a writing pass).
+/// `map_loads`: `map` reads memory (then the indices are written first and mapped in a parallel pass).
 /// Shared memory: `route_select_smem(n)`.
 /// Every thread of the CTA must call it.
 pub(crate) unsafe fn select_top_k(
@@ -276,6 +285,7 @@ pub(crate) unsafe fn select_top_k(
     k: usize,
     out: *mut u32,
     out_len: usize,
+    map_loads: bool,
     map: impl Fn(usize) -> u32,
 ) -> u32 {
     let tid = thread_x() as usize;
@@ -431,11 +441,40 @@ pub(crate) unsafe fn select_top_k(
         let take = i < w_hi && (key > thr || (key == thr && rank < need));
         let tb = ballot(take);
         if take {
-            *out.add((at + (tb & lt).count_ones()) as usize) = map(i);
+            *out.add((at + (tb & lt).count_ones()) as usize) = if map_loads { i as u32 } else { map(i) };
         }
         at += tb.count_ones();
         eq_before += eqb.count_ones();
         i0 += 32;
+    }
+    if map_loads {
+        // A map that loads: the candidate indices were written first; here every thread maps up to 4 of them at
+        // a time (independent loads), not a chain of load-then-store per candidate in one warp. The CTA's global
+        // writes are visible to its threads after the barrier.
+        sync_threads();
+        let mut j0 = 0;
+        while j0 < total as usize {
+            let mut v = [0u32; 4];
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    v[u] = ld_cg_u32(out.add(j));
+                }
+            });
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    v[u] = map(v[u] as usize);
+                }
+            });
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    *out.add(j) = v[u];
+                }
+            });
+            j0 += 4 * nt;
+        }
     }
     let mut i = total as usize + tid;
     while i < out_len {

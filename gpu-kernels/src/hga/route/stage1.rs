@@ -214,7 +214,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     sync_threads();
     let first = g.first_chunk as u32;
     let kept = (p.kept as *mut u32).add(h * p.max_kept as usize);
-    let lost = select_top_k(scores, n_cand, g.n_chunks, kept, p.max_kept as usize, |i| first + i as u32);
+    let lost = select_top_k(scores, n_cand, g.n_chunks, kept, p.max_kept as usize, false, |i| first + i as u32);
     if tid == 0 {
         *stats = if g.n_chunks < n_cand { g.n_chunks as u32 } else { n_cand as u32 };
         *stats.add(2) = lost;
