@@ -299,15 +299,15 @@ pub(crate) unsafe fn select_top_k(
         *hist.add(u * nt + tid) = 0;
     });
     let mut lost = 0u32;
-    // Four independent loads in flight per thread (the scores sit in L2).
+    // Eight independent loads in flight per thread (the scores sit in L2): one round trip up to 2048 scores.
     let mut i0 = 0;
     while i0 < n {
-        let mut v = [0f32; 4];
-        unroll!(u in [0, 1, 2, 3] {
+        let mut v = [0f32; 8];
+        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
             let i = i0 + u * nt + tid;
             v[u] = if i < n { ld_cg_f32(scores.add(i)) } else { 0.0 };
         });
-        unroll!(u in [0, 1, 2, 3] {
+        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
             let i = i0 + u * nt + tid;
             if i < n {
                 let key = order_key(v[u]);
@@ -315,7 +315,7 @@ pub(crate) unsafe fn select_top_k(
                 lost += (key <= NEG_INF_KEY) as u32;
             }
         });
-        i0 += 4 * nt;
+        i0 += 8 * nt;
     }
     let (_, lost) = block_scan(lost, scan);
     // Threshold: the masked key `thr` (bits `mask`) and how many candidates whose masked key equals it are taken
