@@ -17,6 +17,7 @@ pub mod stage2;
 pub mod summary;
 
 use crate::arch::*;
+use crate::kv::{ballot, lanemask_lt};
 use crate::moe::{last_block_arrives, ld_cg_f32, unroll};
 use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_THREADS};
 
@@ -194,6 +195,14 @@ pub(crate) fn order_key(s: f32) -> u32 {
 /// The key of -inf (the lowest a score can have).
 pub(crate) const NEG_INF_KEY: u32 = !0xFF80_0000u32;
 
+/// `ld.global.cg.u32` (L2: data written by this CTA before a barrier).
+#[inline(always)]
+unsafe fn ld_cg_u32(p: *const u32) -> u32 {
+    let r: u32;
+    core::arch::asm!("ld.global.cg.u32 {0}, [{1}];", out(reg32) r, in(reg64) p, options(nostack, readonly));
+    r
+}
+
 #[inline(always)]
 fn shfl_up_u32(v: u32, d: u32) -> u32 {
     let r: u32;
@@ -264,8 +273,11 @@ unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
 /// The last CTA's top-k: among the `n` scores at `scores` (global, written by the CTAs of this launch, read with
 /// `ld.global.cg`), selects the `k` best (rule in the module docs; all `n` when `k >= n`) and writes `map(i)` for
 /// the selected `i` in ascending `i` to `out[0..]`, then `u32::MAX` up to `out_len`. Returns the number of scores
-/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (4 passes of 8 bits, a
-/// 256-bin histogram each), then an ordered compaction (block scans). Shared memory: `route_select_smem(n)`.
+/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (up to 4 passes of 8 bits, a
+/// 256-bin histogram each; it stops after the pass whose threshold bin is taken whole), then an ordered
+/// compaction by warp ballots (each warp a contiguous segment: a counting pass, one barrier, a writing pass).
+/// `map_loads`: `map` reads memory (then the indices are written first and mapped in a parallel pass).
+/// Shared memory: `route_select_smem(n)`.
 /// Every thread of the CTA must call it.
 pub(crate) unsafe fn select_top_k(
     scores: *const f32,
@@ -273,23 +285,29 @@ pub(crate) unsafe fn select_top_k(
     k: usize,
     out: *mut u32,
     out_len: usize,
+    map_loads: bool,
     map: impl Fn(usize) -> u32,
 ) -> u32 {
     let tid = thread_x() as usize;
     let nt = ROUTE_THREADS;
     let keys = dyn_smem_ptr::<u32>();
+    // One histogram per radix pass, all zeroed here (the barrier of the first block scan orders the zeroing
+    // before any count), so that a pass needs a single barrier.
     let hist = keys.add(n);
-    let scan = hist.add(256);
+    let scan = hist.add(1024);
+    unroll!(u in [0, 1, 2, 3] {
+        *hist.add(u * nt + tid) = 0;
+    });
     let mut lost = 0u32;
-    // Four independent loads in flight per thread (the scores sit in L2).
+    // Eight independent loads in flight per thread (the scores sit in L2): one round trip up to 2048 scores.
     let mut i0 = 0;
     while i0 < n {
-        let mut v = [0f32; 4];
-        unroll!(u in [0, 1, 2, 3] {
+        let mut v = [0f32; 8];
+        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
             let i = i0 + u * nt + tid;
             v[u] = if i < n { ld_cg_f32(scores.add(i)) } else { 0.0 };
         });
-        unroll!(u in [0, 1, 2, 3] {
+        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
             let i = i0 + u * nt + tid;
             if i < n {
                 let key = order_key(v[u]);
@@ -297,20 +315,21 @@ pub(crate) unsafe fn select_top_k(
                 lost += (key <= NEG_INF_KEY) as u32;
             }
         });
-        i0 += 4 * nt;
+        i0 += 8 * nt;
     }
     let (_, lost) = block_scan(lost, scan);
-    // Threshold key T and how many candidates equal to T are taken (the lowest indices).
-    let (mut thr, mut need) = (0u32, 0u32);
+    // Threshold: the masked key `thr` (bits `mask`) and how many candidates whose masked key equals it are taken
+    // (the lowest indices); candidates with a larger masked key are all taken.
+    let (mut thr, mut mask, mut need) = (0u32, u32::MAX, 0u32);
     if k == 0 {
         thr = u32::MAX;
     } else if k < n {
-        let (mut prefix, mut mask, mut kk) = (0u32, 0u32, k as u32);
+        let (mut prefix, mut kk) = (0u32, k as u32);
+        mask = 0;
         let mut pass = 0;
         while pass < 4 {
             let shift = 24 - 8 * pass;
-            *hist.add(tid) = 0;
-            sync_threads();
+            let hist = hist.add(256 * pass);
             // Warp-aggregated counts: the lanes of a warp with the same bin (scores of one scale share their top
             // byte, so most keys fall in one bin) add once, through their leader (`match.any`).
             let lane = (tid % 32) as u32;
@@ -326,84 +345,136 @@ pub(crate) unsafe fn select_top_k(
                 i += nt;
             }
             sync_threads();
-            if tid < 32 {
-                // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
-                let top = 255 - 8 * tid;
-                let mut s = 0u32;
+            // Every warp finds the threshold bin itself (the same result in each: no hand-off, no barrier).
+            // Lane l owns bins 255 - 8l down to 248 - 8l; counts are accumulated from the top bin down.
+            let top = 255 - 8 * lane as usize;
+            let mut c = [0u32; 8];
+            unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                c[j] = *hist.add(top - j);
+            });
+            let s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
+            let mut incl = s;
+            let mut d = 1;
+            while d < 32 {
+                let y = shfl_up_u32(incl, d);
+                if lane >= d {
+                    incl += y;
+                }
+                d <<= 1;
+            }
+            let excl = incl - s;
+            // The lane whose range holds the kk-th key (exactly one) finds the bin, then broadcasts.
+            let (mut bl, mut kl, mut wl) = (0u32, 0u32, 0u32);
+            if excl < kk && kk <= incl {
+                let mut cum = excl;
                 let mut j = 0;
                 while j < 8 {
-                    s += *hist.add(top - j);
+                    if cum + c[j] >= kk {
+                        bl = (top - j) as u32;
+                        kl = kk - cum;
+                        // Every candidate of the bin is taken: the lower bits need not be resolved.
+                        wl = (cum + c[j] == kk) as u32;
+                        break;
+                    }
+                    cum += c[j];
                     j += 1;
                 }
-                let mut incl = s;
-                let mut d = 1;
-                while d < 32 {
-                    let y = shfl_up_u32(incl, d);
-                    if tid as u32 >= d {
-                        incl += y;
-                    }
-                    d <<= 1;
-                }
-                let excl = incl - s;
-                if excl < kk && kk <= incl {
-                    let mut cum = excl;
-                    let mut j = 0;
-                    while j < 8 {
-                        let c = *hist.add(top - j);
-                        if cum + c >= kk {
-                            *scan.add(16) = (top - j) as u32;
-                            *scan.add(17) = kk - cum;
-                            break;
-                        }
-                        cum += c;
-                        j += 1;
-                    }
-                }
             }
-            sync_threads();
-            let b = *scan.add(16);
-            kk = *scan.add(17);
+            let src = ballot(excl < kk && kk <= incl).trailing_zeros();
+            let b = shfl_idx_u32(bl, src);
+            kk = shfl_idx_u32(kl, src);
+            let whole = shfl_idx_u32(wl, src);
             prefix |= b << shift;
             mask |= 255 << shift;
-            sync_threads();
             pass += 1;
+            if whole != 0 {
+                break;
+            }
         }
         thr = prefix;
         need = kk;
     }
-    // Ordered compaction: thread t owns the contiguous candidates [t * e, (t + 1) * e).
-    let e = n.div_ceil(nt);
-    let lo = (tid * e).min(n);
-    let hi = (lo + e).min(n);
-    let mut eq = 0u32;
-    let mut i = lo;
-    while i < hi {
-        eq += (*keys.add(i) == thr) as u32;
-        i += 1;
+    // Ordered compaction by warp ballots: warp w owns the candidates [w * seg, (w + 1) * seg) (seg a multiple of
+    // 32, read lane-strided: no bank conflicts); a counting pass, one exchange of the 8 warps' counts, a writing
+    // pass. Taken: masked key > thr, or == thr among the first `need` of those (in index order).
+    let (warp, lane) = (tid / 32, tid % 32);
+    let nw = nt / 32;
+    let seg = n.div_ceil(nw * 32) * 32;
+    let w_lo = (warp * seg).min(n);
+    let w_hi = (w_lo + seg).min(n);
+    let (mut gt_n, mut eq_n) = (0u32, 0u32);
+    let mut i0 = w_lo;
+    while i0 < w_hi {
+        let i = i0 + lane;
+        let key = if i < w_hi { *keys.add(i) & mask } else { 0 };
+        gt_n += ballot(i < w_hi && key > thr).count_ones();
+        eq_n += ballot(i < w_hi && key == thr).count_ones();
+        i0 += 32;
     }
-    let (eq_before, _) = block_scan(eq, scan);
-    let mut sel = 0u32;
-    let mut seen = eq_before;
-    let mut i = lo;
-    while i < hi {
-        let key = *keys.add(i);
-        if key > thr || (key == thr && seen < need) {
-            sel += 1;
-        }
-        seen += (key == thr) as u32;
-        i += 1;
+    if lane == 0 {
+        *scan.add(2 * warp) = gt_n;
+        *scan.add(2 * warp + 1) = eq_n;
     }
-    let (mut at, total) = block_scan(sel, scan);
-    let mut seen = eq_before;
-    let mut i = lo;
-    while i < hi {
-        let key = *keys.add(i);
-        if key > thr || (key == thr && seen < need) {
-            *out.add(at as usize) = map(i);
-            at += 1;
+    sync_threads();
+    // eq_before / at: the tied / taken candidates of the warps before this one; eq_run: of the warps before w.
+    let (mut eq_before, mut at, mut total, mut eq_run) = (0u32, 0u32, 0u32, 0u32);
+    let mut w = 0;
+    while w < nw {
+        let (g, e) = (*scan.add(2 * w), *scan.add(2 * w + 1));
+        let left = need.saturating_sub(eq_run);
+        let taken = g + if e < left { e } else { left };
+        if w < warp {
+            at += taken;
+            eq_before += e;
         }
-        seen += (key == thr) as u32;
-        i += 1;
+        total += taken;
+        eq_run += e;
+        w += 1;
+    }
+    let lt = lanemask_lt();
+    let mut i0 = w_lo;
+    while i0 < w_hi {
+        let i = i0 + lane;
+        let key = if i < w_hi { *keys.add(i) & mask } else { 0 };
+        let eqb = ballot(i < w_hi && key == thr);
+        let rank = eq_before + (eqb & lt).count_ones();
+        let take = i < w_hi && (key > thr || (key == thr && rank < need));
+        let tb = ballot(take);
+        if take {
+            *out.add((at + (tb & lt).count_ones()) as usize) = if map_loads { i as u32 } else { map(i) };
+        }
+        at += tb.count_ones();
+        eq_before += eqb.count_ones();
+        i0 += 32;
+    }
+    if map_loads {
+        // A map that loads: the candidate indices were written first; here every thread maps up to 4 of them at
+        // a time (independent loads), not a chain of load-then-store per candidate in one warp. The CTA's global
+        // writes are visible to its threads after the barrier.
+        sync_threads();
+        let mut j0 = 0;
+        while j0 < total as usize {
+            let mut v = [0u32; 4];
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    v[u] = ld_cg_u32(out.add(j));
+                }
+            });
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    v[u] = map(v[u] as usize);
+                }
+            });
+            unroll!(u in [0, 1, 2, 3] {
+                let j = j0 + u * nt + tid;
+                if j < total as usize {
+                    *out.add(j) = v[u];
+                }
+            });
+            j0 += 4 * nt;
+        }
     }
     let mut i = total as usize + tid;
     while i < out_len {

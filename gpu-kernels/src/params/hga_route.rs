@@ -20,9 +20,9 @@ pub const ROUTE_STATS: usize = 4;
 pub const ROUTE_COUNTERS: usize = 2;
 
 /// Dynamic shared memory of a routing kernel whose last CTA selects among at most `max_candidates` scores: the keys
-/// (4 bytes each), a 256-bin histogram and 64 words of scan space.
+/// (4 bytes each), four 256-bin histograms (one per radix pass) and 64 words of scan space.
 pub const fn route_select_smem(max_candidates: usize) -> usize {
-    4 * (max_candidates + 256 + 64)
+    4 * (max_candidates + 1024 + 64)
 }
 
 /// Parameters of the routing kernels. All pointers are device addresses (0 = absent where allowed).

@@ -15,7 +15,7 @@
 //! products then (candidate chunk c, row r) bounds, flattened as `unit * R + r` and split evenly over the head's
 //! CTAs; one item per thread at a time (neighbouring threads share a unit: its key or summary loads coalesce into
 //! one request); raw values to the scratch `key_scores` / `raw`. Phase 2 (the head's last CTA to finish, by an
-//! atomic counter that resets itself): per row the log-sum-exp of its key scores (a warp per row, online, 4 loads in flight per lane) to
+//! atomic counter that resets itself): per row the log-sum-exp of its key scores (a warp per row, online, 16 loads in flight per lane) to
 //! `base` (and to shared memory); the chunk scores (a thread per chunk, max over rows) to `chunk_scores`; the top-k (`select_top_k`,
 //! radix select in shared memory). Shared memory: `route_select_smem(max_cand_chunks)` + 4 * ROUTE_MAX_ROWS.
 //! Loads are issued in unrolled batches (a row of 16 x 16 bytes per key, 8 x 16 bytes of min and of max per
@@ -23,7 +23,7 @@
 use crate::arch::*;
 use crate::hga::route::{geometry, key_row, last_of_head, lse_finish, lse_merge, lse_push, q_row, select_top_k};
 use crate::moe::{fence_gpu, ld_cg_f32, unroll};
-use crate::params::{RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
+use crate::params::{route_select_smem, RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
 
 /// q . k for a bf16 key row (f32 accumulation, dims in order): the 16 loads of the row are issued before the
 /// arithmetic (unrolled; a loop would wait for each load in turn).
@@ -114,28 +114,42 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     if !last_of_head((p.counters as *mut u32).add(h * ROUTE_COUNTERS), p.ctas) {
         return;
     }
-    // Phase 2, the head's last CTA: base per row (a warp per row, an online log-sum-exp with 4 loads in flight
+    // Phase 2, the head's last CTA: base per row (a warp per row, an online log-sum-exp with 16 loads in flight
     // per lane), kept in shared memory behind the select's space.
     let (warp, lane) = (tid / 32, tid % 32);
     let base = (p.base as *mut f32).add(h * mr);
-    let base_sm = dyn_smem_ptr::<f32>().add(mc + 256 + 64);
+    let base_sm = dyn_smem_ptr::<f32>().add(route_select_smem(mc) / 4);
+    // With at most 8 rows (decode) a thread's first chunk's raw bounds are loaded now, their latency hidden
+    // behind the base computation; later chunks are loaded one iteration ahead.
+    let few = rows <= 8;
+    let ld_raw = |i: usize| -> [f32; 8] {
+        let mut x = [0f32; 8];
+        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+            if u < rows {
+                x[u] = ld_cg_f32(raw.add(u * mc + i));
+            }
+        });
+        x
+    };
+    let mut cur = if p.chunk_stage != 0 && few && tid < n_cand { ld_raw(tid) } else { [0f32; 8] };
     let mut r = warp;
     while r < rows {
         let row = key_scores.add(r * ma);
         let mut st = (f32::NEG_INFINITY, 0f32);
+        // 16 loads in flight per lane; each lane pushes its keys lane, lane + 32, ... in ascending order.
         let mut j0 = 0;
         while j0 < n_always {
-            let mut v = [f32::NEG_INFINITY; 4];
-            unroll!(u in [0, 1, 2, 3] {
+            let mut v = [f32::NEG_INFINITY; 16];
+            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
                 let j = j0 + 32 * u + lane;
                 if j < n_always {
                     v[u] = ld_cg_f32(row.add(j));
                 }
             });
-            unroll!(u in [0, 1, 2, 3] {
+            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
                 st = lse_push(st.0, st.1, v[u]);
             });
-            j0 += 128;
+            j0 += 512;
         }
         let mut d = 16;
         while d > 0 {
@@ -162,6 +176,20 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     // Chunk scores: a thread per chunk, 8 rows' raw bounds loaded at a time.
     let scores = (p.chunk_scores as *mut f32).add(h * mc);
     let mut i = tid;
+    if few {
+        while i < n_cand {
+            let nxt = if i + ROUTE_THREADS < n_cand { ld_raw(i + ROUTE_THREADS) } else { cur };
+            let mut v = f32::NEG_INFINITY;
+            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+                if u < rows {
+                    v = fmax(v, cur[u] * p.scale - *base_sm.add(u));
+                }
+            });
+            *scores.add(i) = v;
+            cur = nxt;
+            i += ROUTE_THREADS;
+        }
+    }
     while i < n_cand {
         let mut v = f32::NEG_INFINITY;
         let mut r0 = 0;
@@ -186,7 +214,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     sync_threads();
     let first = g.first_chunk as u32;
     let kept = (p.kept as *mut u32).add(h * p.max_kept as usize);
-    let lost = select_top_k(scores, n_cand, g.n_chunks, kept, p.max_kept as usize, |i| first + i as u32);
+    let lost = select_top_k(scores, n_cand, g.n_chunks, kept, p.max_kept as usize, false, |i| first + i as u32);
     if tid == 0 {
         *stats = if g.n_chunks < n_cand { g.n_chunks as u32 } else { n_cand as u32 };
         *stats.add(2) = lost;

@@ -215,11 +215,11 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
     }
     let sel = (p.selected as *mut u32).add(h * p.max_groups as usize);
     let lost = if p.chunk_stage != 0 {
-        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, |i| {
+        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, true, |i| {
             (*kept.add(i / gpc) as usize * gpc + i % gpc) as u32
         })
     } else {
-        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, |i| (first_group + i) as u32)
+        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, false, |i| (first_group + i) as u32)
     };
     if tid == 0 {
         let stats = (p.stats as *mut u32).add(h * ROUTE_STATS);
