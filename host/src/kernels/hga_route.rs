@@ -7,7 +7,7 @@
 //! n_g there, so one recorded CUDA graph serves every decode step (and [`SummaryChunks::Closed`] summarizes the
 //! chunk that the last key closed, if any).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
-use crate::hga::Budget;
+use crate::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use gpu_kernels::params::{
@@ -44,18 +44,61 @@ pub struct RouteShape {
 }
 
 impl RouteShape {
-    /// host/src/hga's default routing (sink 64, local 256, 8x shortlist, normalized) for `n_heads` / `n_kv_heads`,
-    /// query blocks of `q_len`, contexts up to `max_ctx`; `max_groups` / `max_kept` sized so that no cap binds.
+    /// host/src/hga's default routing (`HgaParams::default()`: sink 64, local 256, 8x shortlist, normalized) for
+    /// `n_heads` / `n_kv_heads`, query blocks of `q_len`, contexts up to `max_ctx`, with `budget`; `max_groups` /
+    /// `max_kept` sized so that no cap binds.
     pub fn default_for(n_heads: usize, n_kv_heads: usize, q_len: usize, max_ctx: usize, budget: Budget) -> Self {
+        // Not validated here (a bad budget is reported by the launch's checks, as for any shape).
+        Self::build(&HgaParams { budget, ..HgaParams::default() }, n_heads, n_kv_heads, q_len, max_ctx)
+    }
+
+    /// The routing of `params` (the CPU reference's parameters, so one set means the same on both backends) for
+    /// `n_heads` / `n_kv_heads`, query blocks of `q_len`, contexts up to `max_ctx`; `max_groups` / `max_kept`
+    /// sized so that no cap binds. The kernels implement one geometry and one scoring: chunks of 64, groups of 16,
+    /// min/max chunk bounds, int4-sketch group scores, GQA max and the HGA selector; any other value is an error
+    /// that names the field. `shortlist`, `normalize`, `sink`, `local` and `budget` are free.
+    pub fn from_params(
+        params: &HgaParams,
+        n_heads: usize,
+        n_kv_heads: usize,
+        q_len: usize,
+        max_ctx: usize,
+    ) -> Result<Self, RuntimeError> {
+        params.validate().map_err(|e| RuntimeError::Shape(format!("hga_route: {e}")))?;
+        let unsupported = |what: String| {
+            Err(RuntimeError::Shape(format!("hga_route: {what} (the GPU routing kernels implement the default)")))
+        };
+        if params.chunk != HGA_CHUNK || params.group != HGA_GROUP {
+            return unsupported(format!(
+                "chunk {} / group {}, the kernels use {HGA_CHUNK} / {HGA_GROUP}",
+                params.chunk, params.group
+            ));
+        }
+        if params.summary != SummaryMode::MinMax {
+            return unsupported(format!("summary {:?}", params.summary));
+        }
+        if params.group_score != GroupScore::Sketch4 {
+            return unsupported(format!("group score {:?}", params.group_score));
+        }
+        if params.gqa != GqaMode::Max {
+            return unsupported(format!("GQA mode {:?}", params.gqa));
+        }
+        if params.selector != Selector::Hga {
+            return unsupported(format!("selector {:?}", params.selector));
+        }
+        Ok(Self::build(params, n_heads, n_kv_heads, q_len, max_ctx))
+    }
+
+    fn build(params: &HgaParams, n_heads: usize, n_kv_heads: usize, q_len: usize, max_ctx: usize) -> Self {
         let mut s = RouteShape {
             n_heads,
             n_kv_heads,
             q_len,
-            sink: 64,
-            local: 256,
-            budget,
-            shortlist: 8.0,
-            normalize: true,
+            sink: params.sink,
+            local: params.local,
+            budget: params.budget,
+            shortlist: params.shortlist,
+            normalize: params.normalize,
             max_ctx,
             max_groups: 0,
             max_kept: 0,
@@ -567,4 +610,42 @@ pub fn hga_route(
 ) -> Result<(), RuntimeError> {
     hga_route_stage1(gpu, shape, keys, sums, q, pos, ws)?;
     hga_route_stage2(gpu, shape, sums, q, pos, ws, selected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `HgaParams` means the same on both backends: the default parameters give `default_for`'s shape, the
+    /// free fields carry over, and what the kernels do not implement is refused, naming the field.
+    #[test]
+    fn route_shape_follows_the_cpu_parameters() {
+        let d = RouteShape::from_params(&HgaParams::default(), 32, 4, 1, 65536).unwrap();
+        let e = RouteShape::default_for(32, 4, 1, 65536, HgaParams::default().budget);
+        assert_eq!(format!("{d:?}"), format!("{e:?}"));
+        let p = HgaParams {
+            sink: 128,
+            local: 512,
+            shortlist: f64::INFINITY,
+            normalize: false,
+            budget: Budget::Tokens(2048),
+            ..HgaParams::default()
+        };
+        let s = RouteShape::from_params(&p, 16, 2, 64, 8192).unwrap();
+        assert_eq!((s.sink, s.local, s.normalize, s.q_len), (128, 512, false, 64));
+        assert!(!s.chunk_stage());
+        assert!(matches!(s.budget, Budget::Tokens(2048)));
+        let refused = [
+            (HgaParams { chunk: 128, ..HgaParams::default() }, "chunk 128"),
+            (HgaParams { summary: SummaryMode::Mean, ..HgaParams::default() }, "summary Mean"),
+            (HgaParams { group_score: GroupScore::Summary, ..HgaParams::default() }, "group score Summary"),
+            (HgaParams { gqa: GqaMode::Mean, ..HgaParams::default() }, "GQA mode Mean"),
+            (HgaParams { selector: Selector::OracleGroups, ..HgaParams::default() }, "selector OracleGroups"),
+            (HgaParams { budget: Budget::Fraction(0.0), ..HgaParams::default() }, "budget fraction"),
+        ];
+        for (p, what) in refused {
+            let e = RouteShape::from_params(&p, 32, 4, 1, 4096).unwrap_err().to_string();
+            assert!(e.contains(what), "{e:?} should name {what:?}");
+        }
+    }
 }
