@@ -13,7 +13,7 @@ use hga::kernels::kv::{hga_kv_advance, hga_kv_gather, hga_kv_lookup};
 use hga::kv::gpu_cache::{ArenaTable, GpuCache, GpuCacheConfig};
 use hga::kv::pinned::PinnedMemory;
 use hga::kv::{ArenaLayout, ExtentMemory};
-use hga::reference::kv::{clock_hits, SelectionTrace, ABSENT};
+use hga::reference::kv::{clock_hits, SelectionTrace};
 use rand::{rngs::StdRng, SeedableRng};
 
 fn assert_ok(o: Outcome) {
@@ -115,15 +115,9 @@ fn gpu_kv_trace_hit_rate_equals_the_model() {
             })
             .collect();
         let mut sel_dev = s.alloc_zeros::<u32>(t.kv_heads * max_sel).unwrap();
-        for st in &t.steps {
+        for st in 0..t.steps.len() {
             for (l, c) in caches.iter_mut().enumerate() {
-                let mut v = Vec::new();
-                for h in 0..t.kv_heads {
-                    let mut x = st[l * t.kv_heads + h].clone();
-                    x.resize(max_sel, ABSENT);
-                    v.extend(x);
-                }
-                s.memcpy_htod(&v, &mut sel_dev).unwrap();
+                s.memcpy_htod(&t.padded_step(st, l, max_sel), &mut sel_dev).unwrap();
                 hga_kv_lookup(g, c, &pos, &sel_dev, &arena).unwrap();
                 hga_kv_gather(g, c, &pos, &arena).unwrap();
             }

@@ -15,11 +15,10 @@ use hga::model::config::Qwen3MoeConfig;
 use hga::model::forward::{ActivationMode, CpuModel, ForwardError, KvCache};
 use hga::model::generate::{write_checkpoint, WriteOptions};
 
+mod common;
+
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hga-kvf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("hga-kvf", tag)
 }
 
 fn tiny(tag: &str) -> PathBuf {
@@ -116,7 +115,7 @@ fn a_missing_directory_stops_the_forward_with_its_error() {
 /// has the plain forward's logits, the failing one is not accepted, and nothing panics.
 #[test]
 fn a_full_disk_stops_generation_with_the_accepted_tokens_right() {
-    let Some(mnt) = common_tmpfs("fwd-full", "64k") else { return };
+    let Some(mnt) = common::tmpfs(&tmpdir("fwd-full"), "fwd-full", "64k") else { return };
     let mdir = tiny("full");
     let model = CpuModel::load(&Checkpoint::open(&mdir).unwrap(), ActivationMode::F32).unwrap();
     let tokens: Vec<u32> = (0..120).map(|i| (i * 11 % 300) as u32).collect();
@@ -139,33 +138,6 @@ fn a_full_disk_stops_generation_with_the_accepted_tokens_right() {
     assert_eq!(cache.len(), i, "the failing token must not be accepted");
     eprintln!("disk full after {i} tokens: {msg}");
     drop(cache);
-}
-
-/// A tmpfs of `size` mounted on a fresh directory (unmounted on drop); `None` with a SKIP line when this process
-/// cannot mount (not root).
-fn common_tmpfs(tag: &str, size: &str) -> Option<Mount> {
-    let dir = tmpdir(tag).join("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).output();
-    match out {
-        Ok(o) if o.status.success() => Some(Mount(dir)),
-        Ok(o) => {
-            eprintln!("SKIP {tag}: cannot mount a tmpfs (needs root): {}", String::from_utf8_lossy(&o.stderr).trim());
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIP {tag}: cannot run mount: {e}");
-            None
-        }
-    }
-}
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// `hga logits --backend cpu --kv-tier disk` writes the same logits as the plain tier.

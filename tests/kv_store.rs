@@ -13,11 +13,10 @@ use hga::kv::store::IoMode;
 use hga::kv::{HeapMemory, KvStore, KvTier};
 use proptest::prelude::*;
 
+mod common;
+
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hga-kvs-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("hga-kvs", tag)
 }
 
 /// The plain copy: rows `[positions, kv_heads * head_dim]` of K and V per layer.
@@ -357,36 +356,9 @@ fn a_missing_or_plain_file_directory_is_an_error() {
     assert!(e.contains("--host-kv-limit 4096 is too small"), "{e}");
 }
 
-/// A tmpfs of `size` on a fresh directory (lazily unmounted on drop); `None` (and a SKIP line) when this process
-/// cannot mount one (CI runs as root and can).
-fn tmpfs(tag: &str, size: &str) -> Option<Mount> {
-    let dir = tmpdir(tag).join("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).output();
-    match out {
-        Ok(o) if o.status.success() => Some(Mount(dir)),
-        Ok(o) => {
-            eprintln!("SKIP {tag}: cannot mount a tmpfs (needs root): {}", String::from_utf8_lossy(&o.stderr).trim());
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIP {tag}: cannot run mount: {e}");
-            None
-        }
-    }
-}
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_is_an_error_and_everything_before_stays_readable() {
-    let Some(mnt) = tmpfs("full", "4m") else { return };
+    let Some(mnt) = common::tmpfs(&tmpdir("full"), "full", "4m") else { return };
     for io in [IoMode::Uring, IoMode::Pread] {
         let f = BlockFormat::STANDARD;
         // 1 MB of RAM cache (128 pages) over a 4 MB disk: 2 layers x 2 heads x 8 KB = 32 KB per group.
@@ -432,7 +404,7 @@ fn a_read_only_directory_is_an_error() {
     let _mount;
     // Root ignores permission bits: a read-only tmpfs then; otherwise a directory without write permission.
     if is_root() {
-        let Some(m) = tmpfs("ro", "1m") else { return };
+        let Some(m) = common::tmpfs(&tmpdir("ro"), "ro", "1m") else { return };
         let st = Command::new("mount").args(["-o", "remount,ro"]).arg(&m.0).status();
         if !st.is_ok_and(|s| s.success()) {
             eprintln!("SKIP read-only directory: cannot remount the tmpfs read-only");

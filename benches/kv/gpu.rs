@@ -15,7 +15,7 @@ use hga::kernels::kv::{hga_kv_advance, hga_kv_append, hga_kv_gather, hga_kv_look
 use hga::kv::gpu_cache::{ArenaTable, GpuCache, GpuCacheConfig};
 use hga::kv::pinned::PinnedMemory;
 use hga::kv::{ArenaLayout, Extent, ExtentMemory};
-use hga::reference::kv::{belady_hits, clock_hits, lru_hits, SelectionTrace, ABSENT};
+use hga::reference::kv::{belady_hits, clock_hits, lru_hits, SelectionTrace};
 use hga::runtime::Gpu;
 
 const LAYERS: usize = 48;
@@ -188,15 +188,9 @@ fn trace_rows(gpu: &Gpu, mem: &PinnedMemory) {
         let mut cs = caches(gpu, t.layers, t.kv_heads, slots, table, max_sel, 1, 0);
         let mut pos = s.clone_htod(&[t.first_pos as u32]).unwrap();
         let mut sel_dev = s.alloc_zeros::<u32>(t.kv_heads * max_sel).unwrap();
-        for st in &t.steps {
+        for st in 0..t.steps.len() {
             for (l, c) in cs.iter_mut().enumerate() {
-                let mut v = Vec::with_capacity(t.kv_heads * max_sel);
-                for h in 0..t.kv_heads {
-                    let mut x = st[l * t.kv_heads + h].clone();
-                    x.resize(max_sel, ABSENT);
-                    v.extend(x);
-                }
-                s.memcpy_htod(&v, &mut sel_dev).unwrap();
+                s.memcpy_htod(&t.padded_step(st, l, max_sel), &mut sel_dev).unwrap();
                 hga_kv_lookup(gpu, c, &pos, &sel_dev, &arena).unwrap();
                 hga_kv_gather(gpu, c, &pos, &arena).unwrap();
             }

@@ -62,3 +62,42 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// A fresh, empty directory under the temp dir, named by `prefix`, `tag` and this process.
+pub fn tmpdir(prefix: &str, tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("{prefix}-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tmpfs of `size` mounted on `dir/mnt` (lazily unmounted on drop); `None`, with a SKIP line, when this process
+/// cannot mount one (CI runs as root and can).
+pub fn tmpfs(dir: &std::path::Path, tag: &str, size: &str) -> Option<Mount> {
+    let dir = dir.join("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(Mount(dir)),
+        Ok(o) => {
+            eprintln!("SKIP {tag}: cannot mount a tmpfs (needs root): {}", String::from_utf8_lossy(&o.stderr).trim());
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP {tag}: cannot run mount: {e}");
+            None
+        }
+    }
+}
+
+/// A mounted tmpfs; unmounted (lazily) on drop.
+pub struct Mount(pub std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

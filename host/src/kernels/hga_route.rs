@@ -492,6 +492,17 @@ fn check_stage(
     }
 }
 
+/// The device address of a device-resident position (0 for a host one), with its cudarc guard.
+fn pos_ptr<'a>(gpu: &'a Gpu, pos: &RoutePos<'a>) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match *pos {
+        RoutePos::Device(p) => {
+            let (a, g) = dptr(gpu, p);
+            (a, Some(g))
+        }
+        RoutePos::Host(_) => (0, None),
+    }
+}
+
 fn ws_ptrs<'a>(gpu: &'a Gpu, ws: &'a mut RouteWorkspace) -> ([u64; 8], Vec<cudarc::driver::SyncOnDrop<'a>>) {
     let mut g = Vec::new();
     let mut p = [0u64; 8];
@@ -530,13 +541,7 @@ pub fn hga_route_stage1(
     keys.check(shape.n_kv_heads, if matches!(pos, RoutePos::Host(_)) { b0 } else { shape.max_ctx })?;
     let (c1, _) = shape.auto_ctas(gpu.sm_count());
     let (pq, _g0) = dptr(gpu, q);
-    let (ppos, _gp) = match pos {
-        RoutePos::Device(p) => {
-            let (a, g) = dptr(gpu, p);
-            (a, Some(g))
-        }
-        RoutePos::Host(_) => (0, None),
-    };
+    let (ppos, _gp) = pos_ptr(gpu, &pos);
     let (pmin, _g1) = dptr(gpu, &sums.chunk_min);
     let (pmax, _g2) = dptr(gpu, &sums.chunk_max);
     let dims = (sums.max_chunks(), sums.max_tokens);
@@ -571,13 +576,7 @@ pub fn hga_route_stage2(
     check_len("hga_route selected", selected.len(), shape.n_kv_heads * shape.max_groups)?;
     let (_, c2) = shape.auto_ctas(gpu.sm_count());
     let (pq, _g0) = dptr(gpu, q);
-    let (ppos, _gp) = match pos {
-        RoutePos::Device(p) => {
-            let (a, g) = dptr(gpu, p);
-            (a, Some(g))
-        }
-        RoutePos::Host(_) => (0, None),
-    };
+    let (ppos, _gp) = pos_ptr(gpu, &pos);
     let (psk, _g1) = dptr(gpu, &sums.sketch);
     let (psc, _g2) = dptr(gpu, &sums.scale);
     let dims = (sums.max_chunks(), sums.max_tokens);

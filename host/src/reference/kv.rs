@@ -244,6 +244,18 @@ pub struct SelectionTrace {
 const TRACE_MAGIC: &[u8; 8] = b"HGAKVTR1";
 
 impl SelectionTrace {
+    /// Step `t`'s selection of `layer` as the lookup kernel takes it: `u32 [kv_heads][max_sel]`, each head's
+    /// groups followed by `u32::MAX` padding (truncated to `max_sel`).
+    pub fn padded_step(&self, t: usize, layer: usize, max_sel: usize) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.kv_heads * max_sel);
+        for h in 0..self.kv_heads {
+            let mut x = self.steps[t][layer * self.kv_heads + h].clone();
+            x.resize(max_sel, ABSENT);
+            v.extend(x);
+        }
+        v
+    }
+
     /// The trace of one (layer, KV head).
     pub fn stream(&self, layer: usize, h: usize) -> Vec<Vec<u32>> {
         self.steps.iter().map(|s| s[layer * self.kv_heads + h].clone()).collect()
