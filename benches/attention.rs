@@ -275,6 +275,7 @@ fn main() {
             q_stride: NH * D,
             k_stride: NKV * D,
             v_stride: NKV * D,
+            cache_by_token: false,
             eps: 1e-6,
             theta: 1e7,
         };

@@ -44,6 +44,7 @@ fn gpu_qk_norm_rope_rejects_bad_shapes() {
         q_stride: 128,
         k_stride: 128,
         v_stride: 128,
+        cache_by_token: false,
         eps: 1e-6,
         theta: 1e6,
     };

@@ -1,7 +1,8 @@
 //! `bench_hga`: the HGA GPU kernels at Qwen3-30B-A3B shapes (4 KV heads, 8 query heads each, head_dim 128), each
 //! with its anchor measured in the same run (see each part's docs). Without a GPU: a SKIP line.
 //!
-//! Run: `cargo bench --bench hga` (or the staged binary on the GPU machine).
+//! Run: `cargo bench --bench hga` (or the staged binary on the GPU machine); `HGA_BENCH_ONLY=route|attend|layer`
+//! runs one part.
 mod attend;
 #[path = "../common/mod.rs"]
 mod common;
@@ -15,7 +16,16 @@ fn main() {
     }
     let gpu = hga::open_gpu(0).expect("open GPU");
     println!("device: {}  image: {}  PDL: {}", gpu.device_name(), gpu.image_name(), gpu.pdl_state());
-    route::run(&gpu);
-    attend::run(&gpu);
-    layer::run(&gpu);
+    // HGA_BENCH_ONLY=route|attend|layer runs one part (e.g. under a profiler).
+    let only = std::env::var("HGA_BENCH_ONLY").unwrap_or_default();
+    let want = |part: &str| only.is_empty() || only == part;
+    if want("route") {
+        route::run(&gpu);
+    }
+    if want("attend") {
+        attend::run(&gpu);
+    }
+    if want("layer") {
+        layer::run(&gpu);
+    }
 }

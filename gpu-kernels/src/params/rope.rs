@@ -12,7 +12,9 @@ pub const ROPE_HEAD_DIM: usize = 128;
 /// stride per token (`*_stride` elements, >= the row width; a fused qkv projection output works with offsets).
 /// `positions`: u32 [tokens]. Weights bf16 [128]. Outputs: `q_out` bf16 [tokens, n_heads, 128] (contiguous);
 /// `k_cache`, `v_cache` bf16 [n_kv_heads, capacity, 128]: token t goes to slot `positions[t]` of every KV head
-/// (positions >= capacity are not written). `inv_freq[i] = f32(1 / theta^(2i/128))` (the host launcher fills it).
+/// (positions >= capacity are not written), or with `cache_by_token` != 0 to slot `t` (the cache is then a staging
+/// buffer of the chunk's rows, e.g. `[n_kv_heads, 1, 128]` for one decode token whose K/V goes on to the HGA tiers).
+/// `inv_freq[i] = f32(1 / theta^(2i/128))` (the host launcher fills it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(feature = "host", derive(Pod, Zeroable))]
@@ -34,6 +36,9 @@ pub struct QkNormRopeParams {
     pub q_stride: u32,
     pub k_stride: u32,
     pub v_stride: u32,
+    /// Nonzero: token t is written to cache slot t instead of slot `positions[t]`.
+    pub cache_by_token: u32,
     pub eps: f32,
     pub inv_freq: [f32; ROPE_HEAD_DIM / 2],
+    pub _pad: u32,
 }

@@ -3,7 +3,8 @@
 //!
 //! Shapes: q_in [tokens, n_heads, 128] (row stride q_stride), k_in / v_in [tokens, n_kv_heads, 128] (strides
 //! k_stride / v_stride), positions u32 [tokens]; q_out [tokens, n_heads, 128]; k_cache / v_cache
-//! [n_kv_heads, capacity, 128] (one KV head's tokens contiguous; token t lands in slot positions[t]).
+//! [n_kv_heads, capacity, 128] (one KV head's tokens contiguous; token t lands in slot positions[t], or in slot t
+//! with `cache_by_token`).
 //! Grid / block: one warp per (token, head slot), slot in [0, n_heads + n_kv_heads): q heads first, then KV heads
 //! (whose warp also copies v). Block = 128 threads (4 warps), grid.x = ceil(tokens * (n_heads + n_kv_heads) / 4).
 //! Lane l owns the elements (2l, 2l+1) and their NeoX partners (64+2l, 65+2l), so each rotation pair stays in one
@@ -70,11 +71,12 @@ pub unsafe extern "ptx-kernel" fn hga_qk_norm_rope(p: QkNormRopeParams) {
     let dst = if is_q {
         (p.q_out as *mut u16).add((t as usize * p.n_heads as usize + slot as usize) * D)
     } else {
-        if pos >= p.capacity {
+        let cache_slot = if p.cache_by_token != 0 { t } else { pos };
+        if cache_slot >= p.capacity {
             return;
         }
         let kh = (slot - p.n_heads) as usize;
-        let row = (kh * p.capacity as usize + pos as usize) * D;
+        let row = (kh * p.capacity as usize + cache_slot as usize) * D;
         // v is copied unchanged by the warp of its KV head.
         let vs = (p.v_in as *const u16).add(t as usize * p.v_stride as usize + kh * D);
         let vd = (p.v_cache as *mut u16).add(row);

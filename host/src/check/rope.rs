@@ -43,12 +43,14 @@ pub fn qk_norm_rope(
 ) -> Result<Outcome, RuntimeError> {
     const D: usize = 128;
     let st = gpu.stream();
-    let capacity = tokens + rng.gen_range(0..300);
+    // A third of the cases stage the rows by token (slot t) into a buffer of exactly `tokens` slots or a few more.
+    let by_token = rng.gen_ratio(1, 3);
+    let capacity = tokens + if by_token { rng.gen_range(0..3) } else { rng.gen_range(0..300) };
     let mut slots: Vec<u32> = (0..capacity as u32).collect();
     slots.shuffle(rng);
     let mut positions: Vec<u32> = slots[..tokens].to_vec();
-    if tokens > 1 && rng.gen_ratio(1, 3) {
-        positions[0] = capacity as u32 + rng.gen_range(0..1000);
+    if (tokens > 1 && rng.gen_ratio(1, 3)) || by_token {
+        positions[0] = capacity as u32 + rng.gen_range(0..100_000);
     }
     let theta = if rng.gen_bool(0.5) { 1e7 } else { 1e6 };
     let (qw, kw) = (n_heads * D, n_kv_heads * D);
@@ -61,6 +63,7 @@ pub fn qk_norm_rope(
         q_stride: if fused { row } else { qw },
         k_stride: if fused { row } else { kw },
         v_stride: if fused { row } else { kw },
+        cache_by_token: by_token,
         eps: 1e-6,
         theta,
     };
@@ -102,7 +105,11 @@ pub fn qk_norm_rope(
             let written = w[0].to_bits() != 0xFFFF; // the reference never writes NaN
             let b = if written {
                 let (h, slot) = (i / capacity, (i % capacity) as u32);
-                let t = positions.iter().position(|&p| p == slot).expect("a written slot has a token");
+                let t = if by_token {
+                    slot as usize
+                } else {
+                    positions.iter().position(|&p| p == slot).expect("a written slot has a token")
+                };
                 let y = norm_head(&k_in[t * s.k_stride + h * D..][..D], &kn, s.eps);
                 compare_heads("k_cache", g, w, &y)
             } else if g.iter().any(|v| v.to_bits() != 0xFFFF) {
@@ -135,8 +142,9 @@ pub fn qk_norm_rope(
         bad = Some(format!("relative L2 error {rel:.3e} > 1e-2"));
     }
     let shape = format!(
-        "tokens={tokens} heads={n_heads}/{n_kv_heads} capacity={capacity} theta={theta:e}{}",
-        if fused { " fused-qkv" } else { "" }
+        "tokens={tokens} heads={n_heads}/{n_kv_heads} capacity={capacity} theta={theta:e}{}{}",
+        if fused { " fused-qkv" } else { "" },
+        if by_token { " by-token" } else { "" }
     );
     Ok(Outcome::new("hga_qk_norm_rope", shape, rel, bad))
 }

@@ -31,7 +31,7 @@
 //! group into the arena and the sink and the newest 20 groups into the window ring (strided device copies, one
 //! per head and run of consecutive blocks), and empties the cache. The caller then sets the device position to
 //! `tokens` and decodes. (The exact layer-major prefill of a long prompt is the model's; it ends here.)
-use super::Budget;
+use super::{Budget, HgaParams};
 use crate::kernels::attention::DecodeWorkspace;
 use crate::kernels::hga_attend::{hga_attend_decode, RoutedShape};
 use crate::kernels::hga_route::{
@@ -43,12 +43,13 @@ use crate::kv::gpu_cache::{ArenaTable, CacheCounters, GpuCache, GpuCacheConfig};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
-    HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_SINK_SLOTS, KV_WINDOW_SLOTS,
+    HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_LOCAL, KV_SINK_SLOTS,
+    KV_WINDOW_SLOTS,
 };
 use half::bf16;
 
 /// What one layer serves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HgaLayerConfig {
     /// This layer's index in the arena.
     pub layer: usize,
@@ -56,8 +57,10 @@ pub struct HgaLayerConfig {
     pub n_kv_heads: usize,
     /// Longest context (positions `0 .. max_ctx`).
     pub max_ctx: usize,
-    /// The routing budget (host/src/hga's; the rest of the routing is `HgaParams::default()`'s).
-    pub budget: Budget,
+    /// The routing: host/src/hga's parameters, so that one set means the same on both backends. The kernels
+    /// implement the default geometry and scoring ([`RouteShape::from_params`] names what they refuse); the layer's
+    /// slots hold a sink of 64 tokens and a window of 256 (4 sink slots, a ring of 20 groups).
+    pub params: HgaParams,
     /// Routed-group slots per KV head of the GPU cache (>= the selection width; 0: twice the selection width).
     pub cache_slots: usize,
     /// CLOCK reference counts on a hit and on a fill (see `kv::gpu_cache`).
@@ -68,27 +71,43 @@ pub struct HgaLayerConfig {
 impl HgaLayerConfig {
     /// The default routing with `budget`, a cache of twice the selection and CLOCK counts (2, 1).
     pub fn new(layer: usize, n_heads: usize, n_kv_heads: usize, max_ctx: usize, budget: Budget) -> Self {
-        HgaLayerConfig { layer, n_heads, n_kv_heads, max_ctx, budget, cache_slots: 0, ref_hit: 2, ref_fill: 1 }
+        Self::with_params(layer, n_heads, n_kv_heads, max_ctx, HgaParams { budget, ..HgaParams::default() })
     }
 
-    /// The routing shape: host/src/hga's default routing, one query token, the selection width `max_groups` sized
-    /// by the budget at `max_ctx` (so that it never binds) rather than by every candidate.
-    pub fn route_shape(&self) -> RouteShape {
-        let mut s = RouteShape::default_for(self.n_heads, self.n_kv_heads, 1, self.max_ctx, self.budget);
-        let budget = match self.budget {
+    /// The routing of `params` (checked when the layer is built), a cache of twice the selection and CLOCK
+    /// counts (2, 1).
+    pub fn with_params(layer: usize, n_heads: usize, n_kv_heads: usize, max_ctx: usize, params: HgaParams) -> Self {
+        HgaLayerConfig { layer, n_heads, n_kv_heads, max_ctx, params, cache_slots: 0, ref_hit: 2, ref_fill: 1 }
+    }
+
+    /// The routing shape: `params` for one query token, the selection width `max_groups` sized by the budget at
+    /// `max_ctx` (so that it never binds) rather than by every candidate. Refuses parameters the kernels or the
+    /// layer's slots do not implement, naming the field.
+    pub fn route_shape(&self) -> Result<RouteShape, RuntimeError> {
+        let p = &self.params;
+        if p.sink != KV_SINK_SLOTS * HGA_GROUP || p.local != KV_LOCAL {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer: sink {} / local {}; the layer's slots hold a sink of {} and a window of {KV_LOCAL}",
+                p.sink,
+                p.local,
+                KV_SINK_SLOTS * HGA_GROUP
+            )));
+        }
+        let mut s = RouteShape::from_params(p, self.n_heads, self.n_kv_heads, 1, self.max_ctx)?;
+        let budget = match p.budget {
             Budget::Tokens(t) => t,
             Budget::Fraction(f) => (f * self.max_ctx as f64).ceil() as usize,
         };
         s.max_groups = (budget / HGA_GROUP).min(s.max_cand_groups()).max(1);
         let kept = (s.shortlist * (s.max_groups * HGA_GROUP) as f64 / HGA_CHUNK as f64).ceil();
         s.max_kept = if kept.is_finite() { kept as usize } else { usize::MAX }.min(s.max_cand_chunks()).max(1);
-        s
+        Ok(s)
     }
 
     /// The cache's configuration.
-    pub fn cache_config(&self) -> GpuCacheConfig {
-        let mg = self.route_shape().max_groups;
-        GpuCacheConfig {
+    pub fn cache_config(&self) -> Result<GpuCacheConfig, RuntimeError> {
+        let mg = self.route_shape()?.max_groups;
+        Ok(GpuCacheConfig {
             layer: self.layer,
             n_kv: self.n_kv_heads,
             cache_slots: if self.cache_slots == 0 { 2 * mg } else { self.cache_slots },
@@ -96,7 +115,7 @@ impl HgaLayerConfig {
             max_groups: mg,
             ref_hit: self.ref_hit,
             ref_fill: self.ref_fill,
-        }
+        })
     }
 }
 
@@ -134,8 +153,8 @@ impl HgaLayer {
                 cfg.layer, cfg.n_kv_heads, l.layers, l.kv_heads
             )));
         }
-        let route = cfg.route_shape();
-        let cc = cfg.cache_config();
+        let route = cfg.route_shape()?;
+        let cc = cfg.cache_config()?;
         if cc.table_groups > arena.groups() {
             return Err(RuntimeError::Shape(format!(
                 "hga layer: max_ctx {} needs {} groups, the arena table reaches {}",
@@ -170,7 +189,7 @@ impl HgaLayer {
         let key_table = s.clone_htod(&t)?;
         let q32 = s.alloc_zeros::<f32>(cfg.n_heads * d)?;
         let count = s.alloc_zeros::<u32>(1)?;
-        Ok(HgaLayer { cfg: *cfg, route, attn, sums, ws, selected, cache, aws, key_table, table_len, q32, count })
+        Ok(HgaLayer { cfg: cfg.clone(), route, attn, sums, ws, selected, cache, aws, key_table, table_len, q32, count })
     }
 
     pub fn config(&self) -> &HgaLayerConfig {
@@ -271,6 +290,22 @@ impl HgaLayer {
         arena: &ArenaTable,
     ) -> Result<(), RuntimeError> {
         let (d, nkv) = (HGA_HEAD_DIM, self.cfg.n_kv_heads);
+        self.prefill_history_strided(gpu, k_all, v_all, n_tokens, (d, nkv * d), arena)
+    }
+
+    /// [`HgaLayer::prefill_history`] from K and V buffers laid out with `(head_stride, row_stride)` elements: row
+    /// j of KV head h at `h * head_stride + j * row_stride` (`(128, n_kv * 128)`: token-major `[tokens][n_kv][128]`;
+    /// `(capacity * 128, 128)`: a dense cache `[n_kv][capacity][128]`).
+    pub fn prefill_history_strided(
+        &mut self,
+        gpu: &Gpu,
+        k_all: &CudaSlice<bf16>,
+        v_all: &CudaSlice<bf16>,
+        n_tokens: usize,
+        (head_stride, row_stride): (usize, usize),
+        arena: &ArenaTable,
+    ) -> Result<(), RuntimeError> {
+        let (d, nkv) = (HGA_HEAD_DIM, self.cfg.n_kv_heads);
         if n_tokens == 0 {
             return self.cache.reset(gpu);
         }
@@ -280,24 +315,30 @@ impl HgaLayer {
                 self.cfg.max_ctx
             )));
         }
+        if row_stride < d || (head_stride < d && nkv > 1) {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer prefill: strides ({head_stride}, {row_stride}) below a row of {d}"
+            )));
+        }
+        let need = (nkv - 1) * head_stride + (n_tokens - 1) * row_stride + d;
         for (what, b) in [("k_all", k_all), ("v_all", v_all)] {
-            if b.len() < n_tokens * nkv * d {
+            if b.len() < need {
                 return Err(RuntimeError::Shape(format!(
-                    "hga layer prefill {what}: {} elements, need {}",
-                    b.len(),
-                    n_tokens * nkv * d
+                    "hga layer prefill {what}: {} elements, need {need}",
+                    b.len()
                 )));
             }
         }
         self.cache.reset(gpu)?;
-        let keys = KeySource::dense(gpu, k_all, d, nkv * d);
+        let keys = KeySource::dense(gpu, k_all, head_stride, row_stride);
         hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::Range { first: 0, count: n_tokens / HGA_CHUNK })?;
         let s = gpu.stream();
         let extents = s.clone_dtoh(&arena.table)?;
         let (pk, _gk) = dptr(gpu, k_all);
         let (pv, _gv) = dptr(gpu, v_all);
         let slots = self.cache.slots.device_ptr(s).0;
-        let plan = prefill_plan(&arena.layout, self.cfg.layer, nkv, self.cache.cfg.slots_per_head(), n_tokens);
+        let sph = self.cache.cfg.slots_per_head();
+        let plan = prefill_plan(&arena.layout, self.cfg.layer, nkv, sph, n_tokens, (head_stride, row_stride));
         gpu.context().bind_to_thread()?;
         for c in plan {
             let dst = match c.dst {
@@ -312,7 +353,7 @@ impl HgaLayer {
                 PrefillDst::Slot(i) => slots + (i * KV_GROUP_BYTES) as u64,
             };
             let src = if c.v { pv } else { pk } + c.src as u64;
-            copy_blocks(gpu, src, nkv * d * 2, dst + c.dst_off as u64, c.rows, c.blocks)?;
+            copy_blocks(gpu, src, row_stride * 2, dst + c.dst_off as u64, c.rows, c.blocks)?;
         }
         Ok(())
     }
@@ -326,7 +367,7 @@ pub(crate) enum PrefillDst {
 }
 
 /// One strided copy of [`HgaLayer::prefill_history`]: `blocks` runs of `rows` token rows (K, or V with `v`) of one
-/// KV head from byte `src` of the dense buffer (rows `n_kv * 256` bytes apart) into consecutive blocks at `dst` +
+/// KV head from byte `src` of the dense buffer (rows `2 row_stride` bytes apart) into consecutive blocks at `dst` +
 /// `dst_off` bytes (rows 256 bytes apart, blocks 8192 apart).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PrefillCopy {
@@ -346,14 +387,14 @@ pub(crate) fn prefill_plan(
     nkv: usize,
     slots_per_head: usize,
     n_tokens: usize,
+    (head_stride, row_stride): (usize, usize),
 ) -> Vec<PrefillCopy> {
-    let row_bytes = HGA_HEAD_DIM * 2;
-    let pitch = nkv * row_bytes;
+    let pitch = row_stride * 2;
     let n_groups = n_tokens.div_ceil(HGA_GROUP);
     let last = n_groups - 1;
     let mut out = Vec::new();
     let mut run = |h: usize, g0: usize, n: usize, dst: PrefillDst| {
-        let src_off = ((g0 * HGA_GROUP) * nkv + h) * row_bytes;
+        let src_off = (h * head_stride + g0 * HGA_GROUP * row_stride) * 2;
         let rows_end = ((g0 + n) * HGA_GROUP).min(n_tokens);
         let full = (rows_end - g0 * HGA_GROUP) / HGA_GROUP;
         let tail = rows_end - (g0 + full) * HGA_GROUP;
@@ -486,7 +527,7 @@ mod tests {
             (5000, Budget::Tokens(64)),
         ] {
             let cfg = HgaLayerConfig::new(0, 32, 4, max_ctx, budget);
-            let s = cfg.route_shape();
+            let s = cfg.route_shape().unwrap();
             let p = HgaParams { budget, ..HgaParams::default() };
             for b0 in (0..max_ctx).step_by(7).chain([max_ctx - 1]) {
                 let g = Geometry::new(&p, b0, 1);
@@ -495,7 +536,7 @@ mod tests {
                 let r = crate::reference::hga_route::geometry(&s, b0);
                 assert_eq!((r.n_groups, r.n_chunks), (g.n_groups, g.n_chunks));
             }
-            let c = cfg.cache_config();
+            let c = cfg.cache_config().unwrap();
             assert!(c.cache_slots >= c.max_groups && c.table_groups * 16 >= max_ctx);
         }
     }
@@ -543,7 +584,7 @@ mod tests {
             let (d, layers, layer) = (HGA_HEAD_DIM, 2usize, 1usize);
             let max_ctx = t0 + steps + 16;
             let cfg = HgaLayerConfig::new(layer, 8 * nkv, nkv, max_ctx, Budget::Tokens(512));
-            let cc = cfg.cache_config();
+            let cc = cfg.cache_config().unwrap();
             let sph = cc.slots_per_head();
             let l = ArenaLayout { layers, kv_heads: nkv, groups_per_extent: gpe };
             let n_ext = cc.table_groups.div_ceil(gpe);
@@ -562,11 +603,26 @@ mod tests {
             }
             let kb: &[u8] = bytemuck::cast_slice(&k);
             let vb: &[u8] = bytemuck::cast_slice(&vv);
+            // The prompt's rows as the prefill hands them: token-major, or head-major (a dense cache of capacity
+            // n + 5) for every other case.
+            let head_major = nkv > 1 && t0 % 2 == 1 || t0 == 64;
+            let strides = if head_major { ((n + 5) * d, d) } else { (d, nkv * d) };
+            let strided = |src: &[u16]| -> Vec<u8> {
+                let mut out = vec![0u16; (nkv - 1) * strides.0 + (n - 1) * strides.1 + d];
+                for t in 0..n {
+                    for h in 0..nkv {
+                        let o = h * strides.0 + t * strides.1;
+                        out[o..o + d].copy_from_slice(&src[(t * nkv + h) * d..][..d]);
+                    }
+                }
+                bytemuck::cast_slice(&out).to_vec()
+            };
+            let (kp, vp) = (strided(&k), strided(&vv));
             let mut ext = vec![vec![0xEEu8; l.extent_bytes()]; n_ext];
             let mut pool = vec![0xEEu8; cc.n_slots() * KV_GROUP_BYTES];
-            let pitch = nkv * d * 2;
-            for c in prefill_plan(&l, layer, nkv, sph, t0) {
-                let src = if c.v { vb } else { kb };
+            let pitch = strides.1 * 2;
+            for c in prefill_plan(&l, layer, nkv, sph, t0, strides) {
+                let src = if c.v { &vp } else { &kp };
                 for b in 0..c.blocks {
                     for r in 0..c.rows {
                         let so = c.src + (b * HGA_GROUP + r) * pitch;

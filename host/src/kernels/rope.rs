@@ -17,6 +17,8 @@ pub struct QkNormRopeShape {
     pub q_stride: usize,
     pub k_stride: usize,
     pub v_stride: usize,
+    /// Token t goes to cache slot t (a staging buffer of `capacity >= tokens` rows) instead of slot `positions[t]`.
+    pub cache_by_token: bool,
     pub eps: f32,
     pub theta: f64,
 }
@@ -110,8 +112,10 @@ pub fn hga_qk_norm_rope(
         q_stride: s.q_stride as u32,
         k_stride: s.k_stride as u32,
         v_stride: s.v_stride as u32,
+        cache_by_token: s.cache_by_token as u32,
         eps: s.eps,
         inv_freq: rope_inv_freq(s.theta),
+        _pad: 0,
     };
     let cfg = LaunchConfig { grid_dim: (items.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: lengths and strides checked above; the guards keep the buffers alive across the launch.

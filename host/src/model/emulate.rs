@@ -248,6 +248,7 @@ impl EmulatedModel {
                 q_stride: qw,
                 k_stride: kw,
                 v_stride: kw,
+                cache_by_token: false,
                 eps,
                 theta: c.rope_theta,
             };

@@ -695,6 +695,7 @@ impl<'g> GpuModel<'g> {
                 q_stride: qkvw,
                 k_stride: qkvw,
                 v_stride: qkvw,
+                cache_by_token: false,
                 eps,
                 theta: c.rope_theta,
             };

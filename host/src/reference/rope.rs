@@ -33,7 +33,7 @@ pub fn norm_head(x: &[bf16], w: &[bf16], eps: f32) -> Vec<bf16> {
 }
 
 /// Returns q_out [tokens, n_heads, 128] and updates `k_cache` / `v_cache` [n_kv_heads, capacity, 128] in place
-/// (slots `positions[t]`; positions >= capacity are skipped). Inputs use row strides as the launcher's shape says.
+/// (slots `positions[t]`, or slot t with `cache_by_token`; slots >= capacity are skipped). Inputs use row strides as the launcher's shape says.
 #[allow(clippy::too_many_arguments)]
 pub fn hga_qk_norm_rope(
     q_in: &[bf16],
@@ -53,11 +53,12 @@ pub fn hga_qk_norm_rope(
             let x = &q_in[t * s.q_stride + h * D..][..D];
             q_out.extend(norm_rope_head(x, q_norm_w, s.eps, pos, s.theta));
         }
-        if (pos as usize) >= s.capacity {
+        let slot = if s.cache_by_token { t } else { pos as usize };
+        if slot >= s.capacity {
             continue;
         }
         for h in 0..s.n_kv_heads {
-            let row = (h * s.capacity + pos as usize) * D;
+            let row = (h * s.capacity + slot) * D;
             let k = norm_rope_head(&k_in[t * s.k_stride + h * D..][..D], k_norm_w, s.eps, pos, s.theta);
             k_cache[row..row + D].copy_from_slice(&k);
             v_cache[row..row + D].copy_from_slice(&v_in[t * s.v_stride + h * D..][..D]);
