@@ -29,6 +29,8 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
 
+use crate::hga::gpu_layer::{HgaLayer, HgaLayerConfig};
+use crate::hga::HgaParams;
 use crate::kernels::attention::{
     hga_attention_decode_upto_quant, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
 };
@@ -37,6 +39,7 @@ use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
+use crate::kv::{ArenaLayout, ArenaTable, Extent, ExtentMemory, PinnedMemory};
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
 use crate::model::error::ModelError;
@@ -84,8 +87,74 @@ struct Layer {
     q_norm: CudaSlice<bf16>,
     k_norm: CudaSlice<bf16>,
     mlp: Mlp,
-    k_cache: CudaSlice<bf16>,
-    v_cache: CudaSlice<bf16>,
+    kv: LayerKv,
+}
+
+/// Where a layer keeps its K/V and how it attends.
+enum LayerKv {
+    /// `[n_kv][capacity][128]` on the GPU, exact attention.
+    Dense { k_cache: CudaSlice<bf16>, v_cache: CudaSlice<bf16> },
+    /// The history in the host arena, routed attention (the layer's summaries, GPU cache and window).
+    Hga(Box<HgaLayer>),
+}
+
+/// How the model attends ([`GpuModel::load_with`]).
+#[derive(Clone, Debug, Default)]
+pub enum AttentionMode {
+    /// Every layer's K/V on the GPU (`capacity` positions), exact attention: the baseline.
+    #[default]
+    Dense,
+    /// HGA: the K/V history in mapped pinned host memory (the arena), each decode step routed on the GPU (stage 1,
+    /// stage 2), its working set gathered into the layer's GPU cache, exact attention over sink + window + the
+    /// routed groups. Prompts are prefilled layer-major and exact (see [`GpuModel::forward`]). The first
+    /// `params.dense_layers` layers stay dense.
+    Hga(HgaOptions),
+}
+
+/// The HGA mode's settings.
+#[derive(Clone, Debug, Default)]
+pub struct HgaOptions {
+    /// The routing: host/src/hga's parameters (one set means the same on both backends).
+    pub params: HgaParams,
+    /// Routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
+    pub cache_slots: usize,
+}
+
+/// What [`GpuModel::load_with`] builds.
+#[derive(Clone, Debug)]
+pub struct GpuModelOptions {
+    /// Longest context in positions.
+    pub capacity: usize,
+    /// Tokens per forward call of a prefill chunk (the scratch is sized for it).
+    pub max_tokens: usize,
+    pub attention: AttentionMode,
+}
+
+/// Groups per (layer, KV head) in one extent of the HGA arena: 4096 tokens per extent (403 MB at Qwen3-30B-A3B,
+/// 48 layers x 4 KV heads), so the arena grows in a few large pinned allocations and never copies.
+const ARENA_GROUPS_PER_EXTENT: usize = 256;
+
+/// The model-wide state of the HGA mode.
+struct HgaState {
+    options: HgaOptions,
+    memory: PinnedMemory,
+    extents: Vec<Extent>,
+    arena: ArenaTable,
+    /// u32 [1]: the decode position as the HGA layers read it.
+    pos: CudaSlice<u32>,
+    /// bf16 [n_kv][1][128]: the decode token's K and V as the rope kernel stages them (`cache_by_token`).
+    k_new: CudaSlice<bf16>,
+    v_new: CudaSlice<bf16>,
+    /// During a layer-major prefill: one layer's K/V over the prompt.
+    prefill: Option<PrefillKv>,
+}
+
+/// One layer's K and V over a prompt of `len` tokens, `[n_kv][len][128]`: what the layer-major prefill's exact
+/// attention reads, then hands to the layer's [`HgaLayer::prefill_history`].
+struct PrefillKv {
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    len: usize,
 }
 
 /// Activations and workspaces for up to `max_tokens` tokens per call.
@@ -130,6 +199,8 @@ pub struct GpuModel<'g> {
     /// Whether the GPU launched with programmatic dependent launch when `graphs` were recorded: a recording keeps
     /// the launch mode of its time, so they are recorded again when [`Gpu::set_pdl`] changed it.
     graphs_pdl: bool,
+    /// The HGA mode's arena and staging buffers (`None`: dense).
+    hga: Option<HgaState>,
 }
 
 /// How a chunk's attention finds its start position.
@@ -299,11 +370,51 @@ impl<'g> GpuModel<'g> {
         ck: &Checkpoint,
         capacity: usize,
         max_tokens: usize,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, GpuModelError> {
+        Self::load_with(gpu, ck, &GpuModelOptions { capacity, max_tokens, attention: AttentionMode::Dense }, progress)
+    }
+
+    /// Uploads the checkpoint (`progress(done, total)` per layer) with the attention mode of `options`: dense
+    /// allocates a GPU K/V cache of `capacity` positions per layer; HGA allocates each layer's routing state and
+    /// GPU cache for contexts up to `capacity` and keeps the K/V history in a host arena that grows with the
+    /// context.
+    pub fn load_with(
+        gpu: &'g Gpu,
+        ck: &Checkpoint,
+        options: &GpuModelOptions,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, GpuModelError> {
+        let (capacity, max_tokens) = (options.capacity, options.max_tokens);
         let c = ck.config.clone();
         check_supported(&c, capacity, max_tokens)?;
         let s = gpu.stream();
+        let hga_opts = match &options.attention {
+            AttentionMode::Dense => None,
+            AttentionMode::Hga(o) => Some(o.clone()),
+        };
+        let mut hga = match &hga_opts {
+            None => None,
+            Some(o) => {
+                o.params.validate().map_err(|e| GpuModelError::Input(format!("hga parameters: {e}")))?;
+                let layout = ArenaLayout {
+                    layers: c.num_hidden_layers,
+                    kv_heads: c.num_key_value_heads,
+                    groups_per_extent: ARENA_GROUPS_PER_EXTENT,
+                };
+                let max_extents = capacity.div_ceil(16).div_ceil(ARENA_GROUPS_PER_EXTENT);
+                Some(HgaState {
+                    options: o.clone(),
+                    memory: PinnedMemory::new(gpu.context().clone()),
+                    extents: Vec::new(),
+                    arena: ArenaTable::new(gpu, layout, &[], max_extents)?,
+                    pos: s.alloc_zeros::<u32>(1)?,
+                    k_new: s.alloc_zeros::<bf16>(c.num_key_value_heads * 128)?,
+                    v_new: s.alloc_zeros::<bf16>(c.num_key_value_heads * 128)?,
+                    prefill: None,
+                })
+            }
+        };
         let (h, nh, nkv) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut moe_dims: Vec<MoeDims> = Vec::new();
@@ -344,8 +455,17 @@ impl<'g> GpuModel<'g> {
                 q_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.k_norm.weight"))?,
                 mlp,
-                k_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
-                v_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
+                kv: match &mut hga {
+                    Some(st) if l >= st.options.params.dense_layers => {
+                        let mut cfg = HgaLayerConfig::with_params(l, nh, nkv, capacity, st.options.params.clone());
+                        cfg.cache_slots = st.options.cache_slots;
+                        LayerKv::Hga(Box::new(HgaLayer::new(gpu, &cfg, &st.arena)?))
+                    }
+                    _ => LayerKv::Dense {
+                        k_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
+                        v_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
+                    },
+                },
             });
         }
         progress(c.num_hidden_layers, c.num_hidden_layers);
@@ -388,6 +508,7 @@ impl<'g> GpuModel<'g> {
             use_graphs: true,
             graphs: Vec::new(),
             graphs_pdl: gpu.pdl_enabled(),
+            hga,
         })
     }
 
@@ -401,9 +522,18 @@ impl<'g> GpuModel<'g> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Forgets the cached positions (a new sequence).
+    /// Forgets the cached positions (a new sequence; in HGA mode the layers' GPU caches are emptied when it
+    /// starts).
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+    /// The attention mode's name: "dense" or "hga".
+    pub fn attention_name(&self) -> &'static str {
+        if self.hga.is_some() {
+            "hga"
+        } else {
+            "dense"
+        }
     }
     /// Cache capacity in positions.
     pub fn capacity(&self) -> usize {
@@ -448,6 +578,35 @@ impl<'g> GpuModel<'g> {
                 self.capacity
             )));
         }
+        if self.hga.is_some() {
+            self.ensure_arena(self.len + tokens.len())?;
+            let v = self.config.vocab_size;
+            if let Some((i, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+                return Err(GpuModelError::Input(format!("token {i} is {id}, not below the vocabulary size {v}")));
+            }
+            if self.len == 0 && tokens.len() > 1 {
+                return self.prefill_layer_major(tokens, all_logits, progress);
+            }
+            // After a prompt (or for a one-token prompt): decode steps, each routed. A sequence that starts here
+            // empties the layers' GPU caches first (a prefill does so itself).
+            if self.len == 0 {
+                for layer in &mut self.layers {
+                    if let LayerKv::Hga(hl) = &mut layer.kv {
+                        hl.cache.reset(self.gpu)?;
+                    }
+                }
+            }
+            let n = tokens.len();
+            let mut out = Vec::with_capacity(if all_logits { n * v } else { v });
+            for (i, &tk) in tokens.iter().enumerate() {
+                let logits = self.forward_chunk(&[tk], true, true)?;
+                if all_logits || i + 1 == n {
+                    out.extend(logits);
+                }
+                progress(i + 1, n);
+            }
+            return Ok(out);
+        }
         let mut out = Vec::new();
         let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
         for (i, c) in tokens.chunks(chunk).enumerate() {
@@ -470,6 +629,117 @@ impl<'g> GpuModel<'g> {
         Ok(out)
     }
 
+    /// Grows the HGA arena to hold positions `0 .. tokens`: new extents of mapped pinned memory (nothing already
+    /// there moves) and their addresses in the device table.
+    fn ensure_arena(&mut self, tokens: usize) -> Result<(), GpuModelError> {
+        let Some(st) = self.hga.as_mut() else { return Ok(()) };
+        let need = tokens.div_ceil(16).div_ceil(ARENA_GROUPS_PER_EXTENT);
+        if need <= st.extents.len() {
+            return Ok(());
+        }
+        let bytes = st.arena.layout.extent_bytes();
+        while st.extents.len() < need {
+            let e = st.memory.alloc(bytes).map_err(|e| {
+                GpuModelError::Input(format!(
+                    "the HGA arena (mapped pinned host memory) could not grow to {need} extents of {:.1} MiB for \
+                     {tokens} positions: {e}",
+                    bytes as f64 / (1u64 << 20) as f64
+                ))
+            })?;
+            st.extents.push(e);
+        }
+        st.arena.update(self.gpu, &st.extents)?;
+        Ok(())
+    }
+
+    /// Host bytes of the HGA arena (0 when dense).
+    pub fn arena_bytes(&self) -> usize {
+        self.hga.as_ref().map_or(0, |st| st.extents.len() * st.arena.layout.extent_bytes())
+    }
+
+    /// The exact layer-major prefill of a prompt (HGA mode, from position 0): every layer runs over the whole
+    /// prompt in chunks of `max_tokens` with only that layer's K/V of the prompt on the GPU (`[n_kv][n][128]`,
+    /// exact causal prefill attention), which then goes to the layer's tiers (`HgaLayer::prefill_history`: the
+    /// arena, the summaries, the sink and the window). The residual stream of the prompt and the pending MLP
+    /// output live on the GPU for the prefill (2 x n x hidden bf16). Returns the logits as `forward`.
+    fn prefill_layer_major(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<f32>, GpuModelError> {
+        let gpu = self.gpu;
+        let s = gpu.stream().clone();
+        let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
+        let c = &self.config;
+        let (h, v, nkv, nl) = (c.hidden_size, c.vocab_size, c.num_key_value_heads, c.num_hidden_layers);
+        let mut h_all = s.alloc_zeros::<bf16>(n * h)?;
+        let mut mlp_all = s.alloc_zeros::<bf16>(n * h)?;
+        if let Some(st) = self.hga.as_mut() {
+            let (k, v) = (s.alloc_zeros::<bf16>(nkv * n * 128)?, s.alloc_zeros::<bf16>(nkv * n * 128)?);
+            st.prefill = Some(PrefillKv { k, v, len: n });
+        }
+        let chunks: Vec<(usize, usize)> = (0..n).step_by(chunk).map(|s0| (s0, (n - s0).min(chunk))).collect();
+        for &(s0, t) in &chunks {
+            s.memcpy_htod(&tokens[s0..s0 + t], &mut self.scratch.ids.slice_mut(0..t))?;
+            hga_embed_gather_dev(
+                gpu,
+                &self.embed,
+                &self.scratch.ids.slice(0..t),
+                t,
+                &mut h_all.slice_mut(s0 * h..(s0 + t) * h),
+                v,
+                h,
+            )?;
+        }
+        let result = (|| -> Result<(), GpuModelError> {
+            for l in 0..nl {
+                for &(s0, t) in &chunks {
+                    let pos: Vec<u32> = (s0..s0 + t).map(|p| p as u32).collect();
+                    let sc = &mut self.scratch;
+                    s.memcpy_htod(&pos, &mut sc.positions.slice_mut(0..t))?;
+                    s.memcpy_dtod(&h_all.slice(s0 * h..(s0 + t) * h), &mut sc.h[0].slice_mut(0..t * h))?;
+                    if l > 0 {
+                        s.memcpy_dtod(&mlp_all.slice(s0 * h..(s0 + t) * h), &mut sc.mlp_out.slice_mut(0..t * h))?;
+                    }
+                    let cur = self.enqueue_layer(l, t, StartAt::Host(s0), 0, &mut Marks::Off)?;
+                    let sc = &mut self.scratch;
+                    s.memcpy_dtod(&sc.h[cur].slice(0..t * h), &mut h_all.slice_mut(s0 * h..(s0 + t) * h))?;
+                    s.memcpy_dtod(&sc.mlp_out.slice(0..t * h), &mut mlp_all.slice_mut(s0 * h..(s0 + t) * h))?;
+                }
+                if let (LayerKv::Hga(hl), Some(st)) = (&mut self.layers[l].kv, self.hga.as_mut()) {
+                    let p = st.prefill.as_ref().expect("the prefill's K/V were allocated above");
+                    hl.prefill_history_strided(gpu, &p.k, &p.v, n, (n * 128, 128), &st.arena)?;
+                }
+                progress(((l + 1) * n) / nl, n);
+            }
+            Ok(())
+        })();
+        if let Some(st) = self.hga.as_mut() {
+            st.prefill = None;
+        }
+        result?;
+        // The final norm and lm_head of the rows asked for.
+        let mut out = Vec::with_capacity(if all_logits { n * v } else { v });
+        for &(s0, t) in &chunks {
+            if !all_logits && s0 + t < n {
+                continue;
+            }
+            let sc = &mut self.scratch;
+            s.memcpy_dtod(&h_all.slice(s0 * h..(s0 + t) * h), &mut sc.h[0].slice_mut(0..t * h))?;
+            s.memcpy_dtod(&mlp_all.slice(s0 * h..(s0 + t) * h), &mut sc.mlp_out.slice_mut(0..t * h))?;
+            self.enqueue_final_norm(t, 0, &mut Marks::Off)?;
+            let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
+            for r in rows.chunks(LM_HEAD_MAX_M) {
+                self.enqueue_lm_head(r[0], r.len())?;
+                out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..r.len() * v))?);
+            }
+        }
+        self.len = n;
+        gpu.synchronize()?;
+        Ok(out)
+    }
+
     /// One chunk: the logits of every token (`all_logits`) or of the last, or none (`!want_logits`: the chunk only
     /// fills the cache).
     fn forward_chunk(
@@ -489,6 +759,9 @@ impl<'g> GpuModel<'g> {
         let sc = &mut self.scratch;
         s.memcpy_htod(&pos, &mut sc.positions.slice_mut(0..t))?;
         s.memcpy_htod(tokens, &mut sc.ids.slice_mut(0..t))?;
+        if let Some(st) = self.hga.as_mut() {
+            s.memcpy_htod(&pos[..1], &mut st.pos)?;
+        }
         let mut out = Vec::with_capacity(if all_logits { t * v } else { v });
         if t == 1 {
             // One token: the recorded step (or, with graphs off, the same launches from the host: same results).
@@ -554,6 +827,14 @@ impl<'g> GpuModel<'g> {
         let start = self.len;
         s.memcpy_htod(&[start as u32], &mut self.scratch.positions.slice_mut(0..1))?;
         s.memcpy_htod(&[token], &mut self.scratch.ids.slice_mut(0..1))?;
+        if self.hga.is_some() {
+            if start == 0 {
+                return Err(GpuModelError::Input("profile a decode step after a prompt".into()));
+            }
+            self.ensure_arena(start + 1)?;
+            let st = self.hga.as_mut().expect("checked above");
+            s.memcpy_htod(&[start as u32], &mut st.pos)?;
+        }
         const COPY: usize = 256 << 20;
         const COPIES: usize = 64;
         let (mut a, mut b) = (s.alloc_zeros::<u8>(COPY)?, s.alloc_zeros::<u8>(COPY)?);
@@ -636,151 +917,23 @@ impl<'g> GpuModel<'g> {
     /// Only kernel launches (and, when profiling, event records): it can be recorded into a CUDA graph.
     fn enqueue_layers(&mut self, t: usize, at: StartAt, marks: &mut Marks) -> Result<usize, RuntimeError> {
         let gpu = self.gpu;
-        let c = &self.config;
-        let (h, nh, nkv, v) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size);
-        let (qw, kw) = (nh * 128, nkv * 128);
-        let start = match at {
-            StartAt::Host(s) => s,
-            StartAt::DeviceUpTo(bound) => bound - t,
-        };
-        let eps = c.rms_norm_eps as f32;
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let sc = &mut self.scratch;
         // Embeddings into the residual stream.
-        let cur = self.cur;
+        let mut cur = self.cur;
         hga_embed_gather_dev(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[cur].slice_mut(0..t * h), v, h)?;
         marks.mark(gpu, "embedding")?;
-        let mut cur = cur;
-        let ashape = AttentionShape { tokens: t, n_heads: nh, n_kv_heads: nkv, capacity: self.capacity, start };
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            // 1. input norm (+ the previous MLP output into the residual) -> FP8.
-            if l == 0 {
-                hga_rmsnorm_fp8_quant(
-                    gpu,
-                    &sc.h[cur].slice(0..t * h),
-                    None,
-                    &layer.input_layernorm,
-                    &mut sc.xq.slice_mut(0..t * h),
-                    &mut sc.xs.slice_mut(0..t * h / 128),
-                    t,
-                    h,
-                    eps,
-                )?;
-            } else {
-                let (a, b) = split_pair(&mut sc.h, cur);
-                hga_rmsnorm_fp8_quant(
-                    gpu,
-                    &sc.mlp_out.slice(0..t * h),
-                    Some((&a.slice(0..t * h), &mut b.slice_mut(0..t * h))),
-                    &layer.input_layernorm,
-                    &mut sc.xq.slice_mut(0..t * h),
-                    &mut sc.xs.slice_mut(0..t * h / 128),
-                    t,
-                    h,
-                    eps,
-                )?;
-                cur ^= 1;
-            }
-            marks.mark(gpu, "input norm + FP8 quant")?;
-            // 2. q, k, v.
-            let (xq, xs) = (sc.xq.slice(0..t * h), sc.xs.slice(0..t * h / 128));
-            let qkvw = qw + 2 * kw;
-            linear(gpu, &layer.qkv_proj, &xq, &xs, &mut sc.qkv.slice_mut(0..t * qkvw), t)?;
-            marks.mark(gpu, "q/k/v FP8 linear (stacked)")?;
-            // 3. q/k norm + RoPE, K/V into the cache.
-            let rs = QkNormRopeShape {
-                tokens: t,
-                n_heads: nh,
-                n_kv_heads: nkv,
-                capacity: self.capacity,
-                q_stride: qkvw,
-                k_stride: qkvw,
-                v_stride: qkvw,
-                cache_by_token: false,
-                eps,
-                theta: c.rope_theta,
-            };
-            hga_qk_norm_rope(
-                gpu,
-                &sc.qkv.slice(0..t * qkvw),
-                &sc.qkv.slice(qw..t * qkvw),
-                &sc.qkv.slice(qw + kw..t * qkvw),
-                &sc.positions.slice(0..t),
-                &layer.q_norm,
-                &layer.k_norm,
-                &mut sc.qr.slice_mut(0..t * qw),
-                &mut layer.k_cache,
-                &mut layer.v_cache,
-                &rs,
-            )?;
-            marks.mark(gpu, "q/k norm + RoPE + cache write")?;
-            // 4. attention; 5. its FP8 quantization (fused into the decode merge for one token), o_proj.
-            if let StartAt::DeviceUpTo(_) = at {
-                hga_attention_decode_upto_quant(
-                    gpu,
-                    &sc.qr.slice(0..t * qw),
-                    &layer.k_cache,
-                    &layer.v_cache,
-                    &mut sc.decode,
-                    &mut sc.attn.slice_mut(0..t * qw),
-                    &mut sc.lse.slice_mut(0..t * nh),
-                    &mut sc.aq.slice_mut(0..t * qw),
-                    &mut sc.as_.slice_mut(0..t * nh),
-                    &ashape,
-                    &sc.positions.slice(0..1),
-                )?;
-            } else {
-                hga_attention_prefill(
-                    gpu,
-                    &sc.qr.slice(0..t * qw),
-                    &layer.k_cache,
-                    &layer.v_cache,
-                    &mut sc.attn.slice_mut(0..t * qw),
-                    &mut sc.lse.slice_mut(0..t * nh),
-                    &ashape,
-                )?;
-                hga_fp8_quant(
-                    gpu,
-                    &sc.attn.slice(0..t * qw),
-                    &mut sc.aq.slice_mut(0..t * qw),
-                    &mut sc.as_.slice_mut(0..t * nh),
-                    t,
-                    qw,
-                )?;
-            }
-            marks.mark(gpu, "attention (+ FP8 quant)")?;
-            linear(
-                gpu,
-                &layer.o_proj,
-                &sc.aq.slice(0..t * qw),
-                &sc.as_.slice(0..t * nh),
-                &mut sc.mlp_out.slice_mut(0..t * h),
-                t,
-            )?;
-            marks.mark(gpu, "o_proj")?;
-            // 6. post-attention norm (+ the attention output into the residual), bf16 out; 7. MoE (or the dense
-            // MLP as a one-expert MoE). For one token the norm runs inside the MoE router (one launch fewer).
-            let Mlp::Moe { router, experts, dims, ws } = &layer.mlp;
-            let d = MoeDims { tokens: t, ..*dims };
-            let ws = &mut sc.moe[*ws];
-            let (a, b) = split_pair(&mut sc.h, cur);
-            let (res, res_out) = (a.slice(0..t * h), &mut b.slice_mut(0..t * h));
-            let norm_w = &layer.post_attention_layernorm;
-            let (mut io, mut xn) = (sc.mlp_out.slice_mut(0..t * h), sc.xn.slice_mut(0..t * h));
-            if t <= MOE_DECODE_MAX_TOKENS {
-                let fused =
-                    moe_decode_residual(gpu, &mut io, &res, res_out, norm_w, eps, &mut xn, router, experts, ws, &d)?;
-                let what =
-                    if fused { "post-attention norm + MoE (norm in the router)" } else { "post-attention norm + MoE" };
-                marks.mark(gpu, what)?;
-            } else {
-                hga_rmsnorm(gpu, &io, Some((&res, res_out)), norm_w, &mut xn, t, h, eps)?;
-                marks.mark(gpu, "post-attention norm")?;
-                moe_grouped(gpu, &xn, router, experts, ws, &mut io, &d, RouterForm::Auto)?;
-                marks.mark(gpu, "MoE (router, gate/up, down)")?;
-            }
-            cur ^= 1;
+        for l in 0..self.layers.len() {
+            cur = self.enqueue_layer(l, t, at, cur, marks)?;
         }
-        // Final norm (+ the last MLP output into the residual).
+        self.enqueue_final_norm(t, cur, marks)
+    }
+
+    /// The final norm (+ the last MLP output into the residual) of `t` rows into `scratch.xn`; returns the residual
+    /// buffer index after it.
+    fn enqueue_final_norm(&mut self, t: usize, cur: usize, marks: &mut Marks) -> Result<usize, RuntimeError> {
+        let (gpu, h) = (self.gpu, self.config.hidden_size);
+        let sc = &mut self.scratch;
         let (a, b) = split_pair(&mut sc.h, cur);
         hga_rmsnorm(
             gpu,
@@ -790,9 +943,223 @@ impl<'g> GpuModel<'g> {
             &mut sc.xn.slice_mut(0..t * h),
             t,
             h,
-            eps,
+            self.config.rms_norm_eps as f32,
         )?;
         marks.mark(gpu, "final norm")?;
+        Ok(cur ^ 1)
+    }
+
+    /// Enqueues layer `l` of the `t` tokens whose positions are in `scratch.positions`, the residual in
+    /// `scratch.h[cur]` and (for l > 0) the previous layer's MLP output in `scratch.mlp_out`; returns the residual
+    /// buffer index after it (the layer's MLP output is then in `scratch.mlp_out`). Only kernel launches (and
+    /// event records): it can be recorded into a CUDA graph. Where the layer's K/V goes:
+    /// - a dense layer: its cache, at the positions;
+    /// - an HGA layer, one token at a device position (`DeviceUpTo`): staged by the rope kernel, appended to the
+    ///   layer's tiers and attended by routing (`HgaLayer`), the position read from `hga.pos`;
+    /// - an HGA layer, a chunk at a host start: the layer-major prefill's K/V of the prompt (`hga.prefill`), exact
+    ///   prefill attention over it.
+    fn enqueue_layer(
+        &mut self,
+        l: usize,
+        t: usize,
+        at: StartAt,
+        mut cur: usize,
+        marks: &mut Marks,
+    ) -> Result<usize, RuntimeError> {
+        let gpu = self.gpu;
+        let c = &self.config;
+        let (h, nh, nkv) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads);
+        let (qw, kw) = (nh * 128, nkv * 128);
+        let start = match at {
+            StartAt::Host(s) => s,
+            StartAt::DeviceUpTo(bound) => bound - t,
+        };
+        let eps = c.rms_norm_eps as f32;
+        let sc = &mut self.scratch;
+        let layer = &mut self.layers[l];
+        // 1. input norm (+ the previous MLP output into the residual) -> FP8.
+        if l == 0 {
+            hga_rmsnorm_fp8_quant(
+                gpu,
+                &sc.h[cur].slice(0..t * h),
+                None,
+                &layer.input_layernorm,
+                &mut sc.xq.slice_mut(0..t * h),
+                &mut sc.xs.slice_mut(0..t * h / 128),
+                t,
+                h,
+                eps,
+            )?;
+        } else {
+            let (a, b) = split_pair(&mut sc.h, cur);
+            hga_rmsnorm_fp8_quant(
+                gpu,
+                &sc.mlp_out.slice(0..t * h),
+                Some((&a.slice(0..t * h), &mut b.slice_mut(0..t * h))),
+                &layer.input_layernorm,
+                &mut sc.xq.slice_mut(0..t * h),
+                &mut sc.xs.slice_mut(0..t * h / 128),
+                t,
+                h,
+                eps,
+            )?;
+            cur ^= 1;
+        }
+        marks.mark(gpu, "input norm + FP8 quant")?;
+        // 2. q, k, v.
+        let (xq, xs) = (sc.xq.slice(0..t * h), sc.xs.slice(0..t * h / 128));
+        let qkvw = qw + 2 * kw;
+        linear(gpu, &layer.qkv_proj, &xq, &xs, &mut sc.qkv.slice_mut(0..t * qkvw), t)?;
+        marks.mark(gpu, "q/k/v FP8 linear (stacked)")?;
+        // 3. q/k norm + RoPE, K/V into the layer's cache, the HGA staging buffer or the prefill's K/V.
+        enum Kv<'a> {
+            Dense(&'a mut CudaSlice<bf16>, &'a mut CudaSlice<bf16>, usize),
+            Decode(&'a mut HgaLayer, &'a mut HgaState),
+            Prefill(&'a mut PrefillKv),
+        }
+        let no_hga = || RuntimeError::Shape("an HGA layer without the model's HGA state".into());
+        let mut kv = match (&mut layer.kv, at) {
+            (LayerKv::Dense { k_cache, v_cache }, _) => Kv::Dense(k_cache, v_cache, self.capacity),
+            (LayerKv::Hga(hl), StartAt::DeviceUpTo(_)) => Kv::Decode(hl, self.hga.as_mut().ok_or_else(no_hga)?),
+            (LayerKv::Hga(_), StartAt::Host(_)) => Kv::Prefill(
+                self.hga
+                    .as_mut()
+                    .and_then(|st| st.prefill.as_mut())
+                    .ok_or_else(|| RuntimeError::Shape("an HGA layer's chunk outside a layer-major prefill".into()))?,
+            ),
+        };
+        let (k_dst, v_dst, capacity, by_token) = match &mut kv {
+            Kv::Dense(k, v, cap) => (&mut **k, &mut **v, *cap, false),
+            Kv::Decode(_, st) => (&mut st.k_new, &mut st.v_new, 1, true),
+            Kv::Prefill(p) => (&mut p.k, &mut p.v, p.len, false),
+        };
+        let rs = QkNormRopeShape {
+            tokens: t,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            capacity,
+            q_stride: qkvw,
+            k_stride: qkvw,
+            v_stride: qkvw,
+            cache_by_token: by_token,
+            eps,
+            theta: c.rope_theta,
+        };
+        hga_qk_norm_rope(
+            gpu,
+            &sc.qkv.slice(0..t * qkvw),
+            &sc.qkv.slice(qw..t * qkvw),
+            &sc.qkv.slice(qw + kw..t * qkvw),
+            &sc.positions.slice(0..t),
+            &layer.q_norm,
+            &layer.k_norm,
+            &mut sc.qr.slice_mut(0..t * qw),
+            k_dst,
+            v_dst,
+            &rs,
+        )?;
+        marks.mark(gpu, "q/k norm + RoPE + cache write")?;
+        // 4. attention; 5. its FP8 quantization (fused into the dense decode merge for one token), o_proj.
+        let ashape = AttentionShape { tokens: t, n_heads: nh, n_kv_heads: nkv, capacity, start };
+        let quant = |sc: &mut Scratch| {
+            hga_fp8_quant(
+                gpu,
+                &sc.attn.slice(0..t * qw),
+                &mut sc.aq.slice_mut(0..t * qw),
+                &mut sc.as_.slice_mut(0..t * nh),
+                t,
+                qw,
+            )
+        };
+        match kv {
+            Kv::Dense(k, v, _) => {
+                if let StartAt::DeviceUpTo(_) = at {
+                    hga_attention_decode_upto_quant(
+                        gpu,
+                        &sc.qr.slice(0..t * qw),
+                        k,
+                        v,
+                        &mut sc.decode,
+                        &mut sc.attn.slice_mut(0..t * qw),
+                        &mut sc.lse.slice_mut(0..t * nh),
+                        &mut sc.aq.slice_mut(0..t * qw),
+                        &mut sc.as_.slice_mut(0..t * nh),
+                        &ashape,
+                        &sc.positions.slice(0..1),
+                    )?;
+                } else {
+                    let (k, v) = (&*k, &*v);
+                    hga_attention_prefill(
+                        gpu,
+                        &sc.qr.slice(0..t * qw),
+                        k,
+                        v,
+                        &mut sc.attn.slice_mut(0..t * qw),
+                        &mut sc.lse.slice_mut(0..t * nh),
+                        &ashape,
+                    )?;
+                    quant(sc)?;
+                }
+            }
+            Kv::Decode(hl, st) => {
+                hl.append(gpu, &st.pos, &st.k_new, &st.v_new, &st.arena)?;
+                marks.mark(gpu, "hga append + summary")?;
+                hl.attend(
+                    gpu,
+                    &st.pos,
+                    &sc.qr.slice(0..qw),
+                    None,
+                    &mut sc.attn.slice_mut(0..qw),
+                    &mut sc.lse.slice_mut(0..nh),
+                    &st.arena,
+                )?;
+                marks.mark(gpu, "hga route + gather + attend")?;
+                quant(sc)?;
+            }
+            Kv::Prefill(p) => {
+                hga_attention_prefill(
+                    gpu,
+                    &sc.qr.slice(0..t * qw),
+                    &p.k,
+                    &p.v,
+                    &mut sc.attn.slice_mut(0..t * qw),
+                    &mut sc.lse.slice_mut(0..t * nh),
+                    &ashape,
+                )?;
+                quant(sc)?;
+            }
+        }
+        marks.mark(gpu, "attention (+ FP8 quant)")?;
+        linear(
+            gpu,
+            &layer.o_proj,
+            &sc.aq.slice(0..t * qw),
+            &sc.as_.slice(0..t * nh),
+            &mut sc.mlp_out.slice_mut(0..t * h),
+            t,
+        )?;
+        marks.mark(gpu, "o_proj")?;
+        // 6. post-attention norm (+ the attention output into the residual), bf16 out; 7. MoE (or the dense
+        // MLP as a one-expert MoE). For one token the norm runs inside the MoE router (one launch fewer).
+        let Mlp::Moe { router, experts, dims, ws } = &layer.mlp;
+        let d = MoeDims { tokens: t, ..*dims };
+        let ws = &mut sc.moe[*ws];
+        let (a, b) = split_pair(&mut sc.h, cur);
+        let (res, res_out) = (a.slice(0..t * h), &mut b.slice_mut(0..t * h));
+        let norm_w = &layer.post_attention_layernorm;
+        let (mut io, mut xn) = (sc.mlp_out.slice_mut(0..t * h), sc.xn.slice_mut(0..t * h));
+        if t <= MOE_DECODE_MAX_TOKENS {
+            let fused =
+                moe_decode_residual(gpu, &mut io, &res, res_out, norm_w, eps, &mut xn, router, experts, ws, &d)?;
+            let what =
+                if fused { "post-attention norm + MoE (norm in the router)" } else { "post-attention norm + MoE" };
+            marks.mark(gpu, what)?;
+        } else {
+            hga_rmsnorm(gpu, &io, Some((&res, res_out)), norm_w, &mut xn, t, h, eps)?;
+            marks.mark(gpu, "post-attention norm")?;
+            moe_grouped(gpu, &xn, router, experts, ws, &mut io, &d, RouterForm::Auto)?;
+            marks.mark(gpu, "MoE (router, gate/up, down)")?;
+        }
         Ok(cur ^ 1)
     }
 }
