@@ -4,6 +4,7 @@ pub mod check;
 pub mod hga;
 pub mod kernels;
 pub mod kv;
+pub mod memory;
 pub mod model;
 pub mod reference;
 pub mod runtime;

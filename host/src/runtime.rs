@@ -12,6 +12,11 @@
 //! start with `griddepcontrol.wait` ([`KernelImage::pdl`]; the sm_90 and sm_120 builds), every kernel is launched
 //! with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so the GPU may launch it while its predecessor
 //! finishes ([`Gpu::set_pdl`]; the environment variable `HGA_PDL=0` turns it off).
+//!
+//! Memory: a `Gpu` holds the one [`Accountant`] of its device (no limit by default: [`Gpu::set_memory_limit`]).
+//! Long-lived buffers are allocated through [`Gpu::alloc_zeros`] and [`Gpu::upload`], which charge the book first
+//! and return a [`DeviceBuf`]; see [`crate::memory`]. [`Gpu::stream`] stays available for short-lived buffers
+//! (tests, benches), which the book does not see.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
@@ -19,8 +24,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    ValidAsZeroBits,
+};
 use cudarc::nvrtc::Ptx;
+
+use crate::memory::{human, Accountant, DeviceBuf, OverCap};
 
 /// What an image holds: PTX text (JIT-compiled by the driver at load) or a cubin (SASS for one exact SM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +112,17 @@ pub enum RuntimeError {
     Launch { kernel: &'static str, msg: String },
     #[error("{0}")]
     Shape(String),
+    /// The accountant refused an allocation (the GPU memory limit).
+    #[error("{0}")]
+    OverCap(#[from] OverCap),
+    /// The driver had no memory for an allocation the accountant allowed.
+    #[error(
+        "out of GPU memory allocating {what} ({}, {bytes} bytes): the driver refused it with {} held by the \
+         accountant{device}",
+        human(*bytes),
+        human(*held)
+    )]
+    OutOfMemory { what: &'static str, bytes: u64, held: u64, device: String },
 }
 
 /// Picks the image for a device of SM `sm`: the cubin of exactly that SM, else the PTX of the highest arch <= sm.
@@ -231,6 +252,8 @@ pub struct Gpu {
     pdl_supported: bool,
     /// Launch with PDL (see [`Gpu::set_pdl`]).
     pdl: AtomicBool,
+    /// The book of this device's memory (see [`crate::memory`]).
+    memory: Arc<Accountant>,
 }
 
 impl fmt::Debug for Gpu {
@@ -304,6 +327,13 @@ impl Gpu {
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let pdl_supported = image.pdl && major >= 9;
         let pdl_env = std::env::var("HGA_PDL").map_or(true, |v| !matches!(v.trim(), "0" | "off" | "false"));
+        let sampler_ctx = Arc::clone(&ctx);
+        let memory = Accountant::with_sampler(
+            None,
+            Box::new(move || {
+                sampler_ctx.mem_get_info().ok().map(|(free, total)| ((total - free) as u64, total as u64))
+            }),
+        );
         Ok(Gpu {
             ctx,
             stream,
@@ -316,7 +346,61 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             pdl_supported,
             pdl: AtomicBool::new(pdl_supported && pdl_env),
+            memory,
         })
+    }
+
+    /// The accountant of this device's memory (limit, live, peak, report).
+    pub fn memory(&self) -> &Arc<Accountant> {
+        &self.memory
+    }
+
+    /// Sets (or with `None` clears) the cap on the memory allocated through [`Gpu::alloc_zeros`] and
+    /// [`Gpu::upload`], in bytes. Buffers already held stay; later allocations over the cap fail with
+    /// [`RuntimeError::OverCap`].
+    pub fn set_memory_limit(&self, limit: Option<u64>) {
+        self.memory.set_limit(limit);
+    }
+
+    /// `n` zeroed elements, booked under `what` ("K/V cache", "moe workspace", ...): charged first, so that an
+    /// allocation over the limit fails with [`RuntimeError::OverCap`] before the driver is asked.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        what: &'static str,
+        n: usize,
+    ) -> Result<DeviceBuf<T>, RuntimeError> {
+        let bytes = self.bytes_of::<T>(what, n)?;
+        let charge = self.memory.charge(what, bytes)?;
+        let slice = self.stream.alloc_zeros::<T>(n).map_err(|e| self.alloc_error(e, what, bytes))?;
+        Ok(DeviceBuf::new(slice, charge))
+    }
+
+    /// A copy of `src` on the device, booked under `what` (charged first, like [`Gpu::alloc_zeros`]).
+    pub fn upload<T: DeviceRepr>(&self, what: &'static str, src: &[T]) -> Result<DeviceBuf<T>, RuntimeError> {
+        let bytes = self.bytes_of::<T>(what, src.len())?;
+        let charge = self.memory.charge(what, bytes)?;
+        let slice: CudaSlice<T> = self.stream.clone_htod(src).map_err(|e| self.alloc_error(e, what, bytes))?;
+        Ok(DeviceBuf::new(slice, charge))
+    }
+
+    fn bytes_of<T>(&self, what: &'static str, n: usize) -> Result<u64, RuntimeError> {
+        n.checked_mul(std::mem::size_of::<T>())
+            .map(|b| b as u64)
+            .ok_or_else(|| RuntimeError::Shape(format!("{what}: {n} elements of {} bytes overflow", size_of::<T>())))
+    }
+
+    /// A driver error of an allocation: out of memory becomes [`RuntimeError::OutOfMemory`] naming what.
+    fn alloc_error(&self, e: DriverError, what: &'static str, bytes: u64) -> RuntimeError {
+        if e.0 != sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return RuntimeError::Driver(e);
+        }
+        let device = match self.memory.device_now() {
+            Some((used, total)) => format!("; the device has {} of {} in use", human(used), human(total)),
+            None => String::new(),
+        };
+        // The charge of the failed allocation is still held here (it drops after this call).
+        let held = self.memory.live().saturating_sub(bytes);
+        RuntimeError::OutOfMemory { what, bytes, held, device }
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

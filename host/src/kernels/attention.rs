@@ -13,6 +13,7 @@
 //!
 //! A device with less than 96 KB of shared memory per block gets an error from the decode launchers.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
+use crate::memory::DeviceBuf;
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
@@ -43,10 +44,14 @@ impl AttentionShape {
 /// Default number of split-K partial slots of a [`DecodeWorkspace`].
 pub const DECODE_MAX_SPLITS: usize = 256;
 
-/// Scratch of the split-K decode: partial outputs f32 [max_splits, tokens, n_heads, 128] and LSE.
+/// The accountant's label of [`DecodeWorkspace`].
+pub const ATTENTION_WORKSPACE: &str = "attention workspace";
+
+/// Scratch of the split-K decode: partial outputs f32 [max_splits, tokens, n_heads, 128] and LSE (booked as
+/// [`ATTENTION_WORKSPACE`]).
 pub struct DecodeWorkspace {
-    pub(crate) part_o: CudaSlice<f32>,
-    pub(crate) part_lse: CudaSlice<f32>,
+    pub(crate) part_o: DeviceBuf<f32>,
+    pub(crate) part_lse: DeviceBuf<f32>,
     pub(crate) rows: usize,
     pub(crate) max_splits: usize,
 }
@@ -56,10 +61,10 @@ impl DecodeWorkspace {
     pub fn new(gpu: &Gpu, max_tokens: usize, n_heads: usize, max_splits: usize) -> Result<Self, RuntimeError> {
         let rows = max_tokens.max(1) * n_heads.max(1);
         let max_splits = max_splits.max(1);
-        let s = gpu.stream();
+        let l = ATTENTION_WORKSPACE;
         Ok(DecodeWorkspace {
-            part_o: s.alloc_zeros::<f32>(max_splits * rows * ATTN_HEAD_DIM)?,
-            part_lse: s.alloc_zeros::<f32>(max_splits * rows)?,
+            part_o: gpu.alloc_zeros::<f32>(l, max_splits * rows * ATTN_HEAD_DIM)?,
+            part_lse: gpu.alloc_zeros::<f32>(l, max_splits * rows)?,
             rows,
             max_splits,
         })

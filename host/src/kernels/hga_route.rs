@@ -8,6 +8,7 @@
 //! chunk that the last key closed, if any).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
+use crate::memory::DeviceBuf;
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use gpu_kernels::params::{
@@ -180,13 +181,19 @@ impl RouteShape {
     }
 }
 
+/// The accountant's label of [`RouteSummaries`].
+pub const ROUTE_SUMMARIES: &str = "routing summaries";
+/// The accountant's label of [`RouteWorkspace`].
+pub const ROUTE_WORKSPACE: &str = "routing workspace";
+
 /// The summaries of one layer (formats of gpu_kernels::params::hga): chunk min/max bf16 [n_kv][max_chunks][128],
-/// sketches u8 [n_kv][max_tokens][64] and their f16 scales (as u16 bits) [n_kv][max_tokens].
+/// sketches u8 [n_kv][max_tokens][64] and their f16 scales (as u16 bits) [n_kv][max_tokens]. Booked as
+/// [`ROUTE_SUMMARIES`].
 pub struct RouteSummaries {
-    pub chunk_min: CudaSlice<bf16>,
-    pub chunk_max: CudaSlice<bf16>,
-    pub sketch: CudaSlice<u8>,
-    pub scale: CudaSlice<u16>,
+    pub chunk_min: DeviceBuf<bf16>,
+    pub chunk_max: DeviceBuf<bf16>,
+    pub sketch: DeviceBuf<u8>,
+    pub scale: DeviceBuf<u16>,
     pub n_kv_heads: usize,
     pub max_tokens: usize,
 }
@@ -194,13 +201,13 @@ pub struct RouteSummaries {
 impl RouteSummaries {
     /// Zeroed summaries for contexts of up to `max_tokens` (rounded down to whole chunks for the min/max).
     pub fn new(gpu: &Gpu, n_kv_heads: usize, max_tokens: usize) -> Result<Self, RuntimeError> {
-        let s = gpu.stream();
+        let l = ROUTE_SUMMARIES;
         let mc = (max_tokens / HGA_CHUNK).max(1);
         Ok(RouteSummaries {
-            chunk_min: s.alloc_zeros(n_kv_heads * mc * HGA_HEAD_DIM)?,
-            chunk_max: s.alloc_zeros(n_kv_heads * mc * HGA_HEAD_DIM)?,
-            sketch: s.alloc_zeros(n_kv_heads * max_tokens.max(1) * HGA_HEAD_DIM / 2)?,
-            scale: s.alloc_zeros(n_kv_heads * max_tokens.max(1))?,
+            chunk_min: gpu.alloc_zeros(l, n_kv_heads * mc * HGA_HEAD_DIM)?,
+            chunk_max: gpu.alloc_zeros(l, n_kv_heads * mc * HGA_HEAD_DIM)?,
+            sketch: gpu.alloc_zeros(l, n_kv_heads * max_tokens.max(1) * HGA_HEAD_DIM / 2)?,
+            scale: gpu.alloc_zeros(l, n_kv_heads * max_tokens.max(1))?,
             n_kv_heads,
             max_tokens: max_tokens.max(1),
         })
@@ -296,35 +303,36 @@ pub enum SummaryChunks<'a> {
 }
 
 /// Scratch of the two stages, and their by-products (readable for tests: the scores, the kept chunks, `base`).
+/// Booked as [`ROUTE_WORKSPACE`].
 pub struct RouteWorkspace {
-    pub key_scores: CudaSlice<f32>,
-    pub raw: CudaSlice<f32>,
-    pub base: CudaSlice<f32>,
-    pub chunk_scores: CudaSlice<f32>,
-    pub kept: CudaSlice<u32>,
-    pub group_scores: CudaSlice<f32>,
-    pub counters: CudaSlice<u32>,
+    pub key_scores: DeviceBuf<f32>,
+    pub raw: DeviceBuf<f32>,
+    pub base: DeviceBuf<f32>,
+    pub chunk_scores: DeviceBuf<f32>,
+    pub kept: DeviceBuf<u32>,
+    pub group_scores: DeviceBuf<f32>,
+    pub counters: DeviceBuf<u32>,
     /// u32 [n_kv][4]: n_c, n_g, chunk candidates scoring -inf/NaN, group candidates scoring -inf/NaN.
-    pub stats: CudaSlice<u32>,
+    pub stats: DeviceBuf<u32>,
     shape: RouteShape,
 }
 
 impl RouteWorkspace {
     pub fn new(gpu: &Gpu, shape: &RouteShape) -> Result<Self, RuntimeError> {
         shape.validate()?;
-        let s = gpu.stream();
+        let l = ROUTE_WORKSPACE;
         let (kv, r) = (shape.n_kv_heads, shape.rows());
         let mcc = shape.max_cand_chunks().max(1);
         let mcg = shape.max_stage2().max(1);
         Ok(RouteWorkspace {
-            key_scores: s.alloc_zeros(kv * r * shape.max_always())?,
-            raw: s.alloc_zeros(if shape.chunk_stage() { kv * r * mcc } else { 1 })?,
-            base: s.alloc_zeros(kv * r)?,
-            chunk_scores: s.alloc_zeros(kv * mcc)?,
-            kept: s.alloc_zeros(kv * shape.max_kept)?,
-            group_scores: s.alloc_zeros(kv * mcg)?,
-            counters: s.alloc_zeros(kv * ROUTE_COUNTERS)?,
-            stats: s.alloc_zeros(kv * ROUTE_STATS)?,
+            key_scores: gpu.alloc_zeros(l, kv * r * shape.max_always())?,
+            raw: gpu.alloc_zeros(l, if shape.chunk_stage() { kv * r * mcc } else { 1 })?,
+            base: gpu.alloc_zeros(l, kv * r)?,
+            chunk_scores: gpu.alloc_zeros(l, kv * mcc)?,
+            kept: gpu.alloc_zeros(l, kv * shape.max_kept)?,
+            group_scores: gpu.alloc_zeros(l, kv * mcg)?,
+            counters: gpu.alloc_zeros(l, kv * ROUTE_COUNTERS)?,
+            stats: gpu.alloc_zeros(l, kv * ROUTE_STATS)?,
             shape: *shape,
         })
     }

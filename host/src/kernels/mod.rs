@@ -1,5 +1,6 @@
 //! Safe launchers: one per kernel, named as the kernel. Each checks shapes and lengths, then performs the one
-//! unsafe launch. Device buffers are cudarc slices or views (`bf16` for bf16, `u8` for e4m3, `f32`).
+//! unsafe launch. Device buffers are cudarc slices or views, or `DeviceBuf`s (a slice booked in the memory
+//! accountant: `crate::memory`); `bf16` for bf16, `u8` for e4m3, `f32`.
 pub mod attention;
 pub mod gemm;
 pub mod head;

@@ -16,9 +16,10 @@
 //! The model runs [`moe_decode_residual`] for decode steps and [`moe_grouped`] for prefill chunks.
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::kernels::hga_rmsnorm;
+use crate::memory::DeviceBuf;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::num::FP8_GROUP;
 use gpu_kernels::params::{
     MoeExpertParams, MoeGroupParams, MoeRouterParams, MOE_DECODE_ROWS, MOE_DOWN_DECODE_V3_ROWS,
@@ -226,27 +227,32 @@ pub fn hga_moe_group(
     unsafe { launch(gpu, "hga_moe_group", cfg, p) }
 }
 
+/// The accountant's label of the routed experts' weights and scales ([`MoeExpertWeights::upload`]).
+pub const EXPERT_WEIGHTS: &str = "expert weights";
+/// The accountant's label of [`MoeWorkspace`].
+pub const MOE_WORKSPACE: &str = "moe workspace";
+
 /// Stacked expert weights on the device (layouts of [`MoeHostWeights`]).
 pub struct MoeExpertWeights {
-    pub w_gate: CudaSlice<u8>,
-    pub s_gate: CudaSlice<f32>,
-    pub w_up: CudaSlice<u8>,
-    pub s_up: CudaSlice<f32>,
-    pub w_down: CudaSlice<u8>,
-    pub s_down: CudaSlice<f32>,
+    pub w_gate: DeviceBuf<u8>,
+    pub s_gate: DeviceBuf<f32>,
+    pub w_up: DeviceBuf<u8>,
+    pub s_up: DeviceBuf<f32>,
+    pub w_down: DeviceBuf<u8>,
+    pub s_down: DeviceBuf<f32>,
 }
 
 impl MoeExpertWeights {
-    /// Uploads host weights.
+    /// Uploads host weights (booked as [`EXPERT_WEIGHTS`]).
     pub fn upload(gpu: &Gpu, w: &MoeHostWeights) -> Result<Self, RuntimeError> {
-        let s = gpu.stream();
+        let l = EXPERT_WEIGHTS;
         Ok(MoeExpertWeights {
-            w_gate: s.clone_htod(&w.w_gate)?,
-            s_gate: s.clone_htod(&w.s_gate)?,
-            w_up: s.clone_htod(&w.w_up)?,
-            s_up: s.clone_htod(&w.s_up)?,
-            w_down: s.clone_htod(&w.w_down)?,
-            s_down: s.clone_htod(&w.s_down)?,
+            w_gate: gpu.upload(l, &w.w_gate)?,
+            s_gate: gpu.upload(l, &w.s_gate)?,
+            w_up: gpu.upload(l, &w.w_up)?,
+            s_up: gpu.upload(l, &w.s_up)?,
+            w_down: gpu.upload(l, &w.w_down)?,
+            s_down: gpu.upload(l, &w.s_down)?,
         })
     }
 
@@ -520,45 +526,46 @@ pub fn hga_moe_combine(
 /// Scratch of the composed paths, sized for up to `max_tokens` tokens of `d`'s shape.
 pub struct MoeWorkspace {
     pub max_tokens: usize,
-    pub logits: CudaSlice<f32>,
-    pub counter: CudaSlice<u32>,
-    pub ids: CudaSlice<u32>,
-    pub weights: CudaSlice<f32>,
-    pub counts: CudaSlice<u32>,
-    pub offsets: CudaSlice<u32>,
-    pub tile_start: CudaSlice<u32>,
-    pub perm: CudaSlice<u32>,
-    pub xq: CudaSlice<u8>,
-    pub xs: CudaSlice<f32>,
-    pub inter: CudaSlice<bf16>,
-    pub inter_q: CudaSlice<u8>,
-    pub inter_s: CudaSlice<f32>,
+    pub logits: DeviceBuf<f32>,
+    pub counter: DeviceBuf<u32>,
+    pub ids: DeviceBuf<u32>,
+    pub weights: DeviceBuf<f32>,
+    pub counts: DeviceBuf<u32>,
+    pub offsets: DeviceBuf<u32>,
+    pub tile_start: DeviceBuf<u32>,
+    pub perm: DeviceBuf<u32>,
+    pub xq: DeviceBuf<u8>,
+    pub xs: DeviceBuf<f32>,
+    pub inter: DeviceBuf<bf16>,
+    pub inter_q: DeviceBuf<u8>,
+    pub inter_s: DeviceBuf<f32>,
     /// f32 [max_tokens * top_k, hidden]: only allocated when `grouped`
-    pub ys: CudaSlice<f32>,
+    pub ys: DeviceBuf<f32>,
 }
 
 impl MoeWorkspace {
-    /// Allocates for `max_tokens` tokens (`d.tokens` is ignored); `grouped` adds the prefill path's buffers.
+    /// Allocates (booked as [`MOE_WORKSPACE`]) for `max_tokens` tokens (`d.tokens` is ignored); `grouped` adds
+    /// the prefill path's buffers.
     pub fn new(gpu: &Gpu, d: &MoeDims, max_tokens: usize, grouped: bool) -> Result<Self, RuntimeError> {
-        let s = gpu.stream();
+        let l = MOE_WORKSPACE;
         let (t, k, h, i, e) = (max_tokens.max(1), d.top_k, d.hidden, d.inter, d.experts);
         let g = |n: usize| if grouped { n } else { 1 };
         Ok(MoeWorkspace {
             max_tokens,
-            logits: s.alloc_zeros(t * e)?,
-            counter: s.alloc_zeros(t.div_ceil(MOE_ROUTER_TILE))?,
-            ids: s.alloc_zeros(t * k)?,
-            weights: s.alloc_zeros(t * k)?,
-            counts: s.alloc_zeros(e)?,
-            offsets: s.alloc_zeros(e + 1)?,
-            tile_start: s.alloc_zeros(e + 1)?,
-            perm: s.alloc_zeros(t * k)?,
-            xq: s.alloc_zeros(g(t * h))?,
-            xs: s.alloc_zeros(g(t * h / FP8_GROUP))?,
-            inter: s.alloc_zeros(t * k * i)?,
-            inter_q: s.alloc_zeros(g(t * k * i))?,
-            inter_s: s.alloc_zeros(g(t * k * i / FP8_GROUP))?,
-            ys: s.alloc_zeros(g(t * k * h))?,
+            logits: gpu.alloc_zeros(l, t * e)?,
+            counter: gpu.alloc_zeros(l, t.div_ceil(MOE_ROUTER_TILE))?,
+            ids: gpu.alloc_zeros(l, t * k)?,
+            weights: gpu.alloc_zeros(l, t * k)?,
+            counts: gpu.alloc_zeros(l, e)?,
+            offsets: gpu.alloc_zeros(l, e + 1)?,
+            tile_start: gpu.alloc_zeros(l, e + 1)?,
+            perm: gpu.alloc_zeros(l, t * k)?,
+            xq: gpu.alloc_zeros(l, g(t * h))?,
+            xs: gpu.alloc_zeros(l, g(t * h / FP8_GROUP))?,
+            inter: gpu.alloc_zeros(l, t * k * i)?,
+            inter_q: gpu.alloc_zeros(l, g(t * k * i))?,
+            inter_s: gpu.alloc_zeros(l, g(t * k * i / FP8_GROUP))?,
+            ys: gpu.alloc_zeros(l, g(t * k * h))?,
         })
     }
 

@@ -46,14 +46,19 @@
 //! token and head). What moves per decode step is the misses: `misses x 8 KB` over PCIe, read by the gather
 //! kernel from the mapped arena (zero copy), and the new token's 512 bytes per (layer, KV head) written to the
 //! arena by the append kernel.
-use cudarc::driver::CudaSlice;
 use gpu_kernels::params::{KV_COUNTERS, KV_GROUP_BYTES, KV_SINK_SLOTS, KV_WINDOW_SLOTS};
 use half::bf16;
 
 use super::pinned::PinnedMemory;
 use super::{ArenaLayout, Extent, ExtentMemory};
+use crate::memory::DeviceBuf;
 use crate::reference::kv::CacheConfig;
 use crate::runtime::{Gpu, RuntimeError};
+
+/// The accountant's label of the GPU working-set cache ([`GpuCache`]: slot pool, tables, state, entry lists).
+pub const KV_CACHE: &str = "K/V cache";
+/// The accountant's label of [`ArenaTable`].
+pub const ARENA_TABLE: &str = "K/V arena table";
 
 /// Shape and policy of one layer's cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,14 +110,15 @@ impl GpuCacheConfig {
 /// extent not allocated yet: its length is fixed, so a recorded graph survives the arena's growth).
 pub struct ArenaTable {
     pub layout: ArenaLayout,
-    pub table: CudaSlice<u64>,
+    pub table: DeviceBuf<u64>,
     pub max_extents: usize,
 }
 
 impl ArenaTable {
     /// A table of `max_extents` entries holding the device addresses of `extents` (mapped memory).
     pub fn new(gpu: &Gpu, layout: ArenaLayout, extents: &[Extent], max_extents: usize) -> Result<Self, RuntimeError> {
-        let mut t = ArenaTable { layout, table: gpu.stream().alloc_zeros::<u64>(max_extents.max(1))?, max_extents };
+        let table = gpu.alloc_zeros::<u64>(ARENA_TABLE, max_extents.max(1))?;
+        let mut t = ArenaTable { layout, table, max_extents };
         t.update(gpu, extents)?;
         Ok(t)
     }
@@ -143,20 +149,20 @@ impl ArenaTable {
 /// One layer's working-set cache on the GPU.
 pub struct GpuCache {
     pub cfg: GpuCacheConfig,
-    pub slots: CudaSlice<bf16>,
-    pub(crate) table: CudaSlice<u32>,
-    pub(crate) slot_group: CudaSlice<u32>,
-    pub(crate) slot_ref: CudaSlice<u32>,
-    pub(crate) slot_used: CudaSlice<u32>,
-    pub(crate) seen: CudaSlice<u32>,
-    pub(crate) hand: CudaSlice<u32>,
-    pub(crate) miss_group: CudaSlice<u32>,
-    pub(crate) miss_slot: CudaSlice<u32>,
-    pub(crate) n_miss: CudaSlice<u32>,
-    pub entry_slot: CudaSlice<u32>,
-    pub entry_pos: CudaSlice<u32>,
-    pub n_entries: CudaSlice<u32>,
-    pub(crate) counters: CudaSlice<u64>,
+    pub slots: DeviceBuf<bf16>,
+    pub(crate) table: DeviceBuf<u32>,
+    pub(crate) slot_group: DeviceBuf<u32>,
+    pub(crate) slot_ref: DeviceBuf<u32>,
+    pub(crate) slot_used: DeviceBuf<u32>,
+    pub(crate) seen: DeviceBuf<u32>,
+    pub(crate) hand: DeviceBuf<u32>,
+    pub(crate) miss_group: DeviceBuf<u32>,
+    pub(crate) miss_slot: DeviceBuf<u32>,
+    pub(crate) n_miss: DeviceBuf<u32>,
+    pub entry_slot: DeviceBuf<u32>,
+    pub entry_pos: DeviceBuf<u32>,
+    pub n_entries: DeviceBuf<u32>,
+    pub(crate) counters: DeviceBuf<u64>,
     /// Mapped pinned mirror of the counters (`u64 [n_kv][4]`), written by every lookup.
     pub(crate) counters_host: Extent,
 }
@@ -181,27 +187,27 @@ impl GpuCache {
                 cfg.n_kv, cfg.max_groups, cfg.cache_slots
             )));
         }
-        let s = gpu.stream();
+        let l = KV_CACHE;
         let n = cfg.n_kv;
         let pinned = PinnedMemory::new(gpu.context().clone());
         let counters_host =
             pinned.alloc(n * KV_COUNTERS * 8).map_err(|e| RuntimeError::Shape(format!("kv cache counters: {e}")))?;
         let mut c = GpuCache {
             cfg,
-            slots: s.alloc_zeros::<bf16>(cfg.n_slots() * KV_GROUP_BYTES / 2)?,
-            table: s.alloc_zeros::<u32>(n * cfg.table_groups.max(1))?,
-            slot_group: s.alloc_zeros::<u32>(n * cfg.cache_slots)?,
-            slot_ref: s.alloc_zeros::<u32>(n * cfg.cache_slots)?,
-            slot_used: s.alloc_zeros::<u32>(n * cfg.cache_slots)?,
-            seen: s.alloc_zeros::<u32>(n * cfg.table_groups.max(1))?,
-            hand: s.alloc_zeros::<u32>(n)?,
-            miss_group: s.alloc_zeros::<u32>(n * cfg.max_groups)?,
-            miss_slot: s.alloc_zeros::<u32>(n * cfg.max_groups)?,
-            n_miss: s.alloc_zeros::<u32>(n)?,
-            entry_slot: s.alloc_zeros::<u32>(n * cfg.max_entries())?,
-            entry_pos: s.alloc_zeros::<u32>(n * cfg.max_entries())?,
-            n_entries: s.alloc_zeros::<u32>(n)?,
-            counters: s.alloc_zeros::<u64>(n * KV_COUNTERS)?,
+            slots: gpu.alloc_zeros::<bf16>(l, cfg.n_slots() * KV_GROUP_BYTES / 2)?,
+            table: gpu.alloc_zeros::<u32>(l, n * cfg.table_groups.max(1))?,
+            slot_group: gpu.alloc_zeros::<u32>(l, n * cfg.cache_slots)?,
+            slot_ref: gpu.alloc_zeros::<u32>(l, n * cfg.cache_slots)?,
+            slot_used: gpu.alloc_zeros::<u32>(l, n * cfg.cache_slots)?,
+            seen: gpu.alloc_zeros::<u32>(l, n * cfg.table_groups.max(1))?,
+            hand: gpu.alloc_zeros::<u32>(l, n)?,
+            miss_group: gpu.alloc_zeros::<u32>(l, n * cfg.max_groups)?,
+            miss_slot: gpu.alloc_zeros::<u32>(l, n * cfg.max_groups)?,
+            n_miss: gpu.alloc_zeros::<u32>(l, n)?,
+            entry_slot: gpu.alloc_zeros::<u32>(l, n * cfg.max_entries())?,
+            entry_pos: gpu.alloc_zeros::<u32>(l, n * cfg.max_entries())?,
+            n_entries: gpu.alloc_zeros::<u32>(l, n)?,
+            counters: gpu.alloc_zeros::<u64>(l, n * KV_COUNTERS)?,
             counters_host,
         };
         c.reset(gpu)?;
