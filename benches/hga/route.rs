@@ -52,7 +52,10 @@ pub fn run(gpu: &hga::runtime::Gpu) {
     let dq = s.clone_htod(&q).unwrap();
     let dpos = s.clone_htod(&[(ctx - 1) as u32]).unwrap();
     let mut rows = Vec::new();
-    for (name, shortlist) in [("route s1+s2 (8x shortlist)", 8.0), ("route no chunk stage", f64::INFINITY)] {
+    // HGA_BENCH_SHORTLIST=8|inf times one of the two modes (e.g. under a profiler).
+    let only = std::env::var("HGA_BENCH_SHORTLIST").ok().and_then(|v| v.parse::<f64>().ok());
+    let modes = [("route s1+s2 (8x shortlist)", 8.0), ("route no chunk stage", f64::INFINITY)];
+    for (name, shortlist) in modes.into_iter().filter(|m| only.is_none_or(|o| o == m.1)) {
         let mut sh = RouteShape::default_for(nh, nkv, 1, ctx, Budget::Fraction(0.03));
         sh.shortlist = shortlist;
         if shortlist.is_infinite() {

@@ -40,6 +40,7 @@ use crate::kernels::hga_route::{
 use crate::kernels::kv::{hga_kv_advance, hga_kv_append, hga_kv_gather, hga_kv_lookup};
 use crate::kernels::{dptr, dptr_mut, launch};
 use crate::kv::gpu_cache::{ArenaTable, CacheCounters, GpuCache, GpuCacheConfig};
+use crate::memory::DeviceBuf;
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
@@ -47,6 +48,9 @@ use gpu_kernels::params::{
     KV_WINDOW_SLOTS,
 };
 use half::bf16;
+
+/// The label of the layer's own device buffers (selection, key table, query copy) in the accountant.
+pub const HGA_LAYER: &str = "hga layer state";
 
 /// What one layer serves.
 #[derive(Clone, Debug)]
@@ -127,15 +131,15 @@ pub struct HgaLayer {
     sums: RouteSummaries,
     ws: RouteWorkspace,
     /// The last step's selection, u32 [n_kv][max_groups] (absolute groups ascending, u32::MAX padding).
-    pub selected: CudaSlice<u32>,
+    pub selected: DeviceBuf<u32>,
     pub cache: GpuCache,
     aws: DecodeWorkspace,
     /// u64 [n_kv][table_len]: group -> address of its block in the sink slots or the window ring.
-    key_table: CudaSlice<u64>,
+    key_table: DeviceBuf<u64>,
     table_len: usize,
-    q32: CudaSlice<f32>,
+    q32: DeviceBuf<f32>,
     /// u32 [1]: `p + 1` for the closing-chunk summary.
-    count: CudaSlice<u32>,
+    count: DeviceBuf<u32>,
 }
 
 impl HgaLayer {
@@ -166,7 +170,7 @@ impl HgaLayer {
         let s = gpu.stream();
         let sums = RouteSummaries::new(gpu, cfg.n_kv_heads, cfg.max_ctx)?;
         let ws = RouteWorkspace::new(gpu, &route)?;
-        let selected = s.alloc_zeros::<u32>(cfg.n_kv_heads * route.max_groups)?;
+        let selected = gpu.alloc_zeros::<u32>(HGA_LAYER, cfg.n_kv_heads * route.max_groups)?;
         let cache = GpuCache::new(gpu, cc)?;
         let attn = RoutedShape {
             tokens: 1,
@@ -186,9 +190,9 @@ impl HgaLayer {
                 t[h * table_len + g] = base + (slot * KV_GROUP_BYTES) as u64;
             }
         }
-        let key_table = s.clone_htod(&t)?;
-        let q32 = s.alloc_zeros::<f32>(cfg.n_heads * d)?;
-        let count = s.alloc_zeros::<u32>(1)?;
+        let key_table = gpu.upload(HGA_LAYER, &t)?;
+        let q32 = gpu.alloc_zeros::<f32>(HGA_LAYER, cfg.n_heads * d)?;
+        let count = gpu.alloc_zeros::<u32>(HGA_LAYER, 1)?;
         Ok(HgaLayer { cfg: cfg.clone(), route, attn, sums, ws, selected, cache, aws, key_table, table_len, q32, count })
     }
 

@@ -26,7 +26,7 @@
 //! config leaves unquantized (`modules_to_not_convert`) is refused, naming the tensor: every q/k/v/o and expert
 //! projection here is a block-FP8 GEMM.
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaView, CudaViewMut};
 use half::bf16;
 
 use crate::hga::gpu_layer::{HgaLayer, HgaLayerConfig};
@@ -40,11 +40,23 @@ use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, Mo
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
 use crate::kv::{ArenaLayout, ArenaTable, Extent, ExtentMemory, PinnedMemory};
+use crate::memory::DeviceBuf;
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
 use crate::model::error::ModelError;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
+
+/// Labels of the model's device memory (the accountant of [`Gpu::memory`]).
+pub const ATTENTION_WEIGHTS: &str = "attention weights";
+pub const ROUTERS: &str = "routers";
+pub const NORMS: &str = "norms";
+pub const EMBEDDING: &str = "embedding";
+pub const LM_HEAD: &str = "lm_head";
+pub const DENSE_KV: &str = "dense K/V cache";
+pub const ACTIVATIONS: &str = "activations";
+pub const PREFILL_RESIDUAL: &str = "prefill residual stream";
+pub const PREFILL_KV: &str = "prefill K/V of one layer";
 
 /// Up to this many tokens per call the MoE block takes the decode path (no grouping).
 const MOE_DECODE_MAX_TOKENS: usize = 4;
@@ -66,8 +78,8 @@ pub enum GpuModelError {
 
 /// A block-scaled FP8 linear on the GPU: e4m3 [n, k] and f32 scales [n/128, k/128].
 struct Fp8Linear {
-    w: CudaSlice<u8>,
-    s: CudaSlice<f32>,
+    w: DeviceBuf<u8>,
+    s: DeviceBuf<f32>,
     n: usize,
     k: usize,
 }
@@ -75,17 +87,17 @@ struct Fp8Linear {
 enum Mlp {
     /// Router bf16 [experts, hidden] and the stacked experts; `dims.tokens` is set per call; `ws` indexes the
     /// workspace of these dims in `Scratch::moe`.
-    Moe { router: CudaSlice<bf16>, experts: MoeExpertWeights, dims: MoeDims, ws: usize },
+    Moe { router: DeviceBuf<bf16>, experts: MoeExpertWeights, dims: MoeDims, ws: usize },
 }
 
 struct Layer {
-    input_layernorm: CudaSlice<bf16>,
-    post_attention_layernorm: CudaSlice<bf16>,
+    input_layernorm: DeviceBuf<bf16>,
+    post_attention_layernorm: DeviceBuf<bf16>,
     /// q_proj, k_proj and v_proj stacked along n: one launch, outputs side by side in a row of `qkv`.
     qkv_proj: Fp8Linear,
     o_proj: Fp8Linear,
-    q_norm: CudaSlice<bf16>,
-    k_norm: CudaSlice<bf16>,
+    q_norm: DeviceBuf<bf16>,
+    k_norm: DeviceBuf<bf16>,
     mlp: Mlp,
     kv: LayerKv,
 }
@@ -93,7 +105,7 @@ struct Layer {
 /// Where a layer keeps its K/V and how it attends.
 enum LayerKv {
     /// `[n_kv][capacity][128]` on the GPU, exact attention.
-    Dense { k_cache: CudaSlice<bf16>, v_cache: CudaSlice<bf16> },
+    Dense { k_cache: DeviceBuf<bf16>, v_cache: DeviceBuf<bf16> },
     /// The history in the host arena, routed attention (the layer's summaries, GPU cache and window).
     Hga(Box<HgaLayer>),
 }
@@ -120,6 +132,36 @@ pub struct HgaOptions {
     pub cache_slots: usize,
 }
 
+/// Counters of the HGA mode ([`GpuModel::hga_stats`]).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HgaStats {
+    /// Layers that route (the rest are dense).
+    pub hga_layers: usize,
+    /// Routed groups found in the GPU caches / gathered from the arena, over every layer, KV head and step.
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes gathered from the host arena over PCIe (the misses' K and V).
+    pub h2d_bytes: u64,
+    /// Routed decode steps counted by the caches (per layer).
+    pub steps: u64,
+    /// Tokens attended (sink + window + routed groups, whole groups) in the last step, mean per (layer, KV head).
+    pub routed_tokens_last_step: f64,
+    /// Host bytes of the arena (mapped pinned memory).
+    pub arena_bytes: usize,
+}
+
+impl HgaStats {
+    /// Hits over hits + misses (1 when nothing was looked up).
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            1.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
 /// What [`GpuModel::load_with`] builds.
 #[derive(Clone, Debug)]
 pub struct GpuModelOptions {
@@ -141,10 +183,10 @@ struct HgaState {
     extents: Vec<Extent>,
     arena: ArenaTable,
     /// u32 [1]: the decode position as the HGA layers read it.
-    pos: CudaSlice<u32>,
+    pos: DeviceBuf<u32>,
     /// bf16 [n_kv][1][128]: the decode token's K and V as the rope kernel stages them (`cache_by_token`).
-    k_new: CudaSlice<bf16>,
-    v_new: CudaSlice<bf16>,
+    k_new: DeviceBuf<bf16>,
+    v_new: DeviceBuf<bf16>,
     /// During a layer-major prefill: one layer's K/V over the prompt.
     prefill: Option<PrefillKv>,
 }
@@ -152,29 +194,29 @@ struct HgaState {
 /// One layer's K and V over a prompt of `len` tokens, `[n_kv][len][128]`: what the layer-major prefill's exact
 /// attention reads, then hands to the layer's [`HgaLayer::prefill_history`].
 struct PrefillKv {
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    k: DeviceBuf<bf16>,
+    v: DeviceBuf<bf16>,
     len: usize,
 }
 
 /// Activations and workspaces for up to `max_tokens` tokens per call.
 struct Scratch {
     max_tokens: usize,
-    h: [CudaSlice<bf16>; 2],
-    mlp_out: CudaSlice<bf16>,
-    xn: CudaSlice<bf16>,
-    xq: CudaSlice<u8>,
-    xs: CudaSlice<f32>,
+    h: [DeviceBuf<bf16>; 2],
+    mlp_out: DeviceBuf<bf16>,
+    xn: DeviceBuf<bf16>,
+    xq: DeviceBuf<u8>,
+    xs: DeviceBuf<f32>,
     /// [t, q | k | v] (the stacked projection's output)
-    qkv: CudaSlice<bf16>,
-    qr: CudaSlice<bf16>,
-    attn: CudaSlice<bf16>,
-    lse: CudaSlice<f32>,
-    aq: CudaSlice<u8>,
-    as_: CudaSlice<f32>,
-    positions: CudaSlice<u32>,
-    ids: CudaSlice<u32>,
-    logits: CudaSlice<f32>,
+    qkv: DeviceBuf<bf16>,
+    qr: DeviceBuf<bf16>,
+    attn: DeviceBuf<bf16>,
+    lse: DeviceBuf<f32>,
+    aq: DeviceBuf<u8>,
+    as_: DeviceBuf<f32>,
+    positions: DeviceBuf<u32>,
+    ids: DeviceBuf<u32>,
+    logits: DeviceBuf<f32>,
     decode: DecodeWorkspace,
     moe: Vec<MoeWorkspace>,
 }
@@ -183,9 +225,9 @@ struct Scratch {
 pub struct GpuModel<'g> {
     gpu: &'g Gpu,
     config: Qwen3MoeConfig,
-    embed: CudaSlice<bf16>,
-    norm: CudaSlice<bf16>,
-    lm_head: CudaSlice<bf16>,
+    embed: DeviceBuf<bf16>,
+    norm: DeviceBuf<bf16>,
+    lm_head: DeviceBuf<bf16>,
     layers: Vec<Layer>,
     scratch: Scratch,
     capacity: usize,
@@ -308,8 +350,8 @@ pub(crate) fn bf16_host(ck: &Checkpoint, name: &str) -> Result<Vec<bf16>, GpuMod
     Ok(ck.tensor_f32(name)?.into_iter().map(bf16::from_f32).collect())
 }
 
-fn bf16_tensor(gpu: &Gpu, ck: &Checkpoint, name: &str) -> Result<CudaSlice<bf16>, GpuModelError> {
-    Ok(gpu.stream().clone_htod(&bf16_host(ck, name)?)?)
+fn bf16_tensor(gpu: &Gpu, what: &'static str, ck: &Checkpoint, name: &str) -> Result<DeviceBuf<bf16>, GpuModelError> {
+    Ok(gpu.upload(what, &bf16_host(ck, name)?)?)
 }
 
 /// An FP8 weight the kernels can take: [128, 128] blocks, both dimensions multiples of 128. A weight the config calls
@@ -358,8 +400,12 @@ fn fp8_linear_stacked(gpu: &Gpu, ck: &Checkpoint, names: &[impl AsRef<str>]) -> 
         data.extend_from_slice(&w.data);
         scales.extend_from_slice(&w.scales);
     }
-    let s = gpu.stream();
-    Ok(Fp8Linear { w: s.clone_htod(&data)?, s: s.clone_htod(&scales)?, n, k: k.unwrap_or(0) })
+    Ok(Fp8Linear {
+        w: gpu.upload(ATTENTION_WEIGHTS, &data)?,
+        s: gpu.upload(ATTENTION_WEIGHTS, &scales)?,
+        n,
+        k: k.unwrap_or(0),
+    })
 }
 
 impl<'g> GpuModel<'g> {
@@ -388,7 +434,6 @@ impl<'g> GpuModel<'g> {
         let (capacity, max_tokens) = (options.capacity, options.max_tokens);
         let c = ck.config.clone();
         check_supported(&c, capacity, max_tokens)?;
-        let s = gpu.stream();
         let hga_opts = match &options.attention {
             AttentionMode::Dense => None,
             AttentionMode::Hga(o) => Some(o.clone()),
@@ -408,9 +453,9 @@ impl<'g> GpuModel<'g> {
                     memory: PinnedMemory::new(gpu.context().clone()),
                     extents: Vec::new(),
                     arena: ArenaTable::new(gpu, layout, &[], max_extents)?,
-                    pos: s.alloc_zeros::<u32>(1)?,
-                    k_new: s.alloc_zeros::<bf16>(c.num_key_value_heads * 128)?,
-                    v_new: s.alloc_zeros::<bf16>(c.num_key_value_heads * 128)?,
+                    pos: gpu.alloc_zeros::<u32>(ACTIVATIONS, 1)?,
+                    k_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
+                    v_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
                     prefill: None,
                 })
             }
@@ -434,8 +479,8 @@ impl<'g> GpuModel<'g> {
             let p = format!("model.layers.{l}");
             let (dims, router, modules) = mlp_as_moe(&c, l);
             let router = match router {
-                Some(name) => bf16_tensor(gpu, ck, &name)?,
-                None => s.clone_htod(&vec![bf16::ZERO; h])?,
+                Some(name) => bf16_tensor(gpu, ROUTERS, ck, &name)?,
+                None => gpu.upload(ROUTERS, &vec![bf16::ZERO; h])?,
             };
             let mlp = Mlp::Moe {
                 router,
@@ -444,16 +489,16 @@ impl<'g> GpuModel<'g> {
                 dims,
             };
             layers.push(Layer {
-                input_layernorm: bf16_tensor(gpu, ck, &format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: bf16_tensor(gpu, ck, &format!("{p}.post_attention_layernorm.weight"))?,
+                input_layernorm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.post_attention_layernorm.weight"))?,
                 qkv_proj: fp8_linear_stacked(
                     gpu,
                     ck,
                     &["q_proj", "k_proj", "v_proj"].map(|m| format!("{p}.self_attn.{m}.weight")),
                 )?,
                 o_proj: fp8_linear(gpu, ck, &format!("{p}.self_attn.o_proj.weight"))?,
-                q_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.q_norm.weight"))?,
-                k_norm: bf16_tensor(gpu, ck, &format!("{p}.self_attn.k_norm.weight"))?,
+                q_norm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.self_attn.k_norm.weight"))?,
                 mlp,
                 kv: match &mut hga {
                     Some(st) if l >= st.options.params.dense_layers => {
@@ -462,8 +507,8 @@ impl<'g> GpuModel<'g> {
                         LayerKv::Hga(Box::new(HgaLayer::new(gpu, &cfg, &st.arena)?))
                     }
                     _ => LayerKv::Dense {
-                        k_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
-                        v_cache: s.alloc_zeros::<bf16>(nkv * capacity * 128)?,
+                        k_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
+                        v_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
                     },
                 },
             });
@@ -471,23 +516,23 @@ impl<'g> GpuModel<'g> {
         progress(c.num_hidden_layers, c.num_hidden_layers);
         let lm_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let t = max_tokens;
-        let z16 = |n: usize| s.alloc_zeros::<bf16>(n);
+        let z16 = |n: usize| gpu.alloc_zeros::<bf16>(ACTIVATIONS, n);
         let scratch = Scratch {
             max_tokens: t,
             h: [z16(t * h)?, z16(t * h)?],
             mlp_out: z16(t * h)?,
             xn: z16(t * h)?,
-            xq: s.alloc_zeros::<u8>(t * h)?,
-            xs: s.alloc_zeros::<f32>(t * h / 128)?,
+            xq: gpu.alloc_zeros::<u8>(ACTIVATIONS, t * h)?,
+            xs: gpu.alloc_zeros::<f32>(ACTIVATIONS, t * h / 128)?,
             qkv: z16(t * (nh + 2 * nkv) * 128)?,
             qr: z16(t * nh * 128)?,
             attn: z16(t * nh * 128)?,
-            lse: s.alloc_zeros::<f32>(t * nh)?,
-            aq: s.alloc_zeros::<u8>(t * nh * 128)?,
-            as_: s.alloc_zeros::<f32>(t * nh)?,
-            positions: s.alloc_zeros::<u32>(t)?,
-            ids: s.alloc_zeros::<u32>(t)?,
-            logits: s.alloc_zeros::<f32>(LM_HEAD_MAX_M * c.vocab_size)?,
+            lse: gpu.alloc_zeros::<f32>(ACTIVATIONS, t * nh)?,
+            aq: gpu.alloc_zeros::<u8>(ACTIVATIONS, t * nh * 128)?,
+            as_: gpu.alloc_zeros::<f32>(ACTIVATIONS, t * nh)?,
+            positions: gpu.alloc_zeros::<u32>(ACTIVATIONS, t)?,
+            ids: gpu.alloc_zeros::<u32>(ACTIVATIONS, t)?,
+            logits: gpu.alloc_zeros::<f32>(ACTIVATIONS, LM_HEAD_MAX_M * c.vocab_size)?,
             decode: DecodeWorkspace::new(gpu, 1, nh, DECODE_MAX_SPLITS)?,
             moe: moe_dims
                 .iter()
@@ -496,9 +541,9 @@ impl<'g> GpuModel<'g> {
         };
         Ok(GpuModel {
             gpu,
-            embed: bf16_tensor(gpu, ck, "model.embed_tokens.weight")?,
-            norm: bf16_tensor(gpu, ck, "model.norm.weight")?,
-            lm_head: bf16_tensor(gpu, ck, lm_name)?,
+            embed: bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?,
+            norm: bf16_tensor(gpu, NORMS, ck, "model.norm.weight")?,
+            lm_head: bf16_tensor(gpu, LM_HEAD, ck, lm_name)?,
             config: c,
             layers,
             scratch,
@@ -652,6 +697,30 @@ impl<'g> GpuModel<'g> {
         Ok(())
     }
 
+    /// The HGA mode's counters so far (`None` when dense): the layers' GPU caches summed (read from mapped memory,
+    /// no synchronization: exact once the stream is idle) and the tokens the last step attended per (layer, KV
+    /// head) (read from the device: synchronizes).
+    pub fn hga_stats(&self) -> Result<Option<HgaStats>, GpuModelError> {
+        let Some(st) = self.hga.as_ref() else { return Ok(None) };
+        let mut out = HgaStats { arena_bytes: st.extents.len() * st.arena.layout.extent_bytes(), ..Default::default() };
+        let mut entries = Vec::new();
+        for layer in &self.layers {
+            if let LayerKv::Hga(hl) = &layer.kv {
+                let c = hl.cache_totals();
+                out.hga_layers += 1;
+                out.hits += c.hits;
+                out.misses += c.misses;
+                out.h2d_bytes += c.bytes;
+                out.steps = out.steps.max(c.steps);
+                entries.extend(self.gpu.stream().clone_dtoh(&hl.cache.n_entries)?);
+            }
+        }
+        if !entries.is_empty() {
+            out.routed_tokens_last_step = entries.iter().map(|&e| e as f64 * 16.0).sum::<f64>() / entries.len() as f64;
+        }
+        Ok(Some(out))
+    }
+
     /// Host bytes of the HGA arena (0 when dense).
     pub fn arena_bytes(&self) -> usize {
         self.hga.as_ref().map_or(0, |st| st.extents.len() * st.arena.layout.extent_bytes())
@@ -673,10 +742,11 @@ impl<'g> GpuModel<'g> {
         let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
         let c = &self.config;
         let (h, v, nkv, nl) = (c.hidden_size, c.vocab_size, c.num_key_value_heads, c.num_hidden_layers);
-        let mut h_all = s.alloc_zeros::<bf16>(n * h)?;
-        let mut mlp_all = s.alloc_zeros::<bf16>(n * h)?;
+        let mut h_all = gpu.alloc_zeros::<bf16>(PREFILL_RESIDUAL, n * h)?;
+        let mut mlp_all = gpu.alloc_zeros::<bf16>(PREFILL_RESIDUAL, n * h)?;
         if let Some(st) = self.hga.as_mut() {
-            let (k, v) = (s.alloc_zeros::<bf16>(nkv * n * 128)?, s.alloc_zeros::<bf16>(nkv * n * 128)?);
+            let kv = |_| gpu.alloc_zeros::<bf16>(PREFILL_KV, nkv * n * 128);
+            let (k, v) = (kv(0)?, kv(1)?);
             st.prefill = Some(PrefillKv { k, v, len: n });
         }
         let chunks: Vec<(usize, usize)> = (0..n).step_by(chunk).map(|s0| (s0, (n - s0).min(chunk))).collect();
@@ -837,7 +907,8 @@ impl<'g> GpuModel<'g> {
         }
         const COPY: usize = 256 << 20;
         const COPIES: usize = 64;
-        let (mut a, mut b) = (s.alloc_zeros::<u8>(COPY)?, s.alloc_zeros::<u8>(COPY)?);
+        let copy_buf = || gpu.alloc_zeros::<u8>("profile copy buffers", COPY);
+        let (mut a, mut b) = (copy_buf()?, copy_buf()?);
         let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
         let (c0, c1) = (ev()?, ev()?);
         c0.record(&s)?;
@@ -1013,7 +1084,7 @@ impl<'g> GpuModel<'g> {
         marks.mark(gpu, "q/k/v FP8 linear (stacked)")?;
         // 3. q/k norm + RoPE, K/V into the layer's cache, the HGA staging buffer or the prefill's K/V.
         enum Kv<'a> {
-            Dense(&'a mut CudaSlice<bf16>, &'a mut CudaSlice<bf16>, usize),
+            Dense(&'a mut DeviceBuf<bf16>, &'a mut DeviceBuf<bf16>, usize),
             Decode(&'a mut HgaLayer, &'a mut HgaState),
             Prefill(&'a mut PrefillKv),
         }
@@ -1165,7 +1236,7 @@ impl<'g> GpuModel<'g> {
 }
 
 /// (the buffer holding the residual, the other one).
-fn split_pair(h: &mut [CudaSlice<bf16>; 2], cur: usize) -> (&CudaSlice<bf16>, &mut CudaSlice<bf16>) {
+fn split_pair(h: &mut [DeviceBuf<bf16>; 2], cur: usize) -> (&DeviceBuf<bf16>, &mut DeviceBuf<bf16>) {
     let (x, y) = h.split_at_mut(1);
     if cur == 0 {
         (&x[0], &mut y[0])
