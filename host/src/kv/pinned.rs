@@ -85,3 +85,49 @@ impl ExtentMemory for PinnedMemory {
 pub fn device_table(extents: &[Extent]) -> Option<Vec<u64>> {
     extents.iter().map(|e| e.device_ptr()).collect()
 }
+
+/// A read-only array of `T` in mapped pinned host memory that the kernels take wherever they take a device slice
+/// (`DevicePtr`): e.g. the embedding table under a GPU memory cap, read one row per token over PCIe instead of
+/// holding 0.6 GB of HBM. Nothing on the device tracks it: the host writes it once, before any launch reads it.
+pub struct MappedSlice<T> {
+    extent: Extent,
+    len: usize,
+    stream: Arc<cudarc::driver::CudaStream>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> MappedSlice<T> {
+    /// Copies `data` into a new extent of `memory`.
+    pub fn upload(
+        memory: &PinnedMemory,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        data: &[T],
+    ) -> std::io::Result<Self> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut extent = memory.alloc(bytes.len())?;
+        extent.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        if extent.device_ptr().is_none() {
+            return Err(std::io::Error::other("mapped pinned memory without a device address"));
+        }
+        Ok(MappedSlice { extent, len: data.len(), stream: stream.clone(), _t: std::marker::PhantomData })
+    }
+}
+
+impl<T> cudarc::driver::DeviceSlice<T> for MappedSlice<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<cudarc::driver::CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> cudarc::driver::DevicePtr<T> for MappedSlice<T> {
+    fn device_ptr<'a>(
+        &'a self,
+        _stream: &'a cudarc::driver::CudaStream,
+    ) -> (sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
+        // Written once by the host before any launch: no device-side ordering to record.
+        (self.extent.device_ptr().unwrap_or(0), cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}

@@ -39,6 +39,7 @@ use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
+use crate::kv::pinned::MappedSlice;
 use crate::kv::{ArenaLayout, ArenaTable, Extent, ExtentMemory, PinnedMemory};
 use crate::memory::DeviceBuf;
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
@@ -170,6 +171,10 @@ pub struct GpuModelOptions {
     /// Tokens per forward call of a prefill chunk (the scratch is sized for it).
     pub max_tokens: usize,
     pub attention: AttentionMode,
+    /// Keep the embedding table in mapped pinned host memory (one row per token crosses PCIe: 2 x hidden bytes)
+    /// instead of HBM. Always so when the GPU has a memory limit ([`Gpu::set_memory_limit`]): what need not be on
+    /// the GPU stays off it.
+    pub host_embedding: bool,
 }
 
 /// Groups per (layer, KV head) in one extent of the HGA arena: 4096 tokens per extent (403 MB at Qwen3-30B-A3B,
@@ -221,11 +226,17 @@ struct Scratch {
     moe: Vec<MoeWorkspace>,
 }
 
+/// The embedding table: in HBM, or (under a GPU memory cap) in mapped pinned host memory, read one row per token.
+enum Embedding {
+    Device(DeviceBuf<bf16>),
+    Host(MappedSlice<bf16>),
+}
+
 /// The model on one GPU.
 pub struct GpuModel<'g> {
     gpu: &'g Gpu,
     config: Qwen3MoeConfig,
-    embed: DeviceBuf<bf16>,
+    embed: Embedding,
     norm: DeviceBuf<bf16>,
     lm_head: DeviceBuf<bf16>,
     layers: Vec<Layer>,
@@ -418,7 +429,8 @@ impl<'g> GpuModel<'g> {
         max_tokens: usize,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self, GpuModelError> {
-        Self::load_with(gpu, ck, &GpuModelOptions { capacity, max_tokens, attention: AttentionMode::Dense }, progress)
+        let options = GpuModelOptions { capacity, max_tokens, attention: AttentionMode::Dense, host_embedding: false };
+        Self::load_with(gpu, ck, &options, progress)
     }
 
     /// Uploads the checkpoint (`progress(done, total)` per layer) with the attention mode of `options`: dense
@@ -541,7 +553,15 @@ impl<'g> GpuModel<'g> {
         };
         Ok(GpuModel {
             gpu,
-            embed: bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?,
+            embed: if options.host_embedding || gpu.memory().limit().is_some() {
+                let table = bf16_host(ck, "model.embed_tokens.weight")?;
+                Embedding::Host(
+                    MappedSlice::upload(&PinnedMemory::new(gpu.context().clone()), gpu.stream(), &table)
+                        .map_err(|e| GpuModelError::Input(format!("the embedding table in mapped host memory: {e}")))?,
+                )
+            } else {
+                Embedding::Device(bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?)
+            },
             norm: bf16_tensor(gpu, NORMS, ck, "model.norm.weight")?,
             lm_head: bf16_tensor(gpu, LM_HEAD, ck, lm_name)?,
             config: c,
@@ -721,6 +741,23 @@ impl<'g> GpuModel<'g> {
         Ok(Some(out))
     }
 
+    /// The groups the last decode step selected, per HGA layer and KV head: `(layer, [n_kv][groups ascending])`
+    /// (read from the device: synchronizes).
+    pub fn hga_selections(&self) -> Result<Vec<(usize, Vec<Vec<u32>>)>, GpuModelError> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            if let LayerKv::Hga(hl) = &layer.kv {
+                let sel = self.gpu.stream().clone_dtoh(&hl.selected)?;
+                let per = sel.len() / self.config.num_key_value_heads;
+                out.push((
+                    l,
+                    sel.chunks(per).map(|c| c.iter().copied().filter(|&g| g != u32::MAX).collect()).collect(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Host bytes of the HGA arena (0 when dense).
     pub fn arena_bytes(&self) -> usize {
         self.hga.as_ref().map_or(0, |st| st.extents.len() * st.arena.layout.extent_bytes())
@@ -752,7 +789,7 @@ impl<'g> GpuModel<'g> {
         let chunks: Vec<(usize, usize)> = (0..n).step_by(chunk).map(|s0| (s0, (n - s0).min(chunk))).collect();
         for &(s0, t) in &chunks {
             s.memcpy_htod(&tokens[s0..s0 + t], &mut self.scratch.ids.slice_mut(0..t))?;
-            hga_embed_gather_dev(
+            embed_rows(
                 gpu,
                 &self.embed,
                 &self.scratch.ids.slice(0..t),
@@ -992,7 +1029,7 @@ impl<'g> GpuModel<'g> {
         let sc = &mut self.scratch;
         // Embeddings into the residual stream.
         let mut cur = self.cur;
-        hga_embed_gather_dev(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[cur].slice_mut(0..t * h), v, h)?;
+        embed_rows(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[cur].slice_mut(0..t * h), v, h)?;
         marks.mark(gpu, "embedding")?;
         for l in 0..self.layers.len() {
             cur = self.enqueue_layer(l, t, at, cur, marks)?;
@@ -1232,6 +1269,22 @@ impl<'g> GpuModel<'g> {
             marks.mark(gpu, "MoE (router, gate/up, down)")?;
         }
         Ok(cur ^ 1)
+    }
+}
+
+/// The embedding rows of `ids` (`hga_embed_gather_dev`) from wherever the table lives.
+fn embed_rows(
+    gpu: &Gpu,
+    table: &Embedding,
+    ids: &CudaView<'_, u32>,
+    rows: usize,
+    out: &mut CudaViewMut<'_, bf16>,
+    vocab: usize,
+    hidden: usize,
+) -> Result<(), RuntimeError> {
+    match table {
+        Embedding::Device(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
+        Embedding::Host(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
     }
 }
 
