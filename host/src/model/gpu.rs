@@ -14,7 +14,24 @@
 //!    (`mlp_only_layers`, `decoder_sparse_step`) runs as a MoE block with one expert and weight 1, which is exactly
 //!    `down(silu(gate(x)) * up(x))`.
 //!
-//! Then `model.norm` (with the last residual add) and the bf16 `lm_head` (f32 logits). The residual stream is bf16,
+//! Then `model.norm` (with the last residual add) and the bf16 `lm_head` (f32 logits).
+//!
+//! ## Attention modes ([`AttentionMode`])
+//! - `Dense`: steps 3-4 as above, every layer's K/V on the GPU (`2 x n_kv x 128 x 2` bytes per position and layer:
+//!   6.4 GB at 64K for Qwen3-30B-A3B).
+//! - `Hga`: the K/V history lives in the host arena (mapped pinned extents of 4096 positions, grown as the context
+//!   grows, never copied); per layer an [`HgaLayer`] holds the routing summaries, the GPU working-set cache and the
+//!   window. A decode step stages the token's K/V through the rope kernel (`cache_by_token`), appends it to the
+//!   layer's tiers, routes (stage 1, stage 2), gathers the misses from the arena and attends over sink + window +
+//!   the routed groups, all in the step's recorded CUDA graph (the position is a device u32; no host round trip).
+//!   A prompt from position 0 is prefilled **layer-major and exact**: each layer runs over the whole prompt in
+//!   chunks with only that layer's K/V of the prompt on the GPU (`n_kv x n x 128 x 2 x 2` bytes: 134 MB at 64K),
+//!   then hands it to the layer's tiers (`HgaLayer::prefill_history`). Tokens after the prompt are decode steps.
+//!   The first `dense_layers` layers stay dense.
+//!
+//! Every device allocation goes through the [`Gpu`]'s accountant (`gpu.memory()`, labels below), so a cap
+//! ([`Gpu::set_memory_limit`]) refuses what does not fit with a message naming it; under a cap the embedding table
+//! stays in mapped host memory (one row per token crosses PCIe). The residual stream is bf16,
 //! as in transformers. What it needs: an FP8 checkpoint (`quantization_config`), head_dim 128, hidden and
 //! intermediate sizes multiples of 128 (all true of Qwen3-30B-A3B); anything else is refused with a clear error.
 //!
