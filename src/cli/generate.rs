@@ -124,8 +124,8 @@ pub struct GenerateArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Stop at the end-of-sequence token of the config.
-    #[arg(long, default_value_t = true)]
+    /// Stop at the end-of-sequence token of the config (`--stop-at-eos false`: always decode --max-tokens).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// Launch every kernel of a decode step from the host instead of replaying the step from a CUDA graph (same
     /// results; for measuring what the graphs save).
