@@ -22,13 +22,14 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointCommand),
     /// Run a forward pass over a token sequence and write the logits [tokens, vocab] (f32 safetensors).
     Logits(cli::logits::LogitsArgs),
-    /// HGA against dense on the committed fixture model at a few thousand tokens (CPU reference forward).
+    /// HGA against dense on the committed fixture model at a few thousand tokens (on the GPU when present, else CPU).
     Demo(cli::demo::DemoArgs),
-    /// Measure HGA against dense attention in nats/token on text files (CPU reference forward).
+    /// Measure HGA against dense attention in nats/token on text files (CPU reference or --backend cuda).
     Eval(cli::eval::EvalArgs),
-    /// Generate text on the GPU (dense attention): streams tokens, prints time to first token and tokens/s.
+    /// Generate text on the GPU (HGA or dense attention): streams tokens, prints time to first token, tokens/s and
+    /// the GPU memory report.
     Generate(cli::generate::GenerateArgs),
-    /// Needle-in-a-haystack retrieval of dense attention and HGA over depths and contexts (CPU reference forward).
+    /// Needle-in-a-haystack retrieval of dense attention and HGA over depths and contexts (CPU or --backend cuda).
     Needle(cli::needle::NeedleArgs),
 }
 

@@ -273,7 +273,11 @@ fn cli_demo_runs_on_a_model_dir_and_explains_a_missing_fixture() {
     std::fs::write(dir.join("tokenizer.json"), common::ascii_tokenizer_json()).unwrap();
     std::fs::create_dir_all(dir.join("eval")).unwrap();
     std::fs::write(dir.join("eval/a.txt"), "a small text for the demo, repeated. ".repeat(12)).unwrap();
-    let out = std::process::Command::new(hga).args(["demo", "--context", "200", "--model"]).arg(&dir).output().unwrap();
+    let out = std::process::Command::new(hga)
+        .args(["demo", "--backend", "cpu", "--context", "200", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("dense") && table.contains("hga") && table.contains("oracle-groups"), "{table}");

@@ -1,11 +1,14 @@
 //! `hga demo`: HGA against dense on the committed fixture model (a trained Qwen3-MoE-architecture byte-level LM, see
-//! docs/fixture.md) at a few thousand tokens, on the CPU reference forward: the table of `hga eval`.
+//! docs/fixture.md) at a few thousand tokens: the table of `hga eval`. On the GPU forward when a CUDA device is
+//! present (dense and HGA: the GPU implements the hga selector), else on the CPU reference forward (dense, HGA and
+//! the ideal group selector); it says which. `--backend` picks one.
 use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
 
 use super::eval::{EvalArgs, GroupScoreArg, HgaOpts, KvOpts, Policy, Summary};
+use super::gpu::{Backend, GpuOpts};
 
 /// Where the trained fixture is committed.
 pub const FIXTURE_DIR: &str = "fixtures/qwen3-moe-bytes";
@@ -19,6 +22,10 @@ pub struct DemoArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
+    /// Where to run: cuda (the GPU forward) or cpu (the reference forward). Default: cuda when a CUDA device is
+    /// present, else cpu.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     #[command(flatten)]
     pub kv: KvOpts,
 }
@@ -44,19 +51,41 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     if texts.is_empty() {
         bail!("no text of at least {} bytes under {}", a.context, eval_dir.display());
     }
-    eprintln!(
-        "HGA vs dense on {} (CPU reference forward), {} tokens, budget 12.5%: dense, HGA (defaults) and the ideal \
-         group selector at the same budget",
-        a.model.display(),
-        a.context
-    );
+    let devices = hga::runtime::device_count();
+    let backend = a.backend.unwrap_or(if devices > 0 { Backend::Cuda } else { Backend::Cpu });
+    let attention = match backend {
+        Backend::Cuda => {
+            eprintln!(
+                "HGA vs dense on {} on the GPU ({}), {} tokens, budget 12.5%: dense and HGA (defaults; the ideal \
+                 selectors are CPU only: --backend cpu)",
+                a.model.display(),
+                match (a.backend.is_some(), devices) {
+                    (false, n) => format!("{n} CUDA device(s) present; --backend cpu for the CPU forward"),
+                    (true, 0) => "--backend cuda; no CUDA device found".into(),
+                    (true, n) => format!("--backend cuda; {n} CUDA device(s) present"),
+                },
+                a.context
+            );
+            vec![Policy::Dense, Policy::Hga]
+        }
+        Backend::Cpu => {
+            eprintln!(
+                "HGA vs dense on {} on the CPU reference forward ({}), {} tokens, budget 12.5%: dense, HGA \
+                 (defaults) and the ideal group selector at the same budget",
+                a.model.display(),
+                if a.backend.is_some() { "--backend cpu" } else { "no CUDA device found" },
+                a.context
+            );
+            vec![Policy::Dense, Policy::Hga, Policy::OracleGroups]
+        }
+    };
     super::eval::run(EvalArgs {
         model: a.model,
         text: texts,
         context: vec![a.context],
-        attention: vec![Policy::Dense, Policy::Hga, Policy::OracleGroups],
+        attention,
         scored: 256,
-        activations: hga::model::forward::ActivationMode::F32,
+        activations: None,
         json: false,
         plot: None,
         hga: HgaOpts {
@@ -74,5 +103,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             query_block: 64,
         },
         kv: a.kv,
+        gpu: GpuOpts { backend, ..GpuOpts::default() },
     })
 }

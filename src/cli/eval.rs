@@ -1,5 +1,5 @@
 //! `hga eval`: quality of HGA against dense attention, in nats/token, on text files (teacher-forced), with the
-//! routing diagnostics. CPU reference backend.
+//! routing diagnostics. The CPU reference backend, or the GPU forward (`--backend cuda`, [`super::gpu`]).
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -12,6 +12,8 @@ use hga::model::checkpoint::Checkpoint;
 use hga::model::forward::{ActivationMode, CpuModel};
 use hga::model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::gpu::{Backend, GpuOpts};
 
 /// Where the CPU forward keeps its K/V history (hga_host::kv). Every tier gives bit-identical logits.
 #[derive(Args, Clone, Debug, Default)]
@@ -122,11 +124,7 @@ impl HgaOpts {
     pub fn params(&self, selectors: &[Selector]) -> anyhow::Result<Vec<HgaParams>> {
         let mut out = Vec::new();
         for b in &self.budget {
-            let budget = if b.contains('.') || b.contains('e') {
-                Budget::Fraction(b.parse().with_context(|| format!("--budget {b}"))?)
-            } else {
-                Budget::Tokens(b.parse().with_context(|| format!("--budget {b}"))?)
-            };
+            let budget = parse_budget(b).map_err(|e| anyhow::anyhow!("--{e}"))?;
             for &selector in selectors {
                 for &chunk in &self.chunk {
                     for &group in &self.group {
@@ -188,13 +186,44 @@ impl HgaOpts {
     }
 }
 
+/// A token budget per query, sink and window included: a share of the context when it has a decimal point or an
+/// exponent (`0.03`, `1e-2`; in (0, 1]), else a token count (`2048`; at least 1). The one parser of `--budget` for
+/// `hga eval`, `hga needle`, `hga demo` and `hga generate`.
+pub fn parse_budget(s: &str) -> Result<Budget, String> {
+    let t = s.trim();
+    let what = "a share of the context such as 0.03, or a token count such as 2048";
+    if t.contains(['.', 'e', 'E']) {
+        let f: f64 = t.parse().map_err(|_| format!("budget `{s}` is not a number ({what})"))?;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(format!(
+                "budget `{s}`: a share of the context must be in (0, 1] (for a token count write an integer, e.g. 2048)"
+            ));
+        }
+        Ok(Budget::Fraction(f))
+    } else {
+        let n: usize = t.parse().map_err(|_| format!("budget `{s}` is not a number ({what})"))?;
+        if n == 0 {
+            return Err(format!("budget `{s}`: at least one token ({what})"));
+        }
+        Ok(Budget::Tokens(n))
+    }
+}
+
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  hga eval --model fixture --text fixture/eval/a.txt --context 4096,8192 --budget 0.03,0.06 \
                         --attention hga,oracle-groups\n\n\
 Each window is the first CONTEXT tokens of a file; the last --scored positions are scored. Reported per policy:\n\
 nats/token, the gap to dense, KL(dense||policy), top-1 agreement, the sparsity used, and the routing diagnostics\n\
-(dense softmax mass on the selected tokens, recall of the dense top-32, relative error of the attention output)."
+(dense softmax mass on the selected tokens, recall of the dense top-32, relative error of the attention output).\n\n\
+--backend cuda: the GPU forward, dense and HGA in one process (the checkpoint opened once, the models loaded one\n\
+after the other). The GPU's HGA prefills a prompt exactly and routes decode steps, so each window's prefix is\n\
+prefilled and every scored position is one teacher-forced decode step, under dense too. The hga selector only,\n\
+with the kernels' geometry (chunk 64, group 16, sink 64, local 256, minmax, sketch4, gqa max; the budget,\n\
+--shortlist, --normalize and --dense-layers may vary); sparsity comes from the tokens each step attended; mass,\n\
+rec@32 and attn err are not measured there (NaN; null in JSON). Example:\n  \
+hga eval --backend cuda --model fixtures/qwen3-moe-bytes --text fixtures/qwen3-moe-bytes/eval/torch.txt \\\n    \
+--context 4096 --budget 0.03,0.125"
 )]
 pub struct EvalArgs {
     /// Model directory (with tokenizer.json).
@@ -212,9 +241,10 @@ pub struct EvalArgs {
     /// Positions scored at the end of each window.
     #[arg(long, default_value_t = 256)]
     pub scored: usize,
-    /// Activation mode of the FP8-weight linears.
-    #[arg(long, default_value = "f32")]
-    pub activations: ActivationMode,
+    /// Activation mode of the FP8-weight linears of the CPU forward (default f32; --backend cuda computes FP8
+    /// activations with a bf16 residual stream, what fp8-bf16 emulates, and refuses this option).
+    #[arg(long)]
+    pub activations: Option<ActivationMode>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -225,6 +255,48 @@ pub struct EvalArgs {
     pub hga: HgaOpts,
     #[command(flatten)]
     pub kv: KvOpts,
+    #[command(flatten)]
+    pub gpu: GpuOpts,
+}
+
+/// Refuses the CPU-only options on `--backend cuda`, and the GPU-only ones on `--backend cpu`.
+pub fn check_backend(
+    gpu: &GpuOpts,
+    kv: &KvOpts,
+    activations: Option<ActivationMode>,
+    policies: &[Policy],
+) -> anyhow::Result<()> {
+    if gpu.backend == Backend::Cpu {
+        return gpu.check_cpu();
+    }
+    if kv.kv_tier != TierKind::Plain || kv.kv_dir.is_some() || kv.host_kv_limit.is_some() {
+        bail!(
+            "--kv-tier / --kv-dir / --host-kv-limit choose the CPU forward's K/V tier: on --backend cuda dense keeps \
+             its K/V on the GPU and HGA its history in the host arena (a disk tier is not built on the GPU path yet)"
+        );
+    }
+    if activations.is_some() {
+        bail!(
+            "--activations is for --backend cpu: the GPU forward computes FP8 activations with a bf16 \
+             residual stream (what --activations fp8-bf16 emulates on the CPU)"
+        );
+    }
+    let oracles: Vec<&str> = policies
+        .iter()
+        .filter_map(|p| match p {
+            Policy::OracleTokens => Some("oracle-tokens"),
+            Policy::OracleGroups => Some("oracle-groups"),
+            _ => None,
+        })
+        .collect();
+    if !oracles.is_empty() {
+        bail!(
+            "--attention {}: the GPU path implements the hga selector only (dense and hga); the ideal selectors \
+             run on --backend cpu",
+            oracles.join(",")
+        );
+    }
+    Ok(())
 }
 
 pub fn selectors(p: &[Policy]) -> Vec<Selector> {
@@ -239,13 +311,15 @@ pub fn selectors(p: &[Policy]) -> Vec<Selector> {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    check_backend(&a.gpu, &a.kv, a.activations, &a.attention)?;
     let params = a.hga.params(&selectors(&a.attention))?;
+    if a.gpu.backend == Backend::Cuda {
+        for p in &params {
+            super::gpu::check_params(p)?;
+        }
+    }
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tok = Tokenizer::from_model_dir(&a.model).context("hga eval reads text: the model needs tokenizer.json")?;
-    let mut model = CpuModel::load(&ckpt, a.activations)?.with_kv_tier(a.kv.tier()?)?;
-    if model.kv_tier().kind != TierKind::Plain {
-        eprintln!("K/V tier: {}", model.kv_tier().describe());
-    }
     let mut windows = Vec::new();
     for f in &a.text {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -261,11 +335,38 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if windows.is_empty() {
         bail!("no window to evaluate: every file is shorter than every --context");
     }
+    let rows = match a.gpu.backend {
+        Backend::Cuda => super::gpu::eval(&ckpt, &windows, a.scored, &params, &a.gpu)?,
+        Backend::Cpu => {
+            eval_cpu(&ckpt, &windows, a.scored, &params, a.activations.unwrap_or(ActivationMode::F32), &a.kv)?
+        }
+    };
+    print_rows(&rows, a.json)?;
+    if let Some(p) = &a.plot {
+        super::plot::plot_gap(&rows, p)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// The CPU reference backend: every window under dense and each parameter set.
+fn eval_cpu(
+    ckpt: &Checkpoint,
+    windows: &[(String, Vec<u32>)],
+    scored: usize,
+    params: &[HgaParams],
+    activations: ActivationMode,
+    kv: &KvOpts,
+) -> anyhow::Result<Vec<EvalRow>> {
+    let mut model = CpuModel::load(ckpt, activations)?.with_kv_tier(kv.tier()?)?;
+    if model.kv_tier().kind != TierKind::Plain {
+        eprintln!("K/V tier: {}", model.kv_tier().describe());
+    }
     let pb = ProgressBar::new((windows.len() * (1 + params.len())) as u64);
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}")?);
     let mut rows: Vec<EvalRow> = Vec::new();
-    for (name, ids) in &windows {
-        let (m, r) = eval_window(model, name, ids, a.scored, &params, |p| {
+    for (name, ids) in windows {
+        let (m, r) = eval_window(model, name, ids, scored, params, |p| {
             pb.set_message(format!("{name} @ {} : {p}", ids.len()));
             pb.inc(1);
         })?;
@@ -273,12 +374,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         rows.extend(r);
     }
     pb.finish_and_clear();
-    print_rows(&rows, a.json)?;
-    if let Some(p) = &a.plot {
-        super::plot::plot_gap(&rows, p)?;
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    Ok(rows)
 }
 
 /// The eval table (or JSON).

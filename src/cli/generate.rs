@@ -1,20 +1,65 @@
-//! `hga generate`: prefill a prompt on the GPU, then decode token by token, streaming the text; prints tokens/s.
+//! `hga generate`: prefill a prompt on the GPU, then decode token by token (greedy), streaming the text; prints
+//! time to first token, tokens/s and the GPU memory report.
+//!
+//! Two attention modes (`--attention`): `hga` (the default) keeps the K/V history in a mapped host arena (the host
+//! tier), prefills the prompt exactly layer by layer and routes every decode step; `dense` keeps every layer's K/V
+//! in GPU memory (the GPU tier) and attends exactly. What is built: dense with `--kv-tier gpu`, HGA with
+//! `--kv-tier host`; the disk tier exists on the CPU forward only, and any other combination is refused naming
+//! what is built. `--gpu-memory-limit` caps the GPU memory the model allocates (the accountant of
+//! `hga::memory`), set before the load.
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use hga::hga::{Budget, HgaParams};
+use hga::memory::human;
 use hga::model::checkpoint::Checkpoint;
-use hga::model::gpu::GpuModel;
+use hga::model::config::Qwen3MoeConfig;
+use hga::model::gpu::{GpuModel, GpuModelOptions, HgaStats};
 use hga::model::tokenizer::Tokenizer;
+use hga::runtime::Gpu;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Generate text with the GPU forward (dense attention, greedy or sampled).
+use super::eval::parse_budget;
+use super::gpu::{attention_mode, budget_text, parse_size_arg, stats_line, stats_since};
+
+/// How the GPU forward attends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Attention {
+    /// Exact attention over every layer's K/V, held in GPU memory (the baseline).
+    Dense,
+    /// HGA: the K/V history in a mapped host arena, each decode step routed (chunk summaries, then groups) and
+    /// attending to the sink, the local window and the routed groups (gathered into a GPU cache).
+    Hga,
+}
+
+/// Where the K/V history lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvTierArg {
+    /// GPU memory (dense attention).
+    Gpu,
+    /// Mapped pinned host memory, read by the GPU over PCIe (HGA).
+    Host,
+    /// Page files in --kv-dir behind a host cache (not built on the GPU path yet).
+    Disk,
+}
+
+/// Bytes of K and V per position, layer and KV head in the host arena: 128 bf16 of each.
+pub const ARENA_BYTES_PER_TOKEN_HEAD: u64 = 2 * 128 * 2;
+
+/// Generate text with the GPU forward (greedy), under HGA (default) or dense attention.
 #[derive(Args, Debug)]
 #[command(
     group(clap::ArgGroup::new("input").required(true).args(["prompt_file", "text", "tokens", "synthetic_prompt"])),
-    after_help = "Example:\n  hga generate --model DIR --text 'def fibonacci(n):' --max-tokens 64"
+    after_help = "Defaults: --attention hga --budget 0.03 --kv-tier host (hga) / gpu (dense), no GPU memory limit.\n\
+What is built: --attention hga --kv-tier host, --attention dense --kv-tier gpu. The disk tier is not built on the\n\
+GPU path yet.\n\n\
+Examples:\n  \
+hga generate --model DIR --text 'def fibonacci(n):' --max-tokens 64\n  \
+hga generate --model DIR --synthetic-prompt 65536 --max-tokens 32 --budget 2048 --gpu-memory-limit 32GiB --json\n  \
+hga generate --model DIR --attention dense --synthetic-prompt 4096,16384 --max-tokens 64 --profile-step"
 )]
 pub struct GenerateArgs {
     /// Model directory (FP8 checkpoint; tokenizer.json for text).
@@ -36,6 +81,40 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// Attention: hga (K/V history in the host arena, routed decode steps, exact layer-major prefill) or dense
+    /// (every layer's K/V in GPU memory, exact).
+    #[arg(long, value_enum, default_value_t = Attention::Hga)]
+    pub attention: Attention,
+    /// HGA's token budget per decode step, sink (64) and local window (256) included: a share of the context
+    /// (a number with a decimal point, e.g. 0.03, in (0, 1]) or a token count (an integer, e.g. 2048).
+    #[arg(long, value_name = "F|N", default_value = "0.03", value_parser = parse_budget)]
+    pub budget: Budget,
+    /// HGA: stage 1 keeps this many times the chunks the selected groups could fill.
+    #[arg(long, default_value_t = 8.0)]
+    pub shortlist: f64,
+    /// HGA: the first N layers stay dense (their K/V in GPU memory).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub dense_layers: usize,
+    /// HGA: routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub cache_slots: usize,
+    /// Where the K/V history lives: gpu (GPU memory; dense), host (the mapped host arena; hga) or disk (not built
+    /// on the GPU path yet). Default: host for hga, gpu for dense; other combinations are refused.
+    #[arg(long, value_enum, value_name = "TIER")]
+    pub kv_tier: Option<KvTierArg>,
+    /// Directory of the disk tier's page files (--kv-tier disk, not built on the GPU path yet).
+    #[arg(long, value_name = "DIR")]
+    pub kv_dir: Option<PathBuf>,
+    /// Host memory the K/V may take (hga, --kv-tier host), e.g. 64GiB: refused when below the arena the context
+    /// needs (positions x layers x KV heads x 512 B); the disk tier, which would serve beyond, is not built on the
+    /// GPU path yet. Default: no limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub host_kv_limit: Option<u64>,
+    /// Cap on the GPU memory the model allocates (weights, K/V, caches, workspaces), e.g. 32GiB or 34.4GB, set
+    /// before the load: an allocation past it fails with the accountant's message (what did not fit, what is held,
+    /// by how much) and a non-zero exit. Default: no cap.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub gpu_memory_limit: Option<u64>,
     /// K/V cache capacity (default: prompt + max-tokens).
     #[arg(long)]
     pub context: Option<usize>,
@@ -45,8 +124,8 @@ pub struct GenerateArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Stop at the end-of-sequence token of the config.
-    #[arg(long, default_value_t = true)]
+    /// Stop at the end-of-sequence token of the config (`--stop-at-eos false`: always decode --max-tokens).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// Launch every kernel of a decode step from the host instead of replaying the step from a CUDA graph (same
     /// results; for measuring what the graphs save).
@@ -62,7 +141,9 @@ pub struct GenerateArgs {
     /// floor of the step (weights + K/V over the copy bandwidth measured in the same run) and the gap to it.
     #[arg(long)]
     pub profile_step: bool,
-    /// Also print each prompt's figures (and the profile) as one JSON line on stdout.
+    /// Also print each prompt's figures (and the profile) as one JSON line on stdout: timings, attention, the GPU
+    /// memory peak / device used at the peak / limit, and for hga the bytes gathered per token, the cache hit rate,
+    /// the tokens routed in the last step and the arena's bytes (null for dense).
     #[arg(long)]
     pub json: bool,
     /// Bracket decode step N of each prompt (1 = the first; from the second on the step is a graph replay) with
@@ -73,9 +154,81 @@ pub struct GenerateArgs {
     pub profiler_step: Option<usize>,
 }
 
+/// The attention mode and K/V tier of the arguments, checked: dense runs with the GPU tier, HGA with the host
+/// tier; anything else is refused with what is built. `None`: dense; else HGA's parameters.
+pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
+    let tier = a.kv_tier.unwrap_or(match a.attention {
+        Attention::Hga => KvTierArg::Host,
+        Attention::Dense => KvTierArg::Gpu,
+    });
+    const BUILT: &str = "built on the GPU path: --attention hga --kv-tier host, --attention dense --kv-tier gpu";
+    match (a.attention, tier) {
+        (_, KvTierArg::Disk) => bail!(
+            "--kv-tier disk is not built on the GPU path yet (the disk tier exists on the CPU forward: hga eval \
+             --kv-tier disk --kv-dir DIR); {BUILT}"
+        ),
+        (Attention::Dense, KvTierArg::Host) => bail!(
+            "--attention dense --kv-tier host: dense attention keeps its K/V in GPU memory (--kv-tier gpu, its \
+             default); the host tier is HGA's (--attention hga); {BUILT}"
+        ),
+        (Attention::Hga, KvTierArg::Gpu) => bail!(
+            "--attention hga --kv-tier gpu: HGA keeps the K/V history in the host arena (--kv-tier host, its \
+             default); an HGA tier in GPU memory is not built (for K/V in GPU memory: --attention dense); {BUILT}"
+        ),
+        _ => {}
+    }
+    if a.kv_dir.is_some() {
+        bail!("--kv-dir is the disk tier's directory (--kv-tier disk), which is not built on the GPU path yet");
+    }
+    if a.attention == Attention::Dense && a.host_kv_limit.is_some() {
+        bail!(
+            "--host-kv-limit caps the host tier (--attention hga); dense keeps its K/V in GPU memory: cap that with \
+             --gpu-memory-limit"
+        );
+    }
+    match a.attention {
+        Attention::Dense => Ok(None),
+        Attention::Hga => {
+            let p = HgaParams {
+                budget: a.budget,
+                shortlist: a.shortlist,
+                dense_layers: a.dense_layers,
+                ..HgaParams::default()
+            };
+            super::gpu::check_params(&p)?;
+            Ok(Some(p))
+        }
+    }
+}
+
+/// Host bytes of the arena for `positions`: positions x layers x KV heads x [`ARENA_BYTES_PER_TOKEN_HEAD`].
+pub fn arena_need(positions: usize, c: &Qwen3MoeConfig) -> u64 {
+    positions as u64 * c.num_hidden_layers as u64 * c.num_key_value_heads as u64 * ARENA_BYTES_PER_TOKEN_HEAD
+}
+
+/// Refuses a `--host-kv-limit` below the arena a context of `positions` needs.
+pub fn check_host_kv_limit(limit: u64, positions: usize, c: &Qwen3MoeConfig) -> anyhow::Result<()> {
+    let need = arena_need(positions, c);
+    if limit < need {
+        bail!(
+            "--host-kv-limit {} ({limit} bytes) is below the host arena this context needs: {positions} positions x \
+             {} layers x {} KV heads x {ARENA_BYTES_PER_TOKEN_HEAD} B (K and V, 128 bf16 each) = {} ({need} \
+             bytes). The disk tier would serve the rest and is not built on the GPU path yet: raise the limit, or \
+             shorten the prompt / --max-tokens / --context",
+            human(limit),
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            human(need)
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let hga = plan(&a)?;
     let tok = Tokenizer::try_from_model_dir(&a.model)?;
-    let vocab = hga::model::config::Qwen3MoeConfig::load(&a.model)?.vocab_size as u64;
+    let config = Qwen3MoeConfig::load(&a.model)?;
+    let vocab = config.vocab_size as u64;
     let synthetic = |n: usize| -> Vec<u32> {
         (0..n as u64).map(|i| ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % vocab) as u32).collect()
     };
@@ -95,17 +248,49 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt has no tokens");
     }
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let capacity = a.context.unwrap_or(longest + a.max_tokens);
+    if let Some(limit) = a.host_kv_limit {
+        check_host_kv_limit(limit, capacity, &config)?;
+    }
+    let gpu = super::gpu::open_gpu(a.device)?;
+    gpu.set_memory_limit(a.gpu_memory_limit);
+    let result = generate(&gpu, &a, hga.as_ref(), &tok, &prompts, capacity);
+    // The report also after a failure: what was held when an allocation did not fit.
+    eprintln!("{}", gpu.memory().report());
+    result
+}
+
+/// Loads the model and runs every prompt.
+fn generate(
+    gpu: &Gpu,
+    a: &GenerateArgs,
+    hga: Option<&HgaParams>,
+    tok: &Option<Tokenizer>,
+    prompts: &[Vec<u32>],
+    capacity: usize,
+) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
-    let gpu = hga::open_gpu(a.device).context("opening the GPU")?;
     if a.no_pdl {
         gpu.set_pdl(false);
     }
-    let capacity = a.context.unwrap_or(longest + a.max_tokens);
     let t0 = Instant::now();
     let pb = ProgressBar::new(ckpt.config.num_hidden_layers as u64);
     pb.set_style(ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed_precise}")?);
-    let mut model = GpuModel::load(&gpu, &ckpt, capacity, a.chunk.max(1), |d, _| pb.set_position(d as u64))?;
+    let options =
+        GpuModelOptions { capacity, max_tokens: a.chunk.max(1), attention: attention_mode(hga, a.cache_slots) };
+    let model = GpuModel::load_with(gpu, &ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
+    let mut model = model.with_context(|| {
+        format!(
+            "loading {} ({} attention, capacity {capacity} positions{})",
+            a.model.display(),
+            if hga.is_some() { "hga" } else { "dense" },
+            match gpu.memory().limit() {
+                Some(l) => format!(", GPU memory limit {}", human(l)),
+                None => String::new(),
+            }
+        )
+    })?;
     drop(ckpt);
     model.set_decode_graphs(!a.no_graphs);
     let (free, total) = gpu.context().mem_get_info()?;
@@ -119,22 +304,39 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         (total - free) as f64 / 1e9,
         total as f64 / 1e9
     );
+    match hga {
+        None => eprintln!("attention: dense, K/V in GPU memory (capacity {capacity} positions)"),
+        Some(p) => eprintln!(
+            "attention: hga, K/V history in the host arena; budget {} per step (sink {} + window {} included), \
+             shortlist {}, {} dense layer(s), capacity {capacity} positions",
+            budget_text(p.budget),
+            p.sink,
+            p.local,
+            p.shortlist,
+            p.dense_layers
+        ),
+    }
     let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, v)| if *v > r[b] { i } else { b }) as u32;
-    for prompt in &prompts {
+    for prompt in prompts {
         model.reset();
         let t1 = Instant::now();
         // A progress bar for prefills of more than one chunk (hidden when stderr is not a terminal).
         let pb = ProgressBar::new(prompt.len() as u64);
+        // HGA's prefill is layer-major: it reports tokens-equivalent per layer (layers done x tokens / layers).
         if prompt.len() > a.chunk {
-            pb.set_style(ProgressStyle::with_template(
-                "prefill {bar:30} {pos}/{len} tokens {elapsed_precise} ({per_sec})",
-            )?);
+            pb.set_style(ProgressStyle::with_template(if hga.is_some() {
+                "prefill (layer-major) {bar:30} {pos}/{len} tokens {elapsed_precise} ({per_sec})"
+            } else {
+                "prefill {bar:30} {pos}/{len} tokens {elapsed_precise} ({per_sec})"
+            })?);
         } else {
             pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
         let logits = model.forward_with_progress(prompt, false, |done, _| pb.set_position(done as u64))?;
         pb.finish_and_clear();
         let ttft = t1.elapsed();
+        // The HGA counters start over with each sequence; from here they count the decode steps.
+        let base = model.hga_stats()?;
         let mut next = argmax(&logits);
         let eos = model.config().eos_token_id;
         let mut out = std::io::stdout().lock();
@@ -169,6 +371,22 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let dt = t2.elapsed();
         writeln!(out)?;
         drop(out);
+        let stats: Option<HgaStats> = match (&base, model.hga_stats()?) {
+            (Some(b), Some(s)) => Some(stats_since(b, &s)),
+            _ => None,
+        };
+        if let Some(s) = &stats {
+            eprintln!("hga: {}", stats_line(s));
+        }
+        let arena = model.arena_bytes() as u64;
+        if let Some(limit) = a.host_kv_limit.filter(|&l| arena > l) {
+            eprintln!(
+                "note: the arena grew to {} (whole extents of positions), above --host-kv-limit {}",
+                human(arena),
+                human(limit)
+            );
+        }
+        let mem = gpu.memory().report();
         let (free, total) = gpu.context().mem_get_info()?;
         let steps = generated.len().saturating_sub(1);
         // The first step of a context bound records its CUDA graph: report it apart from the steady rate.
@@ -199,6 +417,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "pdl": gpu.pdl_enabled(),
             "gpu_memory_gb": (total - free) as f64 / 1e9,
             "device": gpu.device_name(),
+            "attention": model.attention_name(),
+            "kv_tier": if hga.is_some() { "host" } else { "gpu" },
+            "budget": hga.map(|p| p.budget),
+            "capacity": model.capacity(),
+            "gpu_memory_peak_bytes": mem.peak,
+            "gpu_device_used_at_peak_bytes": mem.device_used_at_peak,
+            "gpu_memory_limit_bytes": mem.limit,
+            "h2d_bytes_per_token": stats.as_ref().filter(|s| s.steps > 0).map(|s| s.h2d_bytes as f64 / s.steps as f64),
+            "cache_hit_rate": stats.as_ref().map(|s| s.hit_rate()),
+            "routed_tokens": stats.as_ref().map(|s| s.routed_tokens_last_step),
+            "arena_bytes": arena,
         });
         if a.profile_step && model.len() < model.capacity() {
             let (p, _) = model.profile_decode_step(next)?;

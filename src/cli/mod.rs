@@ -3,6 +3,7 @@ pub mod checkpoint;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod logits;
 pub mod needle;
 pub mod plot;
