@@ -276,8 +276,12 @@ fn generate(
     let t0 = Instant::now();
     let pb = ProgressBar::new(ckpt.config.num_hidden_layers as u64);
     pb.set_style(ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed_precise}")?);
-    let options =
-        GpuModelOptions { capacity, max_tokens: a.chunk.max(1), attention: attention_mode(hga, a.cache_slots) };
+    let options = GpuModelOptions {
+        capacity,
+        max_tokens: a.chunk.max(1),
+        attention: attention_mode(hga, a.cache_slots),
+        host_embedding: false,
+    };
     let model = GpuModel::load_with(gpu, &ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
     let mut model = model.with_context(|| {

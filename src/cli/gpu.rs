@@ -165,8 +165,12 @@ pub fn load<'g>(
     let pb = ProgressBar::new(ckpt.config.num_hidden_layers as u64);
     pb.set_style(ProgressStyle::with_template("loading {msg} {bar:30} {pos}/{len} layers {elapsed_precise}")?);
     pb.set_message(policy_name(params));
-    let options =
-        GpuModelOptions { capacity, max_tokens: max_tokens.max(1), attention: attention_mode(params, cache_slots) };
+    let options = GpuModelOptions {
+        capacity,
+        max_tokens: max_tokens.max(1),
+        attention: attention_mode(params, cache_slots),
+        host_embedding: false,
+    };
     let model = GpuModel::load_with(gpu, ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
     model.with_context(|| format!("loading the model ({}, capacity {capacity} positions)", policy_name(params)))
