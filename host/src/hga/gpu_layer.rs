@@ -179,7 +179,8 @@ impl HgaLayer {
             n_slots: cc.n_slots(),
             max_entries: cc.max_entries(),
         };
-        let aws = DecodeWorkspace::new(gpu, 64, cfg.n_heads, 256)?;
+        // One query token (the layer is decode-only): n_heads x 256 splits x (128 + 1) f32.
+        let aws = DecodeWorkspace::new(gpu, 1, cfg.n_heads, 256)?;
         let table_len = cfg.max_ctx.div_ceil(HGA_GROUP);
         let base = cache.slots.device_ptr(s).0;
         let sph = cc.slots_per_head();
