@@ -1,7 +1,8 @@
 //! GPU tests of the routing kernels against their CPU reference (`hga::reference::hga_route`, derived from the
 //! oracle `hga::hga`): the summary kernel bit for bit; stage 1 + stage 2 on random shapes (1 query token and
 //! prefill blocks, prime chunk counts, shortlists of 1 chunk and of every chunk, no chunk stage, budgets that cover
-//! everything, caps, device-resident positions) with the top-k invariants; NaN/Inf inputs; and the selection
+//! everything, caps, device-resident positions) with the top-k invariants; NaN/Inf inputs; stale select
+//! histograms in the workspace (the results unchanged, the histograms zero afterwards); and the selection
 //! agreement with `hga::hga::route_unit` (the oracle itself) on the committed fixture's real post-RoPE q/k at 4K
 //! and 8K from the CPU forward (the oracle is fed the same bf16-rounded keys as the GPU): the test prints how many
 //! picks differ and the oracle-score gaps, and fails on a difference that is not a tie within 2e-3.
@@ -81,7 +82,7 @@ fn gpu_route_stages_match_reference() {
             sh.max_groups = 5;
             sh.max_kept = 3;
         }
-        let sp = match sp { 4 => Special::NanQ, 5 => Special::NanInfK, _ => Special::None };
+        let sp = match sp { 3 => Special::StaleHist, 4 => Special::NanQ, 5 => Special::NanInfK, _ => Special::None };
         assert_ok(route(gpu, &sh, b0, dev, sp, &mut rng).unwrap())?;
     });
 }

@@ -1,17 +1,20 @@
-//! Routing kernels: summary maintenance ([`summary`]), stage 1 ([`stage1`]: chunk bounds + top n_c) and stage 2
-//! ([`stage2`]: int4-sketch group scores + top n_g, or every candidate group with no chunk stage). They implement
+//! Routing kernels: summary maintenance ([`summary`]), the normalization ([`base`]: each query row's sink + window
+//! log-sum-exp), stage 1 ([`stage1`]: chunk bounds + top n_c) and stage 2 ([`stage2`]: int4-sketch group scores +
+//! top n_g, or every candidate group with no chunk stage). They implement
 //! `host/src/hga`'s default (`HgaParams::default()`: chunk 64, group 16, min/max chunk summaries, int4-sketch group
 //! score as the log-sum-exp of a group's estimated scaled scores, scores normalized by each query row's sink +
 //! window log-sum-exp, GQA max); `host/src/reference/hga_route.rs` is their CPU reference.
 //!
 //! Shared here: the routing geometry evaluated on the device ([`geometry`], `host/src/hga::Geometry::new` line
-//! for line, in f64), the key source ([`key_row`]) and the last-CTA top-k ([`select_top_k`]).
+//! for line, in f64), the key source ([`key_row`]) and the last-CTA top-k ([`select_top_k`], fed by a histogram
+//! that the scoring CTAs count in global memory).
 //!
 //! Tie and NaN rule of every selection (the one of `host/src/hga::top_k`): candidates are ranked by score, a NaN
 //! score counts as -inf, equal scores go to the lower candidate index (stage 1: the lower chunk; stage 2: the lower
 //! absolute group, since candidates are enumerated in ascending group order). Scores are aggregated over query rows
 //! with a NaN-ignoring max from -inf (as host/src/hga's `fold(-inf, f64::max)`), so a candidate whose every row
 //! score is NaN scores -inf; `stats` counts the candidates that scored -inf or NaN.
+pub mod base;
 pub mod stage1;
 pub mod stage2;
 pub mod summary;
@@ -19,7 +22,7 @@ pub mod summary;
 use crate::arch::*;
 use crate::kv::{ballot, lanemask_lt};
 use crate::moe::{last_block_arrives, ld_cg_f32, unroll};
-use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_THREADS};
+use crate::params::{RouteParams, HGA_CHUNK, HGA_GROUP, ROUTE_HIST_BINS, ROUTE_HIST_BITS, ROUTE_THREADS};
 
 /// The routing geometry of the launch's query block (fields as `host/src/hga::Geometry`).
 #[derive(Clone, Copy)]
@@ -203,6 +206,56 @@ unsafe fn ld_cg_u32(p: *const u32) -> u32 {
     r
 }
 
+/// `ld.global.cg.v4.u32` (16-byte aligned; data other CTAs of the launch wrote).
+#[inline(always)]
+unsafe fn ld_cg_v4_u32(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    core::arch::asm!("ld.global.cg.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p, options(nostack, readonly));
+    [a, b, c, d]
+}
+
+/// Generic 16-byte load of 4 f32 (`ld.v4.f32`; shared or global, 16-byte aligned). A `*const [f32; 4]` load
+/// would be 4 scalar loads: the array type is only 4-byte aligned.
+#[inline(always)]
+pub(crate) unsafe fn ld_v4_f32(p: *const f32) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    core::arch::asm!("ld.v4.f32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p, options(nostack, readonly));
+    [a, b, c, d]
+}
+
+/// Generic 16-byte store of 4 words (16-byte aligned).
+#[inline(always)]
+pub(crate) unsafe fn st_v4_u32(p: *mut u32, v: [u32; 4]) {
+    core::arch::asm!("st.v4.u32 [{0}], {{{1}, {2}, {3}, {4}}};",
+        in(reg64) p, in(reg32) v[0], in(reg32) v[1], in(reg32) v[2], in(reg32) v[3], options(nostack));
+}
+
+/// `red.global.add.u32` (no result: nothing waits for it).
+#[inline(always)]
+pub(crate) unsafe fn red_global_add(p: *mut u32, v: u32) {
+    core::arch::asm!("red.global.add.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
+}
+
+/// `red.shared.max.u32` through a generic pointer into shared memory.
+#[inline(always)]
+pub(crate) unsafe fn red_shared_max(p: *mut u32, v: u32) {
+    core::arch::asm!("red.shared.max.u32 [{0}], {1};", in(reg64) cvta_to_shared(p), in(reg32) v, options(nostack));
+}
+
+/// The score of an order key (the inverse of [`order_key`]; a NaN score came back as -inf).
+#[inline(always)]
+pub(crate) fn key_score(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 { k & 0x7FFF_FFFF } else { !k })
+}
+
+/// The first-level histogram bin of an order key.
+#[inline(always)]
+pub(crate) fn hist_bin(k: u32) -> usize {
+    (k >> (32 - ROUTE_HIST_BITS)) as usize
+}
+
 #[inline(always)]
 fn shfl_up_u32(v: u32, d: u32) -> u32 {
     let r: u32;
@@ -212,12 +265,30 @@ fn shfl_up_u32(v: u32, d: u32) -> u32 {
     r
 }
 
-/// `match.any.sync.b32` over the full warp: the lanes holding the same value.
+/// `redux.sync.min.u32` / `redux.sync.max.u32` over the full warp.
 #[inline(always)]
-fn match_any(v: u32) -> u32 {
+fn redux_min(v: u32) -> u32 {
     let r: u32;
     unsafe {
-        core::arch::asm!("match.any.sync.b32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
+        core::arch::asm!("redux.sync.min.u32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
+    };
+    r
+}
+
+#[inline(always)]
+fn redux_max(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        core::arch::asm!("redux.sync.max.u32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
+    };
+    r
+}
+
+#[inline(always)]
+fn redux_add(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        core::arch::asm!("redux.sync.add.u32 {0}, {1}, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack))
     };
     r
 }
@@ -236,10 +307,10 @@ fn cvta_to_shared(p: *mut u32) -> u64 {
     r
 }
 
-/// Block-wide exclusive prefix sum of one u32 per thread (ROUTE_THREADS threads) and the total; `scan` is 9 words
-/// of shared memory. Every thread must call it.
+/// Block-wide exclusive prefix sum of one u32 per thread (ROUTE_THREADS threads), its total, and the total of a
+/// second value `w`; `scan` is 16 words of shared memory. Every thread must call it (two barriers).
 #[inline(always)]
-unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
+unsafe fn block_scan2(v: u32, w: u32, scan: *mut u32) -> (u32, u32, u32) {
     let tid = thread_x() as usize;
     let (warp, lane) = (tid / 32, tid % 32);
     let mut x = v;
@@ -251,38 +322,46 @@ unsafe fn block_scan(v: u32, scan: *mut u32) -> (u32, u32) {
         }
         d <<= 1;
     }
+    let ws = redux_add(w);
     if lane == 31 {
         *scan.add(warp) = x;
     }
+    if lane == 0 {
+        *scan.add(8 + warp) = ws;
+    }
     sync_threads();
-    let mut before = 0;
-    let mut total = 0;
-    let mut w = 0;
-    while w < ROUTE_THREADS / 32 {
-        let t = *scan.add(w);
-        if w < warp {
+    let (mut before, mut total, mut wtotal) = (0, 0, 0);
+    unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+        let t = *scan.add(j);
+        if j < warp {
             before += t;
         }
         total += t;
-        w += 1;
-    }
+        wtotal += *scan.add(8 + j);
+    });
     sync_threads();
-    (before + x - v, total)
+    (before + x - v, total, wtotal)
 }
 
 /// The last CTA's top-k: among the `n` scores at `scores` (global, written by the CTAs of this launch, read with
 /// `ld.global.cg`), selects the `k` best (rule in the module docs; all `n` when `k >= n`) and writes `map(i)` for
 /// the selected `i` in ascending `i` to `out[0..]`, then `u32::MAX` up to `out_len`. Returns the number of scores
-/// that are -inf or NaN. Radix select over the 32-bit order keys in shared memory (up to 4 passes of 8 bits, a
-/// 256-bin histogram each; it stops after the pass whose threshold bin is taken whole), then an ordered
-/// compaction by warp ballots (each warp a contiguous segment: a counting pass, one barrier, a writing pass).
-/// `map_loads`: `map` reads memory (then the indices are written first and mapped in a parallel pass).
-/// Shared memory: `route_select_smem(n)`.
-/// Every thread of the CTA must call it.
+/// that are -inf or NaN.
+///
+/// `hist` (global, [`ROUTE_HIST_BINS`] words) holds the first-level histogram of the scores' order keys (their top
+/// [`ROUTE_HIST_BITS`] bits), counted by the scoring CTAs; it is read and reset to zero here. One block scan over
+/// it finds the bin of the k-th key; if that bin is not taken whole, radix passes of 8 bits over the keys of that
+/// bin (bits 19-12, 11-4, 3-0; a 256-bin shared histogram each, one barrier per pass) resolve the threshold. A
+/// histogram whose total is not `n` (impossible unless a launch was cut short) falls back to 4 passes over all
+/// the keys. Then an ordered compaction by warp ballots (each warp a contiguous segment: a counting pass, one
+/// barrier, a writing pass). `map_loads`: `map` reads memory (then the indices are written first and mapped in a
+/// parallel pass). Shared memory: `route_select_smem(n)`. Every thread of the CTA must call it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn select_top_k(
     scores: *const f32,
     n: usize,
     k: usize,
+    hist_g: *mut u32,
     out: *mut u32,
     out_len: usize,
     map_loads: bool,
@@ -290,13 +369,28 @@ pub(crate) unsafe fn select_top_k(
 ) -> u32 {
     let tid = thread_x() as usize;
     let nt = ROUTE_THREADS;
+    let lane = (tid % 32) as u32;
     let keys = dyn_smem_ptr::<u32>();
-    // One histogram per radix pass, all zeroed here (the barrier of the first block scan orders the zeroing
-    // before any count), so that a pass needs a single barrier.
+    // One 256-bin histogram per refinement pass, all zeroed here (the barriers of the block scan order the
+    // zeroing before any count), so that a pass needs a single barrier.
     let hist = keys.add(n);
     let scan = hist.add(1024);
     unroll!(u in [0, 1, 2, 3] {
         *hist.add(u * nt + tid) = 0;
+    });
+    // First-level counts: thread t owns the 16 bins 4095 - 16 t down to 4080 - 16 t (thread 0 the highest), read
+    // and reset in 4 + 4 16-byte accesses.
+    let hb = hist_g.add(ROUTE_HIST_BINS - 16 * (tid + 1));
+    let mut c = [0u32; 16];
+    unroll!(j in [0, 1, 2, 3] {
+        let v = ld_cg_v4_u32(hb.add(4 * j));
+        c[4 * j] = v[0];
+        c[4 * j + 1] = v[1];
+        c[4 * j + 2] = v[2];
+        c[4 * j + 3] = v[3];
+    });
+    unroll!(j in [0, 1, 2, 3] {
+        st_v4_u32(hb.add(4 * j), [0; 4]);
     });
     let mut lost = 0u32;
     // Eight independent loads in flight per thread (the scores sit in L2): one round trip up to 2048 scores.
@@ -317,30 +411,68 @@ pub(crate) unsafe fn select_top_k(
         });
         i0 += 8 * nt;
     }
-    let (_, lost) = block_scan(lost, scan);
+    let mut s = 0u32;
+    unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+        s += c[j];
+    });
+    let (excl, total, lost) = block_scan2(s, lost, scan);
     // Threshold: the masked key `thr` (bits `mask`) and how many candidates whose masked key equals it are taken
     // (the lowest indices); candidates with a larger masked key are all taken.
     let (mut thr, mut mask, mut need) = (0u32, u32::MAX, 0u32);
     if k == 0 {
         thr = u32::MAX;
     } else if k < n {
-        let (mut prefix, mut kk) = (0u32, k as u32);
-        mask = 0;
+        let kk0 = k as u32;
+        // The bin of the kk0-th key: found by the one thread whose bins hold it, broadcast through `scan`.
+        if total as usize == n && excl < kk0 && kk0 <= excl + s {
+            let (mut cum, mut found) = (excl, false);
+            let (mut b, mut kb, mut cb) = (0u32, 0u32, 0u32);
+            unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+                let cj = c[15 - j];
+                if !found && cum + cj >= kk0 {
+                    found = true;
+                    b = (ROUTE_HIST_BINS - 1 - 16 * tid - j) as u32;
+                    kb = kk0 - cum;
+                    cb = cj;
+                }
+                cum += cj;
+            });
+            let _ = (cum, found);
+            *scan.add(20) = b;
+            *scan.add(21) = kb;
+            *scan.add(22) = cb;
+        }
+        sync_threads();
+        let top = 32 - ROUTE_HIST_BITS as u32;
+        let (mut prefix, mut kk, mut shift, mut whole) = if total as usize == n {
+            let (b, kb, cb) = (*scan.add(20), *scan.add(21), *scan.add(22));
+            (b << top, kb, top as i32 - 8, kb == cb)
+        } else {
+            (0, kk0, 24, false)
+        };
+        mask = if total as usize == n { !0u32 << top } else { 0 };
         let mut pass = 0;
-        while pass < 4 {
-            let shift = 24 - 8 * pass;
+        while !whole && shift >= 0 {
+            let sh = shift as u32;
             let hist = hist.add(256 * pass);
-            // Warp-aggregated counts: the lanes of a warp with the same bin (scores of one scale share their top
-            // byte, so most keys fall in one bin) add once, through their leader (`match.any`).
-            let lane = (tid % 32) as u32;
+            // Counts: a warp whose active lanes share one bin (equal scores, a narrow bin) adds once, through its
+            // first active lane; otherwise each active lane adds (the bins of a refinement pass are spread).
             let mut i = tid;
             while i - (lane as usize) < n {
                 let key = if i < n { *keys.add(i) } else { 0 };
                 let active = i < n && key & mask == prefix;
-                let bin = if active { (key >> shift) & 255 } else { 0x100 | lane };
-                let peers = match_any(bin);
-                if active && (peers & ((1u32 << lane) - 1)) == 0 {
-                    atom_shared_add(hist.add(bin as usize), peers.count_ones());
+                let bin = (key >> sh) & 255;
+                let act = ballot(active);
+                if act != 0 {
+                    let lo = redux_min(if active { bin } else { u32::MAX });
+                    let hi = redux_max(if active { bin } else { 0 });
+                    if lo == hi {
+                        if lane == act.trailing_zeros() {
+                            atom_shared_add(hist.add(bin as usize), act.count_ones());
+                        }
+                    } else if active {
+                        atom_shared_add(hist.add(bin as usize), 1);
+                    }
                 }
                 i += nt;
             }
@@ -383,13 +515,17 @@ pub(crate) unsafe fn select_top_k(
             let src = ballot(excl < kk && kk <= incl).trailing_zeros();
             let b = shfl_idx_u32(bl, src);
             kk = shfl_idx_u32(kl, src);
-            let whole = shfl_idx_u32(wl, src);
-            prefix |= b << shift;
-            mask |= 255 << shift;
+            whole = shfl_idx_u32(wl, src) != 0;
+            prefix |= b << sh;
+            mask |= 255 << sh;
             pass += 1;
-            if whole != 0 {
-                break;
-            }
+            shift = if shift >= 8 {
+                shift - 8
+            } else if shift > 0 {
+                0
+            } else {
+                -1
+            };
         }
         thr = prefix;
         need = kk;

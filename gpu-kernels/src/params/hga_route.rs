@@ -1,5 +1,5 @@
 //! Parameter struct of the routing kernels (`gpu-kernels/src/hga/route/`): `hga_route_summary`,
-//! `hga_route_stage1` and `hga_route_stage2`. One struct for the family (they share the key source, the summaries,
+//! `hga_route_base`, `hga_route_stage1` and `hga_route_stage2`. One struct for the family (they share the key source, the summaries,
 //! the query rows, the geometry and the scratch); each kernel's doc header says which fields it reads.
 //!
 //! Formats of the summaries, sketches and selected groups: `crate::params::hga`. The routing geometry is
@@ -18,12 +18,47 @@ pub const ROUTE_MAX_ROWS: usize = 512;
 pub const ROUTE_STATS: usize = 4;
 /// Words of `counters` per KV head (one per kernel that ends with a last-CTA select; self-resetting).
 pub const ROUTE_COUNTERS: usize = 2;
+/// Bins of the first-level histogram of a select: the top [`ROUTE_HIST_BITS`] bits of a score's order key (sign,
+/// exponent and 3 mantissa bits), counted by the scoring CTAs in global memory (`hist`, u32 [n_kv][2][bins]: stage
+/// 1's then stage 2's) and reset to zero by the last CTA that reads them.
+pub const ROUTE_HIST_BINS: usize = 1 << ROUTE_HIST_BITS;
+pub const ROUTE_HIST_BITS: usize = 12;
+/// Query rows per KV head up to which the scoring kernels stage q in shared memory (decode: 1 x GQA); larger blocks
+/// read q from global memory with 16-byte loads.
+pub const ROUTE_QS_ROWS: usize = 16;
+/// Row stride (f32) of stage 1's staged q (528 bytes: the rows of one 16-byte column fall in distinct bank quads).
+pub const ROUTE_QS1_STRIDE: usize = 132;
+/// Row stride (f32) of stage 2's staged q (576 bytes, dims permuted by the tensor-core fragment layout).
+pub const ROUTE_QS2_STRIDE: usize = 144;
 
 /// Dynamic shared memory of a routing kernel whose last CTA selects among at most `max_candidates` scores: the keys
 /// (4 bytes each), four 256-bin histograms (one per radix pass) and 64 words of scan space.
 pub const fn route_select_smem(max_candidates: usize) -> usize {
     4 * (max_candidates + 1024 + 64)
 }
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Dynamic shared memory of `hga_route_stage1` with `ctas` scoring CTAs per KV head: the staged q and one word per
+/// chunk of a CTA during scoring, the select's space in the last CTA (the two alias).
+pub const fn route_stage1_smem(max_cand_chunks: usize, ctas: usize) -> usize {
+    let per = max_cand_chunks.div_ceil(if ctas == 0 { 1 } else { ctas });
+    max(route_select_smem(max_cand_chunks), 4 * (ROUTE_QS_ROWS * ROUTE_QS1_STRIDE + per))
+}
+
+/// Dynamic shared memory of `hga_route_stage2`: the staged q during scoring, the select's space in the last CTA.
+pub const fn route_stage2_smem(max_cand_groups: usize) -> usize {
+    max(route_select_smem(max_cand_groups), 4 * ROUTE_QS_ROWS * ROUTE_QS2_STRIDE)
+}
+
+/// Dynamic shared memory of `hga_route_base` (the q row and one log-sum-exp state per warp).
+pub const ROUTE_BASE_SMEM: usize = 4 * (128 + 2 * 32);
 
 /// Parameters of the routing kernels. All pointers are device addresses (0 = absent where allowed).
 ///
@@ -53,9 +88,8 @@ pub struct RouteParams {
     /// If not 0, a device u32: the first query position of the block (decode: the query's position) replacing
     /// `b0`; the summary kernel reads it as the number of keys written so far.
     pub pos: u64,
-    /// Scratch (see `host/src/kernels/hga_route.rs`, `RouteWorkspace`).
-    pub key_scores: u64,
-    pub raw: u64,
+    /// Scratch (see `host/src/kernels/hga_route.rs`, `RouteWorkspace`); `hist` is zero between launches.
+    pub hist: u64,
     pub base: u64,
     pub chunk_scores: u64,
     pub kept: u64,
@@ -90,11 +124,9 @@ pub struct RouteParams {
     pub chunk_stage: u32,
     pub max_groups: u32,
     pub max_kept: u32,
-    /// Row strides (elements) of the scratch: key_scores `[n_kv][max_rows][max_always]`, raw
-    /// `[n_kv][max_rows][max_cand_chunks]`, base `[n_kv][max_rows]`, chunk_scores `[n_kv][max_cand_chunks]`,
+    /// Row strides (elements) of the scratch: base `[n_kv][max_rows]`, chunk_scores `[n_kv][max_cand_chunks]`,
     /// group_scores `[n_kv][max_cand_groups]`.
     pub max_rows: u32,
-    pub max_always: u32,
     pub max_cand_chunks: u32,
     pub max_cand_groups: u32,
     /// Scoring CTAs per KV head (grid.x).
@@ -104,4 +136,6 @@ pub struct RouteParams {
     /// The largest `b0 + q_len` the scratch was sized for: a device position past it routes nothing
     /// (`stats[h][0]` = `stats[h][1]` = u32::MAX, `selected` all padding) instead of writing out of bounds.
     pub max_ctx: u32,
+    /// Explicit padding (the struct is `Pod`: no implicit padding); 0.
+    pub pad: u32,
 }

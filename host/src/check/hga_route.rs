@@ -3,7 +3,9 @@
 //! keys: normalization, chunk and group scores within 1e-3 (f32 GPU arithmetic against f64), and the selections
 //! checked as top-k sets (count, uniqueness, ascending order, range, padding, every chosen GPU score >= the k-th
 //! GPU score) and against the reference (a different pick only where the reference scores of the two candidates
-//! tie within the tolerance). NaN/Inf inputs: the selections must still be valid candidate sets.
+//! tie within the tolerance). NaN/Inf inputs: the selections must still be valid candidate sets. After every
+//! launch the selects' first-level histograms (`RouteWorkspace::hist`) must be zero again; with stale histograms
+//! (garbage left by a launch cut short) the results must be those of clean ones.
 use super::Outcome;
 use crate::hga::Budget;
 use crate::kernels::hga_route::{
@@ -11,6 +13,7 @@ use crate::kernels::hga_route::{
 };
 use crate::reference::hga_route as r;
 use crate::runtime::{Gpu, RuntimeError};
+use gpu_kernels::params::ROUTE_HIST_BINS;
 use half::bf16;
 use rand::Rng;
 
@@ -25,6 +28,9 @@ pub enum Special {
     NanQ,
     /// NaN and +-Inf in some keys.
     NanInfK,
+    /// Garbage in the workspace's select histograms before the launch (as a launch cut short would leave): the
+    /// selects must fall back to full radix passes and give the clean results.
+    StaleHist,
 }
 
 fn rand_keys(n: usize, rng: &mut impl Rng) -> Vec<bf16> {
@@ -171,7 +177,7 @@ pub fn route(
                 keys[i] = bf16::from_f32([f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.gen_range(0..3)]);
             }
         }
-        Special::None => {}
+        Special::None | Special::StaleHist => {}
     }
     let dk = s.clone_htod(&keys)?;
     let dq = s.clone_htod(&q)?;
@@ -181,6 +187,10 @@ pub fn route(
     let count = nchunks.min(sums.max_chunks());
     hga_route_summary(gpu, &src, &mut sums, SummaryChunks::Range { first: 0, count })?;
     let mut ws = RouteWorkspace::new(gpu, shape)?;
+    if special == Special::StaleHist {
+        let junk: Vec<u32> = (0..ws.hist.len()).map(|_| rng.gen_range(0..1000)).collect();
+        s.memcpy_htod(&junk, &mut ws.hist)?;
+    }
     let mut sel = s.clone_htod(&vec![0xDEADBEEFu32; kv * shape.max_groups])?;
     s.memcpy_htod(&vec![f32::NAN; ws.group_scores.len()], &mut ws.group_scores)?;
     let dpos = s.clone_htod(&[b0 as u32])?;
@@ -192,6 +202,7 @@ pub fn route(
     let kept = s.clone_dtoh(&ws.kept)?;
     let gs = s.clone_dtoh(&ws.group_scores)?;
     let stats = s.clone_dtoh(&ws.stats)?;
+    let hist = s.clone_dtoh(&ws.hist)?;
     let (mn, mx) = (s.clone_dtoh(&sums.chunk_min)?, s.clone_dtoh(&sums.chunk_max)?);
     let (sk, sc) = (s.clone_dtoh(&sums.sketch)?, s.clone_dtoh(&sums.scale)?);
     let g = r::geometry(shape, b0);
@@ -200,8 +211,23 @@ pub fn route(
     let (mc, mt) = (sums.max_chunks(), sums.max_tokens);
     let mcc = shape.max_cand_chunks().max(1);
     let mcg = shape.max_stage2().max(1);
-    let strict = special == Special::None;
+    let strict = matches!(special, Special::None | Special::StaleHist);
     let mut bad: Option<String> = None;
+    // The select that ran resets its histogram; one that did not run (no chunk stage: stage 1's) was never counted
+    // into, except by the stale garbage of this check.
+    let stale_unused = special == Special::StaleHist && !shape.chunk_stage();
+    for (i, &v) in hist.iter().enumerate() {
+        let unused = stale_unused && (i / ROUTE_HIST_BINS).is_multiple_of(2);
+        if v != 0 && !unused {
+            bad.get_or_insert(format!(
+                "select histogram {} of head {} not reset: bin {} holds {v}",
+                (i / ROUTE_HIST_BINS) % 2 + 1,
+                i / (2 * ROUTE_HIST_BINS),
+                i % ROUTE_HIST_BINS
+            ));
+            break;
+        }
+    }
     let mut err = 0f64;
     let mut diffs = 0usize;
     for h in 0..kv {

@@ -1,6 +1,7 @@
 //! Launchers of the routing kernels (gpu-kernels/src/hga/route/): `hga_route_summary` (chunk min/max + int4
-//! sketches), `hga_route_stage1` (normalization + chunk scores + top n_c) and `hga_route_stage2` (sketch scores of
-//! the shortlisted or of every candidate group + top n_g). [`hga_route`] runs both stages.
+//! sketches), `hga_route_base` (the normalization of every query row) and `hga_route_stage1` (chunk scores + top
+//! n_c), both launched by [`hga_route_stage1`], and `hga_route_stage2` (sketch scores of the shortlisted or of every
+//! candidate group + top n_g). [`hga_route`] runs both stages.
 //!
 //! Graph use: every launch shape depends only on the [`RouteShape`] (its maxima), never on the position: with
 //! [`RoutePos::Device`] the kernels read the query position from a device u32 and compute the geometry, n_c and
@@ -12,8 +13,8 @@ use crate::memory::DeviceBuf;
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use gpu_kernels::params::{
-    route_select_smem, RouteParams, HGA_CHUNK, HGA_GROUP, HGA_GROUPS_PER_CHUNK, HGA_HEAD_DIM, ROUTE_COUNTERS,
-    ROUTE_MAX_ROWS, ROUTE_STATS, ROUTE_THREADS,
+    route_stage1_smem, route_stage2_smem, RouteParams, HGA_CHUNK, HGA_GROUP, HGA_GROUPS_PER_CHUNK, HGA_HEAD_DIM,
+    ROUTE_BASE_SMEM, ROUTE_COUNTERS, ROUTE_HIST_BINS, ROUTE_MAX_ROWS, ROUTE_STATS, ROUTE_THREADS,
 };
 use half::bf16;
 
@@ -128,6 +129,11 @@ impl RouteShape {
     pub fn max_always(&self) -> usize {
         self.sink.div_ceil(HGA_CHUNK) * HGA_CHUNK + self.local + HGA_CHUNK
     }
+    /// Threads per CTA of `hga_route_base`: one per key of the largest normalization set, a multiple of 32, at
+    /// most 1024 (the kernel loops past it).
+    pub fn base_threads(&self) -> usize {
+        self.max_always().next_multiple_of(32).clamp(32, 1024)
+    }
     /// Stage-2 candidates at most.
     pub fn max_stage2(&self) -> usize {
         if self.chunk_stage() {
@@ -136,13 +142,13 @@ impl RouteShape {
             self.max_cand_groups()
         }
     }
-    /// Default grids: stage 1 about two work items per thread (capped at 2 CTAs per SM over the layer), stage 2
-    /// about two groups per warp (capped at 2 CTAs per SM: 123 registers per thread on sm_90 fit two).
+    /// Default grids: stage 1 about one (chunk, row) item per thread (capped at 2 CTAs per SM over the layer),
+    /// stage 2 about two groups per warp (capped at 2 CTAs per SM: 125 registers per thread on sm_90 fit two).
     pub fn auto_ctas(&self, sms: usize) -> (usize, usize) {
         let kv = self.n_kv_heads.max(1);
-        let items = (self.max_always() + if self.chunk_stage() { self.max_cand_chunks() } else { 0 }) * self.rows();
+        let items = self.max_cand_chunks() * self.rows();
         let c1 =
-            if self.ctas1 > 0 { self.ctas1 } else { items.div_ceil(2 * ROUTE_THREADS).clamp(1, (2 * sms / kv).max(1)) };
+            if self.ctas1 > 0 { self.ctas1 } else { items.div_ceil(ROUTE_THREADS).clamp(1, (2 * sms / kv).max(1)) };
         let c2 =
             if self.ctas2 > 0 { self.ctas2 } else { self.max_stage2().div_ceil(16).clamp(1, (2 * sms / kv).max(1)) };
         (c1, c2)
@@ -305,8 +311,9 @@ pub enum SummaryChunks<'a> {
 /// Scratch of the two stages, and their by-products (readable for tests: the scores, the kept chunks, `base`).
 /// Booked as [`ROUTE_WORKSPACE`].
 pub struct RouteWorkspace {
-    pub key_scores: DeviceBuf<f32>,
-    pub raw: DeviceBuf<f32>,
+    /// u32 [n_kv][2][ROUTE_HIST_BINS]: the first-level histograms of stage 1's and stage 2's selects, zero
+    /// between launches (each select's last CTA resets what its launch counted).
+    pub hist: DeviceBuf<u32>,
     pub base: DeviceBuf<f32>,
     pub chunk_scores: DeviceBuf<f32>,
     pub kept: DeviceBuf<u32>,
@@ -325,8 +332,7 @@ impl RouteWorkspace {
         let mcc = shape.max_cand_chunks().max(1);
         let mcg = shape.max_stage2().max(1);
         Ok(RouteWorkspace {
-            key_scores: gpu.alloc_zeros(l, kv * r * shape.max_always())?,
-            raw: gpu.alloc_zeros(l, if shape.chunk_stage() { kv * r * mcc } else { 1 })?,
+            hist: gpu.alloc_zeros(l, kv * 2 * ROUTE_HIST_BINS)?,
             base: gpu.alloc_zeros(l, kv * r)?,
             chunk_scores: gpu.alloc_zeros(l, kv * mcc)?,
             kept: gpu.alloc_zeros(l, kv * shape.max_kept)?,
@@ -348,11 +354,11 @@ fn params(
     keys: Option<&KeySource>,
     pos: (u64, usize),
     q: u64,
-    ws: Option<&[u64; 8]>,
+    ws: Option<&[u64; 7]>,
     selected: u64,
     ctas: usize,
 ) -> RouteParams {
-    let w = ws.copied().unwrap_or([0; 8]);
+    let w = ws.copied().unwrap_or([0; 7]);
     let (budget_tokens, budget_frac) = match shape.budget {
         Budget::Tokens(t) => (t as u32, 0.0),
         Budget::Fraction(f) => (0, f),
@@ -367,14 +373,13 @@ fn params(
         sketch_scale: 0,
         q,
         pos: pos.0,
-        key_scores: w[0],
-        raw: w[1],
-        base: w[2],
-        chunk_scores: w[3],
-        kept: w[4],
-        group_scores: w[5],
-        counters: w[6],
-        stats: w[7],
+        hist: w[0],
+        base: w[1],
+        chunk_scores: w[2],
+        kept: w[3],
+        group_scores: w[4],
+        counters: w[5],
+        stats: w[6],
         selected,
         budget_frac,
         shortlist: shape.shortlist,
@@ -396,12 +401,12 @@ fn params(
         max_groups: shape.max_groups as u32,
         max_kept: shape.max_kept as u32,
         max_rows: shape.rows() as u32,
-        max_always: shape.max_always() as u32,
         max_cand_chunks: shape.max_cand_chunks().max(1) as u32,
         max_cand_groups: shape.max_stage2().max(1) as u32,
         ctas: ctas as u32,
         scale: 1.0 / (HGA_HEAD_DIM as f32).sqrt(),
         max_ctx: shape.max_ctx as u32,
+        pad: 0,
     }
 }
 
@@ -471,7 +476,6 @@ fn check_stage(
     let w = ws.shape();
     if (w.n_kv_heads, w.rows(), w.max_ctx, w.max_groups, w.max_kept, w.chunk_stage())
         != (shape.n_kv_heads, shape.rows(), shape.max_ctx, shape.max_groups, shape.max_kept, shape.chunk_stage())
-        || w.max_always() < shape.max_always()
     {
         return Err(RuntimeError::Shape("hga_route: the workspace was made for another shape".into()));
     }
@@ -511,10 +515,10 @@ fn pos_ptr<'a>(gpu: &'a Gpu, pos: &RoutePos<'a>) -> (u64, Option<cudarc::driver:
     }
 }
 
-fn ws_ptrs<'a>(gpu: &'a Gpu, ws: &'a mut RouteWorkspace) -> ([u64; 8], Vec<cudarc::driver::SyncOnDrop<'a>>) {
+fn ws_ptrs<'a>(gpu: &'a Gpu, ws: &'a mut RouteWorkspace) -> ([u64; 7], Vec<cudarc::driver::SyncOnDrop<'a>>) {
     let mut g = Vec::new();
-    let mut p = [0u64; 8];
-    let RouteWorkspace { key_scores, raw, base, chunk_scores, kept, group_scores, counters, stats, .. } = ws;
+    let mut p = [0u64; 7];
+    let RouteWorkspace { hist, base, chunk_scores, kept, group_scores, counters, stats, .. } = ws;
     macro_rules! take {
         ($i:expr, $b:expr) => {{
             let (a, gg) = dptr_mut(gpu, $b);
@@ -522,20 +526,20 @@ fn ws_ptrs<'a>(gpu: &'a Gpu, ws: &'a mut RouteWorkspace) -> ([u64; 8], Vec<cudar
             g.push(gg);
         }};
     }
-    take!(0, key_scores);
-    take!(1, raw);
-    take!(2, base);
-    take!(3, chunk_scores);
-    take!(4, kept);
-    take!(5, group_scores);
-    take!(6, counters);
-    take!(7, stats);
+    take!(0, hist);
+    take!(1, base);
+    take!(2, chunk_scores);
+    take!(3, kept);
+    take!(4, group_scores);
+    take!(5, counters);
+    take!(6, stats);
     (p, g)
 }
 
-/// Stage 1 for every KV head: the normalization of every query row (`ws.base`) and, with a chunk stage, the
-/// chunk scores (`ws.chunk_scores`) and the kept chunks (`ws.kept`, ascending, u32::MAX padding). `q` is f32
-/// [q_len][n_heads][128] (post-RoPE); `keys` must hold the sink and local-window keys (rows below the block start).
+/// Stage 1 for every KV head: the normalization of every query row (`ws.base`, kernel `hga_route_base`) and, with
+/// a chunk stage, the chunk scores (`ws.chunk_scores`) and the kept chunks (`ws.kept`, ascending, u32::MAX
+/// padding; kernel `hga_route_stage1`): one or two launches. `q` is f32 [q_len][n_heads][128] (post-RoPE, 16-byte
+/// aligned); `keys` must hold the sink and local-window keys (rows below the block start).
 pub fn hga_route_stage1(
     gpu: &Gpu,
     shape: &RouteShape,
@@ -557,14 +561,24 @@ pub fn hga_route_stage1(
     let mut p = params(shape, dims, Some(keys), (ppos, b0), pq, Some(&w), 0, c1);
     p.chunk_min = pmin;
     p.chunk_max = pmax;
-    let smem = route_select_smem(shape.max_cand_chunks().max(1)) + 4 * ROUTE_MAX_ROWS;
+    let base_cfg = LaunchConfig {
+        grid_dim: (shape.rows() as u32, shape.n_kv_heads as u32, 1),
+        block_dim: (shape.base_threads() as u32, 1, 1),
+        shared_mem_bytes: ROUTE_BASE_SMEM as u32,
+    };
+    // SAFETY: shapes checked above; `base` is sized [n_kv][rows] by the workspace, the kernel routes nothing for
+    // a device position past max_ctx, and the key rows it reads are below the block start (inside the source).
+    unsafe { launch(gpu, "hga_route_base", base_cfg, p)? };
+    if !shape.chunk_stage() {
+        return Ok(());
+    }
     let cfg = LaunchConfig {
         grid_dim: (c1 as u32, shape.n_kv_heads as u32, 1),
         block_dim: (ROUTE_THREADS as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
+        shared_mem_bytes: route_stage1_smem(shape.max_cand_chunks().max(1), c1) as u32,
     };
-    // SAFETY: shapes checked above; the scratch is sized by the workspace for this shape, the kernel routes
-    // nothing for a device position past max_ctx, and the key rows it reads are below the block start.
+    // SAFETY: as above; the chunk summaries read are those of the candidate chunks, below max_ctx / 64 (inside
+    // the summaries, checked), and the scratch (scores, histogram, kept) is sized by the workspace.
     unsafe { launch(gpu, "hga_route_stage1", cfg, p) }
 }
 
@@ -593,7 +607,7 @@ pub fn hga_route_stage2(
     let mut p = params(shape, dims, None, (ppos, b0), pq, Some(&w), psel, c2);
     p.sketch = psk;
     p.sketch_scale = psc;
-    let smem = route_select_smem(shape.max_stage2().max(1));
+    let smem = route_stage2_smem(shape.max_stage2().max(1));
     let cfg = LaunchConfig {
         grid_dim: (c2 as u32, shape.n_kv_heads as u32, 1),
         block_dim: (ROUTE_THREADS as u32, 1, 1),

@@ -1,56 +1,42 @@
-//! `hga_route_stage1`: the normalization of every query row and stage 1 of the default routing, for every KV head
-//! of a layer in one launch.
+//! `hga_route_stage1`: stage 1 of the default routing (the chunk shortlist), for every KV head of a layer in one
+//! launch. Runs after `hga_route_base` (which writes `base`) and only with a chunk stage (`chunk_stage == 1`; the
+//! launcher does not launch it otherwise, and it returns at once if it is).
 //!
 //! For KV head h with query rows r (the block's tokens x the query heads of h, `R = q_len * n_heads / n_kv`):
-//! - `base[h][r]` = ln sum exp over the normalization set (sink + window up to the block start, host/src/hga's
-//!   `Geometry::always`) of `q_r . k_j / sqrt(d)` with the exact bf16 keys (0 when `normalize == 0`);
 //! - chunk score (candidate chunks `first_chunk .. end_chunk`) = max over r (NaN-ignoring, from -inf) of
-//!   `scale * sum_d max(q_rd m_d, q_rd M_d) - base[h][r]` with the chunk's min m and max M;
+//!   `scale * sum_d max(q_rd m_d, q_rd M_d) - base[h][r]` with the chunk's min m and max M, to `chunk_scores`;
 //! - `kept[h][0 .. n_c]` = the n_c best chunks (absolute chunk indices, ascending; u32::MAX up to max_kept), by
-//!   the rule of `crate::hga::route`.
-//! With no chunk stage (`chunk_stage == 0`) only `base` is computed (stage 2 then scores every candidate group).
-//! n_c and n_g come from the device-resident position (`geometry`), so one recorded launch serves every step.
+//!   the rule of `crate::hga::route`; `stats[h][0]` = n_c, `stats[h][2]` = the chunks scoring -inf or NaN.
+//! n_c comes from the device-resident position (`geometry`), so one recorded launch serves every step.
 //!
-//! Grid (ctas, n_kv), block 256. Phase 1 (every CTA): the work items of head h, (normalization key j, row r) dot
-//! products then (candidate chunk c, row r) bounds, flattened as `unit * R + r` and split evenly over the head's
-//! CTAs; one item per thread at a time (neighbouring threads share a unit: its key or summary loads coalesce into
-//! one request); raw values to the scratch `key_scores` / `raw`. Phase 2 (the head's last CTA to finish, by an
-//! atomic counter that resets itself): per row the log-sum-exp of its key scores (a warp per row, online, 16 loads in flight per lane) to
-//! `base` (and to shared memory); the chunk scores (a thread per chunk, max over rows) to `chunk_scores`; the top-k (`select_top_k`,
-//! radix select in shared memory). Shared memory: `route_select_smem(max_cand_chunks)` + 4 * ROUTE_MAX_ROWS.
-//! Loads are issued in unrolled batches (a row of 16 x 16 bytes per key, 8 x 16 bytes of min and of max per
-//! half chunk): a first version with plain loops waited for every load in turn and took 28 us at 64K.
+//! Grid (ctas, n_kv), block 256. Every CTA owns a contiguous range of whole chunks (`ceil(candidates / ctas)`):
+//! it stages q in shared memory (up to `ROUTE_QS_ROWS` rows, 528-byte rows: the 8 rows that one load instruction
+//! reads lie in distinct bank quads; larger blocks read q from global memory, 16 bytes per load), computes its
+//! (chunk, row) bounds one item per thread at a time (neighbouring threads share a chunk: its summary loads
+//! coalesce into one request), folds the rows into a per-chunk order key with a shared-memory atomic max (the
+//! order key of a NaN is that of -inf: the NaN-ignoring max), and writes its chunk scores and their first-level
+//! histogram bins (`red.global.add` into `hist[h][0]`). The head's last CTA to finish (an atomic counter that resets
+//! itself) runs the select (`select_top_k`) on the histogram and the scores. Shared memory:
+//! `route_stage1_smem(max_cand_chunks, ctas)`.
+//!
+//! Versions 1-3 computed the raw bounds here, and the normalization and the max over rows in the last CTA (14 us of
+//! serial tail at 64K); q was read with 4-byte loads (a `[f32; 4]` is 4-aligned), 128 per item, which kept the L1
+//! busy (73% of its throughput) for the whole scoring phase.
 use crate::arch::*;
-use crate::hga::route::{geometry, key_row, last_of_head, lse_finish, lse_merge, lse_push, q_row, select_top_k};
-use crate::moe::{fence_gpu, ld_cg_f32, unroll};
-use crate::params::{route_select_smem, RouteParams, ROUTE_COUNTERS, ROUTE_STATS, ROUTE_THREADS};
+use crate::hga::route::{
+    geometry, hist_bin, key_score, last_of_head, ld_v4_f32, order_key, q_row, red_global_add, red_shared_max,
+    select_top_k, st_v4_u32,
+};
+use crate::moe::unroll;
+use crate::params::{
+    RouteParams, ROUTE_COUNTERS, ROUTE_HIST_BINS, ROUTE_QS1_STRIDE, ROUTE_QS_ROWS, ROUTE_STATS, ROUTE_THREADS,
+};
 
-/// q . k for a bf16 key row (f32 accumulation, dims in order): the 16 loads of the row are issued before the
-/// arithmetic (unrolled; a loop would wait for each load in turn).
-#[inline(always)]
-unsafe fn dot_bf16(q: *const f32, k: *const u16) -> f32 {
-    let mut kw = [[0u32; 4]; 16];
-    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-        kw[i] = ld_global_v4(k.add(8 * i) as *const u8);
-    });
-    let mut acc = 0f32;
-    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-        let qa = *(q.add(8 * i) as *const [f32; 4]);
-        let qb = *(q.add(8 * i + 4) as *const [f32; 4]);
-        unroll!(w in [0, 1, 2, 3] {
-            let (a, b) = bf16x2_to_f32(kw[i][w]);
-            let qq = if w < 2 { qa } else { qb };
-            acc += qq[(2 * w) % 4] * a;
-            acc += qq[(2 * w + 1) % 4] * b;
-        });
-    });
-    acc
-}
-
-/// sum_d max(q_d m_d, q_d M_d) (f32, dims in order), loads issued 8 rows of 16 bytes at a time.
+/// sum_d max(q_d m_d, q_d M_d) (f32, four partial sums over interleaved dims), loads issued 8 rows of 16 bytes at
+/// a time; `q` is 16-byte aligned (shared or global).
 #[inline(always)]
 unsafe fn bound(q: *const f32, mn: *const u16, mx: *const u16) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = [0f32; 4];
     unroll!(h in [0, 1] {
         let mut a = [[0u32; 4]; 8];
         let mut b = [[0u32; 4]; 8];
@@ -59,19 +45,19 @@ unsafe fn bound(q: *const f32, mn: *const u16, mx: *const u16) -> f32 {
             b[i] = ld_global_v4(mx.add(64 * h + 8 * i) as *const u8);
         });
         unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
-            let qa = *(q.add(64 * h + 8 * i) as *const [f32; 4]);
-            let qb = *(q.add(64 * h + 8 * i + 4) as *const [f32; 4]);
+            let qa = ld_v4_f32(q.add(64 * h + 8 * i));
+            let qb = ld_v4_f32(q.add(64 * h + 8 * i + 4));
             unroll!(w in [0, 1, 2, 3] {
                 let (m0, m1) = bf16x2_to_f32(a[i][w]);
                 let (x0, x1) = bf16x2_to_f32(b[i][w]);
                 let qq = if w < 2 { qa } else { qb };
                 let (q0, q1) = (qq[(2 * w) % 4], qq[(2 * w + 1) % 4]);
-                acc += fmax(q0 * m0, q0 * x0);
-                acc += fmax(q1 * m1, q1 * x1);
+                acc[w] += fmax(q0 * m0, q0 * x0);
+                acc[w] += fmax(q1 * m1, q1 * x1);
             });
         });
     });
-    acc
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
 #[no_mangle]
@@ -80,141 +66,69 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage1(p: RouteParams) {
     let h = block_y() as usize;
     let tid = thread_x() as usize;
     let g = geometry(&p);
+    let stats = (p.stats as *mut u32).add(h * ROUTE_STATS);
     if !g.ok {
         if block_x() == 0 && tid == 0 {
-            *(p.stats as *mut u32).add(h * ROUTE_STATS) = u32::MAX;
+            *stats = u32::MAX;
         }
         return;
     }
+    if p.chunk_stage == 0 {
+        return;
+    }
     let rows = (p.q_len * (p.n_heads / p.n_kv_heads)) as usize;
-    let n_always = if p.normalize != 0 { g.n_always() } else { 0 };
-    let n_cand = if p.chunk_stage != 0 && g.n_groups > 0 { g.end_chunk - g.first_chunk } else { 0 };
-    let items = (n_always + n_cand) * rows;
-    let per = items.div_ceil(p.ctas as usize);
-    let lo = block_x() as usize * per;
-    let hi = if lo + per < items { lo + per } else { items };
-    let (mr, ma, mc) = (p.max_rows as usize, p.max_always as usize, p.max_cand_chunks as usize);
-    let key_scores = (p.key_scores as *mut f32).add(h * mr * ma);
-    let raw = (p.raw as *mut f32).add(h * mr * mc);
-    let mut it = lo + tid;
-    while it < hi {
-        let (u, r) = (it / rows, it % rows);
-        let q = q_row(&p, h, r);
-        if u < n_always {
-            let k = key_row(&p, h, g.always_pos(u));
-            *key_scores.add(r * ma + u) = dot_bf16(q, k) * p.scale;
-        } else {
-            let c = g.first_chunk + (u - n_always);
-            let o = (h * p.max_chunks as usize + c) * 128;
-            let v = bound(q, (p.chunk_min as *const u16).add(o), (p.chunk_max as *const u16).add(o));
-            *raw.add(r * mc + (u - n_always)) = v;
+    let n_cand = if g.n_groups > 0 { g.end_chunk - g.first_chunk } else { 0 };
+    let per = n_cand.div_ceil(p.ctas as usize);
+    let c_lo = (block_x() as usize * per).min(n_cand);
+    let c_hi = (c_lo + per).min(n_cand);
+    // Shared memory during scoring: q rows [ROUTE_QS_ROWS][ROUTE_QS1_STRIDE], then one order key per chunk.
+    let qs = dyn_smem_ptr::<f32>();
+    let ckey = qs.add(ROUTE_QS_ROWS * ROUTE_QS1_STRIDE) as *mut u32;
+    let staged = rows <= ROUTE_QS_ROWS;
+    if staged {
+        let mut i = tid;
+        while i < rows * 32 {
+            let (r, c) = (i / 32, i % 32);
+            st_v4_u32(
+                qs.add(r * ROUTE_QS1_STRIDE + 4 * c) as *mut u32,
+                ld_global_v4(q_row(&p, h, r).add(4 * c) as *const u8),
+            );
+            i += ROUTE_THREADS;
         }
+    }
+    let mut i = tid;
+    while i < c_hi - c_lo {
+        *ckey.add(i) = 0;
+        i += ROUTE_THREADS;
+    }
+    sync_threads();
+    let base = (p.base as *const f32).add(h * p.max_rows as usize);
+    let items = (c_hi - c_lo) * rows;
+    let mut it = tid;
+    while it < items {
+        let (u, r) = (it / rows, it % rows);
+        let q = if staged { qs.add(r * ROUTE_QS1_STRIDE) as *const f32 } else { q_row(&p, h, r) };
+        let o = (h * p.max_chunks as usize + g.first_chunk + c_lo + u) * 128;
+        let v = bound(q, (p.chunk_min as *const u16).add(o), (p.chunk_max as *const u16).add(o));
+        red_shared_max(ckey.add(u), order_key(v * p.scale - *base.add(r)));
         it += ROUTE_THREADS;
+    }
+    sync_threads();
+    let scores = (p.chunk_scores as *mut f32).add(h * p.max_cand_chunks as usize);
+    let hist = (p.hist as *mut u32).add(h * 2 * ROUTE_HIST_BINS);
+    let mut u = tid;
+    while u < c_hi - c_lo {
+        let key = *ckey.add(u);
+        *scores.add(c_lo + u) = key_score(key);
+        red_global_add(hist.add(hist_bin(key)), 1);
+        u += ROUTE_THREADS;
     }
     if !last_of_head((p.counters as *mut u32).add(h * ROUTE_COUNTERS), p.ctas) {
         return;
     }
-    // Phase 2, the head's last CTA: base per row (a warp per row, an online log-sum-exp with 16 loads in flight
-    // per lane), kept in shared memory behind the select's space.
-    let (warp, lane) = (tid / 32, tid % 32);
-    let base = (p.base as *mut f32).add(h * mr);
-    let base_sm = dyn_smem_ptr::<f32>().add(route_select_smem(mc) / 4);
-    // With at most 8 rows (decode) a thread's first chunk's raw bounds are loaded now, their latency hidden
-    // behind the base computation; later chunks are loaded one iteration ahead.
-    let few = rows <= 8;
-    let ld_raw = |i: usize| -> [f32; 8] {
-        let mut x = [0f32; 8];
-        unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-            if u < rows {
-                x[u] = ld_cg_f32(raw.add(u * mc + i));
-            }
-        });
-        x
-    };
-    let mut cur = if p.chunk_stage != 0 && few && tid < n_cand { ld_raw(tid) } else { [0f32; 8] };
-    let mut r = warp;
-    while r < rows {
-        let row = key_scores.add(r * ma);
-        let mut st = (f32::NEG_INFINITY, 0f32);
-        // 16 loads in flight per lane; each lane pushes its keys lane, lane + 32, ... in ascending order.
-        let mut j0 = 0;
-        while j0 < n_always {
-            let mut v = [f32::NEG_INFINITY; 16];
-            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                let j = j0 + 32 * u + lane;
-                if j < n_always {
-                    v[u] = ld_cg_f32(row.add(j));
-                }
-            });
-            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                st = lse_push(st.0, st.1, v[u]);
-            });
-            j0 += 512;
-        }
-        let mut d = 16;
-        while d > 0 {
-            let o = (shfl_xor_f32(st.0, d), shfl_xor_f32(st.1, d));
-            st = lse_merge(st, o);
-            d >>= 1;
-        }
-        let b = if p.normalize != 0 { lse_finish(st.0, st.1) } else { 0.0 };
-        if lane == 0 {
-            *base.add(r) = b;
-            *base_sm.add(r) = b;
-        }
-        r += ROUTE_THREADS / 32;
-    }
-    sync_threads();
-    let stats = (p.stats as *mut u32).add(h * ROUTE_STATS);
-    if p.chunk_stage == 0 {
-        if tid == 0 {
-            *stats = g.n_chunks as u32;
-            *stats.add(2) = 0;
-        }
-        return;
-    }
-    // Chunk scores: a thread per chunk, 8 rows' raw bounds loaded at a time.
-    let scores = (p.chunk_scores as *mut f32).add(h * mc);
-    let mut i = tid;
-    if few {
-        while i < n_cand {
-            let nxt = if i + ROUTE_THREADS < n_cand { ld_raw(i + ROUTE_THREADS) } else { cur };
-            let mut v = f32::NEG_INFINITY;
-            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-                if u < rows {
-                    v = fmax(v, cur[u] * p.scale - *base_sm.add(u));
-                }
-            });
-            *scores.add(i) = v;
-            cur = nxt;
-            i += ROUTE_THREADS;
-        }
-    }
-    while i < n_cand {
-        let mut v = f32::NEG_INFINITY;
-        let mut r0 = 0;
-        while r0 < rows {
-            let mut x = [0f32; 8];
-            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-                if r0 + u < rows {
-                    x[u] = ld_cg_f32(raw.add((r0 + u) * mc + i));
-                }
-            });
-            unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-                if r0 + u < rows {
-                    v = fmax(v, x[u] * p.scale - *base_sm.add(r0 + u));
-                }
-            });
-            r0 += 8;
-        }
-        *scores.add(i) = v;
-        i += ROUTE_THREADS;
-    }
-    fence_gpu();
-    sync_threads();
     let first = g.first_chunk as u32;
     let kept = (p.kept as *mut u32).add(h * p.max_kept as usize);
-    let lost = select_top_k(scores, n_cand, g.n_chunks, kept, p.max_kept as usize, false, |i| first + i as u32);
+    let lost = select_top_k(scores, n_cand, g.n_chunks, hist, kept, p.max_kept as usize, false, |i| first + i as u32);
     if tid == 0 {
         *stats = if g.n_chunks < n_cand { g.n_chunks as u32 } else { n_cand as u32 };
         *stats.add(2) = lost;

@@ -17,12 +17,27 @@
 //! multiplied (two mma per k-step): about 22 significant bits of q, products exact, f32 accumulation. The token's
 //! log-sum-exp over the 16 rows of D is a 3-step shuffle reduction (lanes of equal t), then the max over rows.
 //! Rows beyond 8 (prefill blocks, GQA > 8) loop over tiles of 8 columns (q fragments reloaded per tile).
-//! Each warp issues the next group's loads before the current group's arithmetic; the hi and lo products
-//! accumulate in two chains. The last CTA of the head selects (`select_top_k`). Shared memory: `route_select_smem(max_cand_groups)`.
+//! Each warp issues the next group's loads before the current group's arithmetic (and, without a chunk stage, asks
+//! L2 for the group after that); the hi and lo products accumulate in two chains. Each group's score also counts
+//! in the first-level histogram of the select (`red.global.add` into `hist[h][1]`); the last CTA of the head
+//! selects (`select_top_k`).
+//!
+//! q: up to `ROUTE_QS_ROWS` rows the CTA stages q once in shared memory, each row's 16-byte pieces permuted to the
+//! fragment order (piece (t, s) at slot 4s + t, 576-byte rows: a fragment load touches distinct bank quads), and
+//! every warp builds its fragments from there; larger blocks (prefill) read q from global memory with 4-byte loads
+//! as before (16-byte ones there raise the kernel's registers from 125 to 161 on sm_90: one CTA per SM).
+//! Versions 1-3 read q with 4-byte loads (`[f32; 4]` is 4-aligned), 32 per lane and warp, each instruction touching
+//! 32 sectors: 2.2 M L1 sectors at 64K, 30% of the warps' time stalled on the load queue.
+//! Shared memory: `route_stage2_smem(max_cand_groups)`.
 use crate::arch::*;
-use crate::hga::route::{geometry, last_of_head, lse_finish, q_row, select_top_k};
+use crate::hga::route::{
+    geometry, hist_bin, last_of_head, ld_v4_f32, lse_finish, order_key, q_row, red_global_add, select_top_k, st_v4_u32,
+};
 use crate::moe::unroll;
-use crate::params::{RouteParams, HGA_GROUPS_PER_CHUNK, ROUTE_COUNTERS, ROUTE_STATS};
+use crate::params::{
+    RouteParams, HGA_GROUPS_PER_CHUNK, ROUTE_COUNTERS, ROUTE_HIST_BINS, ROUTE_QS2_STRIDE, ROUTE_QS_ROWS, ROUTE_STATS,
+    ROUTE_THREADS,
+};
 
 #[inline(always)]
 fn f32x2_to_f16x2(lo: f32, hi: f32) -> u32 {
@@ -66,6 +81,12 @@ fn nib2_to_f16x2(b: u32) -> u32 {
     sub_f16x2((x ^ 0x0008_0008) | 0x6400_6400, 0x6408_6408)
 }
 
+/// `prefetch.global.L2` of the line holding `p` (a hint: no result, nothing waits).
+#[inline(always)]
+unsafe fn prefetch_l2(p: *const u8) {
+    core::arch::asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
+}
+
 /// (hi, lo) f16x2 parts of the pair (x0, x1).
 #[inline(always)]
 fn split_f16(x0: f32, x1: f32) -> (u32, u32) {
@@ -75,15 +96,24 @@ fn split_f16(x0: f32, x1: f32) -> (u32, u32) {
 }
 
 /// B fragments (hi, lo) of query row `r` (zeros past `rows`) for the 8 k-steps: lane (g, t) holds dims
-/// 32t + 4s .. 32t + 4s + 3 of row `tile * 8 + g`.
+/// 32t + 4s .. 32t + 4s + 3 of row `tile * 8 + g`. `qs`: the staged rows (null: read global memory).
 #[inline(always)]
-unsafe fn q_frags(p: &RouteParams, h: usize, r: usize, rows: usize, t: usize) -> ([[u32; 2]; 8], [[u32; 2]; 8]) {
+unsafe fn q_frags(
+    p: &RouteParams,
+    h: usize,
+    r: usize,
+    rows: usize,
+    t: usize,
+    qs: *const f32,
+) -> ([[u32; 2]; 8], [[u32; 2]; 8]) {
     let mut hi = [[0u32; 2]; 8];
     let mut lo = [[0u32; 2]; 8];
     if r < rows {
-        let q = q_row(p, h, r).add(32 * t);
+        let staged = !qs.is_null();
+        let q = if staged { qs.add(r * ROUTE_QS2_STRIDE + 4 * t) } else { q_row(p, h, r).add(32 * t) };
         unroll!(s in [0, 1, 2, 3, 4, 5, 6, 7] {
-            let v = *(q.add(4 * s) as *const [f32; 4]);
+            // Global q (more than ROUTE_QS_ROWS rows): 4-byte loads, which keep the registers at 125 (see above).
+            let v = if staged { ld_v4_f32(q.add(16 * s)) } else { *(q.add(4 * s) as *const [f32; 4]) };
             let (h0, l0) = split_f16(v[0], v[1]);
             let (h1, l1) = split_f16(v[2], v[3]);
             hi[s] = [h0, h1];
@@ -135,12 +165,6 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
     let base = (p.base as *const f32).add(h * p.max_rows as usize);
     let scores = (p.group_scores as *mut f32).add(h * p.max_cand_groups as usize);
     let tiles = rows.div_ceil(8);
-    let (mut qhi, mut qlo) = q_frags(&p, h, gr, rows, t);
-    // Each lane's two base values per tile (columns 2t, 2t + 1), for the single-tile case.
-    let base_of = |c: usize| if c < rows { *base.add(c) } else { f32::NAN };
-    let (b0s, b1s) = (base_of(2 * t), base_of(2 * t + 1));
-    let l2e = core::f32::consts::LOG2_E;
-    let mut i = block_x() as usize * 8 + warp;
     let stride = p.ctas as usize * 8;
     let sc = p.sketch_scale as *const u16;
     // A group's sketch words and scales (lane (g, t): bytes 16t .. 16t + 15 of tokens g and g + 8).
@@ -154,16 +178,47 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
             f16_to_f32(*sc.add(tok + gr + 8)) * p.scale,
         )
     };
+    let mut i = block_x() as usize * 8 + warp;
+    // The first group's loads are in flight while q is staged.
     let mut cur = if i < n_cand { load(i) } else { ([0; 4], [0; 4], 0.0, 0.0) };
+    // q staged in shared memory, 16-byte piece (t, s) of a row (dims 32t + 4s ..) at slot 4s + t.
+    let qs = if rows <= ROUTE_QS_ROWS { dyn_smem_ptr::<f32>() } else { core::ptr::null_mut() };
+    if !qs.is_null() {
+        let mut j = tid;
+        while j < rows * 32 {
+            let (r, c) = (j / 32, j % 32);
+            let slot = 4 * (c % 8) + c / 8;
+            st_v4_u32(
+                qs.add(r * ROUTE_QS2_STRIDE + 4 * slot) as *mut u32,
+                ld_global_v4(q_row(&p, h, r).add(4 * c) as *const u8),
+            );
+            j += ROUTE_THREADS;
+        }
+        sync_threads();
+    }
+    let (mut qhi, mut qlo) = q_frags(&p, h, gr, rows, t, qs);
+    // Each lane's two base values per tile (columns 2t, 2t + 1), for the single-tile case.
+    let base_of = |c: usize| if c < rows { *base.add(c) } else { f32::NAN };
+    let (b0s, b1s) = (base_of(2 * t), base_of(2 * t + 1));
+    let l2e = core::f32::consts::LOG2_E;
+    let hist = (p.hist as *mut u32).add((2 * h + 1) * ROUTE_HIST_BINS);
     while i < n_cand {
-        // The next group's loads are issued before this group's arithmetic (software pipelining).
+        // The next group's loads are issued before this group's arithmetic (software pipelining); without a chunk
+        // stage (addresses known without a load) L2 is asked for the group after it.
         let nxt = if i + stride < n_cand { load(i + stride) } else { cur };
+        if p.chunk_stage == 0 && i + 2 * stride < n_cand {
+            let tok = h * p.max_tokens as usize + (first_group + i + 2 * stride) * 16;
+            prefetch_l2((p.sketch as *const u8).add(tok * 64 + 32 * lane));
+            if lane == 0 {
+                prefetch_l2(sc.add(tok) as *const u8);
+            }
+        }
         let (wa, wb, sa, sb) = cur;
         let mut best = f32::NEG_INFINITY;
         let mut tile = 0;
         while tile < tiles {
             if tiles > 1 {
-                let f = q_frags(&p, h, tile * 8 + gr, rows, t);
+                let f = q_frags(&p, h, tile * 8 + gr, rows, t, qs);
                 qhi = f.0;
                 qlo = f.1;
             }
@@ -206,6 +261,7 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
         best = fmax(best, shfl_xor_f32(best, 2));
         if lane == 0 {
             *scores.add(i) = best;
+            red_global_add(hist.add(hist_bin(order_key(best))), 1);
         }
         cur = nxt;
         i += stride;
@@ -215,11 +271,13 @@ pub unsafe extern "ptx-kernel" fn hga_route_stage2(p: RouteParams) {
     }
     let sel = (p.selected as *mut u32).add(h * p.max_groups as usize);
     let lost = if p.chunk_stage != 0 {
-        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, true, |i| {
+        select_top_k(scores, n_cand, geo.n_groups, hist, sel, p.max_groups as usize, true, |i| {
             (*kept.add(i / gpc) as usize * gpc + i % gpc) as u32
         })
     } else {
-        select_top_k(scores, n_cand, geo.n_groups, sel, p.max_groups as usize, false, |i| (first_group + i) as u32)
+        select_top_k(scores, n_cand, geo.n_groups, hist, sel, p.max_groups as usize, false, |i| {
+            (first_group + i) as u32
+        })
     };
     if tid == 0 {
         let stats = (p.stats as *mut u32).add(h * ROUTE_STATS);
