@@ -748,7 +748,8 @@ impl<'g> GpuModel<'g> {
                 out.hits += c.hits;
                 out.misses += c.misses;
                 out.h2d_bytes += c.bytes;
-                out.steps = out.steps.max(c.steps);
+                // `total` sums the KV heads' counters, each of which counts every step.
+                out.steps = out.steps.max(c.steps / self.config.num_key_value_heads as u64);
                 entries.extend(self.gpu.stream().clone_dtoh(&hl.cache.n_entries)?);
             }
         }
