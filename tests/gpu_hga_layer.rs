@@ -318,6 +318,7 @@ fn run_case(g: &Gpu, c: &Case, seed: u64) {
 #[test]
 fn gpu_hga_layer_routed_decode_matches_references() {
     let Some(g) = gpu("gpu_hga_layer routed decode") else { return };
+    let _serial = common::serial();
     // 1000: a partial chunk, and 300 steps so that chunks closed while decoding become candidates (from p = 1280)
     // and their summaries are routed on; 2077: partial chunk and group; 3000: partial chunk, a fraction budget.
     for (i, c) in [
@@ -335,6 +336,7 @@ fn gpu_hga_layer_routed_decode_matches_references() {
 #[test]
 fn gpu_hga_layer_covering_budget_is_dense() {
     let Some(g) = gpu("gpu_hga_layer covering budget") else { return };
+    let _serial = common::serial();
     for (i, t0) in [1000usize, 2077].into_iter().enumerate() {
         run_case(g, &Case { t0, steps: 24, budget: Budget::Fraction(1.0), exact: true }, 0x4c50 + i as u64);
     }
@@ -345,6 +347,7 @@ fn gpu_hga_layer_covering_budget_is_dense() {
 #[test]
 fn gpu_hga_layer_graph_replay_equals_host_launches() {
     let Some(g) = gpu("gpu_hga_layer graph replay") else { return };
+    let _serial = common::serial();
     let mut rng = StdRng::seed_from_u64(0x4c60);
     let (t0, steps) = (1500usize, 12usize);
     let dt = data(&mut rng, t0 + steps, steps);

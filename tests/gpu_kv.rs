@@ -28,6 +28,7 @@ fn seed() -> u64 {
 #[test]
 fn gpu_kv_cold_gather_into_poisoned_slots() {
     let Some(g) = gpu("gpu_kv cold gather") else { return };
+    let _serial = common::serial();
     let mut rng = StdRng::seed_from_u64(seed());
     for (n_kv, max_groups, p0, e) in [(4, 100, 4000, 64), (2, 256, 8200, 100), (3, 33, 2100, 7)] {
         let c = KvCase {
@@ -49,6 +50,7 @@ fn gpu_kv_cold_gather_into_poisoned_slots() {
 #[test]
 fn gpu_kv_random_step_sequences() {
     let Some(g) = gpu("gpu_kv random steps") else { return };
+    let _serial = common::serial();
     let mut rng = StdRng::seed_from_u64(seed() + 1);
     let n = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     for _ in 0..n {
@@ -60,6 +62,7 @@ fn gpu_kv_random_step_sequences() {
 #[test]
 fn gpu_kv_recorded_step_replays_with_the_position_on_the_device() {
     let Some(g) = gpu("gpu_kv graph replay") else { return };
+    let _serial = common::serial();
     let mut rng = StdRng::seed_from_u64(seed() + 2);
     for (p0, steps_n) in [(0, 90), (700, 120)] {
         let mut c = KvCase::random(&mut rng, true);
@@ -88,6 +91,7 @@ fn trace() -> SelectionTrace {
 #[test]
 fn gpu_kv_trace_hit_rate_equals_the_model() {
     let Some(g) = gpu("gpu_kv trace hit rate") else { return };
+    let _serial = common::serial();
     let t = trace();
     let max_sel = t.max_selected().max(1);
     let end = t.first_pos + t.steps.len() + 1;

@@ -158,6 +158,7 @@ fn pick_diff(what: &str, got: &Selections, want: &Selections) -> (usize, usize) 
 #[test]
 fn gpu_model_hga_matches_cpu_hga_on_fixture() {
     let Some(gpu) = gpu("gpu_model_hga_matches_cpu_hga_on_fixture") else { return };
+    let _serial = common::serial();
     let dir = fixture_dir();
     let ck = Checkpoint::open(&dir).unwrap();
     let v = ck.config.vocab_size;
@@ -192,6 +193,7 @@ fn gpu_model_hga_matches_cpu_hga_on_fixture() {
 #[test]
 fn gpu_model_hga_covering_budget_is_dense() {
     let Some(gpu) = gpu("gpu_model_hga_covering_budget_is_dense") else { return };
+    let _serial = common::serial();
     let dir = fixture_dir();
     let ck = Checkpoint::open(&dir).unwrap();
     let v = ck.config.vocab_size;

@@ -46,6 +46,14 @@ pub fn gpu(test: &str) -> Option<&'static Gpu> {
     g.as_ref()
 }
 
+/// Serializes the tests of one binary that use the shared GPU's stream while one of them records a CUDA graph on
+/// it: a capture in progress is invalidated (or worse, with mapped memory in flight) by another thread's launches
+/// on the same stream. Hold the guard for the whole test.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Proptest cases per property: `PROPTEST_CASES`, default 24; no failure files.
 pub fn cases() -> ProptestConfig {
     ProptestConfig {
