@@ -274,22 +274,7 @@ pub fn eval_row(
     let ds = score(&dense.logits, vocab, next);
     let nll_dense = ds.iter().map(|x| x.0).sum::<f64>() / scored as f64;
     let Some((p, f)) = policy else {
-        return Ok(EvalRow {
-            text: text.to_string(),
-            context: n,
-            policy: "dense".into(),
-            params: None,
-            scored,
-            nll: nll_dense,
-            nll_dense,
-            gap: 0.0,
-            kl: 0.0,
-            top1_agree: 1.0,
-            sparsity: 1.0,
-            mass: 1.0,
-            recall32: 1.0,
-            attn_rel_err: 0.0,
-        });
+        return Ok(EvalRow::dense(text, n, scored, nll_dense));
     };
     if f.logits.len() != dense.logits.len() {
         bail!("the HGA pass scored {} positions, dense {}", f.logits.len() / vocab, scored);

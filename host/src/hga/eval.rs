@@ -61,6 +61,28 @@ pub struct EvalRow {
     pub attn_rel_err: f64,
 }
 
+impl EvalRow {
+    /// The dense row of a window: the reference every policy's row is measured against.
+    pub fn dense(text: &str, context: usize, scored: usize, nll_dense: f64) -> Self {
+        EvalRow {
+            text: text.to_string(),
+            context,
+            policy: "dense".into(),
+            params: None,
+            scored,
+            nll: nll_dense,
+            nll_dense,
+            gap: 0.0,
+            kl: 0.0,
+            top1_agree: 1.0,
+            sparsity: 1.0,
+            mass: 1.0,
+            recall32: 1.0,
+            attn_rel_err: 0.0,
+        }
+    }
+}
+
 /// Log-softmax of one row.
 fn log_softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -105,22 +127,7 @@ pub fn eval_window(
     let dense = model.prefill(tokens, &mut model.new_cache())?;
     let ds = score(&dense, tokens, scored);
     let nll_dense = ds.iter().map(|x| x.0).sum::<f64>() / scored as f64;
-    let mut rows = vec![EvalRow {
-        text: text.to_string(),
-        context: tokens.len(),
-        policy: "dense".into(),
-        params: None,
-        scored,
-        nll: nll_dense,
-        nll_dense,
-        gap: 0.0,
-        kl: 0.0,
-        top1_agree: 1.0,
-        sparsity: 1.0,
-        mass: 1.0,
-        recall32: 1.0,
-        attn_rel_err: 0.0,
-    }];
+    let mut rows = vec![EvalRow::dense(text, tokens.len(), scored, nll_dense)];
     let mut model = model;
     for p in policies {
         let policy = Arc::new(
