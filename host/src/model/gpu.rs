@@ -150,6 +150,9 @@ pub struct HgaOptions {
     pub cache_slots: usize,
 }
 
+/// One HGA layer's last selection: (layer, `[n_kv][groups ascending]`) ([`GpuModel::hga_selections`]).
+pub type LayerSelection = (usize, Vec<Vec<u32>>);
+
 /// Counters of the HGA mode ([`GpuModel::hga_stats`]).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct HgaStats {
@@ -761,7 +764,7 @@ impl<'g> GpuModel<'g> {
 
     /// The groups the last decode step selected, per HGA layer and KV head: `(layer, [n_kv][groups ascending])`
     /// (read from the device: synchronizes).
-    pub fn hga_selections(&self) -> Result<Vec<(usize, Vec<Vec<u32>>)>, GpuModelError> {
+    pub fn hga_selections(&self) -> Result<Vec<LayerSelection>, GpuModelError> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             if let LayerKv::Hga(hl) = &layer.kv {
