@@ -11,7 +11,7 @@
 //! memory (scored x vocab f32 per window) as the reference.
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use hga::hga::eval::EvalRow;
+use hga::hga::eval::{policy_stats, score_row, EvalRow, Scored};
 use hga::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
 use hga::model::checkpoint::Checkpoint;
 use hga::model::gpu::{AttentionMode, GpuModel, GpuModelOptions, HgaOptions, HgaStats};
@@ -245,17 +245,8 @@ pub fn stats_since(base: &HgaStats, now: &HgaStats) -> HgaStats {
 }
 
 /// Per scored position: (nll of the next token, log-probabilities, argmax).
-fn score(logits: &[f32], vocab: usize, next: &[u32]) -> Vec<(f64, Vec<f64>, usize)> {
-    logits
-        .chunks(vocab)
-        .zip(next)
-        .map(|(row, &nx)| {
-            let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let lz = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            let lp: Vec<f64> = row.iter().map(|&v| v as f64 - lz).collect();
-            (-lp[nx as usize], lp, argmax(row) as usize)
-        })
-        .collect()
+fn score(logits: &[f32], vocab: usize, next: &[u32]) -> Vec<Scored> {
+    logits.chunks(vocab).zip(next).map(|(row, &nx)| score_row(row, nx)).collect()
 }
 
 /// One row of the eval table from the GPU's logits of the scored positions of `tokens` (`dense` is the dense
@@ -280,11 +271,7 @@ pub fn eval_row(
         bail!("the HGA pass scored {} positions, dense {}", f.logits.len() / vocab, scored);
     }
     let hs = score(&f.logits, vocab, next);
-    let nll = hs.iter().map(|x| x.0).sum::<f64>() / scored as f64;
-    let kl =
-        ds.iter().zip(&hs).map(|(d, h)| d.1.iter().zip(&h.1).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()).sum::<f64>()
-            / scored as f64;
-    let agree = ds.iter().zip(&hs).filter(|(d, h)| d.2 == h.2).count() as f64 / scored as f64;
+    let (nll, kl, agree) = policy_stats(&ds, &hs);
     Ok(EvalRow {
         text: text.to_string(),
         context: n,

@@ -91,21 +91,38 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|&v| v as f64 - lz).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// Index of the largest logit (the first of equals).
+pub fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
 }
 
-/// Scores `logits` against the next tokens of `tokens` at the last `scored` positions: per position
-/// (nll, log-probabilities).
-fn score(logits: &Logits, tokens: &[u32], scored: usize) -> Vec<(f64, Vec<f64>, usize)> {
+/// One scored position: (nll of the next token, log-probabilities, argmax).
+pub type Scored = (f64, Vec<f64>, usize);
+
+/// Scores one row of logits against the token that follows.
+pub fn score_row(row: &[f32], next: u32) -> Scored {
+    let lp = log_softmax(row);
+    (-lp[next as usize], lp, argmax(row))
+}
+
+/// A policy's scores against dense's at the same positions: (mean nll, mean KL(dense || policy), top-1 agreement).
+pub fn policy_stats(dense: &[Scored], policy: &[Scored]) -> (f64, f64, f64) {
+    let n = policy.len() as f64;
+    let nll = policy.iter().map(|x| x.0).sum::<f64>() / n;
+    let kl = dense
+        .iter()
+        .zip(policy)
+        .map(|(d, h)| d.1.iter().zip(&h.1).map(|(a, b)| a.exp() * (a - b)).sum::<f64>())
+        .sum::<f64>()
+        / n;
+    let agree = dense.iter().zip(policy).filter(|(d, h)| d.2 == h.2).count() as f64 / n;
+    (nll, kl, agree)
+}
+
+/// Scores `logits` against the next tokens of `tokens` at the last `scored` positions.
+fn score(logits: &Logits, tokens: &[u32], scored: usize) -> Vec<Scored> {
     let n = tokens.len();
-    (n - 1 - scored..n - 1)
-        .map(|t| {
-            let lp = log_softmax(logits.row(t));
-            let a = argmax(logits.row(t));
-            (-lp[tokens[t + 1] as usize], lp, a)
-        })
-        .collect()
+    (n - 1 - scored..n - 1).map(|t| score_row(logits.row(t), tokens[t + 1])).collect()
 }
 
 /// Evaluates `policies` (besides dense, which is always run as the reference) on one window. `model` is moved in
@@ -137,14 +154,7 @@ pub fn eval_window(
         model = model.with_attention_policy(Box::new(policy.clone()));
         let logits = model.prefill(tokens, &mut model.new_cache())?;
         let hs = score(&logits, tokens, scored);
-        let nll = hs.iter().map(|x| x.0).sum::<f64>() / scored as f64;
-        let kl = ds
-            .iter()
-            .zip(&hs)
-            .map(|(d, h)| d.1.iter().zip(&h.1).map(|(a, b)| a.exp() * (a - b)).sum::<f64>())
-            .sum::<f64>()
-            / scored as f64;
-        let agree = ds.iter().zip(&hs).filter(|(d, h)| d.2 == h.2).count() as f64 / scored as f64;
+        let (nll, kl, agree) = policy_stats(&ds, &hs);
         let d = policy.take_diagnostics().overall();
         rows.push(EvalRow {
             text: text.to_string(),
