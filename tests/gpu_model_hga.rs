@@ -77,8 +77,26 @@ fn gpu_decode(
     attention: AttentionMode,
     graphs: bool,
 ) -> (Vec<f32>, Selections) {
-    let opts = GpuModelOptions { capacity: tokens.len() + 16, max_tokens: 256, attention, host_embedding: false };
-    let mut m = GpuModel::load_with(gpu, ck, &opts, |_, _| {}).unwrap();
+    let opts = GpuModelOptions {
+        capacity: tokens.len() + 16,
+        max_tokens: 256,
+        attention,
+        host_embedding: false,
+        prefill_residual_on_host: None,
+    };
+    gpu_decode_with(gpu, ck, tokens, split, &opts, graphs)
+}
+
+/// [`gpu_decode`] with the model options given.
+fn gpu_decode_with(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    tokens: &[u32],
+    split: usize,
+    opts: &GpuModelOptions,
+    graphs: bool,
+) -> (Vec<f32>, Selections) {
+    let mut m = GpuModel::load_with(gpu, ck, opts, |_, _| {}).unwrap();
     m.set_decode_graphs(graphs);
     m.forward(&tokens[..split], false).unwrap();
     let (mut logits, mut sels) = (Vec::new(), Vec::new());
@@ -94,9 +112,10 @@ fn gpu_decode(
     }
     if let Some(st) = m.hga_stats().unwrap() {
         log(format!(
-            "  gpu hga: {} layers, hits {} misses {} ({:.1}% hits), {:.2} MB gathered, {:.0} tokens attended per \
-             (layer, KV head) in the last step, arena {:.1} MB",
+            "  gpu hga: {} layers ({} with host sketches), hits {} misses {} ({:.1}% hits), {:.2} MB gathered, {:.0} \
+             tokens attended per (layer, KV head) in the last step, arena {:.1} MB",
             st.hga_layers,
+            st.sketch_host_layers,
             st.hits,
             st.misses,
             100.0 * st.hit_rate(),
@@ -171,7 +190,7 @@ fn gpu_model_hga_matches_cpu_hga_on_fixture() {
         let (cpu_hga, cpu_sel) = cpu_decode(&ck, &tokens, ctx, Some(&params));
         log(format!("{ctx}: CPU dense + HGA decode in {:.1} s", t0.elapsed().as_secs_f64()));
         let (gpu_dense, _) = gpu_decode(gpu, &ck, &tokens, ctx, AttentionMode::Dense, true);
-        let hga = AttentionMode::Hga(HgaOptions { params: params.clone(), cache_slots: 0 });
+        let hga = AttentionMode::Hga(HgaOptions { params: params.clone(), ..Default::default() });
         let (gpu_hga, gpu_sel) = gpu_decode(gpu, &ck, &tokens, ctx, hga, true);
         let (floor, floor_top1) = compare(&format!("{ctx} gpu dense vs cpu dense (floor)"), &gpu_dense, &cpu_dense, v);
         let (rel_bound, top1_bound) = ((2.0 * floor).max(1e-2), (floor_top1 - 0.05).min(0.99));
@@ -184,6 +203,25 @@ fn gpu_model_hga_matches_cpu_hga_on_fixture() {
         // Measured on the H200 (2026-12-03): 4.6% at 4K / 25%, 5.7% at 8K / 10%, with the logits within the floor
         // bound; the kernels alone, on identical keys and queries, differ in 1 of 5304 picks (tests/gpu_hga_route.rs).
         assert!(differ * 10 <= total, "{ctx}: {differ} of {total} picks differ (more than 10%)");
+        if ctx == 4096 {
+            // The sketches and the prefill's residual stream in mapped host memory: the same kernels read the same
+            // bytes over PCIe, so the same logits and selections, bit for bit.
+            let opts = GpuModelOptions {
+                capacity: tokens.len() + 16,
+                max_tokens: 256,
+                attention: AttentionMode::Hga(HgaOptions {
+                    params: params.clone(),
+                    sketches_on_host: Some(true),
+                    ..Default::default()
+                }),
+                host_embedding: false,
+                prefill_residual_on_host: Some(true),
+            };
+            let (host_hga, host_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts, true);
+            assert!(host_hga == gpu_hga, "{ctx}: sketches + prefill residual in host memory change the logits");
+            assert!(host_sel == gpu_sel, "{ctx}: sketches + prefill residual in host memory change the selections");
+            log(format!("{ctx}: sketches and prefill residual in host memory: same logits and selections"));
+        }
     }
 }
 
@@ -202,7 +240,7 @@ fn gpu_model_hga_covering_budget_is_dense() {
     let (cpu_dense, _) = cpu_decode(&ck, &tokens, ctx, None);
     let (gpu_dense, _) = gpu_decode(gpu, &ck, &tokens, ctx, AttentionMode::Dense, true);
     let params = HgaParams { budget: Budget::Fraction(1.0), ..HgaParams::default() };
-    let hga = AttentionMode::Hga(HgaOptions { params, cache_slots: 0 });
+    let hga = AttentionMode::Hga(HgaOptions { params, ..Default::default() });
     let (gpu_hga, sel) = gpu_decode(gpu, &ck, &tokens, ctx, hga.clone(), true);
     let (floor, floor_top1) = compare("covering: gpu dense vs cpu dense (floor)", &gpu_dense, &cpu_dense, v);
     let (rel, top1) = compare("covering: gpu hga vs gpu dense", &gpu_hga, &gpu_dense, v);
@@ -245,9 +283,10 @@ fn gpu_model_hga_respects_the_memory_cap() {
         max_tokens: 256,
         attention: AttentionMode::Hga(HgaOptions {
             params: HgaParams { budget: Budget::Fraction(0.25), ..HgaParams::default() },
-            cache_slots: 0,
+            ..Default::default()
         }),
         host_embedding: false,
+        prefill_residual_on_host: None,
     };
     let base = gpu.memory().report().live;
     gpu.set_memory_limit(Some(base + (4 << 20)));
@@ -268,4 +307,58 @@ fn gpu_model_hga_respects_the_memory_cap() {
     assert!(r.peak <= cap, "peak {} over the cap {cap}", r.peak);
     drop(m);
     assert_eq!(gpu.memory().report().live, base, "the model gives back what it took");
+}
+
+/// Under a cap that holds the weights and the rest but not every layer's sketches, the load puts the sketches of
+/// the last layers in mapped host memory (and the prefill's residual stream wherever the cap refuses it), stays
+/// under the cap, and gives the logits of the uncapped model bit for bit.
+#[test]
+fn gpu_model_hga_places_sketches_under_the_cap() {
+    if gpu("gpu_model_hga_places_sketches_under_the_cap").is_none() {
+        return;
+    }
+    let own = hga::open_gpu(0).unwrap();
+    let gpu = &own;
+    let dir = fixture_dir();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let (ctx, steps) = (4096usize, 8usize);
+    let tokens = fixture_tokens(&dir, ctx + steps);
+    let params = HgaParams { budget: Budget::Fraction(0.25), ..HgaParams::default() };
+    let capacity = tokens.len() + 16;
+    let opts = GpuModelOptions {
+        capacity,
+        max_tokens: 256,
+        attention: AttentionMode::Hga(HgaOptions { params, ..Default::default() }),
+        host_embedding: true,
+        prefill_residual_on_host: None,
+    };
+    let base = gpu.memory().report().live;
+    let (free_logits, free_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts, true);
+    let free_peak = gpu.memory().report().peak - base;
+    let c = &ck.config;
+    let (nkv, nl) = (c.num_key_value_heads, c.num_hidden_layers);
+    let sketches = (nl * nkv * capacity * 66) as u64;
+    // The uncapped peak holds every sketch and the prefill; take away half of the sketches' bytes.
+    let cap = base + free_peak - sketches / 2;
+    gpu.memory().reset_peak();
+    gpu.set_memory_limit(Some(cap));
+    let mut m = GpuModel::load_with(gpu, &ck, &opts, |_, _| {}).unwrap();
+    let placed = m.hga_stats().unwrap().unwrap().sketch_host_layers;
+    log(format!(
+        "cap {:.2} MiB over the base: {placed} of {nl} layers with host sketches",
+        (cap - base) as f64 / 1048576.0
+    ));
+    assert!(placed > 0 && placed < nl, "{placed} of {nl} layers placed their sketches in host memory");
+    m.forward(&tokens[..ctx], false).unwrap();
+    let mut logits = Vec::new();
+    for &t in &tokens[ctx..] {
+        logits.extend(m.forward(&[t], false).unwrap());
+    }
+    let r = gpu.memory().report();
+    log(format!("under the cap:\n{r}"));
+    assert!(r.peak <= cap, "peak {} over the cap {cap}", r.peak);
+    assert!(logits == free_logits, "placement under the cap changed the logits");
+    let _ = free_sel;
+    drop(m);
+    gpu.set_memory_limit(None);
 }

@@ -30,7 +30,9 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
+use cudarc::driver::{
+    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, SyncOnDrop, ValidAsZeroBits,
+};
 
 /// What the device says about its memory: (used = total - free, total), in bytes. `None` when it cannot tell.
 pub type DeviceSampler = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
@@ -98,6 +100,15 @@ impl Accountant {
     /// The highest live total so far.
     pub fn peak(&self) -> u64 {
         self.lock().peak
+    }
+
+    /// Starts a new peak from what is held now (e.g. between two runs sharing one book).
+    pub fn reset_peak(&self) {
+        let mut s = self.lock();
+        s.peak = s.live;
+        s.at_peak = s.labels.clone();
+        s.peak_epoch += 1;
+        s.device_at_peak = None;
     }
 
     /// Live bytes of one label (0 if never charged).
@@ -368,6 +379,90 @@ impl<T> DevicePtrMut<T> for DeviceBuf<T> {
     }
 }
 
+/// A buffer the kernels take like a device slice, placed in HBM (booked in the accountant) or, where the GPU
+/// memory cap cannot hold it, in mapped pinned host memory (every access crosses PCIe; not booked).
+pub enum Placed<T> {
+    Device(DeviceBuf<T>),
+    Host(crate::kv::pinned::MappedSlice<T>),
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod> Placed<T> {
+    /// `n` zeroed elements in HBM under `what`, or in mapped host memory when `host` (or when the cap refuses
+    /// them and `host_if_over_cap`).
+    pub fn zeroed(
+        gpu: &crate::runtime::Gpu,
+        what: &'static str,
+        n: usize,
+        host: bool,
+        host_if_over_cap: bool,
+    ) -> Result<Self, crate::runtime::RuntimeError> {
+        if !host {
+            match gpu.alloc_zeros::<T>(what, n) {
+                Ok(b) => return Ok(Placed::Device(b)),
+                Err(crate::runtime::RuntimeError::OverCap(_)) if host_if_over_cap => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let memory = crate::kv::PinnedMemory::new(gpu.context().clone());
+        crate::kv::pinned::MappedSlice::zeroed(&memory, gpu.stream(), n)
+            .map(Placed::Host)
+            .map_err(|e| crate::runtime::RuntimeError::Shape(format!("{what} in mapped pinned host memory: {e}")))
+    }
+}
+
+impl<T> Placed<T> {
+    pub fn len(&self) -> usize {
+        DeviceSlice::len(self)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether it lives in host memory.
+    pub fn is_host(&self) -> bool {
+        matches!(self, Placed::Host(_))
+    }
+    /// Bytes held (in HBM or in host memory).
+    pub fn num_bytes(&self) -> usize {
+        match self {
+            Placed::Device(b) => b.num_bytes(),
+            Placed::Host(h) => h.len() * std::mem::size_of::<T>(),
+        }
+    }
+}
+
+impl<T> DeviceSlice<T> for Placed<T> {
+    fn len(&self) -> usize {
+        match self {
+            Placed::Device(b) => b.len(),
+            Placed::Host(h) => DeviceSlice::len(h),
+        }
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        match self {
+            Placed::Device(b) => DeviceSlice::stream(b),
+            Placed::Host(h) => DeviceSlice::stream(h),
+        }
+    }
+}
+
+impl<T> DevicePtr<T> for Placed<T> {
+    fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        match self {
+            Placed::Device(b) => b.device_ptr(stream),
+            Placed::Host(h) => h.device_ptr(stream),
+        }
+    }
+}
+
+impl<T> DevicePtrMut<T> for Placed<T> {
+    fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        match self {
+            Placed::Device(b) => b.device_ptr_mut(stream),
+            Placed::Host(h) => h.device_ptr_mut(stream),
+        }
+    }
+}
+
 /// One label of a [`MemoryReport`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LabelReport {
@@ -516,6 +611,21 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn reset_peak_starts_from_what_is_held() {
+        let a = Accountant::new(None);
+        let w = a.charge("weights", 4 * MIB).unwrap();
+        drop(a.charge("prefill", 8 * MIB).unwrap());
+        assert_eq!(a.peak(), 12 * MIB);
+        a.reset_peak();
+        assert_eq!((a.peak(), a.live()), (4 * MIB, 4 * MIB));
+        let r = a.report();
+        assert_eq!(r.labels.iter().find(|l| l.label == "prefill").map(|l| l.at_peak), Some(0));
+        let _x = a.charge("decode", MIB).unwrap();
+        assert_eq!(a.peak(), 5 * MIB);
+        drop(w);
+    }
 
     #[test]
     fn refuses_over_the_limit_and_names_everything() {

@@ -46,6 +46,26 @@ pub enum KvTierArg {
     Disk,
 }
 
+/// Where HGA's routing sketches live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SketchTier {
+    /// GPU memory while the memory cap holds them, else mapped host memory.
+    Auto,
+    Gpu,
+    Host,
+}
+
+impl SketchTier {
+    /// `HgaOptions::sketches_on_host`.
+    pub fn on_host(self) -> Option<bool> {
+        match self {
+            SketchTier::Auto => None,
+            SketchTier::Gpu => Some(false),
+            SketchTier::Host => Some(true),
+        }
+    }
+}
+
 /// Bytes of K and V per position, layer and KV head in the host arena: 128 bf16 of each.
 pub const ARENA_BYTES_PER_TOKEN_HEAD: u64 = 2 * 128 * 2;
 
@@ -98,6 +118,11 @@ pub struct GenerateArgs {
     /// HGA: routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub cache_slots: usize,
+    /// HGA: where the routing sketches live (66 bytes per position, layer and KV head: 3.3 GiB at 256K for
+    /// Qwen3-30B-A3B): auto (GPU memory unless the --gpu-memory-limit cannot hold them beside everything else, then
+    /// mapped host memory, layer by layer), gpu, or host (stage 2 then reads them over PCIe).
+    #[arg(long, value_enum, value_name = "TIER", default_value_t = SketchTier::Auto)]
+    pub sketch_tier: SketchTier,
     /// Where the K/V history lives: gpu (GPU memory; dense), host (the mapped host arena; hga) or disk (not built
     /// on the GPU path yet). Default: host for hga, gpu for dense; other combinations are refused.
     #[arg(long, value_enum, value_name = "TIER")]
@@ -279,8 +304,9 @@ fn generate(
     let options = GpuModelOptions {
         capacity,
         max_tokens: a.chunk.max(1),
-        attention: attention_mode(hga, a.cache_slots),
+        attention: attention_mode(hga, a.cache_slots, a.sketch_tier.on_host()),
         host_embedding: false,
+        prefill_residual_on_host: None,
     };
     let model = GpuModel::load_with(gpu, &ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
@@ -321,8 +347,12 @@ fn generate(
         ),
     }
     let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, v)| if *v > r[b] { i } else { b }) as u32;
-    for prompt in prompts {
+    for (i, prompt) in prompts.iter().enumerate() {
         model.reset();
+        if i > 0 {
+            // Each prompt's peak: what stays loaded plus what this prompt takes.
+            gpu.memory().reset_peak();
+        }
         let t1 = Instant::now();
         // A progress bar for prefills of more than one chunk (hidden when stderr is not a terminal).
         let pb = ProgressBar::new(prompt.len() as u64);
@@ -432,6 +462,9 @@ fn generate(
             "cache_hit_rate": stats.as_ref().map(|s| s.hit_rate()),
             "routed_tokens": stats.as_ref().map(|s| s.routed_tokens_last_step),
             "arena_bytes": arena,
+            "sketch_host_layers": stats.as_ref().map(|s| s.sketch_host_layers),
+            "prefill_history_s": stats.as_ref().map(|s| s.prefill_history_s),
+            "prefill_residual_on_host": stats.as_ref().map(|s| s.prefill_residual_on_host),
         });
         if a.profile_step && model.len() < model.capacity() {
             let (p, _) = model.profile_decode_step(next)?;

@@ -128,11 +128,12 @@ pub fn check_params(p: &HgaParams) -> anyhow::Result<()> {
     p.validate().map_err(|e| anyhow::anyhow!("HGA parameters: {e}"))
 }
 
-/// The attention mode of `params` (`None`: dense).
-pub fn attention_mode(params: Option<&HgaParams>, cache_slots: usize) -> AttentionMode {
+/// The attention mode of `params` (`None`: dense), with the HGA layers' cache slots and sketch placement (`None`:
+/// decided under the GPU memory cap).
+pub fn attention_mode(params: Option<&HgaParams>, cache_slots: usize, sketches_on_host: Option<bool>) -> AttentionMode {
     match params {
         None => AttentionMode::Dense,
-        Some(p) => AttentionMode::Hga(HgaOptions { params: p.clone(), cache_slots }),
+        Some(p) => AttentionMode::Hga(HgaOptions { params: p.clone(), cache_slots, sketches_on_host }),
     }
 }
 
@@ -168,8 +169,9 @@ pub fn load<'g>(
     let options = GpuModelOptions {
         capacity,
         max_tokens: max_tokens.max(1),
-        attention: attention_mode(params, cache_slots),
+        attention: attention_mode(params, cache_slots, None),
         host_embedding: false,
+        prefill_residual_on_host: None,
     };
     let model = GpuModel::load_with(gpu, ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
@@ -241,6 +243,9 @@ pub fn stats_since(base: &HgaStats, now: &HgaStats) -> HgaStats {
         steps: now.steps.saturating_sub(base.steps),
         routed_tokens_last_step: now.routed_tokens_last_step,
         arena_bytes: now.arena_bytes,
+        sketch_host_layers: now.sketch_host_layers,
+        prefill_history_s: now.prefill_history_s,
+        prefill_residual_on_host: now.prefill_residual_on_host,
     }
 }
 
@@ -295,14 +300,19 @@ pub fn eval_row(
 pub fn stats_line(s: &HgaStats) -> String {
     format!(
         "GPU cache hit rate {:.1}% ({} hits, {} misses), {} gathered from the host arena per decode step ({} steps), \
-         {:.0} tokens attended per (layer, KV head) in the last step, arena {}",
+         {:.0} tokens attended per (layer, KV head) in the last step, arena {}; sketches in host memory in {} of {} \
+         layers; prefill: hand-off to the tiers {:.2} s GPU, residual stream in {} memory",
         100.0 * s.hit_rate(),
         s.hits,
         s.misses,
         hga::memory::human(s.h2d_bytes.checked_div(s.steps).unwrap_or(0)),
         s.steps,
         s.routed_tokens_last_step,
-        hga::memory::human(s.arena_bytes as u64)
+        hga::memory::human(s.arena_bytes as u64),
+        s.sketch_host_layers,
+        s.hga_layers,
+        s.prefill_history_s,
+        if s.prefill_residual_on_host { "host" } else { "GPU" }
     )
 }
 
@@ -315,6 +325,9 @@ pub fn add_stats(acc: &mut HgaStats, s: &HgaStats) {
     acc.steps += s.steps;
     acc.routed_tokens_last_step = s.routed_tokens_last_step;
     acc.arena_bytes = s.arena_bytes;
+    acc.sketch_host_layers = s.sketch_host_layers;
+    acc.prefill_history_s += s.prefill_history_s;
+    acc.prefill_residual_on_host |= s.prefill_residual_on_host;
 }
 
 /// `hga eval --backend cuda`: dense, then each HGA parameter set, over every window; the rows of the CPU backend.

@@ -70,6 +70,9 @@ pub struct HgaLayerConfig {
     /// CLOCK reference counts on a hit and on a fill (see `kv::gpu_cache`).
     pub ref_hit: u32,
     pub ref_fill: u32,
+    /// Keep the routing sketches (66 bytes per token and KV head: 64 of int4, a f16 scale) in mapped pinned host
+    /// memory instead of HBM: stage 2 then reads the shortlisted chunks' sketches over PCIe.
+    pub sketches_on_host: bool,
 }
 
 impl HgaLayerConfig {
@@ -81,7 +84,17 @@ impl HgaLayerConfig {
     /// The routing of `params` (checked when the layer is built), a cache of twice the selection and CLOCK
     /// counts (2, 1).
     pub fn with_params(layer: usize, n_heads: usize, n_kv_heads: usize, max_ctx: usize, params: HgaParams) -> Self {
-        HgaLayerConfig { layer, n_heads, n_kv_heads, max_ctx, params, cache_slots: 0, ref_hit: 2, ref_fill: 1 }
+        HgaLayerConfig {
+            layer,
+            n_heads,
+            n_kv_heads,
+            max_ctx,
+            params,
+            cache_slots: 0,
+            ref_hit: 2,
+            ref_fill: 1,
+            sketches_on_host: false,
+        }
     }
 
     /// The routing shape: `params` for one query token, the selection width `max_groups` sized by the budget at
@@ -133,7 +146,8 @@ pub struct HgaLayer {
     /// The last step's selection, u32 [n_kv][max_groups] (absolute groups ascending, u32::MAX padding).
     pub selected: DeviceBuf<u32>,
     pub cache: GpuCache,
-    aws: DecodeWorkspace,
+    /// The routed attention's split partials (`None`: the caller passes one to [`HgaLayer::attend_in`]).
+    aws: Option<DecodeWorkspace>,
     /// u64 [n_kv][table_len]: group -> address of its block in the sink slots or the window ring.
     key_table: DeviceBuf<u64>,
     table_len: usize,
@@ -146,6 +160,21 @@ impl HgaLayer {
     /// Allocates the layer's summaries, routing workspace, selection, cache and attention workspace. `arena` is
     /// the table every layer shares (checked against this layer's index and heads, and its reach).
     pub fn new(gpu: &Gpu, cfg: &HgaLayerConfig, arena: &ArenaTable) -> Result<Self, RuntimeError> {
+        let mut l = Self::new_sharing_workspace(gpu, cfg, arena)?;
+        l.aws = Some(Self::attention_workspace(gpu, cfg.n_heads)?);
+        Ok(l)
+    }
+
+    /// The routed attention's workspace of a layer of `n_heads` query heads (one query token, 256 splits: `n_heads
+    /// x 256 x (128 + 1)` f32, 4.2 MB at 32 heads). Layers that run one after the other on one stream can share
+    /// one ([`HgaLayer::new_sharing_workspace`], [`HgaLayer::attend_in`]).
+    pub fn attention_workspace(gpu: &Gpu, n_heads: usize) -> Result<DecodeWorkspace, RuntimeError> {
+        DecodeWorkspace::new(gpu, 1, n_heads, 256)
+    }
+
+    /// [`HgaLayer::new`] without an attention workspace of its own: the caller passes one to every
+    /// [`HgaLayer::attend_in`] (a model's layers share one instead of holding 48).
+    pub fn new_sharing_workspace(gpu: &Gpu, cfg: &HgaLayerConfig, arena: &ArenaTable) -> Result<Self, RuntimeError> {
         let d = HGA_HEAD_DIM;
         if cfg.max_ctx == 0 || cfg.n_kv_heads == 0 {
             return Err(RuntimeError::Shape("hga layer: max_ctx and n_kv_heads must be positive".into()));
@@ -168,7 +197,7 @@ impl HgaLayer {
             )));
         }
         let s = gpu.stream();
-        let sums = RouteSummaries::new(gpu, cfg.n_kv_heads, cfg.max_ctx)?;
+        let sums = RouteSummaries::new_placed(gpu, cfg.n_kv_heads, cfg.max_ctx, cfg.sketches_on_host)?;
         let ws = RouteWorkspace::new(gpu, &route)?;
         let selected = gpu.alloc_zeros::<u32>(HGA_LAYER, cfg.n_kv_heads * route.max_groups)?;
         let cache = GpuCache::new(gpu, cc)?;
@@ -179,8 +208,6 @@ impl HgaLayer {
             n_slots: cc.n_slots(),
             max_entries: cc.max_entries(),
         };
-        // One query token (the layer is decode-only): n_heads x 256 splits x (128 + 1) f32.
-        let aws = DecodeWorkspace::new(gpu, 1, cfg.n_heads, 256)?;
         let table_len = cfg.max_ctx.div_ceil(HGA_GROUP);
         let base = cache.slots.device_ptr(s).0;
         let sph = cc.slots_per_head();
@@ -194,7 +221,20 @@ impl HgaLayer {
         let key_table = gpu.upload(HGA_LAYER, &t)?;
         let q32 = gpu.alloc_zeros::<f32>(HGA_LAYER, cfg.n_heads * d)?;
         let count = gpu.alloc_zeros::<u32>(HGA_LAYER, 1)?;
-        Ok(HgaLayer { cfg: cfg.clone(), route, attn, sums, ws, selected, cache, aws, key_table, table_len, q32, count })
+        Ok(HgaLayer {
+            cfg: cfg.clone(),
+            route,
+            attn,
+            sums,
+            ws,
+            selected,
+            cache,
+            aws: None,
+            key_table,
+            table_len,
+            q32,
+            count,
+        })
     }
 
     pub fn config(&self) -> &HgaLayerConfig {
@@ -252,6 +292,44 @@ impl HgaLayer {
         lse: &mut impl DevicePtrMut<f32>,
         arena: &ArenaTable,
     ) -> Result<(), RuntimeError> {
+        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, None)
+    }
+
+    /// [`HgaLayer::attend`] with the caller's attention workspace (from [`HgaLayer::attention_workspace`]; it may
+    /// be shared by layers that run one after the other on the stream).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_in(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        q: &impl DevicePtr<bf16>,
+        q_f32: Option<&CudaSlice<f32>>,
+        out: &mut impl DevicePtrMut<bf16>,
+        lse: &mut impl DevicePtrMut<f32>,
+        arena: &ArenaTable,
+        workspace: &mut DecodeWorkspace,
+    ) -> Result<(), RuntimeError> {
+        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, Some(workspace))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend_impl(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        q: &impl DevicePtr<bf16>,
+        q_f32: Option<&CudaSlice<f32>>,
+        out: &mut impl DevicePtrMut<bf16>,
+        lse: &mut impl DevicePtrMut<f32>,
+        arena: &ArenaTable,
+        workspace: Option<&mut DecodeWorkspace>,
+    ) -> Result<(), RuntimeError> {
+        let aws = match workspace {
+            Some(w) => w,
+            None => self.aws.as_mut().ok_or_else(|| {
+                RuntimeError::Shape("hga layer built without a workspace: call attend_in with one".into())
+            })?,
+        };
         let n = self.cfg.n_heads * HGA_HEAD_DIM;
         if q.len() != n {
             return Err(RuntimeError::Shape(format!("hga layer q: {} elements, expected {n}", q.len())));
@@ -266,19 +344,7 @@ impl HgaLayer {
         hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)?;
         hga_kv_gather(gpu, &mut self.cache, pos, arena)?;
         let c = &self.cache;
-        hga_attend_decode(
-            gpu,
-            q,
-            &c.slots,
-            &c.entry_slot,
-            &c.entry_pos,
-            &c.n_entries,
-            pos,
-            &mut self.aws,
-            out,
-            lse,
-            &self.attn,
-        )?;
+        hga_attend_decode(gpu, q, &c.slots, &c.entry_slot, &c.entry_pos, &c.n_entries, pos, aws, out, lse, &self.attn)?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 //! chunk that the last key closed, if any).
 use super::{check_len, dim_u32, dptr, dptr_mut, launch};
 use crate::hga::{Budget, GqaMode, GroupScore, HgaParams, Selector, SummaryMode};
-use crate::memory::DeviceBuf;
+use crate::memory::{DeviceBuf, Placed};
 use crate::runtime::{Gpu, RuntimeError};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use gpu_kernels::params::{
@@ -194,12 +194,13 @@ pub const ROUTE_WORKSPACE: &str = "routing workspace";
 
 /// The summaries of one layer (formats of gpu_kernels::params::hga): chunk min/max bf16 [n_kv][max_chunks][128],
 /// sketches u8 [n_kv][max_tokens][64] and their f16 scales (as u16 bits) [n_kv][max_tokens]. Booked as
-/// [`ROUTE_SUMMARIES`].
+/// [`ROUTE_SUMMARIES`]. The sketches (64 of the 74 bytes per token and KV head) may live in mapped host memory
+/// ([`RouteSummaries::new_placed`]): the kernels then read and write them over PCIe.
 pub struct RouteSummaries {
     pub chunk_min: DeviceBuf<bf16>,
     pub chunk_max: DeviceBuf<bf16>,
-    pub sketch: DeviceBuf<u8>,
-    pub scale: DeviceBuf<u16>,
+    pub sketch: Placed<u8>,
+    pub scale: Placed<u16>,
     pub n_kv_heads: usize,
     pub max_tokens: usize,
 }
@@ -207,13 +208,25 @@ pub struct RouteSummaries {
 impl RouteSummaries {
     /// Zeroed summaries for contexts of up to `max_tokens` (rounded down to whole chunks for the min/max).
     pub fn new(gpu: &Gpu, n_kv_heads: usize, max_tokens: usize) -> Result<Self, RuntimeError> {
+        Self::new_placed(gpu, n_kv_heads, max_tokens, false)
+    }
+
+    /// [`RouteSummaries::new`] with the sketches and their scales in mapped pinned host memory when
+    /// `sketches_on_host`.
+    pub fn new_placed(
+        gpu: &Gpu,
+        n_kv_heads: usize,
+        max_tokens: usize,
+        sketches_on_host: bool,
+    ) -> Result<Self, RuntimeError> {
         let l = ROUTE_SUMMARIES;
         let mc = (max_tokens / HGA_CHUNK).max(1);
+        let n = n_kv_heads * max_tokens.max(1);
         Ok(RouteSummaries {
             chunk_min: gpu.alloc_zeros(l, n_kv_heads * mc * HGA_HEAD_DIM)?,
             chunk_max: gpu.alloc_zeros(l, n_kv_heads * mc * HGA_HEAD_DIM)?,
-            sketch: gpu.alloc_zeros(l, n_kv_heads * max_tokens.max(1) * HGA_HEAD_DIM / 2)?,
-            scale: gpu.alloc_zeros(l, n_kv_heads * max_tokens.max(1))?,
+            sketch: Placed::zeroed(gpu, l, n * HGA_HEAD_DIM / 2, sketches_on_host, false)?,
+            scale: Placed::zeroed(gpu, l, n, sketches_on_host, false)?,
             n_kv_heads,
             max_tokens: max_tokens.max(1),
         })

@@ -86,9 +86,11 @@ pub fn device_table(extents: &[Extent]) -> Option<Vec<u64>> {
     extents.iter().map(|e| e.device_ptr()).collect()
 }
 
-/// A read-only array of `T` in mapped pinned host memory that the kernels take wherever they take a device slice
-/// (`DevicePtr`): e.g. the embedding table under a GPU memory cap, read one row per token over PCIe instead of
-/// holding 0.6 GB of HBM. Nothing on the device tracks it: the host writes it once, before any launch reads it.
+/// An array of `T` in mapped pinned host memory that the kernels take wherever they take a device slice
+/// (`DevicePtr`, `DevicePtrMut`): every access crosses PCIe. E.g. the embedding table under a GPU memory cap, read
+/// one row per token instead of holding 0.6 GB of HBM ([`MappedSlice::upload`], written once by the host before any
+/// launch reads it), or a buffer the kernels write and read ([`MappedSlice::zeroed`]: stream ordered like device
+/// memory; the host reads it only through stream-ordered copies).
 pub struct MappedSlice<T> {
     extent: Extent,
     len: usize,
@@ -111,6 +113,24 @@ impl<T: bytemuck::Pod> MappedSlice<T> {
         }
         Ok(MappedSlice { extent, len: data.len(), stream: stream.clone(), _t: std::marker::PhantomData })
     }
+
+    /// `len` zeroed elements in a new extent of `memory`.
+    pub fn zeroed(
+        memory: &PinnedMemory,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        len: usize,
+    ) -> std::io::Result<Self> {
+        let extent = memory.alloc(len * std::mem::size_of::<T>())?;
+        if extent.device_ptr().is_none() {
+            return Err(std::io::Error::other("mapped pinned memory without a device address"));
+        }
+        Ok(MappedSlice { extent, len, stream: stream.clone(), _t: std::marker::PhantomData })
+    }
+
+    /// Bytes of host memory held.
+    pub fn num_bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
 }
 
 impl<T> cudarc::driver::DeviceSlice<T> for MappedSlice<T> {
@@ -127,7 +147,16 @@ impl<T> cudarc::driver::DevicePtr<T> for MappedSlice<T> {
         &'a self,
         _stream: &'a cudarc::driver::CudaStream,
     ) -> (sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
-        // Written once by the host before any launch: no device-side ordering to record.
+        // Stream ordered like the context's device memory (event tracking is off): nothing to record.
+        (self.extent.device_ptr().unwrap_or(0), cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}
+
+impl<T> cudarc::driver::DevicePtrMut<T> for MappedSlice<T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a cudarc::driver::CudaStream,
+    ) -> (sys::CUdeviceptr, cudarc::driver::SyncOnDrop<'a>) {
         (self.extent.device_ptr().unwrap_or(0), cudarc::driver::SyncOnDrop::Sync(None))
     }
 }

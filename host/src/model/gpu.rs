@@ -43,7 +43,7 @@
 //! config leaves unquantized (`modules_to_not_convert`) is refused, naming the tensor: every q/k/v/o and expert
 //! projection here is a block-FP8 GEMM.
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaGraph, CudaView, CudaViewMut};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
 use crate::hga::gpu_layer::{HgaLayer, HgaLayerConfig};
@@ -58,12 +58,13 @@ use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
 use crate::kv::pinned::MappedSlice;
 use crate::kv::{ArenaLayout, ArenaTable, Extent, ExtentMemory, PinnedMemory};
-use crate::memory::DeviceBuf;
+use crate::memory::{DeviceBuf, Placed};
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
 use crate::model::error::ModelError;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
+use gpu_kernels::params::HGA_HEAD_DIM;
 
 /// Labels of the model's device memory (the accountant of [`Gpu::memory`]).
 pub const ATTENTION_WEIGHTS: &str = "attention weights";
@@ -117,7 +118,6 @@ struct Layer {
     q_norm: DeviceBuf<bf16>,
     k_norm: DeviceBuf<bf16>,
     mlp: Mlp,
-    kv: LayerKv,
 }
 
 /// Where a layer keeps its K/V and how it attends.
@@ -148,6 +148,9 @@ pub struct HgaOptions {
     pub params: HgaParams,
     /// Routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
     pub cache_slots: usize,
+    /// Where the routing sketches live: `None` decides per layer (HBM unless a GPU memory cap cannot hold them,
+    /// see [`GpuModel::load_with`]), `Some(true)` mapped host memory for every layer, `Some(false)` HBM.
+    pub sketches_on_host: Option<bool>,
 }
 
 /// One HGA layer's last selection: (layer, `[n_kv][groups ascending]`) ([`GpuModel::hga_selections`]).
@@ -169,6 +172,12 @@ pub struct HgaStats {
     pub routed_tokens_last_step: f64,
     /// Host bytes of the arena (mapped pinned memory).
     pub arena_bytes: usize,
+    /// HGA layers whose routing sketches live in mapped host memory (the rest: in HBM).
+    pub sketch_host_layers: usize,
+    /// The last layer-major prefill: GPU seconds of the layers' hand-off of the prompt's K/V to their tiers
+    /// (arena, summaries, sink and window), and whether its residual stream was in mapped host memory.
+    pub prefill_history_s: f64,
+    pub prefill_residual_on_host: bool,
 }
 
 impl HgaStats {
@@ -195,6 +204,10 @@ pub struct GpuModelOptions {
     /// instead of HBM. Always so when the GPU has a memory limit ([`Gpu::set_memory_limit`]): what need not be on
     /// the GPU stays off it.
     pub host_embedding: bool,
+    /// Where the layer-major prefill keeps the prompt's residual stream (2 x tokens x hidden bf16: 1 GiB at 128K):
+    /// `None` in HBM unless the GPU memory cap refuses it, then in mapped host memory; `Some(true)` always in host
+    /// memory; `Some(false)` always in HBM.
+    pub prefill_residual_on_host: Option<bool>,
 }
 
 /// Groups per (layer, KV head) in one extent of the HGA arena: 4096 tokens per extent (403 MB at Qwen3-30B-A3B,
@@ -214,6 +227,10 @@ struct HgaState {
     v_new: DeviceBuf<bf16>,
     /// During a layer-major prefill: one layer's K/V over the prompt.
     prefill: Option<PrefillKv>,
+    /// The last layer-major prefill: GPU seconds of the layers' hand-off to their tiers (`prefill_history`), and
+    /// whether its residual stream was in host memory.
+    prefill_history_s: f64,
+    prefill_residual_on_host: bool,
 }
 
 /// One layer's K and V over a prompt of `len` tokens, `[n_kv][len][128]`: what the layer-major prefill's exact
@@ -260,6 +277,8 @@ pub struct GpuModel<'g> {
     norm: DeviceBuf<bf16>,
     lm_head: DeviceBuf<bf16>,
     layers: Vec<Layer>,
+    /// Per layer: where its K/V lives and how it attends.
+    kv: Vec<LayerKv>,
     scratch: Scratch,
     capacity: usize,
     len: usize,
@@ -274,6 +293,8 @@ pub struct GpuModel<'g> {
     graphs_pdl: bool,
     /// The HGA mode's arena and staging buffers (`None`: dense).
     hga: Option<HgaState>,
+    /// [`GpuModelOptions::prefill_residual_on_host`].
+    prefill_residual_on_host: Option<bool>,
 }
 
 /// How a chunk's attention finds its start position.
@@ -439,6 +460,54 @@ fn fp8_linear_stacked(gpu: &Gpu, ck: &Checkpoint, names: &[impl AsRef<str>]) -> 
     })
 }
 
+/// Each layer's K/V state: a dense GPU cache of `capacity` positions, or (HGA, from layer `dense_layers` on) an
+/// [`HgaLayer`] sharing the model's attention workspace. Under a GPU memory cap the routing sketches (66 bytes per
+/// token and KV head) of the HGA layers stay in HBM while HBM holds them beside everything else the model needs
+/// (the other layers' state and the prefill's K/V of one layer at `capacity`, `PREFILL_KV`), and go to mapped host
+/// memory otherwise, layer by layer from the last (`HgaOptions::sketches_on_host` forces one placement).
+fn build_kv(
+    gpu: &Gpu,
+    c: &Qwen3MoeConfig,
+    capacity: usize,
+    hga: Option<&HgaState>,
+) -> Result<Vec<LayerKv>, GpuModelError> {
+    let (nh, nkv, nl) = (c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers);
+    let dense = |gpu: &Gpu| -> Result<LayerKv, GpuModelError> {
+        Ok(LayerKv::Dense {
+            k_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
+            v_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
+        })
+    };
+    let Some(st) = hga else { return (0..nl).map(|_| dense(gpu)).collect() };
+    let first_hga = st.options.params.dense_layers.min(nl);
+    let mut out: Vec<LayerKv> = (0..first_hga).map(|_| dense(gpu)).collect::<Result<_, _>>()?;
+    let mem = gpu.memory();
+    let sketch_bytes = (nkv * capacity * (HGA_HEAD_DIM / 2 + 2)) as u64;
+    let prefill_reserve = (2 * nkv * capacity * HGA_HEAD_DIM * 2) as u64;
+    // Bytes of one HGA layer without its sketches: measured on the first.
+    let mut other: Option<u64> = None;
+    for l in first_hga..nl {
+        let later = (nl - 1 - l) as u64;
+        let on_host = match (st.options.sketches_on_host, mem.limit()) {
+            (Some(forced), _) => forced,
+            (None, None) => false,
+            (None, Some(limit)) => {
+                let o = other.unwrap_or(0);
+                mem.live() + sketch_bytes + o + later * o + prefill_reserve > limit
+            }
+        };
+        let mut cfg = HgaLayerConfig::with_params(l, nh, nkv, capacity, st.options.params.clone());
+        cfg.cache_slots = st.options.cache_slots;
+        cfg.sketches_on_host = on_host;
+        let before = mem.live();
+        out.push(LayerKv::Hga(Box::new(HgaLayer::new_sharing_workspace(gpu, &cfg, &st.arena)?)));
+        if other.is_none() {
+            other = Some((mem.live() - before).saturating_sub(if on_host { 0 } else { sketch_bytes }));
+        }
+    }
+    Ok(out)
+}
+
 impl<'g> GpuModel<'g> {
     /// Uploads the checkpoint (`progress(done, total)` is called per layer) and allocates a K/V cache of
     /// `capacity` positions and scratch for up to `max_tokens` tokens per call.
@@ -449,7 +518,13 @@ impl<'g> GpuModel<'g> {
         max_tokens: usize,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self, GpuModelError> {
-        let options = GpuModelOptions { capacity, max_tokens, attention: AttentionMode::Dense, host_embedding: false };
+        let options = GpuModelOptions {
+            capacity,
+            max_tokens,
+            attention: AttentionMode::Dense,
+            host_embedding: false,
+            prefill_residual_on_host: None,
+        };
         Self::load_with(gpu, ck, &options, progress)
     }
 
@@ -470,7 +545,7 @@ impl<'g> GpuModel<'g> {
             AttentionMode::Dense => None,
             AttentionMode::Hga(o) => Some(o.clone()),
         };
-        let mut hga = match &hga_opts {
+        let hga = match &hga_opts {
             None => None,
             Some(o) => {
                 o.params.validate().map_err(|e| GpuModelError::Input(format!("hga parameters: {e}")))?;
@@ -489,6 +564,8 @@ impl<'g> GpuModel<'g> {
                     k_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
                     v_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
                     prefill: None,
+                    prefill_history_s: 0.0,
+                    prefill_residual_on_host: false,
                 })
             }
         };
@@ -532,20 +609,8 @@ impl<'g> GpuModel<'g> {
                 q_norm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: bf16_tensor(gpu, NORMS, ck, &format!("{p}.self_attn.k_norm.weight"))?,
                 mlp,
-                kv: match &mut hga {
-                    Some(st) if l >= st.options.params.dense_layers => {
-                        let mut cfg = HgaLayerConfig::with_params(l, nh, nkv, capacity, st.options.params.clone());
-                        cfg.cache_slots = st.options.cache_slots;
-                        LayerKv::Hga(Box::new(HgaLayer::new(gpu, &cfg, &st.arena)?))
-                    }
-                    _ => LayerKv::Dense {
-                        k_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
-                        v_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
-                    },
-                },
             });
         }
-        progress(c.num_hidden_layers, c.num_hidden_layers);
         let lm_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let t = max_tokens;
         let z16 = |n: usize| gpu.alloc_zeros::<bf16>(ACTIVATIONS, n);
@@ -571,19 +636,27 @@ impl<'g> GpuModel<'g> {
                 .map(|d| MoeWorkspace::new(gpu, d, t, t > MOE_DECODE_MAX_TOKENS))
                 .collect::<Result<_, _>>()?,
         };
+        let embed = if options.host_embedding || gpu.memory().limit().is_some() {
+            let table = bf16_host(ck, "model.embed_tokens.weight")?;
+            Embedding::Host(
+                MappedSlice::upload(&PinnedMemory::new(gpu.context().clone()), gpu.stream(), &table)
+                    .map_err(|e| GpuModelError::Input(format!("the embedding table in mapped host memory: {e}")))?,
+            )
+        } else {
+            Embedding::Device(bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?)
+        };
+        let norm = bf16_tensor(gpu, NORMS, ck, "model.norm.weight")?;
+        let lm_head = bf16_tensor(gpu, LM_HEAD, ck, lm_name)?;
+        // The K/V state last, once every weight is in: under a cap, the HGA layers' sketches go to host memory
+        // where HBM cannot hold them beside the rest (see `build_kv`).
+        let kv = build_kv(gpu, &c, capacity, hga.as_ref())?;
+        progress(c.num_hidden_layers, c.num_hidden_layers);
         Ok(GpuModel {
             gpu,
-            embed: if options.host_embedding || gpu.memory().limit().is_some() {
-                let table = bf16_host(ck, "model.embed_tokens.weight")?;
-                Embedding::Host(
-                    MappedSlice::upload(&PinnedMemory::new(gpu.context().clone()), gpu.stream(), &table)
-                        .map_err(|e| GpuModelError::Input(format!("the embedding table in mapped host memory: {e}")))?,
-                )
-            } else {
-                Embedding::Device(bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?)
-            },
-            norm: bf16_tensor(gpu, NORMS, ck, "model.norm.weight")?,
-            lm_head: bf16_tensor(gpu, LM_HEAD, ck, lm_name)?,
+            embed,
+            norm,
+            lm_head,
+            kv,
             config: c,
             layers,
             scratch,
@@ -594,6 +667,7 @@ impl<'g> GpuModel<'g> {
             graphs: Vec::new(),
             graphs_pdl: gpu.pdl_enabled(),
             hga,
+            prefill_residual_on_host: options.prefill_residual_on_host,
         })
     }
 
@@ -675,8 +749,8 @@ impl<'g> GpuModel<'g> {
             // After a prompt (or for a one-token prompt): decode steps, each routed. A sequence that starts here
             // empties the layers' GPU caches first (a prefill does so itself).
             if self.len == 0 {
-                for layer in &mut self.layers {
-                    if let LayerKv::Hga(hl) = &mut layer.kv {
+                for kv in &mut self.kv {
+                    if let LayerKv::Hga(hl) = kv {
                         hl.cache.reset(self.gpu)?;
                     }
                 }
@@ -742,12 +816,18 @@ impl<'g> GpuModel<'g> {
     /// head) (read from the device: synchronizes).
     pub fn hga_stats(&self) -> Result<Option<HgaStats>, GpuModelError> {
         let Some(st) = self.hga.as_ref() else { return Ok(None) };
-        let mut out = HgaStats { arena_bytes: st.extents.len() * st.arena.layout.extent_bytes(), ..Default::default() };
+        let mut out = HgaStats {
+            arena_bytes: st.extents.len() * st.arena.layout.extent_bytes(),
+            prefill_history_s: st.prefill_history_s,
+            prefill_residual_on_host: st.prefill_residual_on_host,
+            ..Default::default()
+        };
         let mut entries = Vec::new();
-        for layer in &self.layers {
-            if let LayerKv::Hga(hl) = &layer.kv {
+        for kv in &self.kv {
+            if let LayerKv::Hga(hl) = kv {
                 let c = hl.cache_totals();
                 out.hga_layers += 1;
+                out.sketch_host_layers += usize::from(hl.summaries().sketch.is_host());
                 out.hits += c.hits;
                 out.misses += c.misses;
                 out.h2d_bytes += c.bytes;
@@ -766,8 +846,8 @@ impl<'g> GpuModel<'g> {
     /// (read from the device: synchronizes).
     pub fn hga_selections(&self) -> Result<Vec<LayerSelection>, GpuModelError> {
         let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            if let LayerKv::Hga(hl) = &layer.kv {
+        for (l, kv) in self.kv.iter().enumerate() {
+            if let LayerKv::Hga(hl) = kv {
                 let sel = self.gpu.stream().clone_dtoh(&hl.selected)?;
                 let per = sel.len() / self.config.num_key_value_heads;
                 out.push((
@@ -793,6 +873,20 @@ impl<'g> GpuModel<'g> {
         &mut self,
         tokens: &[u32],
         all_logits: bool,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<f32>, GpuModelError> {
+        let r = self.prefill_layer_major_in(tokens, all_logits, progress);
+        // The prompt's K/V of one layer is freed whatever happened.
+        if let Some(st) = self.hga.as_mut() {
+            st.prefill = None;
+        }
+        r
+    }
+
+    fn prefill_layer_major_in(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<f32>, GpuModelError> {
         let gpu = self.gpu;
@@ -800,62 +894,64 @@ impl<'g> GpuModel<'g> {
         let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
         let c = &self.config;
         let (h, v, nkv, nl) = (c.hidden_size, c.vocab_size, c.num_key_value_heads, c.num_hidden_layers);
-        let mut h_all = gpu.alloc_zeros::<bf16>(PREFILL_RESIDUAL, n * h)?;
-        let mut mlp_all = gpu.alloc_zeros::<bf16>(PREFILL_RESIDUAL, n * h)?;
         if let Some(st) = self.hga.as_mut() {
             let kv = |_| gpu.alloc_zeros::<bf16>(PREFILL_KV, nkv * n * 128);
             let (k, v) = (kv(0)?, kv(1)?);
             st.prefill = Some(PrefillKv { k, v, len: n });
         }
+        // The prompt's residual stream and pending MLP output: in HBM when the cap holds them, else in mapped host
+        // memory; each chunk is copied in and out of the scratch per layer either way.
+        let host = self.prefill_residual_on_host;
+        let h_all = Placed::<bf16>::zeroed(gpu, PREFILL_RESIDUAL, n * h, host == Some(true), host.is_none())?;
+        let mlp_all = Placed::<bf16>::zeroed(gpu, PREFILL_RESIDUAL, n * h, host == Some(true), host.is_none())?;
+        let (ph, pm) = (h_all.device_ptr(&s).0, mlp_all.device_ptr(&s).0);
+        let row = (h * 2) as u64;
         let chunks: Vec<(usize, usize)> = (0..n).step_by(chunk).map(|s0| (s0, (n - s0).min(chunk))).collect();
         for &(s0, t) in &chunks {
             s.memcpy_htod(&tokens[s0..s0 + t], &mut self.scratch.ids.slice_mut(0..t))?;
-            embed_rows(
-                gpu,
-                &self.embed,
-                &self.scratch.ids.slice(0..t),
-                t,
-                &mut h_all.slice_mut(s0 * h..(s0 + t) * h),
-                v,
-                h,
-            )?;
+            let sc = &mut self.scratch;
+            embed_rows(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[0].slice_mut(0..t * h), v, h)?;
+            copy_async(gpu, ph + s0 as u64 * row, addr(&s, &*sc.h[0]), t as u64 * row)?;
         }
-        let result = (|| -> Result<(), GpuModelError> {
+        // Events around each layer's hand-off to its tiers (`prefill_history`): their GPU time is reported.
+        let mut history = Vec::with_capacity(nl);
+        {
             for l in 0..nl {
                 for &(s0, t) in &chunks {
                     let pos: Vec<u32> = (s0..s0 + t).map(|p| p as u32).collect();
                     let sc = &mut self.scratch;
                     s.memcpy_htod(&pos, &mut sc.positions.slice_mut(0..t))?;
-                    s.memcpy_dtod(&h_all.slice(s0 * h..(s0 + t) * h), &mut sc.h[0].slice_mut(0..t * h))?;
+                    let (off, bytes) = (s0 as u64 * row, t as u64 * row);
+                    copy_async(gpu, addr(&s, &*sc.h[0]), ph + off, bytes)?;
                     if l > 0 {
-                        s.memcpy_dtod(&mlp_all.slice(s0 * h..(s0 + t) * h), &mut sc.mlp_out.slice_mut(0..t * h))?;
+                        copy_async(gpu, addr(&s, &*sc.mlp_out), pm + off, bytes)?;
                     }
                     let cur = self.enqueue_layer(l, t, StartAt::Host(s0), 0, &mut Marks::Off)?;
-                    let sc = &mut self.scratch;
-                    s.memcpy_dtod(&sc.h[cur].slice(0..t * h), &mut h_all.slice_mut(s0 * h..(s0 + t) * h))?;
-                    s.memcpy_dtod(&sc.mlp_out.slice(0..t * h), &mut mlp_all.slice_mut(s0 * h..(s0 + t) * h))?;
+                    let sc = &self.scratch;
+                    copy_async(gpu, ph + off, addr(&s, &*sc.h[cur]), bytes)?;
+                    copy_async(gpu, pm + off, addr(&s, &*sc.mlp_out), bytes)?;
                 }
-                if let (LayerKv::Hga(hl), Some(st)) = (&mut self.layers[l].kv, self.hga.as_mut()) {
+                if let (LayerKv::Hga(hl), Some(st)) = (&mut self.kv[l], self.hga.as_mut()) {
                     let p = st.prefill.as_ref().expect("the prefill's K/V were allocated above");
+                    let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+                    let (e0, e1) = (ev()?, ev()?);
+                    e0.record(&s)?;
                     hl.prefill_history_strided(gpu, &p.k, &p.v, n, (n * 128, 128), &st.arena)?;
+                    e1.record(&s)?;
+                    history.push((e0, e1));
                 }
                 progress(((l + 1) * n) / nl, n);
             }
-            Ok(())
-        })();
-        if let Some(st) = self.hga.as_mut() {
-            st.prefill = None;
         }
-        result?;
         // The final norm and lm_head of the rows asked for.
         let mut out = Vec::with_capacity(if all_logits { n * v } else { v });
         for &(s0, t) in &chunks {
             if !all_logits && s0 + t < n {
                 continue;
             }
-            let sc = &mut self.scratch;
-            s.memcpy_dtod(&h_all.slice(s0 * h..(s0 + t) * h), &mut sc.h[0].slice_mut(0..t * h))?;
-            s.memcpy_dtod(&mlp_all.slice(s0 * h..(s0 + t) * h), &mut sc.mlp_out.slice_mut(0..t * h))?;
+            let (sc, off, bytes) = (&self.scratch, s0 as u64 * row, t as u64 * row);
+            copy_async(gpu, addr(&s, &*sc.h[0]), ph + off, bytes)?;
+            copy_async(gpu, addr(&s, &*sc.mlp_out), pm + off, bytes)?;
             self.enqueue_final_norm(t, 0, &mut Marks::Off)?;
             let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
             for r in rows.chunks(LM_HEAD_MAX_M) {
@@ -865,6 +961,14 @@ impl<'g> GpuModel<'g> {
         }
         self.len = n;
         gpu.synchronize()?;
+        let mut history_ms = 0.0;
+        for (e0, e1) in &history {
+            history_ms += e0.elapsed_ms(e1)? as f64;
+        }
+        if let Some(st) = self.hga.as_mut() {
+            st.prefill_history_s = history_ms * 1e-3;
+            st.prefill_residual_on_host = h_all.is_host() || mlp_all.is_host();
+        }
         Ok(out)
     }
 
@@ -1105,7 +1209,7 @@ impl<'g> GpuModel<'g> {
         };
         let eps = c.rms_norm_eps as f32;
         let sc = &mut self.scratch;
-        let layer = &mut self.layers[l];
+        let layer = &self.layers[l];
         // 1. input norm (+ the previous MLP output into the residual) -> FP8.
         if l == 0 {
             hga_rmsnorm_fp8_quant(
@@ -1147,7 +1251,7 @@ impl<'g> GpuModel<'g> {
             Prefill(&'a mut PrefillKv),
         }
         let no_hga = || RuntimeError::Shape("an HGA layer without the model's HGA state".into());
-        let mut kv = match (&mut layer.kv, at) {
+        let mut kv = match (&mut self.kv[l], at) {
             (LayerKv::Dense { k_cache, v_cache }, _) => Kv::Dense(k_cache, v_cache, self.capacity),
             (LayerKv::Hga(hl), StartAt::DeviceUpTo(_)) => Kv::Decode(hl, self.hga.as_mut().ok_or_else(no_hga)?),
             (LayerKv::Hga(_), StartAt::Host(_)) => Kv::Prefill(
@@ -1233,7 +1337,8 @@ impl<'g> GpuModel<'g> {
             Kv::Decode(hl, st) => {
                 hl.append(gpu, &st.pos, &st.k_new, &st.v_new, &st.arena)?;
                 marks.mark(gpu, "hga append + summary")?;
-                hl.attend(
+                // The model's decode workspace (256 splits of every query head) serves every layer in turn.
+                hl.attend_in(
                     gpu,
                     &st.pos,
                     &sc.qr.slice(0..qw),
@@ -1241,6 +1346,7 @@ impl<'g> GpuModel<'g> {
                     &mut sc.attn.slice_mut(0..qw),
                     &mut sc.lse.slice_mut(0..nh),
                     &st.arena,
+                    &mut sc.decode,
                 )?;
                 marks.mark(gpu, "hga route + gather + attend")?;
                 quant(sc)?;
@@ -1307,6 +1413,21 @@ fn embed_rows(
         Embedding::Device(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
         Embedding::Host(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
     }
+}
+
+/// The device address of a buffer (device memory or mapped host memory).
+fn addr<T>(s: &cudarc::driver::CudaStream, b: &impl DevicePtr<T>) -> u64 {
+    // The context's event tracking is off: the guard records nothing.
+    b.device_ptr(s).0
+}
+
+/// `bytes` from `src` to `dst` on the model's stream, unified addresses (HBM or mapped host memory either side).
+fn copy_async(gpu: &Gpu, dst: u64, src: u64, bytes: u64) -> Result<(), RuntimeError> {
+    gpu.context().bind_to_thread()?;
+    // SAFETY: the callers pass ranges inside live buffers of this context (scratch rows, the prefill's residual
+    // stream), ordered on the stream like every kernel that touches them.
+    unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, bytes as usize, gpu.stream().cu_stream()) }.result()?;
+    Ok(())
 }
 
 /// (the buffer holding the residual, the other one).
