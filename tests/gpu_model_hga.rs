@@ -83,6 +83,7 @@ fn gpu_decode(
         attention,
         host_embedding: false,
         prefill_residual_on_host: None,
+        dense_kv_on_host: false,
     };
     gpu_decode_with(gpu, ck, tokens, split, &opts, graphs)
 }
@@ -216,6 +217,7 @@ fn gpu_model_hga_matches_cpu_hga_on_fixture() {
                 }),
                 host_embedding: false,
                 prefill_residual_on_host: Some(true),
+                dense_kv_on_host: false,
             };
             let (host_hga, host_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts, true);
             assert!(host_hga == gpu_hga, "{ctx}: sketches + prefill residual in host memory change the logits");
@@ -287,6 +289,7 @@ fn gpu_model_hga_respects_the_memory_cap() {
         }),
         host_embedding: false,
         prefill_residual_on_host: None,
+        dense_kv_on_host: false,
     };
     let base = gpu.memory().report().live;
     gpu.set_memory_limit(Some(base + (4 << 20)));
@@ -331,6 +334,7 @@ fn gpu_model_hga_places_sketches_under_the_cap() {
         attention: AttentionMode::Hga(HgaOptions { params, ..Default::default() }),
         host_embedding: true,
         prefill_residual_on_host: None,
+        dense_kv_on_host: false,
     };
     let base = gpu.memory().report().live;
     let (free_logits, free_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts, true);
@@ -361,4 +365,29 @@ fn gpu_model_hga_places_sketches_under_the_cap() {
     let _ = free_sel;
     drop(m);
     gpu.set_memory_limit(None);
+}
+
+/// Dense attention with every layer's K/V cache in mapped host memory (the anchor of the host tier): the prompt
+/// prefilled layer-major, the decode kernels reading and writing the mapped cache; the same kernels on the same
+/// values as the GPU dense mode, so the same logits bit for bit.
+#[test]
+fn gpu_model_dense_kv_in_host_memory_is_dense() {
+    let Some(gpu) = gpu("gpu_model_dense_kv_in_host_memory_is_dense") else { return };
+    let _serial = common::serial();
+    let dir = fixture_dir();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let (ctx, steps) = (1500usize, 12usize);
+    let tokens = fixture_tokens(&dir, ctx + steps);
+    let (on_gpu, _) = gpu_decode(gpu, &ck, &tokens, ctx, AttentionMode::Dense, true);
+    let opts = GpuModelOptions {
+        capacity: tokens.len() + 16,
+        max_tokens: 256,
+        attention: AttentionMode::Dense,
+        host_embedding: false,
+        prefill_residual_on_host: None,
+        dense_kv_on_host: true,
+    };
+    let (on_host, _) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts, true);
+    assert!(on_host == on_gpu, "dense with its K/V in host memory differs from dense on the GPU");
+    log(format!("dense, K/V in host memory: {} decode logits identical to the GPU cache's", on_host.len()));
 }

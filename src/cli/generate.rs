@@ -40,7 +40,8 @@ pub enum Attention {
 pub enum KvTierArg {
     /// GPU memory (dense attention).
     Gpu,
-    /// Mapped pinned host memory, read by the GPU over PCIe (HGA).
+    /// Mapped pinned host memory, read by the GPU over PCIe (HGA's arena; for dense, its whole K/V cache: the
+    /// anchor of what dense costs when the K/V must leave the GPU).
     Host,
     /// Page files in --kv-dir behind a host cache (not built on the GPU path yet).
     Disk,
@@ -74,7 +75,7 @@ pub const ARENA_BYTES_PER_TOKEN_HEAD: u64 = 2 * 128 * 2;
 #[command(
     group(clap::ArgGroup::new("input").required(true).args(["prompt_file", "text", "tokens", "synthetic_prompt"])),
     after_help = "Defaults: --attention hga --budget 0.03 --kv-tier host (hga) / gpu (dense), no GPU memory limit.\n\
-What is built: --attention hga --kv-tier host, --attention dense --kv-tier gpu. The disk tier is not built on the\n\
+What is built: --attention hga --kv-tier host, --attention dense --kv-tier gpu|host. The disk tier is not built on the\n\
 GPU path yet.\n\n\
 Examples:\n  \
 hga generate --model DIR --text 'def fibonacci(n):' --max-tokens 64\n  \
@@ -182,19 +183,12 @@ pub struct GenerateArgs {
 /// The attention mode and K/V tier of the arguments, checked: dense runs with the GPU tier, HGA with the host
 /// tier; anything else is refused with what is built. `None`: dense; else HGA's parameters.
 pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
-    let tier = a.kv_tier.unwrap_or(match a.attention {
-        Attention::Hga => KvTierArg::Host,
-        Attention::Dense => KvTierArg::Gpu,
-    });
-    const BUILT: &str = "built on the GPU path: --attention hga --kv-tier host, --attention dense --kv-tier gpu";
+    let tier = kv_tier(a);
+    const BUILT: &str = "built on the GPU path: --attention hga --kv-tier host, --attention dense --kv-tier gpu|host";
     match (a.attention, tier) {
         (_, KvTierArg::Disk) => bail!(
             "--kv-tier disk is not built on the GPU path yet (the disk tier exists on the CPU forward: hga eval \
              --kv-tier disk --kv-dir DIR); {BUILT}"
-        ),
-        (Attention::Dense, KvTierArg::Host) => bail!(
-            "--attention dense --kv-tier host: dense attention keeps its K/V in GPU memory (--kv-tier gpu, its \
-             default); the host tier is HGA's (--attention hga); {BUILT}"
         ),
         (Attention::Hga, KvTierArg::Gpu) => bail!(
             "--attention hga --kv-tier gpu: HGA keeps the K/V history in the host arena (--kv-tier host, its \
@@ -205,10 +199,10 @@ pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
     if a.kv_dir.is_some() {
         bail!("--kv-dir is the disk tier's directory (--kv-tier disk), which is not built on the GPU path yet");
     }
-    if a.attention == Attention::Dense && a.host_kv_limit.is_some() {
+    if tier == KvTierArg::Gpu && a.host_kv_limit.is_some() {
         bail!(
-            "--host-kv-limit caps the host tier (--attention hga); dense keeps its K/V in GPU memory: cap that with \
-             --gpu-memory-limit"
+            "--host-kv-limit caps the host tier (--kv-tier host); --kv-tier gpu keeps the K/V in GPU memory: cap \
+             that with --gpu-memory-limit"
         );
     }
     match a.attention {
@@ -224,6 +218,14 @@ pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
             Ok(Some(p))
         }
     }
+}
+
+/// The K/V tier of the arguments: --kv-tier, else host for hga and gpu for dense.
+pub fn kv_tier(a: &GenerateArgs) -> KvTierArg {
+    a.kv_tier.unwrap_or(match a.attention {
+        Attention::Hga => KvTierArg::Host,
+        Attention::Dense => KvTierArg::Gpu,
+    })
 }
 
 /// Host bytes of the arena for `positions`: positions x layers x KV heads x [`ARENA_BYTES_PER_TOKEN_HEAD`].
@@ -307,6 +309,7 @@ fn generate(
         attention: attention_mode(hga, a.cache_slots, a.sketch_tier.on_host()),
         host_embedding: false,
         prefill_residual_on_host: None,
+        dense_kv_on_host: kv_tier(a) == KvTierArg::Host,
     };
     let model = GpuModel::load_with(gpu, &ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
@@ -452,7 +455,7 @@ fn generate(
             "gpu_memory_gb": (total - free) as f64 / 1e9,
             "device": gpu.device_name(),
             "attention": model.attention_name(),
-            "kv_tier": if hga.is_some() { "host" } else { "gpu" },
+            "kv_tier": if kv_tier(a) == KvTierArg::Host { "host" } else { "gpu" },
             "budget": hga.map(|p| p.budget),
             "capacity": model.capacity(),
             "gpu_memory_peak_bytes": mem.peak,

@@ -172,6 +172,7 @@ pub fn load<'g>(
         attention: attention_mode(params, cache_slots, None),
         host_embedding: false,
         prefill_residual_on_host: None,
+        dense_kv_on_host: false,
     };
     let model = GpuModel::load_with(gpu, ckpt, &options, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();

@@ -122,8 +122,9 @@ struct Layer {
 
 /// Where a layer keeps its K/V and how it attends.
 enum LayerKv {
-    /// `[n_kv][capacity][128]` on the GPU, exact attention.
-    Dense { k_cache: DeviceBuf<bf16>, v_cache: DeviceBuf<bf16> },
+    /// `[n_kv][capacity][128]` on the GPU (or in mapped host memory: `GpuModelOptions::dense_kv_on_host`), exact
+    /// attention.
+    Dense { k_cache: Placed<bf16>, v_cache: Placed<bf16> },
     /// The history in the host arena, routed attention (the layer's summaries, GPU cache and window).
     Hga(Box<HgaLayer>),
 }
@@ -208,6 +209,10 @@ pub struct GpuModelOptions {
     /// `None` in HBM unless the GPU memory cap refuses it, then in mapped host memory; `Some(true)` always in host
     /// memory; `Some(false)` always in HBM.
     pub prefill_residual_on_host: Option<bool>,
+    /// Dense layers keep their K/V cache (`capacity` positions) in mapped pinned host memory instead of HBM, read
+    /// and written by the same kernels over PCIe: what dense attention costs when the K/V must leave the GPU (the
+    /// anchor of HGA's host tier). Prompts are then prefilled layer-major, like HGA's.
+    pub dense_kv_on_host: bool,
 }
 
 /// Groups per (layer, KV head) in one extent of the HGA arena: 4096 tokens per extent (403 MB at Qwen3-30B-A3B,
@@ -225,8 +230,6 @@ struct HgaState {
     /// bf16 [n_kv][1][128]: the decode token's K and V as the rope kernel stages them (`cache_by_token`).
     k_new: DeviceBuf<bf16>,
     v_new: DeviceBuf<bf16>,
-    /// During a layer-major prefill: one layer's K/V over the prompt.
-    prefill: Option<PrefillKv>,
     /// The last layer-major prefill: GPU seconds of the layers' hand-off to their tiers (`prefill_history`), and
     /// whether its residual stream was in host memory.
     prefill_history_s: f64,
@@ -295,6 +298,10 @@ pub struct GpuModel<'g> {
     hga: Option<HgaState>,
     /// [`GpuModelOptions::prefill_residual_on_host`].
     prefill_residual_on_host: Option<bool>,
+    /// Whether the dense layers' K/V caches are in mapped host memory ([`GpuModelOptions::dense_kv_on_host`]).
+    dense_kv_on_host: bool,
+    /// During a layer-major prefill: one layer's K/V over the prompt.
+    prefill: Option<PrefillKv>,
 }
 
 /// How a chunk's attention finds its start position.
@@ -470,13 +477,12 @@ fn build_kv(
     c: &Qwen3MoeConfig,
     capacity: usize,
     hga: Option<&HgaState>,
+    dense_on_host: bool,
 ) -> Result<Vec<LayerKv>, GpuModelError> {
     let (nh, nkv, nl) = (c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers);
     let dense = |gpu: &Gpu| -> Result<LayerKv, GpuModelError> {
-        Ok(LayerKv::Dense {
-            k_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
-            v_cache: gpu.alloc_zeros::<bf16>(DENSE_KV, nkv * capacity * 128)?,
-        })
+        let cache = || Placed::<bf16>::zeroed(gpu, DENSE_KV, nkv * capacity * 128, dense_on_host, false);
+        Ok(LayerKv::Dense { k_cache: cache()?, v_cache: cache()? })
     };
     let Some(st) = hga else { return (0..nl).map(|_| dense(gpu)).collect() };
     let first_hga = st.options.params.dense_layers.min(nl);
@@ -524,6 +530,7 @@ impl<'g> GpuModel<'g> {
             attention: AttentionMode::Dense,
             host_embedding: false,
             prefill_residual_on_host: None,
+            dense_kv_on_host: false,
         };
         Self::load_with(gpu, ck, &options, progress)
     }
@@ -563,7 +570,6 @@ impl<'g> GpuModel<'g> {
                     pos: gpu.alloc_zeros::<u32>(ACTIVATIONS, 1)?,
                     k_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
                     v_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
-                    prefill: None,
                     prefill_history_s: 0.0,
                     prefill_residual_on_host: false,
                 })
@@ -649,7 +655,7 @@ impl<'g> GpuModel<'g> {
         let lm_head = bf16_tensor(gpu, LM_HEAD, ck, lm_name)?;
         // The K/V state last, once every weight is in: under a cap, the HGA layers' sketches go to host memory
         // where HBM cannot hold them beside the rest (see `build_kv`).
-        let kv = build_kv(gpu, &c, capacity, hga.as_ref())?;
+        let kv = build_kv(gpu, &c, capacity, hga.as_ref(), options.dense_kv_on_host)?;
         progress(c.num_hidden_layers, c.num_hidden_layers);
         Ok(GpuModel {
             gpu,
@@ -668,6 +674,8 @@ impl<'g> GpuModel<'g> {
             graphs_pdl: gpu.pdl_enabled(),
             hga,
             prefill_residual_on_host: options.prefill_residual_on_host,
+            dense_kv_on_host: options.dense_kv_on_host,
+            prefill: None,
         })
     }
 
@@ -737,7 +745,7 @@ impl<'g> GpuModel<'g> {
                 self.capacity
             )));
         }
-        if self.hga.is_some() {
+        if self.hga.is_some() || self.dense_kv_on_host {
             self.ensure_arena(self.len + tokens.len())?;
             let v = self.config.vocab_size;
             if let Some((i, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= v) {
@@ -746,8 +754,9 @@ impl<'g> GpuModel<'g> {
             if self.len == 0 && tokens.len() > 1 {
                 return self.prefill_layer_major(tokens, all_logits, progress);
             }
-            // After a prompt (or for a one-token prompt): decode steps, each routed. A sequence that starts here
-            // empties the layers' GPU caches first (a prefill does so itself).
+            // After a prompt (or for a one-token prompt): decode steps (HGA: each routed; a dense cache in host
+            // memory: each over the mapped cache). A sequence that starts here empties the layers' GPU caches first
+            // (a prefill does so itself).
             if self.len == 0 {
                 for kv in &mut self.kv {
                     if let LayerKv::Hga(hl) = kv {
@@ -877,9 +886,7 @@ impl<'g> GpuModel<'g> {
     ) -> Result<Vec<f32>, GpuModelError> {
         let r = self.prefill_layer_major_in(tokens, all_logits, progress);
         // The prompt's K/V of one layer is freed whatever happened.
-        if let Some(st) = self.hga.as_mut() {
-            st.prefill = None;
-        }
+        self.prefill = None;
         r
     }
 
@@ -894,11 +901,12 @@ impl<'g> GpuModel<'g> {
         let (n, chunk) = (tokens.len(), self.scratch.max_tokens);
         let c = &self.config;
         let (h, v, nkv, nl) = (c.hidden_size, c.vocab_size, c.num_key_value_heads, c.num_hidden_layers);
-        if let Some(st) = self.hga.as_mut() {
-            let kv = |_| gpu.alloc_zeros::<bf16>(PREFILL_KV, nkv * n * 128);
-            let (k, v) = (kv(0)?, kv(1)?);
-            st.prefill = Some(PrefillKv { k, v, len: n });
+        if let Some((i, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            return Err(GpuModelError::Input(format!("token {i} is {id}, not below the vocabulary size {v}")));
         }
+        let kv = |_| gpu.alloc_zeros::<bf16>(PREFILL_KV, nkv * n * 128);
+        let (k, v_) = (kv(0)?, kv(1)?);
+        self.prefill = Some(PrefillKv { k, v: v_, len: n });
         // The prompt's residual stream and pending MLP output: in HBM when the cap holds them, else in mapped host
         // memory; each chunk is copied in and out of the scratch per layer either way.
         let host = self.prefill_residual_on_host;
@@ -931,15 +939,29 @@ impl<'g> GpuModel<'g> {
                     copy_async(gpu, ph + off, addr(&s, &*sc.h[cur]), bytes)?;
                     copy_async(gpu, pm + off, addr(&s, &*sc.mlp_out), bytes)?;
                 }
-                if let (LayerKv::Hga(hl), Some(st)) = (&mut self.kv[l], self.hga.as_mut()) {
-                    let p = st.prefill.as_ref().expect("the prefill's K/V were allocated above");
-                    let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-                    let (e0, e1) = (ev()?, ev()?);
-                    e0.record(&s)?;
-                    hl.prefill_history_strided(gpu, &p.k, &p.v, n, (n * 128, 128), &st.arena)?;
-                    e1.record(&s)?;
-                    history.push((e0, e1));
+                let p = self.prefill.as_ref().expect("the prefill's K/V were allocated above");
+                let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+                let (e0, e1) = (ev()?, ev()?);
+                e0.record(&s)?;
+                match (&mut self.kv[l], self.hga.as_mut()) {
+                    (LayerKv::Hga(hl), Some(st)) => {
+                        hl.prefill_history_strided(gpu, &p.k, &p.v, n, (n * 128, 128), &st.arena)?;
+                    }
+                    // A dense cache in host memory: the prompt's rows of each KV head, one copy each.
+                    (LayerKv::Dense { k_cache, v_cache }, _) if k_cache.is_host() => {
+                        let (cap, head) = (self.capacity as u64, (n * 128 * 2) as u64);
+                        for (dst, src) in
+                            [(addr(&s, &*k_cache), addr(&s, &*p.k)), (addr(&s, &*v_cache), addr(&s, &*p.v))]
+                        {
+                            for kh in 0..nkv as u64 {
+                                copy_async(gpu, dst + kh * cap * 256, src + kh * head, head)?;
+                            }
+                        }
+                    }
+                    _ => {}
                 }
+                e1.record(&s)?;
+                history.push((e0, e1));
                 progress(((l + 1) * n) / nl, n);
             }
         }
@@ -1246,25 +1268,25 @@ impl<'g> GpuModel<'g> {
         marks.mark(gpu, "q/k/v FP8 linear (stacked)")?;
         // 3. q/k norm + RoPE, K/V into the layer's cache, the HGA staging buffer or the prefill's K/V.
         enum Kv<'a> {
-            Dense(&'a mut DeviceBuf<bf16>, &'a mut DeviceBuf<bf16>, usize),
+            Dense(&'a mut Placed<bf16>, &'a mut Placed<bf16>, usize),
             Decode(&'a mut HgaLayer, &'a mut HgaState),
             Prefill(&'a mut PrefillKv),
         }
         let no_hga = || RuntimeError::Shape("an HGA layer without the model's HGA state".into());
+        let no_prefill = || RuntimeError::Shape("a chunk of an off-GPU K/V layer outside a layer-major prefill".into());
         let mut kv = match (&mut self.kv[l], at) {
+            // A dense cache in host memory: the layer-major prefill's K/V on the GPU, copied there after the layer.
+            (LayerKv::Dense { k_cache, .. }, StartAt::Host(_)) if k_cache.is_host() => {
+                Kv::Prefill(self.prefill.as_mut().ok_or_else(no_prefill)?)
+            }
             (LayerKv::Dense { k_cache, v_cache }, _) => Kv::Dense(k_cache, v_cache, self.capacity),
             (LayerKv::Hga(hl), StartAt::DeviceUpTo(_)) => Kv::Decode(hl, self.hga.as_mut().ok_or_else(no_hga)?),
-            (LayerKv::Hga(_), StartAt::Host(_)) => Kv::Prefill(
-                self.hga
-                    .as_mut()
-                    .and_then(|st| st.prefill.as_mut())
-                    .ok_or_else(|| RuntimeError::Shape("an HGA layer's chunk outside a layer-major prefill".into()))?,
-            ),
+            (LayerKv::Hga(_), StartAt::Host(_)) => Kv::Prefill(self.prefill.as_mut().ok_or_else(no_prefill)?),
         };
-        let (k_dst, v_dst, capacity, by_token) = match &mut kv {
-            Kv::Dense(k, v, cap) => (&mut **k, &mut **v, *cap, false),
-            Kv::Decode(_, st) => (&mut st.k_new, &mut st.v_new, 1, true),
-            Kv::Prefill(p) => (&mut p.k, &mut p.v, p.len, false),
+        let (capacity, by_token) = match &kv {
+            Kv::Dense(_, _, cap) => (*cap, false),
+            Kv::Decode(..) => (1, true),
+            Kv::Prefill(p) => (p.len, false),
         };
         let rs = QkNormRopeShape {
             tokens: t,
@@ -1278,19 +1300,12 @@ impl<'g> GpuModel<'g> {
             eps,
             theta: c.rope_theta,
         };
-        hga_qk_norm_rope(
-            gpu,
-            &sc.qkv.slice(0..t * qkvw),
-            &sc.qkv.slice(qw..t * qkvw),
-            &sc.qkv.slice(qw + kw..t * qkvw),
-            &sc.positions.slice(0..t),
-            &layer.q_norm,
-            &layer.k_norm,
-            &mut sc.qr.slice_mut(0..t * qw),
-            k_dst,
-            v_dst,
-            &rs,
-        )?;
+        let w = (qw, kw, qkvw);
+        match &mut kv {
+            Kv::Dense(k, v, _) => rope_into(gpu, sc, layer, w, &mut **k, &mut **v, &rs)?,
+            Kv::Decode(_, st) => rope_into(gpu, sc, layer, w, &mut *st.k_new, &mut *st.v_new, &rs)?,
+            Kv::Prefill(p) => rope_into(gpu, sc, layer, w, &mut *p.k, &mut *p.v, &rs)?,
+        }
         marks.mark(gpu, "q/k norm + RoPE + cache write")?;
         // 4. attention; 5. its FP8 quantization (fused into the dense decode merge for one token), o_proj.
         let ashape = AttentionShape { tokens: t, n_heads: nh, n_kv_heads: nkv, capacity, start };
@@ -1413,6 +1428,33 @@ fn embed_rows(
         Embedding::Device(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
         Embedding::Host(t) => hga_embed_gather_dev(gpu, t, ids, rows, out, vocab, hidden),
     }
+}
+
+/// Step 3 of a layer: q/k norm + RoPE of the `rs.tokens` rows of `sc.qkv` (widths `(q, k, q + 2k)`), q into
+/// `sc.qr`, K and V into `k` and `v` as `rs` lays them out.
+fn rope_into(
+    gpu: &Gpu,
+    sc: &mut Scratch,
+    layer: &Layer,
+    (qw, kw, qkvw): (usize, usize, usize),
+    k: &mut impl cudarc::driver::DevicePtrMut<bf16>,
+    v: &mut impl cudarc::driver::DevicePtrMut<bf16>,
+    rs: &QkNormRopeShape,
+) -> Result<(), RuntimeError> {
+    let t = rs.tokens;
+    hga_qk_norm_rope(
+        gpu,
+        &sc.qkv.slice(0..t * qkvw),
+        &sc.qkv.slice(qw..t * qkvw),
+        &sc.qkv.slice(qw + kw..t * qkvw),
+        &sc.positions.slice(0..t),
+        &layer.q_norm,
+        &layer.k_norm,
+        &mut sc.qr.slice_mut(0..t * qw),
+        k,
+        v,
+        rs,
+    )
 }
 
 /// The device address of a buffer (device memory or mapped host memory).
