@@ -468,6 +468,7 @@ fn generate(
             "sketch_host_layers": stats.as_ref().map(|s| s.sketch_host_layers),
             "prefill_history_s": stats.as_ref().map(|s| s.prefill_history_s),
             "prefill_residual_on_host": stats.as_ref().map(|s| s.prefill_residual_on_host),
+            "arena_alloc_s": stats.as_ref().map(|s| s.arena_alloc_s),
         });
         if a.profile_step && model.len() < model.capacity() {
             let (p, _) = model.profile_decode_step(next)?;

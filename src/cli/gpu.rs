@@ -133,7 +133,9 @@ pub fn check_params(p: &HgaParams) -> anyhow::Result<()> {
 pub fn attention_mode(params: Option<&HgaParams>, cache_slots: usize, sketches_on_host: Option<bool>) -> AttentionMode {
     match params {
         None => AttentionMode::Dense,
-        Some(p) => AttentionMode::Hga(HgaOptions { params: p.clone(), cache_slots, sketches_on_host }),
+        Some(p) => {
+            AttentionMode::Hga(HgaOptions { params: p.clone(), cache_slots, sketches_on_host, arena_at_load: true })
+        }
     }
 }
 
@@ -247,6 +249,7 @@ pub fn stats_since(base: &HgaStats, now: &HgaStats) -> HgaStats {
         sketch_host_layers: now.sketch_host_layers,
         prefill_history_s: now.prefill_history_s,
         prefill_residual_on_host: now.prefill_residual_on_host,
+        arena_alloc_s: now.arena_alloc_s,
     }
 }
 
@@ -302,7 +305,8 @@ pub fn stats_line(s: &HgaStats) -> String {
     format!(
         "GPU cache hit rate {:.1}% ({} hits, {} misses), {} gathered from the host arena per decode step ({} steps), \
          {:.0} tokens attended per (layer, KV head) in the last step, arena {}; sketches in host memory in {} of {} \
-         layers; prefill: hand-off to the tiers {:.2} s GPU, residual stream in {} memory",
+         layers; prefill: hand-off to the tiers {:.2} s GPU, residual stream in {} memory; arena pinned in {:.2} s \
+         so far",
         100.0 * s.hit_rate(),
         s.hits,
         s.misses,
@@ -313,7 +317,8 @@ pub fn stats_line(s: &HgaStats) -> String {
         s.sketch_host_layers,
         s.hga_layers,
         s.prefill_history_s,
-        if s.prefill_residual_on_host { "host" } else { "GPU" }
+        if s.prefill_residual_on_host { "host" } else { "GPU" },
+        s.arena_alloc_s
     )
 }
 
@@ -329,6 +334,7 @@ pub fn add_stats(acc: &mut HgaStats, s: &HgaStats) {
     acc.sketch_host_layers = s.sketch_host_layers;
     acc.prefill_history_s += s.prefill_history_s;
     acc.prefill_residual_on_host |= s.prefill_residual_on_host;
+    acc.arena_alloc_s = s.arena_alloc_s;
 }
 
 /// `hga eval --backend cuda`: dense, then each HGA parameter set, over every window; the rows of the CPU backend.
