@@ -167,6 +167,10 @@ pub struct GenerateArgs {
     /// floor of the step (weights + K/V over the copy bandwidth measured in the same run) and the gap to it.
     #[arg(long)]
     pub profile_step: bool,
+    /// Profile the prefill of each prompt (layer-major: HGA, or dense with --kv-tier host): GPU time per kind of
+    /// work summed over layers and chunks (events between the parts keep PDL from overlapping them).
+    #[arg(long)]
+    pub profile_prefill: bool,
     /// Also print each prompt's figures (and the profile) as one JSON line on stdout: timings, attention, the GPU
     /// memory peak / device used at the peak / limit, and for hga the bytes gathered per token, the cache hit rate,
     /// the tokens routed in the last step and the arena's bytes (null for dense).
@@ -326,6 +330,7 @@ fn generate(
     })?;
     drop(ckpt);
     model.set_decode_graphs(!a.no_graphs);
+    model.set_profile_prefill(a.profile_prefill);
     let (free, total) = gpu.context().mem_get_info()?;
     eprintln!(
         "{} on {} ({}, PDL {}): loaded in {:.1}s; GPU memory used {:.2} GB of {:.2} GB",
@@ -372,6 +377,18 @@ fn generate(
         let logits = model.forward_with_progress(prompt, false, |done, _| pb.set_position(done as u64))?;
         pb.finish_and_clear();
         let ttft = t1.elapsed();
+        let prefill_parts = model.prefill_profile().to_vec();
+        if a.profile_prefill {
+            let total: f64 = prefill_parts.iter().map(|p| p.2).sum();
+            eprintln!(
+                "prefill profile ({} tokens; GPU time per kind of work, summed over layers and chunks):",
+                prompt.len()
+            );
+            for (what, n, ms) in &prefill_parts {
+                eprintln!("  {what:<48} {n:>7} x  {:>10.1} ms  {:>5.1}%", ms, 100.0 * ms / total.max(1e-9));
+            }
+            eprintln!("  {:<48} {:>7}    {:>10.1} ms", "sum", "", total);
+        }
         // The HGA counters start over with each sequence; from here they count the decode steps.
         let base = model.hga_stats()?;
         let mut next = argmax(&logits);
@@ -469,6 +486,7 @@ fn generate(
             "prefill_history_s": stats.as_ref().map(|s| s.prefill_history_s),
             "prefill_residual_on_host": stats.as_ref().map(|s| s.prefill_residual_on_host),
             "arena_alloc_s": stats.as_ref().map(|s| s.arena_alloc_s),
+            "prefill_profile_ms": prefill_parts.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>(),
         });
         if a.profile_step && model.len() < model.capacity() {
             let (p, _) = model.profile_decode_step(next)?;

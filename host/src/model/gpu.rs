@@ -311,6 +311,9 @@ pub struct GpuModel<'g> {
     dense_kv_on_host: bool,
     /// During a layer-major prefill: one layer's K/V over the prompt.
     prefill: Option<PrefillKv>,
+    /// Record events between the kinds of work of a layer-major prefill ([`GpuModel::set_profile_prefill`]).
+    profile_prefill: bool,
+    prefill_parts: Parts,
 }
 
 /// How a chunk's attention finds its start position.
@@ -330,7 +333,28 @@ enum Marks {
     On(Vec<(&'static str, CudaEvent)>),
 }
 
+/// (what, marks merged, GPU ms), in first-seen order.
+pub type Parts = Vec<(&'static str, usize, f64)>;
+
 impl Marks {
+    /// The GPU time between consecutive marks, merged by the later mark's label (after the stream has reached the
+    /// last mark). Empty when off.
+    fn parts(&self) -> Result<Parts, RuntimeError> {
+        let Marks::On(marks) = self else { return Ok(Vec::new()) };
+        let mut parts: Parts = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1)? as f64;
+            match parts.iter_mut().find(|p| p.0 == w[1].0) {
+                Some(p) => {
+                    p.1 += 1;
+                    p.2 += ms;
+                }
+                None => parts.push((w[1].0, 1, ms)),
+            }
+        }
+        Ok(parts)
+    }
+
     /// Records an event after the work enqueued so far, labelled with the work since the previous mark.
     fn mark(&mut self, gpu: &Gpu, label: &'static str) -> Result<(), RuntimeError> {
         if let Marks::On(v) = self {
@@ -686,6 +710,8 @@ impl<'g> GpuModel<'g> {
             prefill_residual_on_host: options.prefill_residual_on_host,
             dense_kv_on_host: options.dense_kv_on_host,
             prefill: None,
+            profile_prefill: false,
+            prefill_parts: Vec::new(),
         };
         if hga_opts.as_ref().is_some_and(|o| o.arena_at_load) {
             model.ensure_arena(capacity)?;
@@ -728,6 +754,17 @@ impl<'g> GpuModel<'g> {
     /// setting (they are recorded again).
     pub fn set_decode_graphs(&mut self, on: bool) {
         self.use_graphs = on;
+    }
+    /// Profile the next layer-major prefills (HGA, or dense with its K/V in host memory): an event between every
+    /// kind of work of every layer and chunk ([`GpuModel::prefill_profile`]). The events keep PDL from overlapping
+    /// the parts, so a profiled prefill runs a little slower.
+    pub fn set_profile_prefill(&mut self, on: bool) {
+        self.profile_prefill = on;
+    }
+    /// The last profiled layer-major prefill: (what, times, GPU ms) summed over the layers and chunks, in order
+    /// (empty when not profiled).
+    pub fn prefill_profile(&self) -> &[(&'static str, usize, f64)] {
+        &self.prefill_parts
     }
     /// How many one-token steps are recorded (CUDA graphs held).
     pub fn recorded_steps(&self) -> usize {
@@ -938,8 +975,11 @@ impl<'g> GpuModel<'g> {
             embed_rows(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[0].slice_mut(0..t * h), v, h)?;
             copy_async(gpu, ph + s0 as u64 * row, addr(&s, &*sc.h[0]), t as u64 * row)?;
         }
-        // Events around each layer's hand-off to its tiers (`prefill_history`): their GPU time is reported.
+        // Events around each layer's hand-off to its tiers (`prefill_history`): their GPU time is reported. With
+        // `profile_prefill`, events between every kind of work too.
         let mut history = Vec::with_capacity(nl);
+        let mut marks = if self.profile_prefill { Marks::On(Vec::new()) } else { Marks::Off };
+        marks.mark(gpu, "start")?;
         {
             for l in 0..nl {
                 for &(s0, t) in &chunks {
@@ -951,10 +991,12 @@ impl<'g> GpuModel<'g> {
                     if l > 0 {
                         copy_async(gpu, addr(&s, &*sc.mlp_out), pm + off, bytes)?;
                     }
-                    let cur = self.enqueue_layer(l, t, StartAt::Host(s0), 0, &mut Marks::Off)?;
+                    marks.mark(gpu, "residual stream copies (in and out)")?;
+                    let cur = self.enqueue_layer(l, t, StartAt::Host(s0), 0, &mut marks)?;
                     let sc = &self.scratch;
                     copy_async(gpu, ph + off, addr(&s, &*sc.h[cur]), bytes)?;
                     copy_async(gpu, pm + off, addr(&s, &*sc.mlp_out), bytes)?;
+                    marks.mark(gpu, "residual stream copies (in and out)")?;
                 }
                 let p = self.prefill.as_ref().expect("the prefill's K/V were allocated above");
                 let ev = || gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
@@ -979,6 +1021,7 @@ impl<'g> GpuModel<'g> {
                 }
                 e1.record(&s)?;
                 history.push((e0, e1));
+                marks.mark(gpu, "hand-off to the tiers (summaries, arena, window)")?;
                 progress(((l + 1) * n) / nl, n);
             }
         }
@@ -1004,6 +1047,7 @@ impl<'g> GpuModel<'g> {
         for (e0, e1) in &history {
             history_ms += e0.elapsed_ms(e1)? as f64;
         }
+        self.prefill_parts = marks.parts()?;
         if let Some(st) = self.hga.as_mut() {
             st.prefill_history_s = history_ms * 1e-3;
             st.prefill_residual_on_host = h_all.is_host() || mlp_all.is_host();
@@ -1132,18 +1176,7 @@ impl<'g> GpuModel<'g> {
         gpu.synchronize()?;
         self.len += 1;
         let copy_gbps = (2 * COPY * COPIES) as f64 / (c0.elapsed_ms(&c1)? as f64 * 1e-3) / 1e9;
-        let Marks::On(marks) = marks else { unreachable!("marks were on") };
-        let mut parts: Vec<(&'static str, usize, f64)> = Vec::new();
-        for w in marks.windows(2) {
-            let ms = w[0].1.elapsed_ms(&w[1].1)? as f64;
-            match parts.iter_mut().find(|p| p.0 == w[1].0) {
-                Some(p) => {
-                    p.1 += 1;
-                    p.2 += ms;
-                }
-                None => parts.push((w[1].0, 1, ms)),
-            }
-        }
+        let parts = marks.parts()?;
         let total_ms = parts.iter().map(|p| p.2).sum();
         Ok((StepProfile { context: start + 1, parts, total_ms, copy_gbps, gpu_waited }, logits))
     }
