@@ -222,6 +222,21 @@ pub struct GpuModelOptions {
     pub dense_kv_on_host: bool,
 }
 
+impl GpuModelOptions {
+    /// `capacity` positions, prefill chunks of `max_tokens`, `attention`; the embedding in HBM unless a cap is set,
+    /// the prefill's residual stream in HBM unless the cap refuses it, dense K/V in HBM.
+    pub fn new(capacity: usize, max_tokens: usize, attention: AttentionMode) -> Self {
+        GpuModelOptions {
+            capacity,
+            max_tokens,
+            attention,
+            host_embedding: false,
+            prefill_residual_on_host: None,
+            dense_kv_on_host: false,
+        }
+    }
+}
+
 /// Groups per (layer, KV head) in one extent of the HGA arena: 4096 tokens per extent (403 MB at Qwen3-30B-A3B,
 /// 48 layers x 4 KV heads), so the arena grows in a few large pinned allocations and never copies.
 const ARENA_GROUPS_PER_EXTENT: usize = 256;
@@ -557,14 +572,7 @@ impl<'g> GpuModel<'g> {
         max_tokens: usize,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self, GpuModelError> {
-        let options = GpuModelOptions {
-            capacity,
-            max_tokens,
-            attention: AttentionMode::Dense,
-            host_embedding: false,
-            prefill_residual_on_host: None,
-            dense_kv_on_host: false,
-        };
+        let options = GpuModelOptions::new(capacity, max_tokens, AttentionMode::Dense);
         Self::load_with(gpu, ck, &options, progress)
     }
 
