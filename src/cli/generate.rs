@@ -17,7 +17,7 @@ use hga::hga::{Budget, HgaParams};
 use hga::memory::human;
 use hga::model::checkpoint::Checkpoint;
 use hga::model::config::Qwen3MoeConfig;
-use hga::model::gpu::{GpuModel, GpuModelOptions, HgaStats};
+use hga::model::gpu::{AttentionMode, GpuModel, GpuModelOptions, HgaOptions, HgaStats};
 use hga::model::tokenizer::Tokenizer;
 use hga::runtime::Gpu;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -310,7 +310,10 @@ fn generate(
     let options = GpuModelOptions {
         capacity,
         max_tokens: a.chunk.max(1),
-        attention: attention_mode(hga, a.cache_slots, a.sketch_tier.on_host()),
+        attention: match attention_mode(hga, a.cache_slots, a.sketch_tier.on_host()) {
+            AttentionMode::Hga(o) => AttentionMode::Hga(HgaOptions { host_kv_limit: a.host_kv_limit, ..o }),
+            dense => dense,
+        },
         host_embedding: false,
         prefill_residual_on_host: None,
         dense_kv_on_host: kv_tier(a) == KvTierArg::Host,

@@ -133,9 +133,13 @@ pub fn check_params(p: &HgaParams) -> anyhow::Result<()> {
 pub fn attention_mode(params: Option<&HgaParams>, cache_slots: usize, sketches_on_host: Option<bool>) -> AttentionMode {
     match params {
         None => AttentionMode::Dense,
-        Some(p) => {
-            AttentionMode::Hga(HgaOptions { params: p.clone(), cache_slots, sketches_on_host, arena_at_load: true })
-        }
+        Some(p) => AttentionMode::Hga(HgaOptions {
+            params: p.clone(),
+            cache_slots,
+            sketches_on_host,
+            arena_at_load: true,
+            ..Default::default()
+        }),
     }
 }
 

@@ -153,6 +153,9 @@ pub struct HgaOptions {
     /// context grows: pinning host memory costs about 0.6 s per GB on the H200 host (4 s for a 64K context), time
     /// a prompt would otherwise wait for.
     pub arena_at_load: bool,
+    /// Host bytes the arena may take (whole extents of 4096 positions): growing past it is refused with an error
+    /// naming both (the disk tier that would serve beyond is not built on the GPU path).
+    pub host_kv_limit: Option<u64>,
     /// Where the routing sketches live: `None` decides per layer (HBM unless a GPU memory cap cannot hold them,
     /// see [`GpuModel::load_with`]), `Some(true)` mapped host memory for every layer, `Some(false)` HBM.
     pub sketches_on_host: Option<bool>,
@@ -865,6 +868,14 @@ impl<'g> GpuModel<'g> {
             return Ok(());
         }
         let bytes = st.arena.layout.extent_bytes();
+        if let Some(limit) = st.options.host_kv_limit.filter(|&l| (need * bytes) as u64 > l) {
+            return Err(GpuModelError::Input(format!(
+                "the HGA arena for {tokens} positions needs {need} extents of {} ({}), over the host K/V limit {}",
+                crate::memory::human(bytes as u64),
+                crate::memory::human((need * bytes) as u64),
+                crate::memory::human(limit)
+            )));
+        }
         let t0 = std::time::Instant::now();
         while st.extents.len() < need {
             let e = st.memory.alloc(bytes).map_err(|e| {
