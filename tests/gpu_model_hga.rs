@@ -304,7 +304,7 @@ fn gpu_model_hga_respects_the_memory_cap() {
         o.host_kv_limit = Some(1 << 20);
     }
     let mut m = GpuModel::load_with(gpu, &ck, &limited, |_, _| {}).unwrap();
-    let e = m.forward(&tokens[..1400], false).err().expect("a 1 MiB host K/V limit cannot hold the arena");
+    let e = m.forward(&tokens[..1400], false).expect_err("a 1 MiB host K/V limit cannot hold the arena");
     log(format!("1 MiB host K/V limit: {e}"));
     assert!(e.to_string().contains("over the host K/V limit 1.0 MiB"), "{e}");
     drop(m);
