@@ -266,6 +266,47 @@ fn run_routed(
     Ok((o, l, n))
 }
 
+/// `hga_attend_decode_quant` against `hga_attend_decode` followed by `hga_fp8_quant`: a description of the first
+/// difference, if any.
+fn fused_quant_mismatch(gpu: &Gpu, inp: &Inputs, pos: u32) -> Result<Option<String>, RuntimeError> {
+    let st = gpu.stream();
+    let s = &inp.shape;
+    let rows = s.tokens * s.n_heads;
+    let (o, l, _) = run_routed(gpu, RoutedCall::DECODE, inp, pos)?;
+    let dq = st.clone_htod(&inp.q)?;
+    let dp = st.clone_htod(&inp.pool)?;
+    let ds = st.clone_htod(&inp.entry_slot)?;
+    let de = st.clone_htod(&inp.entry_pos)?;
+    let dn = st.clone_htod(&inp.n_entries)?;
+    let dpos = st.clone_htod(&[pos])?;
+    let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, DECODE_MAX_SPLITS)?;
+    let mut out = st.clone_htod(&poison_bf16(rows * D))?;
+    let mut lse = st.clone_htod(&vec![f32::NAN; rows])?;
+    let mut q8 = st.clone_htod(&vec![0xAAu8; rows * D])?;
+    let mut sc = st.clone_htod(&vec![f32::NAN; rows])?;
+    crate::kernels::hga_attend::hga_attend_decode_quant(
+        gpu, &dq, &dp, &ds, &de, &dn, &dpos, &mut ws, &mut out, &mut lse, &mut q8, &mut sc, s,
+    )?;
+    let (fo, fl, fq, fs) = (st.clone_dtoh(&out)?, st.clone_dtoh(&lse)?, st.clone_dtoh(&q8)?, st.clone_dtoh(&sc)?);
+    let plain = st.clone_htod(&o)?;
+    let mut pq = st.clone_htod(&vec![0x55u8; rows * D])?;
+    let mut ps = st.clone_htod(&vec![f32::NAN; rows])?;
+    crate::kernels::hga_fp8_quant(gpu, &plain, &mut pq, &mut ps, rows, D)?;
+    let (wq, ws_) = (st.clone_dtoh(&pq)?, st.clone_dtoh(&ps)?);
+    gpu.synchronize()?;
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let fbits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    Ok(if bits(&fo) != bits(&o) {
+        Some("fused quant: out differs from the plain call".into())
+    } else if fbits(&fl) != fbits(&l) {
+        Some("fused quant: lse differs from the plain call".into())
+    } else if fq != wq || fbits(&fs) != fbits(&ws_) {
+        Some("fused quant: the FP8 bytes or scales differ from hga_fp8_quant of the same out".into())
+    } else {
+        None
+    })
+}
+
 /// One check of a case on fresh random inputs.
 pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, RuntimeError> {
     let mut inp = build(&c, rng);
@@ -304,6 +345,11 @@ pub fn routed(gpu: &Gpu, c: RoutedCase, rng: &mut impl Rng) -> Result<Outcome, R
             bad = b.map(|b| format!("{label}: {b}"));
         }
         first.get_or_insert((o, l));
+    }
+    if c.path == RoutedPath::Decode && bad.is_none() {
+        // The merge's fused FP8 quantization: the same out and lse as the plain call, and the bytes and scales
+        // hga_fp8_quant writes from that out, bit for bit.
+        bad = fused_quant_mismatch(gpu, &inp, c.pos as u32)?;
     }
     let mut extra = String::new();
     if c.entries.is_none() && c.path == RoutedPath::Decode {

@@ -72,6 +72,9 @@ pub struct RoutedCall {
     pub tiles_per_split: Option<usize>,
     /// Launch the routed kernel only, not the merge (for timing the two apart; `out` and `lse` are not written).
     pub partials_only: bool,
+    /// Device addresses of (out_q u8 [rows][128], out_scale f32 [rows]): the merge also writes the FP8 (e4m3)
+    /// quantization of `out`, exactly as `hga_fp8_quant` would ([`hga_attend_decode_quant`] checks them).
+    pub quant: Option<(u64, u64)>,
 }
 
 impl RoutedCall {
@@ -81,6 +84,7 @@ impl RoutedCall {
         merge: MergeKernel::V2,
         tiles_per_split: None,
         partials_only: false,
+        quant: None,
     };
     /// The default prefill call.
     pub const PREFILL: RoutedCall = RoutedCall {
@@ -88,6 +92,7 @@ impl RoutedCall {
         merge: MergeKernel::V2,
         tiles_per_split: None,
         partials_only: false,
+        quant: None,
     };
 }
 
@@ -129,6 +134,34 @@ pub fn hga_attend_decode(
     s: &RoutedShape,
 ) -> Result<usize, RuntimeError> {
     hga_attend(gpu, RoutedCall::DECODE, q, pool, entry_slot, entry_pos, n_entries, pos_dev, ws, out, lse, s)
+}
+
+/// [`hga_attend_decode`] whose merge also writes the FP8 (e4m3) quantization of `out` for the next FP8 linear:
+/// `out_q: u8 [n_heads][128]`, `out_scale: f32 [n_heads]` (one scale per row of 128), the values `hga_fp8_quant`
+/// gives, bit for bit, one launch fewer.
+#[allow(clippy::too_many_arguments)]
+pub fn hga_attend_decode_quant(
+    gpu: &Gpu,
+    q: &impl DevicePtr<bf16>,
+    pool: &impl DevicePtr<bf16>,
+    entry_slot: &impl DevicePtr<u32>,
+    entry_pos: &impl DevicePtr<u32>,
+    n_entries: &impl DevicePtr<u32>,
+    pos_dev: &impl DevicePtr<u32>,
+    ws: &mut DecodeWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    out_q: &mut impl DevicePtrMut<u8>,
+    out_scale: &mut impl DevicePtrMut<f32>,
+    s: &RoutedShape,
+) -> Result<usize, RuntimeError> {
+    let rows = s.tokens * s.n_heads;
+    check_len("hga_attend out_q", out_q.len(), rows * HGA_HEAD_DIM)?;
+    check_len("hga_attend out_scale", out_scale.len(), rows)?;
+    let (pq, _g0) = dptr_mut(gpu, out_q);
+    let (ps, _g1) = dptr_mut(gpu, out_scale);
+    let call = RoutedCall { quant: Some((pq, ps)), ..RoutedCall::DECODE };
+    hga_attend(gpu, call, q, pool, entry_slot, entry_pos, n_entries, pos_dev, ws, out, lse, s)
 }
 
 /// Routed attention of a prefill block of up to 64 query tokens sharing one entry list per KV head (default
@@ -264,8 +297,8 @@ pub fn hga_attend(
         part_o: ppo,
         part_lse: ppl,
         start_dev: 0,
-        out_q: 0,
-        out_scale: 0,
+        out_q: call.quant.map_or(0, |q| q.0),
+        out_scale: call.quant.map_or(0, |q| q.1),
         tokens: s.tokens as u32,
         n_heads: s.n_heads as u32,
         n_kv_heads: s.n_kv_heads as u32,
