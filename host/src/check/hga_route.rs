@@ -98,20 +98,33 @@ pub fn summary(
             }
         }
     }
-    // Decode form: only the chunk closed by `t` keys is written (t a multiple of 64), nothing for other t.
-    if nc > 0 {
+    // Decode form: only the chunk closed by `t` keys is written (t a multiple of 64), nothing for other t; given as
+    // the count (`Closed`) or as the position of the last key, t - 1 (`ClosedAt`).
+    for at in [false, true] {
+        if nc == 0 {
+            break;
+        }
         let c = rng.gen_range(0..nc);
         s.memcpy_htod(&vec![0xFFFFu16; sums.scale.len()], &mut sums.scale)?;
         for t in [(c + 1) * 64 + 1, (c + 1) * 64] {
-            let dpos = s.clone_htod(&[t as u32])?;
-            hga_route_summary(gpu, &src, &mut sums, SummaryChunks::Closed(&dpos))?;
+            if at {
+                let dpos = s.clone_htod(&[t as u32 - 1])?;
+                hga_route_summary(gpu, &src, &mut sums, SummaryChunks::ClosedAt(&dpos))?;
+            } else {
+                let dpos = s.clone_htod(&[t as u32])?;
+                hga_route_summary(gpu, &src, &mut sums, SummaryChunks::Closed(&dpos))?;
+            }
         }
         let sc = s.clone_dtoh(&sums.scale)?;
         for h in 0..n_kv {
             for j in 0..mt {
                 let want_written = j / 64 == c && j < nc * 64;
                 if (sc[h * mt + j] != 0xFFFF) != want_written {
-                    bad.get_or_insert(format!("decode form: head {h} token {j} written={}", sc[h * mt + j] != 0xFFFF));
+                    bad.get_or_insert(format!(
+                        "decode form ({}): head {h} token {j} written={}",
+                        if at { "position" } else { "count" },
+                        sc[h * mt + j] != 0xFFFF
+                    ));
                 }
             }
         }

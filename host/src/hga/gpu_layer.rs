@@ -7,8 +7,8 @@
 //! shapes (one recorded CUDA graph serves every step; the position is a device u32 shared by the layers):
 //! - [`HgaLayer::append`]: the token's post-RoPE K and V (`bf16 [n_kv][128]`) at the device position `p` go into
 //!   the window ring, the sink (while `p < 64`) and the mapped arena (`hga_kv_append`); then the summary of the
-//!   chunk that this key closes, if any (`hga_route_summary` with `SummaryChunks::Closed` and a device count
-//!   `p + 1`, made on the device by a copy of the position and `hga_kv_advance`).
+//!   chunk that this key closes, if any (`hga_route_summary` with `SummaryChunks::ClosedAt(p)`: the kernel reads
+//!   the position and summarizes when `p + 1` is a multiple of 64).
 //! - [`HgaLayer::attend`]: the query's f32 copy (`hga_cast_bf16_f32`, unless the caller passes one), stage 1 and
 //!   stage 2 of the routing (`hga_route` at the device position), the cache lookup and the gather of its misses
 //!   from the arena, and the routed split-K attention with its merge (`hga_attend_decode`) into the caller's
@@ -152,8 +152,6 @@ pub struct HgaLayer {
     key_table: DeviceBuf<u64>,
     table_len: usize,
     q32: DeviceBuf<f32>,
-    /// u32 [1]: `p + 1` for the closing-chunk summary.
-    count: DeviceBuf<u32>,
 }
 
 impl HgaLayer {
@@ -220,21 +218,7 @@ impl HgaLayer {
         }
         let key_table = gpu.upload(HGA_LAYER, &t)?;
         let q32 = gpu.alloc_zeros::<f32>(HGA_LAYER, cfg.n_heads * d)?;
-        let count = gpu.alloc_zeros::<u32>(HGA_LAYER, 1)?;
-        Ok(HgaLayer {
-            cfg: cfg.clone(),
-            route,
-            attn,
-            sums,
-            ws,
-            selected,
-            cache,
-            aws: None,
-            key_table,
-            table_len,
-            q32,
-            count,
-        })
+        Ok(HgaLayer { cfg: cfg.clone(), route, attn, sums, ws, selected, cache, aws: None, key_table, table_len, q32 })
     }
 
     pub fn config(&self) -> &HgaLayerConfig {
@@ -259,8 +243,7 @@ impl HgaLayer {
     }
 
     /// Appends the token at the device position `pos` (`k_new`, `v_new: bf16 [n_kv][128]`, post-RoPE) to the
-    /// window ring, the sink and the arena, and summarizes the chunk it closes. Two kernels, a 4-byte device copy
-    /// and one more kernel, all stream ordered.
+    /// window ring, the sink and the arena, and summarizes the chunk it closes. Two kernels, stream ordered.
     pub fn append(
         &mut self,
         gpu: &Gpu,
@@ -270,12 +253,10 @@ impl HgaLayer {
         arena: &ArenaTable,
     ) -> Result<(), RuntimeError> {
         hga_kv_append(gpu, &mut self.cache, pos, k_new, v_new, arena, true)?;
-        gpu.stream().memcpy_dtod(pos, &mut self.count)?;
-        hga_kv_advance(gpu, &mut self.count)?;
         // SAFETY: the table's entries are the addresses of this layer's sink and ring slots, which live as long as
         // `self`; the summary of the chunk closed at p reads groups p/16 - 3 ..= p/16, the newest four of the ring.
         let keys = unsafe { KeySource::table(gpu, &self.key_table, self.table_len) };
-        hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::Closed(&self.count))
+        hga_route_summary(gpu, &keys, &mut self.sums, SummaryChunks::ClosedAt(pos))
     }
 
     /// The attention of the query at the device position `pos` (after [`HgaLayer::append`] of that position):

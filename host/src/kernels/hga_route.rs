@@ -319,6 +319,9 @@ pub enum SummaryChunks<'a> {
     /// The device u32 is the number of keys written so far: the chunk it closed, if it is a positive multiple of 64
     /// (decode, graph-friendly).
     Closed(&'a CudaSlice<u32>),
+    /// The device u32 is the position of the key just written (the count is one more): as `Closed`, without a
+    /// device copy of the position to make the count.
+    ClosedAt(&'a CudaSlice<u32>),
 }
 
 /// Scratch of the two stages, and their by-products (readable for tests: the scores, the kept chunks, `base`).
@@ -433,6 +436,12 @@ pub fn hga_route_summary(
     let n_kv = sums.n_kv_heads;
     let shape = RouteShape::default_for(n_kv, n_kv, 1, sums.max_tokens, Budget::Fraction(1.0));
     let (grid, first, pos_guard, pos) = match chunks {
+        SummaryChunks::ClosedAt(p) => {
+            check_len("hga_route_summary position", p.len(), 1)?;
+            keys.check(n_kv, sums.max_chunks() * HGA_CHUNK)?;
+            let (a, g) = dptr(gpu, p);
+            (1, 1, Some(g), a)
+        }
         SummaryChunks::Range { first, count } => {
             if (first + count) * HGA_CHUNK > sums.max_tokens {
                 return Err(RuntimeError::Shape(format!(

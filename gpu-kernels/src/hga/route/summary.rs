@@ -11,8 +11,9 @@
 //!
 //! Keys through the key source of [`RouteParams`] (dense pointer + strides, or a table of group-block addresses).
 //! Which chunks: with `pos` = 0, chunks `chunk0 .. chunk0 + grid.x` (prefill: many chunks in one launch); with
-//! `pos` set (decode, graph-friendly), `*pos` is the number of keys written so far and the launch (grid.x = 1)
-//! summarizes chunk `*pos / 64 - 1` when `*pos` is a positive multiple of 64, else does nothing.
+//! `pos` set (decode, graph-friendly), `*pos + chunk0` is the number of keys written so far (`chunk0` 0: `*pos` is
+//! that count; 1: `*pos` is the position of the key just written) and the launch (grid.x = 1) summarizes chunk
+//! `(*pos + chunk0) / 64 - 1` when that count is a positive multiple of 64, else does nothing.
 //!
 //! Grid (chunks, n_kv), block 256 = 8 warps; warp w takes tokens 8w .. 8w + 7 of the chunk, lane l dims 4l .. 4l + 3
 //! (one 8-byte load per token and lane, the warp's 8 loads issued together, a warp max for the scale, a 2-byte nibble store per lane); the min/max of
@@ -77,7 +78,8 @@ pub unsafe extern "ptx-kernel" fn hga_route_summary(p: RouteParams) {
     let tid = thread_x() as usize;
     let (warp, lane) = (tid / 32, tid % 32);
     let chunk = if p.pos != 0 {
-        let t = *(p.pos as *const u32) as usize;
+        // `chunk0` is 0 with a device count of keys, 1 with the device position of the key just written.
+        let t = *(p.pos as *const u32) as usize + p.chunk0 as usize;
         if t == 0 || t % HGA_CHUNK != 0 || block_x() != 0 {
             return;
         }
