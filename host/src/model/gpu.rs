@@ -18,7 +18,9 @@
 //!
 //! ## Attention modes ([`AttentionMode`])
 //! - `Dense`: steps 3-4 as above, every layer's K/V on the GPU (`2 x n_kv x 128 x 2` bytes per position and layer:
-//!   6.4 GB at 64K for Qwen3-30B-A3B).
+//!   6.4 GB at 64K for Qwen3-30B-A3B), or, as the anchor of what dense costs when the K/V must leave the GPU
+//!   (`GpuModelOptions::dense_kv_on_host`), in mapped host memory read by the same kernels, the prompt then
+//!   prefilled layer-major like HGA's.
 //! - `Hga`: the K/V history lives in the host arena (mapped pinned extents of 4096 positions, grown as the context
 //!   grows, never copied); per layer an [`HgaLayer`] holds the routing summaries, the GPU working-set cache and the
 //!   window. A decode step stages the token's K/V through the rope kernel (`cache_by_token`), appends it to the
@@ -30,8 +32,10 @@
 //!   The first `dense_layers` layers stay dense.
 //!
 //! Every device allocation goes through the [`Gpu`]'s accountant (`gpu.memory()`, labels below), so a cap
-//! ([`Gpu::set_memory_limit`]) refuses what does not fit with a message naming it; under a cap the embedding table
-//! stays in mapped host memory (one row per token crosses PCIe). The residual stream is bf16,
+//! ([`Gpu::set_memory_limit`]) refuses what does not fit with a message naming it; under a cap what need not be in
+//! HBM stays in mapped host memory: the embedding table (one row per token crosses PCIe), the layer-major prefill's
+//! residual stream when the cap refuses it, and the routing sketches of the HGA layers that HBM cannot hold beside
+//! everything else (the K/V state is built after every weight for that; see `build_kv`). The residual stream is bf16,
 //! as in transformers. What it needs: an FP8 checkpoint (`quantization_config`), head_dim 128, hidden and
 //! intermediate sizes multiples of 128 (all true of Qwen3-30B-A3B); anything else is refused with a clear error.
 //!
