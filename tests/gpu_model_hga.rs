@@ -402,3 +402,123 @@ fn gpu_model_dense_kv_in_host_memory_is_dense() {
     assert!(on_host == on_gpu, "dense with its K/V in host memory differs from dense on the GPU");
     log(format!("dense, K/V in host memory: {} decode logits identical to the GPU cache's", on_host.len()));
 }
+
+/// Selection replay (`GpuModel::set_selection_replay`, the benchmark switch of `hga generate --replay-trace`): a
+/// trace built by hand replaces the routing's selection in every HGA layer, step by step (`hga_selections` is the
+/// replayed step, through recorded graphs), the GPU caches count the hits its reuse implies exactly (no eviction:
+/// few distinct groups, 2 x 32 slots), the trace wraps around after its last step, a trace at half the context
+/// is scaled x2 in blocks of 2, and `None` gives the routing back. Refused on a dense model.
+#[test]
+fn gpu_model_hga_replays_a_selection_trace() {
+    use hga::reference::kv::SelectionTrace;
+    let Some(gpu) = gpu("gpu_model_hga_replays_a_selection_trace") else { return };
+    let _serial = common::serial();
+    let dir = fixture_dir();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let (nl, nkv) = (ck.config.num_hidden_layers, ck.config.num_key_value_heads);
+    let ctx = 2000usize;
+    let tokens = fixture_tokens(&dir, ctx + 16);
+    // Layer 0 dense: the replay maps streams by absolute layer, and skips the dense layer.
+    let params = HgaParams { budget: Budget::Fraction(0.25), dense_layers: 1, ..HgaParams::default() };
+    let opts = GpuModelOptions {
+        capacity: tokens.len() + 16,
+        max_tokens: 256,
+        attention: AttentionMode::Hga(HgaOptions { params, ..Default::default() }),
+        host_embedding: false,
+        prefill_residual_on_host: None,
+        dense_kv_on_host: false,
+    };
+    let mut m = GpuModel::load_with(gpu, &ck, &opts, |_, _| {}).unwrap();
+    m.forward(&tokens[..ctx], false).unwrap();
+    // Stream s = l * nkv + h selects groups offset by s (all below the window's first group, 108 at 2000).
+    let pattern: [[u32; 3]; 4] = [[10, 40, 70], [10, 50, 70], [20, 40, 80], [10, 20, 50]];
+    let hand = SelectionTrace {
+        layers: nl,
+        kv_heads: nkv,
+        first_pos: ctx,
+        steps: pattern
+            .iter()
+            .map(|p| (0..nl * nkv).map(|s| p.iter().map(|g| g + s as u32).collect()).collect())
+            .collect(),
+    };
+    m.set_selection_replay(Some(hand.clone())).unwrap();
+    let r = m.selection_replay().unwrap();
+    assert_eq!((r.factor, r.block), (1, 1), "a trace at the model's context is replayed as it is");
+    assert_eq!(r.scaled.steps, hand.steps);
+    // Per stream: hits and misses of steps T0 T1 T2 T3 T0 T1 on an empty cache.
+    let want = [(0u64, 3u64), (2, 1), (1, 2), (3, 0), (3, 0), (3, 0)];
+    let hga_layers = m.hga_stats().unwrap().unwrap().hga_layers as u64;
+    assert_eq!(hga_layers, nl as u64 - 1);
+    let streams = hga_layers * nkv as u64;
+    let mut last = m.hga_stats().unwrap().unwrap();
+    for (i, &(hits, misses)) in want.iter().enumerate() {
+        let logits = m.forward(&[tokens[ctx + i]], false).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()), "step {i}: non-finite logits under replay");
+        let t = i % pattern.len();
+        let sel = m.hga_selections().unwrap();
+        assert_eq!(sel.len(), nl - 1);
+        for (l, heads) in sel {
+            for (h, g) in heads.iter().enumerate() {
+                assert_eq!(g, &hand.steps[t][l * nkv + h], "step {i} (trace step {t}) layer {l} head {h}");
+            }
+        }
+        let st = m.hga_stats().unwrap().unwrap();
+        let (dh, dm) = (st.hits - last.hits, st.misses - last.misses);
+        log(format!("replay step {i} (trace step {t}): {dh} hits, {dm} misses over {streams} streams"));
+        assert_eq!((dh, dm), (hits * streams, misses * streams), "step {i}: cache hits and misses");
+        last = st;
+    }
+    assert!(m.recorded_steps() > 0, "the replayed steps ran as recorded graphs");
+    assert_eq!(m.selection_replay().unwrap().steps_replayed(), want.len());
+
+    // A trace recorded at half this context: x2, each group a block of 2 (the width 4 is far below 32).
+    let half = SelectionTrace {
+        layers: nl,
+        kv_heads: nkv,
+        first_pos: m.len() / 2,
+        steps: vec![(0..nl * nkv).map(|s| vec![5 + s as u32, 30 + s as u32]).collect(); 2],
+    };
+    m.set_selection_replay(Some(half)).unwrap();
+    let r = m.selection_replay().unwrap();
+    assert_eq!((r.factor, r.block), (2, 2));
+    // Both steps select the same groups: the first replay finds some cached from above or none (4 looked up per
+    // stream), every later one finds all 4 (step 1, and step 0 again after the wrap).
+    let mut last = m.hga_stats().unwrap().unwrap();
+    for i in 0..3 {
+        m.forward(&[tokens[ctx + want.len() + i]], false).unwrap();
+        for (l, heads) in m.hga_selections().unwrap() {
+            for (h, g) in heads.iter().enumerate() {
+                let (a, b) = (2 * (5 + (l * nkv + h) as u32), 2 * (30 + (l * nkv + h) as u32));
+                assert_eq!(g, &vec![a, a + 1, b, b + 1], "x2 step {i} layer {l} head {h}");
+            }
+        }
+        let st = m.hga_stats().unwrap().unwrap();
+        let (dh, dm) = (st.hits - last.hits, st.misses - last.misses);
+        log(format!("x2 replay step {i}: {dh} hits, {dm} misses"));
+        assert_eq!(dh + dm, 4 * streams, "x2 step {i}: 4 groups per stream looked up");
+        if i > 0 {
+            assert_eq!((dh, dm), (4 * streams, 0), "x2 step {i}: the groups of the step before, all cached");
+        }
+        last = st;
+    }
+
+    // Back to the routing: the next step selects what the query routes to, not the replayed groups.
+    m.set_selection_replay(None).unwrap();
+    assert!(m.selection_replay().is_none());
+    m.forward(&[tokens[ctx + want.len() + 3]], false).unwrap();
+    let own = m.hga_selections().unwrap();
+    let replayed_shape = own.iter().all(|(l, heads)| {
+        heads.iter().enumerate().all(|(h, g)| {
+            let (a, b) = (2 * (5 + (l * nkv + h) as u32), 2 * (30 + (l * nkv + h) as u32));
+            g == &vec![a, a + 1, b, b + 1]
+        })
+    });
+    assert!(!replayed_shape, "after set_selection_replay(None) the selection is still the replayed one");
+    assert!(own.iter().any(|(_, heads)| heads.iter().any(|g| !g.is_empty())), "the routing selects groups again");
+
+    // Dense: refused.
+    let dense = GpuModelOptions { attention: AttentionMode::Dense, ..opts };
+    let mut d = GpuModel::load_with(gpu, &ck, &dense, |_, _| {}).unwrap();
+    let e = d.set_selection_replay(Some(hand)).expect_err("replay on a dense model");
+    assert!(e.to_string().contains("HGA attention mode"), "{e}");
+}

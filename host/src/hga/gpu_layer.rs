@@ -31,6 +31,13 @@
 //! group into the arena and the sink and the newest 20 groups into the window ring (strided device copies, one
 //! per head and run of consecutive blocks), and empties the cache. The caller then sets the device position to
 //! `tokens` and decodes. (The exact layer-major prefill of a long prompt is the model's; it ends here.)
+//!
+//! ## Replaying a selection
+//! For benchmarks whose weights route uncorrelated groups step to step (random weights at full size), a layer can
+//! replay a recorded selection instead ([`HgaLayer::enable_replay`], [`HgaLayer::upload_replay`] before each
+//! step): the routing still runs, then a device copy puts the replayed groups over its selection, so the cache,
+//! the gather and the attention see the recorded reuse. The attention's output then follows the replayed groups,
+//! not the query: meaningless as a model's output, meant for timing and cache figures.
 use super::{Budget, HgaParams};
 use crate::kernels::attention::DecodeWorkspace;
 use crate::kernels::hga_attend::{hga_attend_decode, RoutedShape};
@@ -152,6 +159,8 @@ pub struct HgaLayer {
     key_table: DeviceBuf<u64>,
     table_len: usize,
     q32: DeviceBuf<f32>,
+    /// A selection replayed in place of the routing's (layout of `selected`; see [`HgaLayer::enable_replay`]).
+    replay: Option<DeviceBuf<u32>>,
 }
 
 impl HgaLayer {
@@ -218,7 +227,20 @@ impl HgaLayer {
         }
         let key_table = gpu.upload(HGA_LAYER, &t)?;
         let q32 = gpu.alloc_zeros::<f32>(HGA_LAYER, cfg.n_heads * d)?;
-        Ok(HgaLayer { cfg: cfg.clone(), route, attn, sums, ws, selected, cache, aws: None, key_table, table_len, q32 })
+        Ok(HgaLayer {
+            cfg: cfg.clone(),
+            route,
+            attn,
+            sums,
+            ws,
+            selected,
+            cache,
+            aws: None,
+            key_table,
+            table_len,
+            q32,
+            replay: None,
+        })
     }
 
     pub fn config(&self) -> &HgaLayerConfig {
@@ -240,6 +262,62 @@ impl HgaLayer {
     /// Cache hits, misses and bytes so far, summed over the KV heads (no synchronization: see `GpuCache`).
     pub fn cache_totals(&self) -> CacheCounters {
         self.cache.total()
+    }
+
+    /// Replays selections instead of the routing's: allocates the replay buffer (u32 `[n_kv][max_groups]`, the
+    /// layout of `selected`, all padding until [`HgaLayer::upload_replay`]), and from now on every attend copies it
+    /// over `selected` right after `hga_route` (a device-to-device copy on the stream: inside a recorded step;
+    /// the routing still runs, and its time is still paid), so the cache lookup, the gather and the attention
+    /// read the replayed groups. A step recorded before this call has no copy: record it again. No-op when on.
+    pub fn enable_replay(&mut self, gpu: &Gpu) -> Result<(), RuntimeError> {
+        if self.replay.is_none() {
+            self.replay = Some(gpu.upload(HGA_LAYER, &vec![u32::MAX; self.selected.len()])?);
+        }
+        Ok(())
+    }
+
+    /// Back to the routing's own selection; frees the replay buffer. A recorded step that copies from it must be
+    /// dropped first (its copy would read freed memory).
+    pub fn disable_replay(&mut self) {
+        self.replay = None;
+    }
+
+    /// Whether attends replay [`HgaLayer::upload_replay`]'s selection.
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// The selection the next attends replay: `sel` is u32 `[n_kv][max_groups]`, each head's groups strictly
+    /// ascending, then `u32::MAX` padding. A host-to-device copy on the stream, enqueued outside a recorded step:
+    /// stream order puts it after the steps enqueued before (it may be enqueued while the GPU runs the previous
+    /// step) and before the next step's copy over `selected`.
+    pub fn upload_replay(&mut self, gpu: &Gpu, sel: &[u32]) -> Result<(), RuntimeError> {
+        let mg = self.route.max_groups;
+        let Some(r) = self.replay.as_mut() else {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer {}: upload_replay before enable_replay",
+                self.cfg.layer
+            )));
+        };
+        if sel.len() != r.len() {
+            return Err(RuntimeError::Shape(format!(
+                "hga layer {} replay: {} groups, expected {} KV heads x {mg}",
+                self.cfg.layer,
+                sel.len(),
+                self.cfg.n_kv_heads
+            )));
+        }
+        for (h, row) in sel.chunks(mg).enumerate() {
+            let n = row.iter().position(|&g| g == u32::MAX).unwrap_or(mg);
+            if !row[..n].windows(2).all(|w| w[0] < w[1]) || row[n..].iter().any(|&g| g != u32::MAX) {
+                return Err(RuntimeError::Shape(format!(
+                    "hga layer {} replay, KV head {h}: groups not strictly ascending then u32::MAX padding",
+                    self.cfg.layer
+                )));
+            }
+        }
+        gpu.stream().memcpy_htod(sel, &mut **r)?;
+        Ok(())
     }
 
     /// Appends the token at the device position `pos` (`k_new`, `v_new: bf16 [n_kv][128]`, post-RoPE) to the
@@ -322,6 +400,9 @@ impl HgaLayer {
         // SAFETY: as in `append`: the normalization keys (sink, window below p) are in the sink slots and the ring.
         let keys = unsafe { KeySource::table(gpu, &self.key_table, self.table_len) };
         hga_route(gpu, &self.route, &keys, &self.sums, q32, RoutePos::Device(pos), &mut self.ws, &mut self.selected)?;
+        if let Some(r) = &self.replay {
+            gpu.stream().memcpy_dtod(r, &mut self.selected)?;
+        }
         hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)?;
         hga_kv_gather(gpu, &mut self.cache, pos, arena)?;
         let c = &self.cache;

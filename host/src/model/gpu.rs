@@ -336,6 +336,8 @@ pub struct GpuModel<'g> {
     /// Record events between the kinds of work of a layer-major prefill ([`GpuModel::set_profile_prefill`]).
     profile_prefill: bool,
     prefill_parts: Parts,
+    /// A selection trace replayed in place of the HGA routing ([`GpuModel::set_selection_replay`]).
+    replay: Option<SelectionReplay>,
 }
 
 /// How a chunk's attention finds its start position.
@@ -727,6 +729,7 @@ impl<'g> GpuModel<'g> {
             prefill: None,
             profile_prefill: false,
             prefill_parts: Vec::new(),
+            replay: None,
         };
         if hga_opts.as_ref().is_some_and(|o| o.arena_at_load) {
             model.ensure_arena(capacity)?;
@@ -1129,6 +1132,7 @@ impl<'g> GpuModel<'g> {
                 self.cur = self.enqueue_layers(1, StartAt::DeviceUpTo(bound), &mut Marks::Off)?;
                 self.enqueue_lm_head(0, 1)?;
             }
+            self.replay_next_step()?;
             out.extend(s.clone_dtoh(&self.scratch.logits.slice(0..v))?);
         } else {
             self.cur = self.enqueue_layers(t, StartAt::Host(start), &mut Marks::Off)?;
@@ -1582,4 +1586,151 @@ pub(crate) fn stack_experts(ck: &Checkpoint, modules: &[String]) -> Result<MoeHo
         }
     }
     Ok(w)
+}
+
+use crate::reference::kv::SelectionTrace;
+
+/// A selection trace replayed in place of the HGA routing ([`GpuModel::set_selection_replay`]).
+#[derive(Clone, Debug)]
+pub struct SelectionReplay {
+    /// The trace as given (recorded on a trained fixture, `SelectionTrace::record`).
+    pub source: SelectionTrace,
+    /// The trace scaled to this model ([`SelectionTrace::scaled_to`]): what the HGA layers replay.
+    pub scaled: SelectionTrace,
+    /// The context factor of the scaling: a trace group stands for `factor` groups of this model's context.
+    pub factor: usize,
+    /// Groups of this model per trace group ([`SelectionTrace::scale_block`]).
+    pub block: usize,
+    /// The selection width the trace was scaled to (the HGA layers' `route_shape().max_groups`, the smallest).
+    pub max_groups: usize,
+    /// One-token steps replayed so far: the next one replays scaled step `next % steps`.
+    next: usize,
+}
+
+impl SelectionReplay {
+    /// One-token steps replayed since the trace was set.
+    pub fn steps_replayed(&self) -> usize {
+        self.next
+    }
+    /// The scaled step the next one-token step replays.
+    pub fn next_step(&self) -> usize {
+        self.next % self.scaled.steps.len()
+    }
+}
+
+/// Selection replay: decode figures at full size with a trained model's reuse pattern.
+impl<'g> GpuModel<'g> {
+    /// Replays `trace` in place of the HGA routing's selection (`None`: back to the routing). The trace is scaled
+    /// to the model ([`SelectionTrace::scaled_to`]): its layers x KV heads streams onto this model's (stream
+    /// `(l, h)` replays trace stream `(l * kv_heads + h) % streams`), its groups onto this context with
+    /// `factor = max(1, context / trace.first_pos)` (`context`: the cached positions when there are any, else the
+    /// capacity; so set it after the prompt for the figures of that context) and blocks of
+    /// [`SelectionTrace::scale_block`] groups so that a step selects about the layers' `max_groups`. From then on
+    /// the `k`-th one-token step (forward of one token; `k` from 0) replays scaled step `k % steps` in every HGA
+    /// layer: the step is uploaded ahead (step 0 here, step `k + 1` right after step `k` is enqueued, while the GPU
+    /// runs it: one host-to-device copy per HGA layer, outside the recorded graph, stream ordered after step `k`)
+    /// and copied over the routing's selection inside the step ([`HgaLayer::enable_replay`]; the routing still
+    /// runs). Recorded steps are dropped (recorded again with the copy). [`GpuModel::profile_decode_step`]
+    /// neither uploads nor counts: it replays the step uploaded for the next one-token step.
+    ///
+    /// **The logits under replay are meaningless**: the attention reads the trace's groups, not the groups the
+    /// query routes to. What it is for: decode time, gathered bytes and the GPU caches' hit rate of a model whose
+    /// weights cannot route with a trained model's reuse (random weights at full size), labelled as replayed.
+    ///
+    /// Refused on a dense model, for an empty trace or one whose first position is 0.
+    pub fn set_selection_replay(&mut self, trace: Option<SelectionTrace>) -> Result<(), GpuModelError> {
+        let Some(trace) = trace else {
+            if self.replay.take().is_some() {
+                // The recorded steps copy from the replay buffers: drop them before the buffers.
+                self.graphs.clear();
+                for kv in &mut self.kv {
+                    if let LayerKv::Hga(hl) = kv {
+                        hl.disable_replay();
+                    }
+                }
+            }
+            return Ok(());
+        };
+        if self.hga.is_none() {
+            return Err(GpuModelError::Input(
+                "selection replay needs the HGA attention mode (this model attends dense)".into(),
+            ));
+        }
+        if trace.steps.is_empty() || trace.first_pos == 0 || trace.layers * trace.kv_heads == 0 {
+            return Err(GpuModelError::Input(format!(
+                "selection replay: an empty trace ({} layers x {} KV heads, {} steps from position {})",
+                trace.layers,
+                trace.kv_heads,
+                trace.steps.len(),
+                trace.first_pos
+            )));
+        }
+        let max_groups = self
+            .kv
+            .iter()
+            .filter_map(|kv| match kv {
+                LayerKv::Hga(hl) => Some(hl.route_shape().max_groups),
+                LayerKv::Dense { .. } => None,
+            })
+            .min()
+            .ok_or_else(|| GpuModelError::Input("selection replay: every layer is dense (dense_layers)".into()))?;
+        let c = &self.config;
+        let context = if self.len > 0 { self.len } else { self.capacity };
+        let factor = (context / trace.first_pos).max(1);
+        let block = trace.scale_block(max_groups, factor);
+        let scaled = trace.scaled_to(c.num_hidden_layers, c.num_key_value_heads, max_groups, factor);
+        self.graphs.clear();
+        self.replay = None;
+        let gpu = self.gpu;
+        let enabled = self.kv.iter_mut().try_for_each(|kv| match kv {
+            LayerKv::Hga(hl) => hl.enable_replay(gpu),
+            LayerKv::Dense { .. } => Ok(()),
+        });
+        if let Err(e) = enabled {
+            for kv in &mut self.kv {
+                if let LayerKv::Hga(hl) = kv {
+                    hl.disable_replay();
+                }
+            }
+            return Err(e.into());
+        }
+        self.replay = Some(SelectionReplay { source: trace, scaled, factor, block, max_groups, next: 0 });
+        let first = self.upload_replay_step();
+        if first.is_err() {
+            self.replay = None;
+            for kv in &mut self.kv {
+                if let LayerKv::Hga(hl) = kv {
+                    hl.disable_replay();
+                }
+            }
+        }
+        first
+    }
+
+    /// The replayed trace and its scaling (`None`: the routing's own selection).
+    pub fn selection_replay(&self) -> Option<&SelectionReplay> {
+        self.replay.as_ref()
+    }
+
+    /// Uploads the scaled step `next_step()` into every HGA layer's replay buffer (stream ordered: after what is
+    /// enqueued, before the next step).
+    fn upload_replay_step(&mut self) -> Result<(), GpuModelError> {
+        let Some(r) = self.replay.as_ref() else { return Ok(()) };
+        let t = r.next_step();
+        for (l, kv) in self.kv.iter_mut().enumerate() {
+            if let LayerKv::Hga(hl) = kv {
+                let sel = r.scaled.padded_step(t, l, hl.route_shape().max_groups);
+                hl.upload_replay(self.gpu, &sel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by `forward_chunk` once a one-token step is enqueued: counts it and uploads the next step's
+    /// selection, while the GPU runs this one (stream order puts the copies after it).
+    fn replay_next_step(&mut self) -> Result<(), GpuModelError> {
+        let Some(r) = self.replay.as_mut() else { return Ok(()) };
+        r.next += 1;
+        self.upload_replay_step()
+    }
 }

@@ -321,6 +321,71 @@ impl SelectionTrace {
         Ok(SelectionTrace { layers, kv_heads, first_pos, steps })
     }
 
+    /// Mean groups per (step, stream) over the non-empty selections (0 when every selection is empty).
+    pub fn mean_selected(&self) -> f64 {
+        let (mut n, mut sum) = (0usize, 0usize);
+        for s in self.steps.iter().flatten().filter(|s| !s.is_empty()) {
+            n += 1;
+            sum += s.len();
+        }
+        if n == 0 {
+            0.0
+        } else {
+            sum as f64 / n as f64
+        }
+    }
+
+    /// The block width [`Self::scaled_to`] gives each trace group at `max_groups` per step and `factor`: the
+    /// mean selection times the width is about `max_groups` (`max_groups / mean`, rounded), within `1..=factor`.
+    pub fn scale_block(&self, max_groups: usize, factor: usize) -> usize {
+        let mean = self.mean_selected();
+        let k = if mean > 0.0 { (max_groups as f64 / mean).round() as usize } else { 1 };
+        k.clamp(1, factor.max(1))
+    }
+
+    /// The trace mapped onto a model of `layers` x `kv_heads` streams selecting up to `max_groups` groups per step
+    /// and head, at a context `factor` times longer (`first_pos * factor`):
+    /// - stream `(l, h)` replays trace stream `(l * kv_heads + h) % (trace streams)`;
+    /// - a trace group `g` stands for the `factor` groups `g * factor ..` of the long context and becomes the block
+    ///   `g * factor .. g * factor + k` with `k` = [`Self::scale_block`] (the same `k` for every group and step, so a
+    ///   group that the trace reuses is reused block for block, and a cache of `k` times the slots sees the trace's
+    ///   hit rate);
+    /// - a step whose blocks would pass `max_groups` (`n * k > max_groups` for `n` trace groups) takes a prefix of
+    ///   each block: `max_groups / n` groups, one more for the first `max_groups % n` trace groups (with
+    ///   `n > max_groups`, the first `max_groups` trace groups one each). A prefix of a reused block is still
+    ///   reused, and the width is `min(n * k, max_groups)`.
+    ///
+    /// Blocks of distinct ascending trace groups are disjoint and ascending (`k <= factor`), so every scaled
+    /// selection is ascending and distinct, as the routing writes them. A trace group at the trace's window edge
+    /// maps to groups below `(first_pos + t) * factor / 16`; the GPU cache's lookup skips any selected group that
+    /// is already in the sink or the window, or past the arena.
+    pub fn scaled_to(&self, layers: usize, kv_heads: usize, max_groups: usize, factor: usize) -> SelectionTrace {
+        let factor = factor.max(1);
+        let k = self.scale_block(max_groups, factor);
+        let streams = (self.layers * self.kv_heads).max(1);
+        let scale = |s: &[u32]| -> Vec<u32> {
+            let n = s.len();
+            if n == 0 || max_groups == 0 {
+                return Vec::new();
+            }
+            let (base, extra) = if n * k <= max_groups { (k, 0) } else { (max_groups / n, max_groups % n) };
+            let mut out = Vec::with_capacity((n * k).min(max_groups));
+            for (i, &g) in s.iter().enumerate() {
+                let w = base + usize::from(i < extra);
+                let g0 = g as u64 * factor as u64;
+                out.extend((0..w as u64).map(|j| (g0 + j).min(ABSENT as u64 - 1) as u32));
+            }
+            out.dedup();
+            out
+        };
+        let steps = self
+            .steps
+            .iter()
+            .map(|st| (0..layers * kv_heads).map(|i| st.get(i % streams).map_or_else(Vec::new, |s| scale(s))).collect())
+            .collect();
+        SelectionTrace { layers, kv_heads, first_pos: self.first_pos * factor, steps }
+    }
+
     /// Records a trace from the CPU HGA reference: the model of `model_dir` reads the first `context` bytes of
     /// `text` (prefill, routed), then decodes `steps` tokens greedily; each decode step's selection is recorded.
     /// The budget is `320 + 16 * groups` tokens (sink + window + `groups` routed groups per (layer, KV head)).
@@ -331,23 +396,38 @@ impl SelectionTrace {
         steps: usize,
         groups: usize,
     ) -> Result<Self, String> {
+        Self::record_with_progress(model_dir, text, context, steps, groups, |_, _| {})
+    }
+
+    /// [`Self::record`], calling `progress(decode steps done, steps)` once the prompt is prefilled (0 done) and
+    /// after each decode step.
+    pub fn record_with_progress(
+        model_dir: &std::path::Path,
+        text: &str,
+        context: usize,
+        steps: usize,
+        groups: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, String> {
         use crate::hga::{Budget, HgaAttention, HgaParams};
         use crate::model::checkpoint::Checkpoint;
         use crate::model::forward::{ActivationMode, CpuModel};
+        // The text first: a text too short is refused before the model loads.
+        let tok = crate::model::tokenizer::Tokenizer::from_model_dir(model_dir).map_err(|e| e.to_string())?;
+        let tokens = tok.encode(text).map_err(|e| e.to_string())?;
+        if tokens.len() < context || context == 0 {
+            return Err(format!("the text has {} tokens, {context} wanted (at least 1)", tokens.len()));
+        }
         let ckpt = Checkpoint::open(model_dir).map_err(|e| e.to_string())?;
         let model = CpuModel::load(&ckpt, ActivationMode::F32).map_err(|e| e.to_string())?;
         let (layers, kv_heads) = (model.config().num_hidden_layers, model.config().num_key_value_heads);
         let params = HgaParams { budget: Budget::Tokens(320 + 16 * groups), ..HgaParams::default() };
         let policy = std::sync::Arc::new(HgaAttention::new(params)?.with_selection_log());
         let model = model.with_attention_policy(Box::new(policy.clone()));
-        let tok = crate::model::tokenizer::Tokenizer::from_model_dir(model_dir).map_err(|e| e.to_string())?;
-        let tokens = tok.encode(text).map_err(|e| e.to_string())?;
-        if tokens.len() < context {
-            return Err(format!("the text has {} tokens, {context} wanted", tokens.len()));
-        }
         let mut cache = model.new_cache();
         let logits = model.prefill(&tokens[..context], &mut cache).map_err(|e| e.to_string())?;
         policy.take_selection_log();
+        progress(0, steps);
         let argmax =
             |v: &[f32]| v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
         let mut next = argmax(logits.row(context - 1)) as u32;
@@ -361,6 +441,7 @@ impl SelectionTrace {
                 st[layer * kv_heads + h] = g.into_iter().map(|g| g as u32).collect();
             }
             out.push(st);
+            progress(t + 1, steps);
         }
         Ok(SelectionTrace { layers, kv_heads, first_pos: context, steps: out })
     }
@@ -463,5 +544,135 @@ mod tests {
         assert_eq!(SelectionTrace::from_bytes(&b).unwrap(), t);
         assert!(SelectionTrace::from_bytes(&b[..b.len() - 1]).is_err());
         assert_eq!(t.stream(1, 0), vec![vec![], vec![7, 8]]);
+    }
+
+    /// A trace of `layers` x `kv_heads` streams over `steps` steps with groups in `4..limit`, each step keeping
+    /// about half of the previous step's groups (reuse) and drawing the rest.
+    fn random_trace(
+        seed: u64,
+        layers: usize,
+        kv_heads: usize,
+        steps: usize,
+        width: usize,
+        limit: u32,
+    ) -> SelectionTrace {
+        let mut rng = seed;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) as u32
+        };
+        let mut prev: Vec<Vec<u32>> = vec![Vec::new(); layers * kv_heads];
+        let mut out = Vec::new();
+        for _ in 0..steps {
+            let st: Vec<Vec<u32>> = prev
+                .iter()
+                .map(|p| {
+                    let mut s: Vec<u32> = p.iter().copied().filter(|_| next() % 2 == 0).collect();
+                    let w = width - (next() as usize % (width / 2 + 1));
+                    while s.len() < w {
+                        s.push(4 + next() % (limit - 4));
+                    }
+                    s.sort_unstable();
+                    s.dedup();
+                    s
+                })
+                .collect();
+            prev = st.clone();
+            out.push(st);
+        }
+        SelectionTrace { layers, kv_heads, first_pos: limit as usize * 16 + 320, steps: out }
+    }
+
+    #[test]
+    fn scaled_trace_keeps_reuse_widths_and_order() {
+        let t = random_trace(7, 6, 2, 40, 16, 500);
+        let (factor, mg) = (8usize, 100usize);
+        let k = t.scale_block(mg, factor);
+        let mean = t.mean_selected();
+        assert_eq!(k, ((mg as f64 / mean).round() as usize).clamp(1, factor), "mean {mean}");
+        assert!(k > 1, "k {k}: the test wants blocks");
+        let s = t.scaled_to(48, 4, mg, factor);
+        assert_eq!((s.layers, s.kv_heads, s.first_pos, s.steps.len()), (48, 4, t.first_pos * factor, 40));
+        let streams = t.layers * t.kv_heads;
+        for (step, (ts, ss)) in t.steps.iter().zip(&s.steps).enumerate() {
+            assert_eq!(ss.len(), 48 * 4);
+            for (i, sel) in ss.iter().enumerate() {
+                let src = &ts[i % streams];
+                assert_eq!(sel.len(), (src.len() * k).min(mg), "step {step} stream {i}: width");
+                assert!(sel.windows(2).all(|w| w[0] < w[1]), "step {step} stream {i}: not ascending: {sel:?}");
+                // Every scaled group lies in the block of a trace group, and every trace group keeps its first.
+                for &g in sel {
+                    let tg = g / factor as u32;
+                    assert!(src.contains(&tg) && (g % factor as u32) < k as u32, "step {step}: {g} from {src:?}");
+                }
+                if src.len() <= mg {
+                    for &g in src {
+                        assert!(sel.contains(&(g * factor as u32)), "step {step}: trace group {g} lost");
+                    }
+                }
+            }
+        }
+        // Reuse: a trace group selected at steps t and t' has its block's first group selected at both.
+        let (mut reused, mut kept) = (0, 0);
+        for i in 0..streams {
+            let (ts, ss) = (t.stream(i / t.kv_heads, i % t.kv_heads), s.stream(i / 4, i % 4));
+            for w in 1..ts.len() {
+                for &g in ts[w].iter().filter(|g| ts[w - 1].contains(g)) {
+                    reused += 1;
+                    let b = g * factor as u32;
+                    kept += usize::from(ss[w].contains(&b) && ss[w - 1].contains(&b));
+                }
+            }
+        }
+        assert!(reused > 0, "the test trace reuses groups");
+        assert_eq!(kept, reused, "every reuse of the trace is a reuse of the scaled trace");
+    }
+
+    #[test]
+    fn scaled_trace_caps_and_maps_streams() {
+        // 2 streams (2 layers x 1 head); the big model has 3 layers x 2 heads: streams 0, 1, 0, 1, 0, 1.
+        let t = SelectionTrace {
+            layers: 2,
+            kv_heads: 1,
+            first_pos: 1000,
+            steps: vec![vec![vec![10, 20], vec![5, 6, 7, 8]], vec![vec![10, 30], vec![]]],
+        };
+        // Mean width (2 + 4 + 2) / 3 = 2.67: k = round(6 / 2.67) = 2.
+        assert_eq!(t.scale_block(6, 4), 2);
+        let s = t.scaled_to(3, 2, 6, 4);
+        assert_eq!(s.first_pos, 4000);
+        for l in 0..3 {
+            assert_eq!(s.steps[0][l * 2], vec![40, 41, 80, 81]);
+            // 4 groups x 2 > 6: prefixes of 2, 2, 1, 1.
+            assert_eq!(s.steps[0][l * 2 + 1], vec![20, 21, 24, 25, 28, 32]);
+            assert_eq!(s.steps[1][l * 2], vec![40, 41, 120, 121]);
+            assert!(s.steps[1][l * 2 + 1].is_empty());
+        }
+        // A trace wider than max_groups keeps its first max_groups groups' first elements.
+        assert_eq!(t.scaled_to(2, 1, 3, 4).steps[0][1], vec![20, 24, 28]);
+        // factor 1 (or a block of 1): the trace itself.
+        let same = t.scaled_to(2, 1, 64, 1);
+        assert_eq!(same, SelectionTrace { first_pos: 1000, ..t.clone() });
+        // The block never exceeds the factor: at factor 1 the width stays the trace's.
+        assert_eq!(t.scale_block(1000, 1), 1);
+        // The scaled trace pads for the lookup like any trace.
+        let p = s.padded_step(0, 0, 8);
+        assert_eq!(&p[..8], &[40, 41, 80, 81, ABSENT, ABSENT, ABSENT, ABSENT]);
+        assert_eq!(&p[8..14], &[20, 21, 24, 25, 28, 32]);
+    }
+
+    #[test]
+    fn scaled_trace_hit_rate_follows_the_trace() {
+        // Each trace group becomes a block of k that is selected together: an LRU cache of k x the slots hits on
+        // the scaled trace exactly k x the trace's hits (no step is capped here).
+        let t = random_trace(11, 1, 1, 200, 10, 120);
+        let (factor, mg) = (3usize, 40usize);
+        let k = t.scale_block(mg, factor);
+        assert!(k > 1);
+        assert!(t.max_selected() * k <= mg, "no step capped: k {k}, widest {}", t.max_selected());
+        let s = t.scaled_to(1, 1, mg, factor);
+        for slots in [12usize, 20, 40] {
+            assert_eq!(lru_hits(&s.stream(0, 0), slots * k), k as u64 * lru_hits(&t.stream(0, 0), slots));
+        }
     }
 }
