@@ -31,6 +31,9 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Needle-in-a-haystack retrieval of dense attention and HGA over depths and contexts (CPU or --backend cuda).
     Needle(cli::needle::NeedleArgs),
+    /// Record (on the CPU HGA reference) or inspect selection traces, which `generate --replay-trace` replays.
+    #[command(subcommand)]
+    Trace(cli::trace::TraceCommand),
 }
 
 /// Runs the command; an error is printed with its chain of causes (no backtrace) and exits with status 1.
@@ -54,5 +57,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Demo(a)) => cli::demo::run(a),
         Some(Command::Generate(a)) => cli::generate::run(a),
         Some(Command::Needle(a)) => cli::needle::run(a),
+        Some(Command::Trace(c)) => cli::trace::run(c),
     }
 }

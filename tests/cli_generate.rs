@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes");
 const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes/eval/torch.txt");
+/// The committed selection trace (fixtures/traces/README.md).
+const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/traces/torch-8k-64.hgakv");
 
 fn hga(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hga")).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
@@ -279,4 +281,80 @@ fn gpu_eval_and_needle_run_dense_and_hga_in_one_process() {
     assert!(rows.iter().all(|r| r["backend"] == "cuda" && r["trials"] == 2));
     let dense_hits: u64 = rows.iter().filter(|r| r["policy"] == "dense").map(|r| r["hits"].as_u64().unwrap()).sum();
     assert!(dense_hits >= 3, "the fixture retrieves under dense attention: {rows:?}");
+}
+
+#[test]
+fn generate_replay_trace_errors() {
+    generate_fails(
+        &["--attention", "dense", "--replay-trace", TRACE],
+        &["--replay-trace", "torch-8k-64.hgakv", "replays HGA selections (--attention hga)"],
+    );
+    // A file that is not a trace: the parse error and the path.
+    generate_fails(&["--replay-trace", TEXT], &["eval/torch.txt: not a selection trace"]);
+    generate_fails(&["--replay-trace", "/nonexistent/x.hgakv"], &["reading the selection trace /nonexistent/x.hgakv"]);
+    if hga::runtime::device_count() == 0 {
+        // The committed trace parses: the run gets as far as the device.
+        generate_fails(&["--replay-trace", TRACE], &["no CUDA device"]);
+    }
+}
+
+/// `--replay-trace` on the fixture at the trace's own context (8192 prompt tokens: factor 1, and the default budget
+/// of 3% selects up to 15 groups, the trace's widest step: the replay is the trace itself). The JSON says so, and
+/// the cache hit rate is the one the exact CPU model of the GPU cache (CLOCK 2 / 1, twice the selection's slots)
+/// computes on the trace's first steps.
+#[test]
+fn gpu_generate_replays_a_trace() {
+    use hga::reference::kv::{clock_hits, SelectionTrace};
+    if !gpu_present("gpu_generate_replays_a_trace") {
+        return;
+    }
+    let o = hga(&[
+        "generate",
+        "--model",
+        FIXTURE,
+        "--synthetic-prompt",
+        "8192",
+        "--max-tokens",
+        "16",
+        "--chunk",
+        "1024",
+        "--stop-at-eos",
+        "false",
+        "--json",
+        "--replay-trace",
+        TRACE,
+    ]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("selection: replayed trace") && e.contains("scaled x1"), "{e}");
+    let v = &json_lines(&o)[0];
+    eprintln!("replayed: {v}");
+    assert_eq!(v["selection"], format!("replayed trace {TRACE}"));
+    let r = &v["replay"];
+    assert_eq!(
+        (r["factor"].as_u64(), r["block"].as_u64(), r["trace_first_pos"].as_u64()),
+        (Some(1), Some(1), Some(8192))
+    );
+    let steps = v["decode_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(steps, 15);
+    assert_eq!(r["steps_replayed"].as_u64(), Some(15));
+    let mg = r["max_groups"].as_u64().unwrap() as usize;
+    let t = SelectionTrace::from_bytes(&std::fs::read(TRACE).unwrap()).unwrap();
+    let s = t.scaled_to(6, 2, mg, 1);
+    let (mut hits, mut all) = (0u64, 0u64);
+    for l in 0..6 {
+        for h in 0..2 {
+            let (hi, mi) = clock_hits(&s.stream(l, h)[..steps], 2 * mg, 2, 1);
+            hits += hi;
+            all += hi + mi;
+        }
+    }
+    let want = hits as f64 / all as f64;
+    let got = v["cache_hit_rate"].as_f64().unwrap();
+    eprintln!("hit rate: GPU {got:.4}, the CPU model of the cache on the trace {want:.4}");
+    assert!((got - want).abs() < 1e-9, "GPU cache hit rate {got} under replay, the model says {want}");
+    // Without the switch: the model's own selection.
+    let o = hga(&["generate", "--model", FIXTURE, "--tokens", "1,2,3", "--max-tokens", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_lines(&o)[0]["selection"], "model");
 }

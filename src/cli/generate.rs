@@ -6,7 +6,10 @@
 //! in GPU memory (the GPU tier) and attends exactly. What is built: dense with `--kv-tier gpu`, HGA with
 //! `--kv-tier host`; the disk tier exists on the CPU forward only, and any other combination is refused naming
 //! what is built. `--gpu-memory-limit` caps the GPU memory the model allocates (the accountant of
-//! `hga::memory`), set before the load.
+//! `hga::memory`), set before the load. `--replay-trace FILE` (HGA) replays a selection trace recorded on a trained
+//! fixture (`hga trace record`) in place of the routing's selection, scaled to each prompt's context
+//! (`GpuModel::set_selection_replay`): decode figures with a trained model's reuse at full size, where only random
+//! weights run; the JSON line's `selection` says which (`"model"` or `"replayed trace FILE"`).
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +22,7 @@ use hga::model::checkpoint::Checkpoint;
 use hga::model::config::Qwen3MoeConfig;
 use hga::model::gpu::{AttentionMode, GpuModel, GpuModelOptions, HgaOptions, HgaStats};
 use hga::model::tokenizer::Tokenizer;
+use hga::reference::kv::SelectionTrace;
 use hga::runtime::Gpu;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -80,7 +84,9 @@ GPU path yet.\n\n\
 Examples:\n  \
 hga generate --model DIR --text 'def fibonacci(n):' --max-tokens 64\n  \
 hga generate --model DIR --synthetic-prompt 65536 --max-tokens 32 --budget 2048 --gpu-memory-limit 32GiB --json\n  \
-hga generate --model DIR --attention dense --synthetic-prompt 4096,16384 --max-tokens 64 --profile-step"
+hga generate --model DIR --attention dense --synthetic-prompt 4096,16384 --max-tokens 64 --profile-step\n  \
+hga generate --model DIR --synthetic-prompt 65536 --max-tokens 64 --replay-trace fixtures/traces/torch-8k-64.hgakv \
+--json --stop-at-eos false"
 )]
 pub struct GenerateArgs {
     /// Model directory (FP8 checkpoint; tokenizer.json for text).
@@ -182,6 +188,14 @@ pub struct GenerateArgs {
     /// every kernel of that one step, nothing of the load or the prefill.
     #[arg(long, value_name = "N")]
     pub profiler_step: Option<usize>,
+    /// HGA: replay this selection trace (`hga trace record` on a trained fixture, e.g. fixtures/traces/*.hgakv) in
+    /// place of the routing's selection, scaled to the model and to each prompt's context (a benchmark switch:
+    /// random weights at full size select uncorrelated groups step to step; the trace brings a trained model's
+    /// reuse to the GPU caches). The routing still runs; the cache, the gather and the attention read the
+    /// replayed groups, so the generated text is meaningless. The JSON line says `"selection": "replayed trace
+    /// FILE"` (else `"model"`).
+    #[arg(long, value_name = "FILE")]
+    pub replay_trace: Option<PathBuf>,
 }
 
 /// The attention mode and K/V tier of the arguments, checked: dense runs with the GPU tier, HGA with the host
@@ -257,6 +271,14 @@ pub fn check_host_kv_limit(limit: u64, positions: usize, c: &Qwen3MoeConfig) -> 
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let hga = plan(&a)?;
+    let replay = match &a.replay_trace {
+        Some(f) if hga.is_none() => bail!(
+            "--replay-trace {} replays HGA selections (--attention hga); dense attention selects nothing to replay",
+            f.display()
+        ),
+        Some(f) => Some(super::trace::read_trace(f)?),
+        None => None,
+    };
     let tok = Tokenizer::try_from_model_dir(&a.model)?;
     let config = Qwen3MoeConfig::load(&a.model)?;
     let vocab = config.vocab_size as u64;
@@ -285,17 +307,18 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let gpu = super::gpu::open_gpu(a.device)?;
     gpu.set_memory_limit(a.gpu_memory_limit);
-    let result = generate(&gpu, &a, hga.as_ref(), &tok, &prompts, capacity);
+    let result = generate(&gpu, &a, hga.as_ref(), replay.as_ref(), &tok, &prompts, capacity);
     // The report also after a failure: what was held when an allocation did not fit.
     eprintln!("{}", gpu.memory().report());
     result
 }
 
-/// Loads the model and runs every prompt.
+/// Loads the model and runs every prompt (replaying `replay` after each prompt's prefill when given).
 fn generate(
     gpu: &Gpu,
     a: &GenerateArgs,
     hga: Option<&HgaParams>,
+    replay: Option<&SelectionTrace>,
     tok: &Option<Tokenizer>,
     prompts: &[Vec<u32>],
     capacity: usize,
@@ -391,6 +414,23 @@ fn generate(
                 eprintln!("  {what:<48} {n:>7} x  {:>10.1} ms  {:>5.1}%", ms, 100.0 * ms / total.max(1e-9));
             }
             eprintln!("  {:<48} {:>7}    {:>10.1} ms", "sum", "", total);
+        }
+        if let Some(trace) = replay {
+            // Scaled to this prompt's context; the decode steps from here replay it.
+            model.set_selection_replay(Some(trace.clone()))?;
+            let r = model.selection_replay().expect("just set");
+            eprintln!(
+                "selection: replayed trace {} ({} layers x {} KV heads, {} steps from position {}), scaled x{} with \
+                 blocks of {} groups (up to {} per step and KV head); the generated text is not the model's",
+                a.replay_trace.as_ref().map_or(String::new(), |f| f.display().to_string()),
+                r.source.layers,
+                r.source.kv_heads,
+                r.source.steps.len(),
+                r.source.first_pos,
+                r.factor,
+                r.block,
+                r.max_groups
+            );
         }
         // The HGA counters start over with each sequence; from here they count the decode steps.
         let base = model.hga_stats()?;
@@ -490,6 +530,18 @@ fn generate(
             "prefill_residual_on_host": stats.as_ref().map(|s| s.prefill_residual_on_host),
             "arena_alloc_s": stats.as_ref().map(|s| s.arena_alloc_s),
             "prefill_profile_ms": prefill_parts.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>(),
+            "selection": match &a.replay_trace {
+                Some(f) => format!("replayed trace {}", f.display()),
+                None => "model".to_string(),
+            },
+            "replay": model.selection_replay().map(|r| serde_json::json!({
+                "trace_first_pos": r.source.first_pos,
+                "trace_steps": r.source.steps.len(),
+                "factor": r.factor,
+                "block": r.block,
+                "max_groups": r.max_groups,
+                "steps_replayed": r.steps_replayed(),
+            })),
         });
         if a.profile_step && model.len() < model.capacity() {
             let (p, _) = model.profile_decode_step(next)?;

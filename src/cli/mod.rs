@@ -8,3 +8,4 @@ pub mod logits;
 pub mod needle;
 pub mod plot;
 pub mod selfcheck;
+pub mod trace;
