@@ -40,7 +40,7 @@
 //! not the query: meaningless as a model's output, meant for timing and cache figures.
 use super::{Budget, HgaParams};
 use crate::kernels::attention::DecodeWorkspace;
-use crate::kernels::hga_attend::{hga_attend_decode, RoutedShape};
+use crate::kernels::hga_attend::{hga_attend_decode, hga_attend_decode_quant, RoutedShape};
 use crate::kernels::hga_route::{
     hga_route, hga_route_summary, KeySource, RoutePos, RouteShape, RouteSummaries, RouteWorkspace, SummaryChunks,
 };
@@ -49,7 +49,7 @@ use crate::kernels::{dptr, dptr_mut, launch};
 use crate::kv::gpu_cache::{ArenaTable, CacheCounters, GpuCache, GpuCacheConfig};
 use crate::memory::DeviceBuf;
 use crate::runtime::{Gpu, RuntimeError};
-use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{sys, CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use gpu_kernels::params::{
     HgaCastParams, HGA_CHUNK, HGA_GROUP, HGA_HEAD_DIM, KV_GROUP_BYTES, KV_GROUP_K_BYTES, KV_LOCAL, KV_SINK_SLOTS,
     KV_WINDOW_SLOTS,
@@ -351,11 +351,13 @@ impl HgaLayer {
         lse: &mut impl DevicePtrMut<f32>,
         arena: &ArenaTable,
     ) -> Result<(), RuntimeError> {
-        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, None)
+        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, None, None)
     }
 
     /// [`HgaLayer::attend`] with the caller's attention workspace (from [`HgaLayer::attention_workspace`]; it may
-    /// be shared by layers that run one after the other on the stream).
+    /// be shared by layers that run one after the other on the stream), and optionally `fp8_out = (out_q u8
+    /// [n_heads][128], out_scale f32 [n_heads])`: the merge then also writes the FP8 (e4m3) quantization of `out`
+    /// that the next FP8 linear reads (`hga_fp8_quant`'s values, bit for bit, one launch fewer).
     #[allow(clippy::too_many_arguments)]
     pub fn attend_in(
         &mut self,
@@ -367,8 +369,9 @@ impl HgaLayer {
         lse: &mut impl DevicePtrMut<f32>,
         arena: &ArenaTable,
         workspace: &mut DecodeWorkspace,
+        fp8_out: Option<(&mut CudaViewMut<'_, u8>, &mut CudaViewMut<'_, f32>)>,
     ) -> Result<(), RuntimeError> {
-        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, Some(workspace))
+        self.attend_impl(gpu, pos, q, q_f32, out, lse, arena, Some(workspace), fp8_out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -382,6 +385,7 @@ impl HgaLayer {
         lse: &mut impl DevicePtrMut<f32>,
         arena: &ArenaTable,
         workspace: Option<&mut DecodeWorkspace>,
+        fp8_out: Option<(&mut CudaViewMut<'_, u8>, &mut CudaViewMut<'_, f32>)>,
     ) -> Result<(), RuntimeError> {
         let aws = match workspace {
             Some(w) => w,
@@ -406,7 +410,11 @@ impl HgaLayer {
         hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)?;
         hga_kv_gather(gpu, &mut self.cache, pos, arena)?;
         let c = &self.cache;
-        hga_attend_decode(gpu, q, &c.slots, &c.entry_slot, &c.entry_pos, &c.n_entries, pos, aws, out, lse, &self.attn)?;
+        let (slots, es, ep, ne, sh) = (&c.slots, &c.entry_slot, &c.entry_pos, &c.n_entries, &self.attn);
+        match fp8_out {
+            None => hga_attend_decode(gpu, q, slots, es, ep, ne, pos, aws, out, lse, sh)?,
+            Some((oq, os)) => hga_attend_decode_quant(gpu, q, slots, es, ep, ne, pos, aws, out, lse, oq, os, sh)?,
+        };
         Ok(())
     }
 

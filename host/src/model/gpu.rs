@@ -1439,9 +1439,10 @@ impl<'g> GpuModel<'g> {
                     &mut sc.lse.slice_mut(0..nh),
                     &st.arena,
                     &mut sc.decode,
+                    Some((&mut sc.aq.slice_mut(0..qw), &mut sc.as_.slice_mut(0..nh))),
                 )?;
-                marks.mark(gpu, "hga route + gather + attend")?;
-                quant(sc)?;
+                // The merge wrote the FP8 quantization of the output too.
+                marks.mark(gpu, "hga route + gather + attend (+ FP8 quant)")?;
             }
             Kv::Prefill(p) => {
                 hga_attention_prefill(
