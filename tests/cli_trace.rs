@@ -43,44 +43,13 @@ fn trace_record_errors() {
     };
     fails(&rec(&["--context", "100000000", "--steps", "2", "--groups", "4"]), &["the text has", "100000000 wanted"]);
     fails(&rec(&["--context", "512", "--steps", "0", "--groups", "4"]), &["must be positive"]);
-    fails(
-        &[
-            "trace",
-            "record",
-            "--model",
-            "/nonexistent",
-            "--text",
-            TEXT,
-            "--context",
-            "8",
-            "--steps",
-            "1",
-            "--groups",
-            "1",
-            "--out",
-            "/dev/null",
-        ],
-        &["/nonexistent is not a model directory"],
-    );
-    fails(
-        &[
-            "trace",
-            "record",
-            "--model",
-            FIXTURE,
-            "--text",
-            "/nonexistent.txt",
-            "--context",
-            "8",
-            "--steps",
-            "1",
-            "--groups",
-            "1",
-            "--out",
-            "/dev/null",
-        ],
-        &["reading /nonexistent.txt"],
-    );
+    let short = |model: &'static str, text: &'static str| {
+        let mut a = vec!["trace", "record", "--model", model, "--text", text, "--out", "/dev/null"];
+        a.extend_from_slice(&["--context", "8", "--steps", "1", "--groups", "1"]);
+        a
+    };
+    fails(&short("/nonexistent", TEXT), &["/nonexistent is not a model directory"]);
+    fails(&short(FIXTURE, "/nonexistent.txt"), &["reading /nonexistent.txt"]);
 }
 
 /// A short recording (CPU reference, a minute or more in a debug build): `cargo test --test cli_trace -- --ignored`.

@@ -298,6 +298,8 @@ fn gpu_model_hga_respects_the_memory_cap() {
     log(format!("4 MiB cap: {msg}"));
     assert!(msg.contains("does not fit") && msg.contains("exceeded by"), "{msg}");
     assert_eq!(gpu.memory().report().live, base, "a refused load gives back what it took");
+    let cap = base + (512 << 20);
+    gpu.set_memory_limit(Some(cap));
     // A host K/V limit below one extent of the arena: the prompt is refused, naming the limit.
     let mut limited = opts.clone();
     if let AttentionMode::Hga(o) = &mut limited.attention {
@@ -308,8 +310,6 @@ fn gpu_model_hga_respects_the_memory_cap() {
     log(format!("1 MiB host K/V limit: {e}"));
     assert!(e.to_string().contains("over the host K/V limit 1.0 MiB"), "{e}");
     drop(m);
-    let cap = base + (512 << 20);
-    gpu.set_memory_limit(Some(cap));
     let mut m = GpuModel::load_with(gpu, &ck, &opts, |_, _| {}).unwrap();
     m.forward(&tokens[..1400], false).unwrap();
     for &t in &tokens[1400..] {

@@ -19,6 +19,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::hga_attend::{hga_attend, RoutedCall, RoutedKernel, RoutedShape};
 use crate::runtime::{Gpu, RuntimeError};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -239,6 +240,27 @@ fn judge(out: &[bf16], lse: &[f32], want: &(Vec<f64>, Vec<f64>), n_heads: usize,
     (if bad.is_some() { f64::INFINITY } else { rel }, bad)
 }
 
+/// Device copies of the inputs: q, pool, entry slots, entry positions, entry counts and the position.
+#[allow(clippy::type_complexity)]
+fn upload(
+    gpu: &Gpu,
+    inp: &Inputs,
+    pos: u32,
+) -> Result<
+    (CudaSlice<bf16>, CudaSlice<bf16>, CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>),
+    RuntimeError,
+> {
+    let st = gpu.stream();
+    Ok((
+        st.clone_htod(&inp.q)?,
+        st.clone_htod(&inp.pool)?,
+        st.clone_htod(&inp.entry_slot)?,
+        st.clone_htod(&inp.entry_pos)?,
+        st.clone_htod(&inp.n_entries)?,
+        st.clone_htod(&[pos])?,
+    ))
+}
+
 /// Runs the routed kernel `call` on the inputs into fresh poisoned outputs and partials: (out, lse, n_splits).
 fn run_routed(
     gpu: &Gpu,
@@ -249,12 +271,7 @@ fn run_routed(
     let st = gpu.stream();
     let s = &inp.shape;
     let rows = s.tokens * s.n_heads;
-    let dq = st.clone_htod(&inp.q)?;
-    let dp = st.clone_htod(&inp.pool)?;
-    let ds = st.clone_htod(&inp.entry_slot)?;
-    let de = st.clone_htod(&inp.entry_pos)?;
-    let dn = st.clone_htod(&inp.n_entries)?;
-    let dpos = st.clone_htod(&[pos])?;
+    let (dq, dp, ds, de, dn, dpos) = upload(gpu, inp, pos)?;
     let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, DECODE_MAX_SPLITS)?;
     st.memcpy_htod(&vec![f32::NAN; ws.lens().0], ws.part_o_mut())?;
     let mut out = st.clone_htod(&poison_bf16(rows * D))?;
@@ -273,12 +290,7 @@ fn fused_quant_mismatch(gpu: &Gpu, inp: &Inputs, pos: u32) -> Result<Option<Stri
     let s = &inp.shape;
     let rows = s.tokens * s.n_heads;
     let (o, l, _) = run_routed(gpu, RoutedCall::DECODE, inp, pos)?;
-    let dq = st.clone_htod(&inp.q)?;
-    let dp = st.clone_htod(&inp.pool)?;
-    let ds = st.clone_htod(&inp.entry_slot)?;
-    let de = st.clone_htod(&inp.entry_pos)?;
-    let dn = st.clone_htod(&inp.n_entries)?;
-    let dpos = st.clone_htod(&[pos])?;
+    let (dq, dp, ds, de, dn, dpos) = upload(gpu, inp, pos)?;
     let mut ws = DecodeWorkspace::new(gpu, s.tokens, s.n_heads, DECODE_MAX_SPLITS)?;
     let mut out = st.clone_htod(&poison_bf16(rows * D))?;
     let mut lse = st.clone_htod(&vec![f32::NAN; rows])?;
