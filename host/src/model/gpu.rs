@@ -1209,8 +1209,11 @@ impl<'g> GpuModel<'g> {
     }
 
     /// Bytes a decode step at context `ctx` must read at least: every weight it uses once (attention projections,
-    /// norms, routers, the top-k experts of every MoE layer or the dense MLP, lm_head, one embedding row) and the
-    /// K/V cache of `ctx` positions in every layer.
+    /// norms, routers, the top-k experts of every MoE layer or the dense MLP, lm_head, one embedding row) and, per
+    /// layer, the K/V it attends: a dense layer's cache of `ctx` positions; an HGA layer's routed working set
+    /// (sink + window + the selection's groups, at most `ctx`) plus what its routing reads (the min/max of every
+    /// closed chunk, 512 B per chunk and KV head, and the sketches of the shortlisted chunks, 66 B per token).
+    /// The misses an HGA step gathers over PCIe are not counted (another floor: bytes over the link).
     pub fn decode_bytes_floor(&self, ctx: usize) -> u64 {
         let c = &self.config;
         let (h, nh, nkv) = (c.hidden_size as u64, c.num_attention_heads as u64, c.num_key_value_heads as u64);
@@ -1224,7 +1227,15 @@ impl<'g> GpuModel<'g> {
             }
             let i = d.inter as u64;
             total += d.top_k as u64 * (2 * fp8(i, h) + fp8(h, i));
-            total += 2 * 2 * nkv * 128 * ctx as u64;
+            total += match &self.kv[l] {
+                LayerKv::Dense { .. } => 2 * 2 * nkv * 128 * ctx as u64,
+                LayerKv::Hga(hl) => {
+                    let r = hl.route_shape();
+                    let attended = (hl.attend_shape().max_entries * 16).min(ctx) as u64;
+                    let shortlisted = (r.max_kept * 64).min(ctx) as u64;
+                    nkv * (2 * 2 * 128 * attended + 512 * (ctx / 64) as u64 + 66 * shortlisted)
+                }
+            };
         }
         total
     }
