@@ -66,6 +66,7 @@ use crate::memory::{DeviceBuf, Placed};
 use crate::model::checkpoint::{Checkpoint, Fp8Weight};
 use crate::model::config::Qwen3MoeConfig;
 use crate::model::error::ModelError;
+use crate::reference::kv::SelectionTrace;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
 use gpu_kernels::params::HGA_HEAD_DIM;
@@ -1600,8 +1601,6 @@ pub(crate) fn stack_experts(ck: &Checkpoint, modules: &[String]) -> Result<MoeHo
     Ok(w)
 }
 
-use crate::reference::kv::SelectionTrace;
-
 /// A selection trace replayed in place of the HGA routing ([`GpuModel::set_selection_replay`]).
 #[derive(Clone, Debug)]
 pub struct SelectionReplay {
@@ -1653,13 +1652,7 @@ impl<'g> GpuModel<'g> {
     pub fn set_selection_replay(&mut self, trace: Option<SelectionTrace>) -> Result<(), GpuModelError> {
         let Some(trace) = trace else {
             if self.replay.take().is_some() {
-                // The recorded steps copy from the replay buffers: drop them before the buffers.
-                self.graphs.clear();
-                for kv in &mut self.kv {
-                    if let LayerKv::Hga(hl) = kv {
-                        hl.disable_replay();
-                    }
-                }
+                self.disable_replay_buffers();
             }
             return Ok(());
         };
@@ -1699,24 +1692,26 @@ impl<'g> GpuModel<'g> {
             LayerKv::Dense { .. } => Ok(()),
         });
         if let Err(e) = enabled {
-            for kv in &mut self.kv {
-                if let LayerKv::Hga(hl) = kv {
-                    hl.disable_replay();
-                }
-            }
+            self.disable_replay_buffers();
             return Err(e.into());
         }
         self.replay = Some(SelectionReplay { source: trace, scaled, factor, block, max_groups, next: 0 });
         let first = self.upload_replay_step();
         if first.is_err() {
             self.replay = None;
-            for kv in &mut self.kv {
-                if let LayerKv::Hga(hl) = kv {
-                    hl.disable_replay();
-                }
-            }
+            self.disable_replay_buffers();
         }
         first
+    }
+
+    /// Frees every HGA layer's replay buffer, dropping the recorded steps first (they copy from the buffers).
+    fn disable_replay_buffers(&mut self) {
+        self.graphs.clear();
+        for kv in &mut self.kv {
+            if let LayerKv::Hga(hl) = kv {
+                hl.disable_replay();
+            }
+        }
     }
 
     /// The replayed trace and its scaling (`None`: the routing's own selection).
