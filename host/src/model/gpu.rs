@@ -525,6 +525,30 @@ fn fp8_linear_stacked(gpu: &Gpu, ck: &Checkpoint, names: &[impl AsRef<str>]) -> 
     })
 }
 
+/// What decides whether an HGA layer's sketches go to HBM under a cap ([`build_kv`]).
+#[derive(Clone, Copy, Debug)]
+struct SketchFit {
+    /// Bytes the accountant holds now.
+    live: u64,
+    /// The layer's sketches and scales.
+    sketch_bytes: u64,
+    /// One HGA layer's state without its sketches (each layer still to build needs it).
+    other: u64,
+    /// HGA layers after this one.
+    later: usize,
+    /// The layer-major prefill's K/V of one layer at the model's capacity.
+    prefill_reserve: u64,
+}
+
+impl SketchFit {
+    /// Whether HBM under `limit` holds this layer's sketches beside its own state, every later layer's state and
+    /// the prefill's K/V.
+    fn fits(&self, limit: u64) -> bool {
+        let need = self.live + self.sketch_bytes + self.other * (1 + self.later as u64) + self.prefill_reserve;
+        need <= limit
+    }
+}
+
 /// Each layer's K/V state: a dense GPU cache of `capacity` positions, or (HGA, from layer `dense_layers` on) an
 /// [`HgaLayer`] sharing the model's attention workspace. Under a GPU memory cap the routing sketches (66 bytes per
 /// token and KV head) of the HGA layers stay in HBM while HBM holds them beside everything else the model needs
@@ -551,14 +575,12 @@ fn build_kv(
     // Bytes of one HGA layer without its sketches: measured on the first.
     let mut other: Option<u64> = None;
     for l in first_hga..nl {
-        let later = (nl - 1 - l) as u64;
+        let fit =
+            SketchFit { live: mem.live(), sketch_bytes, other: other.unwrap_or(0), later: nl - 1 - l, prefill_reserve };
         let on_host = match (st.options.sketches_on_host, mem.limit()) {
             (Some(forced), _) => forced,
             (None, None) => false,
-            (None, Some(limit)) => {
-                let o = other.unwrap_or(0);
-                mem.live() + sketch_bytes + o + later * o + prefill_reserve > limit
-            }
+            (None, Some(limit)) => !fit.fits(limit),
         };
         let mut cfg = HgaLayerConfig::with_params(l, nh, nkv, capacity, st.options.params.clone());
         cfg.cache_slots = st.options.cache_slots;
@@ -1739,5 +1761,29 @@ impl<'g> GpuModel<'g> {
         let Some(r) = self.replay.as_mut() else { return Ok(()) };
         r.next += 1;
         self.upload_replay_step()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sketches_stay_in_hbm_while_the_rest_still_fits() {
+        const MIB: u64 = 1 << 20;
+        let at = |live: u64, later: usize| SketchFit {
+            live,
+            sketch_bytes: 64 * MIB,
+            other: 16 * MIB,
+            later,
+            prefill_reserve: 128 * MIB,
+        };
+        // 1000 + 64 + 16 * 3 + 128 = 1240 MiB.
+        assert!(at(1000 * MIB, 2).fits(1240 * MIB));
+        assert!(!at(1000 * MIB, 2).fits(1239 * MIB));
+        // The later layers' own state is reserved: with more of them to come, the same live total no longer fits.
+        assert!(!at(1000 * MIB, 3).fits(1240 * MIB));
+        // The last layer needs only its own state beside its sketches.
+        assert!(at(1000 * MIB + 48 * MIB, 0).fits(1256 * MIB));
     }
 }
