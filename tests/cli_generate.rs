@@ -55,6 +55,10 @@ fn generate_argument_errors() {
         &["--kv-tier gpu keeps the K/V in GPU memory"],
     );
     generate_fails(&["--kv-tier", "floppy"], &["invalid value 'floppy' for '--kv-tier"]);
+    generate_fails(&["--attention", "dense", "--sketch-tier", "host"], &["dense attention has neither"]);
+    generate_fails(&["--attention", "dense", "--cache-slots", "64"], &["dense attention has neither"]);
+    generate_fails(&["--attention", "dense", "--profile-prefill"], &["profiles the layer-major prefill"]);
+    generate_fails(&["--sketch-tier", "disk"], &["invalid value 'disk' for '--sketch-tier"]);
 }
 
 #[test]

@@ -217,6 +217,18 @@ pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
     if a.kv_dir.is_some() {
         bail!("--kv-dir is the disk tier's directory (--kv-tier disk), which is not built on the GPU path yet");
     }
+    if a.attention == Attention::Dense && (a.sketch_tier != SketchTier::Auto || a.cache_slots != 0) {
+        bail!(
+            "--sketch-tier and --cache-slots set where HGA keeps its routing sketches and its GPU cache \
+             (--attention hga); dense attention has neither"
+        );
+    }
+    if a.profile_prefill && a.attention == Attention::Dense && tier == KvTierArg::Gpu {
+        bail!(
+            "--profile-prefill profiles the layer-major prefill, which runs with --attention hga or --attention \
+             dense --kv-tier host; the dense prefill with its K/V on the GPU is chunk-major"
+        );
+    }
     if tier == KvTierArg::Gpu && a.host_kv_limit.is_some() {
         bail!(
             "--host-kv-limit caps the host tier (--kv-tier host); --kv-tier gpu keeps the K/V in GPU memory: cap \
