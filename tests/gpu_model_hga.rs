@@ -364,6 +364,11 @@ fn gpu_model_hga_places_sketches_under_the_cap() {
         (cap - base) as f64 / 1048576.0
     ));
     assert!(placed > 0 && placed < nl, "{placed} of {nl} layers placed their sketches in host memory");
+    // The host placements are in the host book: the sketches placed there, the embedding (host_embedding).
+    let host = gpu.host_memory();
+    let sketch_host = host.live_of(hga::kernels::hga_route::ROUTE_SUMMARIES);
+    assert_eq!(sketch_host, (placed * nkv * capacity * 66) as u64, "host book: {:?}", host.report());
+    assert!(host.live_of(hga::model::gpu::EMBEDDING) > 0, "host book: {:?}", host.report());
     m.forward(&tokens[..ctx], false).unwrap();
     let mut logits = Vec::new();
     for &t in &tokens[ctx..] {

@@ -380,7 +380,8 @@ impl<T> DevicePtrMut<T> for DeviceBuf<T> {
 }
 
 /// A buffer the kernels take like a device slice, placed in HBM (booked in the accountant) or, where the GPU
-/// memory cap cannot hold it, in mapped pinned host memory (every access crosses PCIe; not booked).
+/// memory cap cannot hold it, in mapped pinned host memory (every access crosses PCIe; booked in the host book,
+/// `Gpu::host_memory`, under the same label).
 pub enum Placed<T> {
     Device(DeviceBuf<T>),
     Host(crate::kv::pinned::MappedSlice<T>),
@@ -405,7 +406,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod> Placed<T> {
         }
         let memory = crate::kv::PinnedMemory::new(gpu.context().clone());
         crate::kv::pinned::MappedSlice::zeroed(&memory, gpu.stream(), n)
-            .map(Placed::Host)
+            .map(|m| Placed::Host(m.booked(gpu.host_memory(), what)))
             .map_err(|e| crate::runtime::RuntimeError::Shape(format!("{what} in mapped pinned host memory: {e}")))
     }
 }

@@ -254,6 +254,8 @@ pub struct Gpu {
     pdl: AtomicBool,
     /// The book of this device's memory (see [`crate::memory`]).
     memory: Arc<Accountant>,
+    /// The book of the mapped pinned host memory the model keeps for this device (no limit; reported).
+    host_memory: Arc<Accountant>,
 }
 
 impl fmt::Debug for Gpu {
@@ -347,12 +349,19 @@ impl Gpu {
             pdl_supported,
             pdl: AtomicBool::new(pdl_supported && pdl_env),
             memory,
+            host_memory: Accountant::new(None),
         })
     }
 
     /// The accountant of this device's memory (limit, live, peak, report).
     pub fn memory(&self) -> &Arc<Accountant> {
         &self.memory
+    }
+
+    /// The book of the mapped pinned host memory held for this device (the HGA arena, the embedding table under a
+    /// cap, buffers placed off the GPU): bookkeeping and report only, no limit (`--host-kv-limit` caps the arena).
+    pub fn host_memory(&self) -> &Arc<Accountant> {
+        &self.host_memory
     }
 
     /// Sets (or with `None` clears) the cap on the memory allocated through [`Gpu::alloc_zeros`] and

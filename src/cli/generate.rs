@@ -322,7 +322,22 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let result = generate(&gpu, &a, hga.as_ref(), replay.as_ref(), &tok, &prompts, capacity);
     // The report also after a failure: what was held when an allocation did not fit.
     eprintln!("{}", gpu.memory().report());
+    eprintln!("{}", host_memory_line(&gpu));
     result
+}
+
+/// One line on the mapped pinned host memory held for the GPU (`Gpu::host_memory`): live, peak, per label at the
+/// peak.
+fn host_memory_line(gpu: &Gpu) -> String {
+    let r = gpu.host_memory().report();
+    let labels: Vec<String> =
+        r.labels.iter().filter(|l| l.at_peak > 0).map(|l| format!("{} {}", l.label, human(l.at_peak))).collect();
+    format!(
+        "host memory (mapped pinned, for the GPU): live {}, peak {}{}",
+        human(r.live),
+        human(r.peak),
+        if labels.is_empty() { String::new() } else { format!(" ({})", labels.join(", ")) }
+    )
 }
 
 /// Loads the model and runs every prompt (replaying `replay` after each prompt's prefill when given).
@@ -398,6 +413,7 @@ fn generate(
         if i > 0 {
             // Each prompt's peak: what stays loaded plus what this prompt takes.
             gpu.memory().reset_peak();
+            gpu.host_memory().reset_peak();
         }
         let t1 = Instant::now();
         // A progress bar for prefills of more than one chunk (hidden when stderr is not a terminal).
@@ -533,6 +549,7 @@ fn generate(
             "gpu_memory_peak_bytes": mem.peak,
             "gpu_device_used_at_peak_bytes": mem.device_used_at_peak,
             "gpu_memory_limit_bytes": mem.limit,
+            "host_memory_peak_bytes": gpu.host_memory().peak(),
             "h2d_bytes_per_token": stats.as_ref().filter(|s| s.steps > 0).map(|s| s.h2d_bytes as f64 / s.steps as f64),
             "cache_hit_rate": stats.as_ref().map(|s| s.hit_rate()),
             "routed_tokens": stats.as_ref().map(|s| s.routed_tokens_last_step),

@@ -95,6 +95,8 @@ pub struct MappedSlice<T> {
     extent: Extent,
     len: usize,
     stream: Arc<cudarc::driver::CudaStream>,
+    /// Its bytes in a host book, if booked ([`MappedSlice::booked`]): given back when it drops.
+    _charge: Option<crate::memory::Charge>,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -111,7 +113,7 @@ impl<T: bytemuck::Pod> MappedSlice<T> {
         if extent.device_ptr().is_none() {
             return Err(std::io::Error::other("mapped pinned memory without a device address"));
         }
-        Ok(MappedSlice { extent, len: data.len(), stream: stream.clone(), _t: std::marker::PhantomData })
+        Ok(MappedSlice { extent, len: data.len(), stream: stream.clone(), _charge: None, _t: std::marker::PhantomData })
     }
 
     /// `len` zeroed elements in a new extent of `memory`.
@@ -124,7 +126,14 @@ impl<T: bytemuck::Pod> MappedSlice<T> {
         if extent.device_ptr().is_none() {
             return Err(std::io::Error::other("mapped pinned memory without a device address"));
         }
-        Ok(MappedSlice { extent, len, stream: stream.clone(), _t: std::marker::PhantomData })
+        Ok(MappedSlice { extent, len, stream: stream.clone(), _charge: None, _t: std::marker::PhantomData })
+    }
+
+    /// Books its bytes under `what` in `book` (e.g. `Gpu::host_memory`) for as long as it lives.
+    pub fn booked(mut self, book: &Arc<crate::memory::Accountant>, what: &'static str) -> Self {
+        // A book without a limit never refuses.
+        self._charge = book.charge(what, self.num_bytes() as u64).ok();
+        self
     }
 
     /// Bytes of host memory held.

@@ -81,6 +81,8 @@ pub const DENSE_KV: &str = "dense K/V cache";
 pub const ACTIVATIONS: &str = "activations";
 pub const PREFILL_RESIDUAL: &str = "prefill residual stream";
 pub const PREFILL_KV: &str = "prefill K/V of one layer";
+/// The HGA arena's extents in the host book (`Gpu::host_memory`).
+pub const HOST_ARENA: &str = "K/V arena (mapped pinned)";
 
 /// Up to this many tokens per call the MoE block takes the decode path (no grouping).
 const MOE_DECODE_MAX_TOKENS: usize = 4;
@@ -126,6 +128,8 @@ struct Layer {
 }
 
 /// Where a layer keeps its K/V and how it attends.
+// One per layer (48 at full size): the dense variant's two inline buffer handles cost nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum LayerKv {
     /// `[n_kv][capacity][128]` on the GPU (or in mapped host memory: `GpuModelOptions::dense_kv_on_host`), exact
     /// attention.
@@ -266,6 +270,8 @@ struct HgaState {
     prefill_residual_on_host: bool,
     /// Host seconds spent allocating (pinning) arena extents so far.
     arena_alloc_s: f64,
+    /// The extents' bytes in the host book (`Gpu::host_memory`, [`HOST_ARENA`]).
+    extent_charges: Vec<crate::memory::Charge>,
 }
 
 /// One layer's K and V over a prompt of `len` tokens, `[n_kv][len][128]`: what the layer-major prefill's exact
@@ -646,6 +652,7 @@ impl<'g> GpuModel<'g> {
                     prefill_history_s: 0.0,
                     prefill_residual_on_host: false,
                     arena_alloc_s: 0.0,
+                    extent_charges: Vec::new(),
                 })
             }
         };
@@ -720,7 +727,8 @@ impl<'g> GpuModel<'g> {
             let table = bf16_host(ck, "model.embed_tokens.weight")?;
             Embedding::Host(
                 MappedSlice::upload(&PinnedMemory::new(gpu.context().clone()), gpu.stream(), &table)
-                    .map_err(|e| GpuModelError::Input(format!("the embedding table in mapped host memory: {e}")))?,
+                    .map_err(|e| GpuModelError::Input(format!("the embedding table in mapped host memory: {e}")))?
+                    .booked(gpu.host_memory(), EMBEDDING),
             )
         } else {
             Embedding::Device(bf16_tensor(gpu, EMBEDDING, ck, "model.embed_tokens.weight")?)
@@ -916,6 +924,7 @@ impl<'g> GpuModel<'g> {
                 ))
             })?;
             st.extents.push(e);
+            st.extent_charges.extend(self.gpu.host_memory().charge(HOST_ARENA, bytes as u64).ok());
         }
         st.arena.update(self.gpu, &st.extents)?;
         st.arena_alloc_s += t0.elapsed().as_secs_f64();
