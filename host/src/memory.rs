@@ -407,7 +407,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod> Placed<T> {
         let memory = crate::kv::PinnedMemory::new(gpu.context().clone());
         crate::kv::pinned::MappedSlice::zeroed(&memory, gpu.stream(), n)
             .map(|m| Placed::Host(m.booked(gpu.host_memory(), what)))
-            .map_err(|e| crate::runtime::RuntimeError::Shape(format!("{what} in mapped pinned host memory: {e}")))
+            .map_err(|e| crate::runtime::RuntimeError::HostMemory(format!("{what}: {e}")))
     }
 }
 

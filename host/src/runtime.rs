@@ -123,6 +123,9 @@ pub enum RuntimeError {
         human(*held)
     )]
     OutOfMemory { what: &'static str, bytes: u64, held: u64, device: String },
+    /// Mapped pinned host memory could not be had (what, and the driver's answer).
+    #[error("mapped pinned host memory for {0}")]
+    HostMemory(String),
 }
 
 /// Picks the image for a device of SM `sm`: the cubin of exactly that SM, else the PTX of the highest arch <= sm.
