@@ -143,7 +143,7 @@ fn geometry_respects_budget_sink_window_and_causality() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// No key's score exceeds its block's min/max bound.
+    /// No key's score exceeds its block's min/max bound, nor its ball bound (mean + radius).
     #[test]
     fn bound_covers_every_key(d in 1usize..40, n in 1usize..80, seed in any::<u64>()) {
         let mut s = seed | 1;
@@ -155,9 +155,11 @@ proptest! {
             for b in 0..n / block {
                 let bound = sm.score(SummaryMode::MinMax, &q, b);
                 prop_assert!((bound - bound_score(&q, &sm.min[b * d..(b + 1) * d], &sm.max[b * d..(b + 1) * d])).abs() < 1e-12);
+                let ball = sm.score(SummaryMode::Ball, &q, b);
                 for j in b * block..(b + 1) * block {
                     let dot: f64 = q.iter().zip(&keys[j * d..(j + 1) * d]).map(|(a, b)| *a as f64 * *b as f64).sum();
                     prop_assert!(dot <= bound + 1e-9, "key {j} scores {dot} above its block's bound {bound}");
+                    prop_assert!(dot <= ball + 1e-9, "key {j} scores {dot} above its block's ball bound {ball}");
                 }
             }
         }

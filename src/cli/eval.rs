@@ -60,6 +60,8 @@ pub enum Policy {
 pub enum Summary {
     Minmax,
     Mean,
+    /// The mean key and the block's radius around it: `q . mean + |q| r` (an upper bound, half min/max's numbers).
+    Ball,
 }
 
 /// GQA aggregation of block scores.
@@ -143,6 +145,7 @@ impl HgaOpts {
                                                     summary: match summary {
                                                         Summary::Minmax => SummaryMode::MinMax,
                                                         Summary::Mean => SummaryMode::Mean,
+                                                        Summary::Ball => SummaryMode::Ball,
                                                     },
                                                     group_score: match gs {
                                                         GroupScoreArg::Summary => GroupScore::Summary,
