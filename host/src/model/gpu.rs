@@ -47,7 +47,7 @@
 //! config leaves unquantized (`modules_to_not_convert`) is refused, naming the tensor: every q/k/v/o and expert
 //! projection here is a block-FP8 GEMM.
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaGraph, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaView, CudaViewMut};
 use half::bf16;
 
 use crate::hga::gpu_layer::{HgaLayer, HgaLayerConfig};
@@ -55,6 +55,7 @@ use crate::hga::HgaParams;
 use crate::kernels::attention::{
     hga_attention_decode_upto_quant, hga_attention_prefill, AttentionShape, DecodeWorkspace, DECODE_MAX_SPLITS,
 };
+use crate::kernels::dptr;
 use crate::kernels::gemm::{hga_fp8_linear, hga_rmsnorm_fp8_quant};
 use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
@@ -1024,14 +1025,14 @@ impl<'g> GpuModel<'g> {
         let host = self.prefill_residual_on_host;
         let h_all = Placed::<bf16>::zeroed(gpu, PREFILL_RESIDUAL, n * h, host == Some(true), host.is_none())?;
         let mlp_all = Placed::<bf16>::zeroed(gpu, PREFILL_RESIDUAL, n * h, host == Some(true), host.is_none())?;
-        let (ph, pm) = (h_all.device_ptr(&s).0, mlp_all.device_ptr(&s).0);
+        let (ph, pm) = (dptr(gpu, &h_all).0, dptr(gpu, &mlp_all).0);
         let row = (h * 2) as u64;
         let chunks: Vec<(usize, usize)> = (0..n).step_by(chunk).map(|s0| (s0, (n - s0).min(chunk))).collect();
         for &(s0, t) in &chunks {
             s.memcpy_htod(&tokens[s0..s0 + t], &mut self.scratch.ids.slice_mut(0..t))?;
             let sc = &mut self.scratch;
             embed_rows(gpu, &self.embed, &sc.ids.slice(0..t), t, &mut sc.h[0].slice_mut(0..t * h), v, h)?;
-            copy_async(gpu, ph + s0 as u64 * row, addr(&s, &*sc.h[0]), t as u64 * row)?;
+            copy_async(gpu, ph + s0 as u64 * row, dptr(gpu, &*sc.h[0]).0, t as u64 * row)?;
         }
         // Events around each layer's hand-off to its tiers (`prefill_history`): their GPU time is reported. With
         // `profile_prefill`, events between every kind of work too.
@@ -1045,15 +1046,15 @@ impl<'g> GpuModel<'g> {
                     let sc = &mut self.scratch;
                     s.memcpy_htod(&pos, &mut sc.positions.slice_mut(0..t))?;
                     let (off, bytes) = (s0 as u64 * row, t as u64 * row);
-                    copy_async(gpu, addr(&s, &*sc.h[0]), ph + off, bytes)?;
+                    copy_async(gpu, dptr(gpu, &*sc.h[0]).0, ph + off, bytes)?;
                     if l > 0 {
-                        copy_async(gpu, addr(&s, &*sc.mlp_out), pm + off, bytes)?;
+                        copy_async(gpu, dptr(gpu, &*sc.mlp_out).0, pm + off, bytes)?;
                     }
                     marks.mark(gpu, "residual stream copies (in and out)")?;
                     let cur = self.enqueue_layer(l, t, StartAt::Host(s0), 0, &mut marks)?;
                     let sc = &self.scratch;
-                    copy_async(gpu, ph + off, addr(&s, &*sc.h[cur]), bytes)?;
-                    copy_async(gpu, pm + off, addr(&s, &*sc.mlp_out), bytes)?;
+                    copy_async(gpu, ph + off, dptr(gpu, &*sc.h[cur]).0, bytes)?;
+                    copy_async(gpu, pm + off, dptr(gpu, &*sc.mlp_out).0, bytes)?;
                     marks.mark(gpu, "residual stream copies (in and out)")?;
                 }
                 let p = self.prefill.as_ref().expect("the prefill's K/V were allocated above");
@@ -1068,7 +1069,7 @@ impl<'g> GpuModel<'g> {
                     (LayerKv::Dense { k_cache, v_cache }, _) if k_cache.is_host() => {
                         let (cap, head) = (self.capacity as u64, (n * 128 * 2) as u64);
                         for (dst, src) in
-                            [(addr(&s, &*k_cache), addr(&s, &*p.k)), (addr(&s, &*v_cache), addr(&s, &*p.v))]
+                            [(dptr(gpu, &*k_cache).0, dptr(gpu, &*p.k).0), (dptr(gpu, &*v_cache).0, dptr(gpu, &*p.v).0)]
                         {
                             for kh in 0..nkv as u64 {
                                 copy_async(gpu, dst + kh * cap * 256, src + kh * head, head)?;
@@ -1090,8 +1091,8 @@ impl<'g> GpuModel<'g> {
                 continue;
             }
             let (sc, off, bytes) = (&self.scratch, s0 as u64 * row, t as u64 * row);
-            copy_async(gpu, addr(&s, &*sc.h[0]), ph + off, bytes)?;
-            copy_async(gpu, addr(&s, &*sc.mlp_out), pm + off, bytes)?;
+            copy_async(gpu, dptr(gpu, &*sc.h[0]).0, ph + off, bytes)?;
+            copy_async(gpu, dptr(gpu, &*sc.mlp_out).0, pm + off, bytes)?;
             self.enqueue_final_norm(t, 0, &mut Marks::Off)?;
             let rows: Vec<usize> = if all_logits { (0..t).collect() } else { vec![t - 1] };
             for r in rows.chunks(LM_HEAD_MAX_M) {
@@ -1576,12 +1577,6 @@ fn rope_into(
         v,
         rs,
     )
-}
-
-/// The device address of a buffer (device memory or mapped host memory).
-fn addr<T>(s: &cudarc::driver::CudaStream, b: &impl DevicePtr<T>) -> u64 {
-    // The context's event tracking is off: the guard records nothing.
-    b.device_ptr(s).0
 }
 
 /// `bytes` from `src` to `dst` on the model's stream, unified addresses (HBM or mapped host memory either side).
