@@ -284,23 +284,7 @@ pub fn eval_row(
         bail!("the HGA pass scored {} positions, dense {}", f.logits.len() / vocab, scored);
     }
     let hs = score(&f.logits, vocab, next);
-    let (nll, kl, agree) = policy_stats(&ds, &hs);
-    Ok(EvalRow {
-        text: text.to_string(),
-        context: n,
-        policy: "hga".into(),
-        params: Some(p.clone()),
-        scored,
-        nll,
-        nll_dense,
-        gap: nll - nll_dense,
-        kl,
-        top1_agree: agree,
-        sparsity: f.sparsity,
-        mass: f64::NAN,
-        recall32: f64::NAN,
-        attn_rel_err: f64::NAN,
-    })
+    Ok(EvalRow::policy(text, n, "hga", p, scored, nll_dense, policy_stats(&ds, &hs), f.sparsity))
 }
 
 /// One line of the HGA counters: cache hit rate, bytes gathered from the host arena per decode step, tokens

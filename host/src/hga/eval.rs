@@ -81,6 +81,37 @@ impl EvalRow {
             attn_rel_err: 0.0,
         }
     }
+
+    /// A policy's row of a window from its `(nll, kl, top1_agree)` against dense ([`policy_stats`]) and its
+    /// sparsity; the routing diagnostics (mass, recall, attention error) are NaN until the caller sets them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn policy(
+        text: &str,
+        context: usize,
+        policy: &str,
+        params: &HgaParams,
+        scored: usize,
+        nll_dense: f64,
+        (nll, kl, top1_agree): (f64, f64, f64),
+        sparsity: f64,
+    ) -> Self {
+        EvalRow {
+            text: text.to_string(),
+            context,
+            policy: policy.to_string(),
+            params: Some(params.clone()),
+            scored,
+            nll,
+            nll_dense,
+            gap: nll - nll_dense,
+            kl,
+            top1_agree,
+            sparsity,
+            mass: f64::NAN,
+            recall32: f64::NAN,
+            attn_rel_err: f64::NAN,
+        }
+    }
 }
 
 /// Log-softmax of one row.
@@ -154,23 +185,14 @@ pub fn eval_window(
         model = model.with_attention_policy(Box::new(policy.clone()));
         let logits = model.prefill(tokens, &mut model.new_cache())?;
         let hs = score(&logits, tokens, scored);
-        let (nll, kl, agree) = policy_stats(&ds, &hs);
+        let stats = policy_stats(&ds, &hs);
         let d = policy.take_diagnostics().overall();
+        let sparsity = if d.context > 0.0 { d.used / d.context } else { 1.0 };
         rows.push(EvalRow {
-            text: text.to_string(),
-            context: tokens.len(),
-            policy: policy.name().to_string(),
-            params: Some(p.clone()),
-            scored,
-            nll,
-            nll_dense,
-            gap: nll - nll_dense,
-            kl,
-            top1_agree: agree,
-            sparsity: if d.context > 0.0 { d.used / d.context } else { 1.0 },
             mass: d.mass,
             recall32: d.recall32,
             attn_rel_err: d.rel_err,
+            ..EvalRow::policy(text, tokens.len(), policy.name(), p, scored, nll_dense, stats, sparsity)
         });
     }
     Ok((model.with_attention_policy(Box::new(DenseAttention)), rows))
