@@ -311,6 +311,10 @@ fn gpu_model_hga_respects_the_memory_cap() {
     assert!(e.to_string().contains("over the host K/V limit 1.0 MiB"), "{e}");
     drop(m);
     let mut m = GpuModel::load_with(gpu, &ck, &opts, |_, _| {}).unwrap();
+    // The auto cache takes what the cap leaves: here more than the whole context's groups, so every group.
+    let st = m.hga_stats().unwrap().unwrap();
+    log(format!("512 MiB cap: {} cache slots per KV head for a selection of {}", st.cache_slots, st.max_groups));
+    assert_eq!(st.cache_slots, 2048 / 16, "the auto cache under a roomy cap holds every group of the context");
     m.forward(&tokens[..1400], false).unwrap();
     for &t in &tokens[1400..] {
         m.forward(&[t], false).unwrap();

@@ -122,7 +122,8 @@ pub struct GenerateArgs {
     /// HGA: the first N layers stay dense (their K/V in GPU memory).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub dense_layers: usize,
-    /// HGA: routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
+    /// HGA: routed-group slots per KV head of each layer's GPU cache (0: auto, twice the selection, and under
+    /// --gpu-memory-limit whatever GPU memory the cap leaves once everything else is placed).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub cache_slots: usize,
     /// HGA: where the routing sketches live (66 bytes per position, layer and KV head: 3.3 GiB at 256K for
@@ -552,6 +553,8 @@ fn generate(
             "host_memory_peak_bytes": gpu.host_memory().peak(),
             "h2d_bytes_per_token": stats.as_ref().filter(|s| s.steps > 0).map(|s| s.h2d_bytes as f64 / s.steps as f64),
             "cache_hit_rate": stats.as_ref().map(|s| s.hit_rate()),
+            "cache_slots_per_kv_head": stats.as_ref().map(|s| s.cache_slots),
+            "max_groups": stats.as_ref().map(|s| s.max_groups),
             "routed_tokens": stats.as_ref().map(|s| s.routed_tokens_last_step),
             "arena_bytes": arena,
             "sketch_host_layers": stats.as_ref().map(|s| s.sketch_host_layers),

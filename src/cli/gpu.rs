@@ -254,6 +254,8 @@ pub fn stats_since(base: &HgaStats, now: &HgaStats) -> HgaStats {
         prefill_history_s: now.prefill_history_s,
         prefill_residual_on_host: now.prefill_residual_on_host,
         arena_alloc_s: now.arena_alloc_s,
+        cache_slots: now.cache_slots,
+        max_groups: now.max_groups,
     }
 }
 
@@ -291,13 +293,15 @@ pub fn eval_row(
 /// attended in the last step, arena size.
 pub fn stats_line(s: &HgaStats) -> String {
     format!(
-        "GPU cache hit rate {:.1}% ({} hits, {} misses), {} gathered from the host arena per decode step ({} steps), \
+        "GPU cache hit rate {:.1}% ({} hits, {} misses; {} slots per KV head for a selection of {}), {} gathered from the host arena per decode step ({} steps), \
          {:.0} tokens attended per (layer, KV head) in the last step, arena {}; sketches in host memory in {} of {} \
          layers; prefill: hand-off to the tiers {:.2} s GPU, residual stream in {} memory; arena pinned in {:.2} s \
          so far",
         100.0 * s.hit_rate(),
         s.hits,
         s.misses,
+        s.cache_slots,
+        s.max_groups,
         hga::memory::human(s.h2d_bytes.checked_div(s.steps).unwrap_or(0)),
         s.steps,
         s.routed_tokens_last_step,
@@ -323,6 +327,8 @@ pub fn add_stats(acc: &mut HgaStats, s: &HgaStats) {
     acc.prefill_history_s += s.prefill_history_s;
     acc.prefill_residual_on_host |= s.prefill_residual_on_host;
     acc.arena_alloc_s = s.arena_alloc_s;
+    acc.cache_slots = s.cache_slots;
+    acc.max_groups = s.max_groups;
 }
 
 /// `hga eval --backend cuda`: dense, then each HGA parameter set, over every window; the rows of the CPU backend.

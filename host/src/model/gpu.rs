@@ -70,7 +70,7 @@ use crate::model::error::ModelError;
 use crate::reference::kv::SelectionTrace;
 use crate::reference::moe::{MoeDims, MoeHostWeights};
 use crate::runtime::{Gpu, RuntimeError};
-use gpu_kernels::params::HGA_HEAD_DIM;
+use gpu_kernels::params::{HGA_HEAD_DIM, KV_GROUP_BYTES};
 
 /// Labels of the model's device memory (the accountant of [`Gpu::memory`]).
 pub const ATTENTION_WEIGHTS: &str = "attention weights";
@@ -157,7 +157,10 @@ pub enum AttentionMode {
 pub struct HgaOptions {
     /// The routing: host/src/hga's parameters (one set means the same on both backends).
     pub params: HgaParams,
-    /// Routed-group slots per KV head of each layer's GPU cache (0: twice the selection).
+    /// Routed-group slots per KV head of each layer's GPU cache. 0 (auto): twice the selection, and under a GPU
+    /// memory cap whatever HBM the cap leaves once everything else is placed, shared equally by the HGA layers
+    /// (see [`CacheFit`]): a larger cache keeps more of the working set from step to step, so fewer groups cross
+    /// PCIe.
     pub cache_slots: usize,
     /// Allocate the host arena for `capacity` positions at load instead of growing it extent by extent as the
     /// context grows: pinning host memory costs about 0.6 s per GB on the H200 host (4 s for a 64K context), time
@@ -199,6 +202,10 @@ pub struct HgaStats {
     /// Host seconds spent allocating (pinning) the arena's extents so far (at load with
     /// `HgaOptions::arena_at_load`, else while prompts grow the context).
     pub arena_alloc_s: f64,
+    /// Routed-group slots per KV head of each HGA layer's GPU cache, and the selection width they serve (groups
+    /// per KV head and step at the model's capacity).
+    pub cache_slots: usize,
+    pub max_groups: usize,
 }
 
 impl HgaStats {
@@ -556,17 +563,46 @@ impl SketchFit {
     }
 }
 
+/// How many routed-group slots per KV head the auto cache adds to every HGA layer under a GPU memory cap: what
+/// the cap leaves once the weights, every layer's state and the scratch are in, less the prefill's transient
+/// buffers (`transient`: the K/V of one layer and, unless it is forced to host memory, the residual stream, both at
+/// the model's capacity) and a headroom for what is allocated outside the accountant's sight (CUDA graphs, the
+/// driver's own), split equally over the HGA layers and their KV heads.
+struct CacheFit {
+    limit: u64,
+    live: u64,
+    transient: u64,
+    hga_layers: usize,
+    kv_heads: usize,
+}
+
+/// HBM the auto cache leaves unused under a cap ([`CacheFit`]).
+const CACHE_HEADROOM: u64 = 256 << 20;
+
+impl CacheFit {
+    /// Extra slots per KV head and layer (0 when nothing is left).
+    fn extra_slots(&self) -> usize {
+        let left = self.limit.saturating_sub(self.live + self.transient + CACHE_HEADROOM);
+        let per_slot = (KV_GROUP_BYTES + 12) as u64 * (self.hga_layers * self.kv_heads).max(1) as u64;
+        (left / per_slot) as usize
+    }
+}
+
 /// Each layer's K/V state: a dense GPU cache of `capacity` positions, or (HGA, from layer `dense_layers` on) an
 /// [`HgaLayer`] sharing the model's attention workspace. Under a GPU memory cap the routing sketches (66 bytes per
 /// token and KV head) of the HGA layers stay in HBM while HBM holds them beside everything else the model needs
 /// (the other layers' state and the prefill's K/V of one layer at `capacity`, `PREFILL_KV`), and go to mapped host
-/// memory otherwise, layer by layer from the last (`HgaOptions::sketches_on_host` forces one placement).
+/// memory otherwise, layer by layer from the last (`HgaOptions::sketches_on_host` forces one placement). Then, with
+/// the auto cache (`HgaOptions::cache_slots` 0) under a cap, every HGA layer's GPU cache grows by the slots the cap
+/// still leaves ([`CacheFit`]): the sketches come first (without them stage 2 reads over PCIe every step), the
+/// cache gets the rest.
 fn build_kv(
     gpu: &Gpu,
     c: &Qwen3MoeConfig,
     capacity: usize,
     hga: Option<&HgaState>,
     dense_on_host: bool,
+    residual_on_host: Option<bool>,
 ) -> Result<Vec<LayerKv>, GpuModelError> {
     let (nh, nkv, nl) = (c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers);
     let dense = |gpu: &Gpu| -> Result<LayerKv, GpuModelError> {
@@ -596,6 +632,34 @@ fn build_kv(
         out.push(LayerKv::Hga(Box::new(HgaLayer::new_sharing_workspace(gpu, &cfg, &st.arena)?)));
         if other.is_none() {
             other = Some((mem.live() - before).saturating_sub(if on_host { 0 } else { sketch_bytes }));
+        }
+    }
+    // The auto cache under a cap: rebuild each (still empty) HGA layer with the slots the cap leaves.
+    if let (0, Some(limit)) = (st.options.cache_slots, mem.limit()) {
+        let residual = if residual_on_host == Some(true) { 0 } else { (2 * capacity * c.hidden_size * 2) as u64 };
+        let fit = CacheFit {
+            limit,
+            live: mem.live(),
+            transient: prefill_reserve + residual,
+            hga_layers: nl - first_hga,
+            kv_heads: nkv,
+        };
+        let extra = fit.extra_slots();
+        if extra > 0 {
+            for kv in std::mem::take(&mut out) {
+                out.push(match kv {
+                    LayerKv::Hga(hl) => {
+                        let mut cfg = hl.config().clone();
+                        // More slots than the context has groups would never be used.
+                        let cc = cfg.cache_config()?;
+                        cfg.cache_slots = (cc.cache_slots + extra).min(cc.table_groups.max(cc.cache_slots));
+                        // The old layer goes first, so that the new one finds its HBM.
+                        drop(hl);
+                        LayerKv::Hga(Box::new(HgaLayer::new_sharing_workspace(gpu, &cfg, &st.arena)?))
+                    }
+                    dense => dense,
+                });
+            }
         }
     }
     Ok(out)
@@ -738,7 +802,7 @@ impl<'g> GpuModel<'g> {
         let lm_head = bf16_tensor(gpu, LM_HEAD, ck, lm_name)?;
         // The K/V state last, once every weight is in: under a cap, the HGA layers' sketches go to host memory
         // where HBM cannot hold them beside the rest (see `build_kv`).
-        let kv = build_kv(gpu, &c, capacity, hga.as_ref(), options.dense_kv_on_host)?;
+        let kv = build_kv(gpu, &c, capacity, hga.as_ref(), options.dense_kv_on_host, options.prefill_residual_on_host)?;
         progress(c.num_hidden_layers, c.num_hidden_layers);
         let mut model = GpuModel {
             gpu,
@@ -949,6 +1013,8 @@ impl<'g> GpuModel<'g> {
             if let LayerKv::Hga(hl) = kv {
                 let c = hl.cache_totals();
                 out.hga_layers += 1;
+                let cc = hl.cache.cfg;
+                (out.cache_slots, out.max_groups) = (cc.cache_slots, cc.max_groups);
                 out.sketch_host_layers += usize::from(hl.summaries().sketch.is_host());
                 out.hits += c.hits;
                 out.misses += c.misses;
@@ -1789,5 +1855,18 @@ mod tests {
         assert!(!at(1000 * MIB, 3).fits(1240 * MIB));
         // The last layer needs only its own state beside its sketches.
         assert!(at(1000 * MIB + 48 * MIB, 0).fits(1256 * MIB));
+    }
+
+    #[test]
+    fn the_auto_cache_takes_what_the_cap_leaves_after_the_prefill_and_the_headroom() {
+        const MIB: u64 = 1 << 20;
+        let per = (KV_GROUP_BYTES + 12) as u64 * 47 * 4;
+        let at = |limit: u64| CacheFit { limit, live: 1000 * MIB, transient: 640 * MIB, hga_layers: 47, kv_heads: 4 };
+        let base = 1000 * MIB + 640 * MIB + CACHE_HEADROOM;
+        assert_eq!(at(base).extra_slots(), 0);
+        assert_eq!(at(base - 1).extra_slots(), 0, "over the cap: nothing, not an underflow");
+        assert_eq!(at(base + per - 1).extra_slots(), 0);
+        assert_eq!(at(base + per).extra_slots(), 1);
+        assert_eq!(at(base + 1000 * per + 5).extra_slots(), 1000);
     }
 }
