@@ -451,3 +451,104 @@ fn reads_bigger_than_the_cache_go_in_rounds() {
     assert!(e.contains("is selected twice"), "{e}");
     let _ = DiskConfig::default();
 }
+
+/// Host memory whose "device address" is its host address: what mapped pinned memory is under unified addressing,
+/// so that the device path of the disk tier (the GPU's appends and gathers through block addresses) runs here with
+/// the host standing in for the kernels.
+struct IdentityMapped;
+
+impl hga::kv::ExtentMemory for IdentityMapped {
+    fn name(&self) -> &'static str {
+        "identity-mapped heap"
+    }
+    fn alloc(&self, bytes: usize) -> std::io::Result<hga::kv::Extent> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 4096).unwrap();
+        // SAFETY: a non-zero layout; freed with the same layout.
+        let p = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).expect("allocation");
+        let free = Box::new(move |p: std::ptr::NonNull<u8>, _| unsafe { std::alloc::dealloc(p.as_ptr(), layout) });
+        // SAFETY: `p` holds `bytes` bytes until `free` runs.
+        Ok(unsafe { hga::kv::Extent::from_raw(p, bytes, p.as_ptr() as u64, free) })
+    }
+}
+
+/// The disk tier's device path: a prompt stored as raw rows (`append_raw`, as the GPU prefill hands a layer's
+/// K/V over), then decode steps whose rows are written through the block addresses `append_device` returns (as
+/// the append kernel does), and random selections made resident by `device_blocks`, whose addresses must hold
+/// exactly the rows written, bit for bit, while a RAM cache of a few pages evicts to disk and reads back.
+#[test]
+fn the_device_path_stores_and_serves_what_was_written() {
+    let dir = tmpdir("device-path");
+    let (layers, heads) = (2usize, 2usize);
+    let f = BlockFormat::STANDARD;
+    let cfg = DiskConfig { dir: dir.clone(), cache_bytes: 40 * 8192, slots_per_extent: 8, ..DiskConfig::default() };
+    let mut s = DiskStore::open(IdentityMapped, layers, heads, f, cfg).unwrap();
+    // model[l][h][pos] = (K row, V row) bytes.
+    let mut model = vec![vec![Vec::<(Vec<u8>, Vec<u8>)>::new(); heads]; layers];
+    let row = |l: usize, h: usize, p: usize, kv: u64| -> Vec<u8> {
+        let vals = values(128, ((l * 7 + h) * 100_000 + p) as u64 * 2 + kv, Elem::Bf16);
+        vals.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
+    };
+    let n0 = 100;
+    for l in 0..layers {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for h in 0..heads {
+            for p in 0..n0 {
+                let (kr, vr) = (row(l, h, p, 0), row(l, h, p, 1));
+                k.extend_from_slice(&kr);
+                v.extend_from_slice(&vr);
+                model[l][h].push((kr, vr));
+            }
+        }
+        s.append_raw(l, 0, n0, n0, &k, &v).unwrap();
+    }
+    let mut rng = 12345u64;
+    let mut next = |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let mut served = 0;
+    for pos in n0..n0 + 70 {
+        for l in 0..layers {
+            let ptrs = s.append_device(l, pos).unwrap();
+            for (h, &blk) in ptrs.iter().enumerate() {
+                let (kr, vr) = (row(l, h, pos, 0), row(l, h, pos, 1));
+                let r = pos % GROUP;
+                // SAFETY: `blk` is the host address of a resident 8 KB block (identity mapping).
+                let b = unsafe { std::slice::from_raw_parts_mut(blk as *mut u8, f.block_bytes()) };
+                b[f.k_row(r)].copy_from_slice(&kr);
+                b[f.v_row(r)].copy_from_slice(&vr);
+                model[l][h].push((kr, vr));
+            }
+        }
+        // A step's selection: distinct closed groups of random (layer, head).
+        let closed = pos / GROUP;
+        let mut sel = Vec::new();
+        for _ in 0..12 {
+            let t = (next(layers), next(heads), next(closed));
+            if !sel.contains(&t) {
+                sel.push(t);
+            }
+        }
+        let blocks = s.device_blocks(&sel).unwrap();
+        for (&(l, h, g), &blk) in sel.iter().zip(&blocks) {
+            // SAFETY: as above; valid until the next call that allocates slots.
+            let b = unsafe { std::slice::from_raw_parts(blk as *const u8, f.block_bytes()) };
+            for r in 0..GROUP {
+                let (kr, vr) = &model[l][h][g * GROUP + r];
+                assert!(&b[f.k_row(r)] == kr.as_slice(), "pos {pos}: K of layer {l} head {h} group {g} row {r}");
+                assert!(&b[f.v_row(r)] == vr.as_slice(), "pos {pos}: V of layer {l} head {h} group {g} row {r}");
+            }
+            served += 1;
+        }
+    }
+    let st = s.stats();
+    assert!(st.evictions > 0 && st.bytes_read > 0 && st.bytes_written > 0, "the cache must evict and re-read: {st:?}");
+    assert!(served > 500);
+    // Too small a cache for one selection is an error naming the limit, not a wrong block.
+    let all: Vec<(usize, usize, usize)> = (0..layers).flat_map(|l| (0..heads).flat_map(move |h| (0..10).map(move |g| (l, h, g)))).collect();
+    let e = s.device_blocks(&all).unwrap_err().to_string();
+    assert!(e.contains("--host-kv-limit"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

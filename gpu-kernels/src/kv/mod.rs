@@ -51,12 +51,20 @@ pub(crate) fn lanemask_lt() -> u32 {
 
 /// Byte address of group `g` of (`p.layer`, `h`) in the mapped arena, or 0 when the group lies past the table or
 /// its extent is not allocated yet (a 0 entry: the table has a fixed length so that a recorded graph stays valid
-/// while the arena grows).
+/// while the arena grows). With `p.group_addr` the address is that table's entry instead (0: not in RAM).
 ///
 /// # Safety
-/// `p.extents` holds `p.n_extents` device addresses.
+/// `p.extents` holds `p.n_extents` device addresses; `p.group_addr`, when set, `(p.layer + 1) * p.n_kv *
+/// p.table_groups` of them.
 #[inline(always)]
 pub(crate) unsafe fn arena_block(p: &crate::params::KvCacheParams, h: u32, g: u32) -> u64 {
+    if p.group_addr != 0 {
+        if g >= p.table_groups {
+            return 0;
+        }
+        let i = (p.layer as u64 * p.n_kv as u64 + h as u64) * p.table_groups as u64 + g as u64;
+        return *(p.group_addr as *const u64).add(i as usize);
+    }
     let e = g / p.groups_per_extent;
     if e >= p.n_extents {
         return 0;

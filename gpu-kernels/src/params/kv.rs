@@ -95,4 +95,8 @@ pub struct KvCacheParams {
     pub ref_fill: u32,
     /// Append: also write the arena (1) or only the GPU slots (0).
     pub write_arena: u32,
+    /// u64 [layers][n_kv][table_groups] in mapped host memory, or 0: the address of each group's block, written by
+    /// the host (the disk tier's RAM cache, whose pages are not laid out as extents); when set it replaces the
+    /// extents' arithmetic, and a 0 entry is a group not in RAM.
+    pub group_addr: u64,
 }

@@ -387,12 +387,31 @@ impl HgaLayer {
         workspace: Option<&mut DecodeWorkspace>,
         fp8_out: Option<(&mut CudaViewMut<'_, u8>, &mut CudaViewMut<'_, f32>)>,
     ) -> Result<(), RuntimeError> {
-        let aws = match workspace {
-            Some(w) => w,
-            None => self.aws.as_mut().ok_or_else(|| {
-                RuntimeError::Shape("hga layer built without a workspace: call attend_in with one".into())
-            })?,
-        };
+        self.route_and_lookup(gpu, pos, q, q_f32, arena)?;
+        match workspace {
+            Some(w) => self.gather_and_attend(gpu, pos, q, out, lse, arena, w, fp8_out),
+            None => {
+                let mut w = self.aws.take().ok_or_else(|| {
+                    RuntimeError::Shape("hga layer built without a workspace: call attend_in with one".into())
+                })?;
+                let r = self.gather_and_attend(gpu, pos, q, out, lse, arena, &mut w, fp8_out);
+                self.aws = Some(w);
+                r
+            }
+        }
+    }
+
+    /// The first half of a decode step's attention: routing (or the replayed selection) and the cache lookup,
+    /// which leaves this step's misses in the cache's miss list ([`HgaLayer::misses`]). `q_f32`: the query in f32
+    /// when the caller has it (else it is converted from `q`).
+    pub fn route_and_lookup(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        q: &impl DevicePtr<bf16>,
+        q_f32: Option<&CudaSlice<f32>>,
+        arena: &ArenaTable,
+    ) -> Result<(), RuntimeError> {
         let n = self.cfg.n_heads * HGA_HEAD_DIM;
         if q.len() != n {
             return Err(RuntimeError::Shape(format!("hga layer q: {} elements, expected {n}", q.len())));
@@ -407,7 +426,33 @@ impl HgaLayer {
         if let Some(r) = &self.replay {
             gpu.stream().memcpy_dtod(r, &mut self.selected)?;
         }
-        hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)?;
+        hga_kv_lookup(gpu, &mut self.cache, pos, &self.selected, arena)
+    }
+
+    /// The groups the last lookup missed, per KV head (read from the device: synchronizes): what the gather will
+    /// read from the arena, so what a disk tier must have in RAM first.
+    pub fn misses(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>, RuntimeError> {
+        let s = gpu.stream();
+        let n = s.clone_dtoh(&self.cache.n_miss)?;
+        let groups = s.clone_dtoh(&self.cache.miss_group)?;
+        let mg = self.cache.cfg.max_groups;
+        Ok(n.iter().enumerate().map(|(h, &m)| groups[h * mg..h * mg + (m as usize).min(mg)].to_vec()).collect())
+    }
+
+    /// The second half: the gather of the misses into their slots, then the routed attention (and the merge's FP8
+    /// quantization with `fp8_out`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_and_attend(
+        &mut self,
+        gpu: &Gpu,
+        pos: &CudaSlice<u32>,
+        q: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+        lse: &mut impl DevicePtrMut<f32>,
+        arena: &ArenaTable,
+        aws: &mut DecodeWorkspace,
+        fp8_out: Option<(&mut CudaViewMut<'_, u8>, &mut CudaViewMut<'_, f32>)>,
+    ) -> Result<(), RuntimeError> {
         hga_kv_gather(gpu, &mut self.cache, pos, arena)?;
         let c = &self.cache;
         let (slots, es, ep, ne, sh) = (&c.slots, &c.entry_slot, &c.entry_pos, &c.n_entries, &self.attn);
@@ -483,6 +528,8 @@ impl HgaLayer {
         gpu.context().bind_to_thread()?;
         for c in plan {
             let dst = match c.dst {
+                // The disk tier: the host stores the prompt's K/V itself.
+                PrefillDst::Arena { .. } if arena.group_table().is_some() => continue,
                 PrefillDst::Arena { extent, offset } => match extents.get(extent) {
                     Some(&b) if b != 0 => b + offset as u64,
                     _ => {

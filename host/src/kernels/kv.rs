@@ -25,6 +25,12 @@ fn params(gpu: &Gpu, c: &GpuCache, pos: &CudaSlice<u32>, arena: &ArenaTable) -> 
             cfg.layer, cfg.n_kv, l.layers, l.kv_heads
         )));
     }
+    if let Some((_, groups)) = arena.group_table().filter(|&(_, g)| g != cfg.table_groups) {
+        return Err(RuntimeError::Shape(format!(
+            "kv cache of layer {} with a page table of {} groups does not fit the group table's {groups}",
+            cfg.layer, cfg.table_groups
+        )));
+    }
     let u = |what: &str, v: usize| super::dim_u32(what, v);
     Ok(KvCacheParams {
         pos: addr(gpu, pos),
@@ -59,6 +65,7 @@ fn params(gpu: &Gpu, c: &GpuCache, pos: &CudaSlice<u32>, arena: &ArenaTable) -> 
         ref_hit: cfg.ref_hit,
         ref_fill: cfg.ref_fill,
         write_arena: 1,
+        group_addr: arena.group_table().map_or(0, |(a, _)| a),
     })
 }
 

@@ -685,6 +685,109 @@ impl<M: ExtentMemory> DiskStore<M> {
         let f = self.format;
         let heads = self.kv_heads;
         let t = check_rows(heads, &f, k, v)?;
+        let d = f.head_dim;
+        self.append_with(layer, pos0, t, &mut |i, h, r, blk| {
+            let row = (i * heads + h) * d..(i * heads + h + 1) * d;
+            f.encode_row(&k[row.clone()], &mut blk[f.k_row(r)])?;
+            f.encode_row(&v[row], &mut blk[f.v_row(r)])
+        })
+    }
+
+    /// [`Self::append`] of rows already in the block format's bytes (bf16 or f32 as the format says), laid out as a
+    /// dense cache: row `i` of KV head `h` at byte `(h * head_rows + i) * row_bytes` of `k` and of `v`
+    /// (`[kv_heads][head_rows][head_dim]`, `head_rows >= t`), e.g. a layer's K/V copied from the GPU. No conversion:
+    /// the bytes are stored as given.
+    pub fn append_raw(
+        &mut self,
+        layer: usize,
+        pos0: usize,
+        t: usize,
+        head_rows: usize,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(), KvError> {
+        let f = self.format;
+        let rb = f.row_bytes();
+        let need = self.kv_heads.saturating_sub(1) * head_rows * rb + t * rb;
+        if head_rows < t || k.len() < need || v.len() < need {
+            return Err(KvError::Usage(format!(
+                "append_raw: {t} rows of {} KV heads with {head_rows} rows per head need {need} bytes of K and of V,                  got {} and {}",
+                self.kv_heads,
+                k.len(),
+                v.len()
+            )));
+        }
+        self.append_with(layer, pos0, t, &mut |i, h, r, blk| {
+            let src = (h * head_rows + i) * rb..(h * head_rows + i + 1) * rb;
+            blk[f.k_row(r)].copy_from_slice(&k[src.clone()]);
+            blk[f.v_row(r)].copy_from_slice(&v[src]);
+            Ok(())
+        })
+    }
+
+    /// Makes position `pos` of `layer` writable by a device (the next token of a decode step, written through
+    /// mapped memory by the append kernel) and returns, per KV head, the device address of its group's block in the
+    /// RAM cache. `pos` is the layer's length (or less: a rewind). The group before it becomes dirty when `pos`
+    /// opens a new one: the device wrote its last row in an earlier step, which the caller has waited for. So call
+    /// it only while no device work that writes this store is in flight; a write batch may run here.
+    pub fn append_device(&mut self, layer: usize, pos: usize) -> Result<Vec<u64>, KvError> {
+        if layer >= self.layers || pos > self.lens[layer] {
+            return Err(KvError::Usage(format!(
+                "device append at layer {layer} position {pos}: the store has {} layers and {} positions there",
+                self.layers,
+                self.lens.get(layer).copied().unwrap_or(0)
+            )));
+        }
+        self.truncate(layer, pos + 1);
+        let (g, r) = (pos / GROUP, pos % GROUP);
+        let mut out = Vec::with_capacity(self.kv_heads);
+        for h in 0..self.kv_heads {
+            if r == 0 && g > 0 {
+                let prev = self.index(layer, h, g - 1);
+                if self.table[prev].state == State::Open {
+                    self.table[prev].state = State::Dirty;
+                    self.dirty.push(prev as u32);
+                }
+            }
+            let p = self.index(layer, h, g);
+            self.open_for_write(p, r)?;
+            out.push(self.block_device_ptr(layer, h, g).ok_or_else(|| {
+                KvError::Usage("device append: the RAM cache is not mapped memory (no device address)".into())
+            })?);
+        }
+        self.lens[layer] = pos + 1;
+        if self.dirty.len() >= self.batch {
+            self.flush()?;
+        }
+        Ok(out)
+    }
+
+    /// Drops the groups of `layer` past its new length `len` (a rewind) and grows the page table to hold `len`
+    /// positions.
+    fn truncate(&mut self, layer: usize, len: usize) {
+        let old = self.lens[layer];
+        for g in len.div_ceil(GROUP)..old.div_ceil(GROUP) {
+            for h in 0..self.kv_heads {
+                let p = self.index(layer, h, g);
+                self.release(p);
+            }
+        }
+        let need = len.div_ceil(GROUP) * self.layers * self.kv_heads;
+        if self.table.len() < need {
+            self.table.resize(need, ABSENT);
+        }
+    }
+
+    /// Stores `t` positions from `pos0` of `layer`: `write(i, kv_head, row, block)` writes position `pos0 + i`'s
+    /// row `row` into its group's block in RAM (see [`Self::append`]).
+    fn append_with(
+        &mut self,
+        layer: usize,
+        pos0: usize,
+        t: usize,
+        write: &mut dyn FnMut(usize, usize, usize, &mut [u8]) -> Result<(), KvError>,
+    ) -> Result<(), KvError> {
+        let heads = self.kv_heads;
         if layer >= self.layers || pos0 > self.lens[layer] {
             return Err(KvError::Usage(format!(
                 "append at layer {layer} position {pos0}: the store has {} layers and {} positions there",
@@ -692,28 +795,15 @@ impl<M: ExtentMemory> DiskStore<M> {
                 self.lens.get(layer).copied().unwrap_or(0)
             )));
         }
-        let (old, new) = (self.lens[layer], pos0 + t);
-        for g in new.div_ceil(GROUP)..old.div_ceil(GROUP) {
-            for h in 0..heads {
-                let p = self.index(layer, h, g);
-                self.release(p);
-            }
-        }
-        let need = new.div_ceil(GROUP) * self.layers * heads;
-        if self.table.len() < need {
-            self.table.resize(need, ABSENT);
-        }
-        let d = f.head_dim;
+        let new = pos0 + t;
+        self.truncate(layer, new);
         for i in 0..t {
             let pos = pos0 + i;
             let (g, r) = (pos / GROUP, pos % GROUP);
             for h in 0..heads {
                 let p = self.index(layer, h, g);
                 let s = self.open_for_write(p, r)?;
-                let row = (i * heads + h) * d..(i * heads + h + 1) * d;
-                let blk = self.slots.bytes_mut(s);
-                f.encode_row(&k[row.clone()], &mut blk[f.k_row(r)])?;
-                f.encode_row(&v[row], &mut blk[f.v_row(r)])?;
+                write(i, h, r, self.slots.bytes_mut(s))?;
                 if r == GROUP - 1 {
                     self.table[p].state = State::Dirty;
                     self.dirty.push(p as u32);
@@ -860,7 +950,7 @@ impl<M: ExtentMemory> DiskStore<M> {
     ) -> Result<(u64, u64), KvError> {
         check_read(layer, kv_head, groups, self.layers, self.kv_heads, self.lens.get(layer).copied())?;
         let sel: Vec<(usize, usize, usize)> = groups.iter().map(|&g| (layer, kv_head, g)).collect();
-        self.read_unchecked(&sel, &mut |_, _, g, b| f(g, b))
+        self.read_unchecked(&sel, &mut |_, _, g, b| f(g, b), None)
     }
 
     /// [`Self::read_groups`] over a whole selection `(layer, kv_head, group)` (distinct), e.g. a decode step's
@@ -874,10 +964,41 @@ impl<M: ExtentMemory> DiskStore<M> {
         for &(l, h, g) in sel {
             check_read(l, h, &[g], self.layers, self.kv_heads, self.lens.get(l).copied())?;
         }
-        self.read_unchecked(sel, f)
+        self.read_unchecked(sel, f, None)
     }
 
-    fn read_unchecked(&mut self, sel: &[(usize, usize, usize)], f: &mut BlockSink<'_>) -> Result<(u64, u64), KvError> {
+    /// Makes the groups of `sel` (distinct `(layer, kv_head, group)`) resident in the RAM cache, reading the
+    /// misses from disk as [`Self::read_selection`] does, and returns the device address of each block in order
+    /// (the RAM cache must be mapped memory): what a GPU gather then reads. Every page of `sel` is held while the
+    /// others are read, so none evicts another; the addresses stay valid until the next call that allocates
+    /// slots (an append, a read).
+    pub fn device_blocks(&mut self, sel: &[(usize, usize, usize)]) -> Result<Vec<u64>, KvError> {
+        for &(l, h, g) in sel {
+            check_read(l, h, &[g], self.layers, self.kv_heads, self.lens.get(l).copied())?;
+        }
+        let mut held = Vec::new();
+        let r = self.read_unchecked(sel, &mut |_, _, _, _| {}, Some(&mut held));
+        for &s in &held {
+            self.slots.busy[s as usize] = false;
+        }
+        r?;
+        sel.iter()
+            .map(|&(l, h, g)| {
+                self.block_device_ptr(l, h, g).ok_or_else(|| {
+                    KvError::Usage("device blocks: the RAM cache is not mapped memory (no device address)".into())
+                })
+            })
+            .collect()
+    }
+
+    /// Reads `sel` through `f`. With `hold`, every slot of `sel` stays busy (not evictable) until the caller clears
+    /// the slots pushed there, hits and fetched pages alike.
+    fn read_unchecked(
+        &mut self,
+        sel: &[(usize, usize, usize)],
+        f: &mut BlockSink<'_>,
+        mut hold: Option<&mut Vec<u32>>,
+    ) -> Result<(u64, u64), KvError> {
         let bb = self.format.block_bytes();
         let mut misses = Vec::new();
         for &(l, h, g) in sel {
@@ -885,6 +1006,12 @@ impl<M: ExtentMemory> DiskStore<M> {
             let s = self.table[p].slot;
             if s != NONE {
                 self.slots.refbit[s as usize] = true;
+                if let Some(held) = hold.as_deref_mut() {
+                    if !self.slots.busy[s as usize] {
+                        self.slots.busy[s as usize] = true;
+                        held.push(s);
+                    }
+                }
                 f(l, h, g, &self.slots.bytes(s)[..bb]);
             } else {
                 debug_assert_eq!(self.table[p].state, State::Clean);
@@ -915,7 +1042,10 @@ impl<M: ExtentMemory> DiskStore<M> {
             }
             let r = self.fetch(&round);
             for &(p, s) in &round {
-                self.slots.busy[s as usize] = false;
+                match hold.as_deref_mut() {
+                    Some(held) if r.is_ok() => held.push(s),
+                    _ => self.slots.busy[s as usize] = false,
+                }
                 if r.is_ok() {
                     self.slots.owner[s as usize] = p as u32;
                     self.slots.refbit[s as usize] = true;

@@ -112,13 +112,16 @@ pub struct ArenaTable {
     pub layout: ArenaLayout,
     pub table: DeviceBuf<u64>,
     pub max_extents: usize,
+    /// The disk tier's group table (`(device address, groups per (layer, KV head))`, see
+    /// [`ArenaTable::set_group_table`]), or `None`: the extents.
+    group_table: Option<(u64, usize)>,
 }
 
 impl ArenaTable {
     /// A table of `max_extents` entries holding the device addresses of `extents` (mapped memory).
     pub fn new(gpu: &Gpu, layout: ArenaLayout, extents: &[Extent], max_extents: usize) -> Result<Self, RuntimeError> {
         let table = gpu.alloc_zeros::<u64>(ARENA_TABLE, max_extents.max(1))?;
-        let mut t = ArenaTable { layout, table, max_extents };
+        let mut t = ArenaTable { layout, table, max_extents, group_table: None };
         t.update(gpu, extents)?;
         Ok(t)
     }
@@ -143,6 +146,19 @@ impl ArenaTable {
     /// Groups per (layer, KV head) the table can address.
     pub fn groups(&self) -> usize {
         self.max_extents * self.layout.groups_per_extent
+    }
+
+    /// From now on the kernels find each group's block through `addr`: the device address of a `u64 [layers][n_kv]
+    /// [table_groups]` table of block addresses (0: not in RAM) in mapped host memory that the host keeps up to
+    /// date (the disk tier's RAM cache), instead of the extents. The K/V appends and gathers then touch only the
+    /// blocks the host put there, and a prefill leaves the blocks to the host ([`ArenaTable::group_table`]).
+    pub fn set_group_table(&mut self, addr: u64, table_groups: usize) {
+        self.group_table = Some((addr, table_groups));
+    }
+
+    /// The group table, if set: (device address, groups per (layer, KV head)).
+    pub fn group_table(&self) -> Option<(u64, usize)> {
+        self.group_table
     }
 }
 
