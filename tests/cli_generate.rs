@@ -5,6 +5,7 @@
 use std::process::{Command, Output};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes");
+const FIXTURE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes/config.json");
 const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen3-moe-bytes/eval/torch.txt");
 /// The committed selection trace (fixtures/traces/README.md).
 const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/traces/torch-8k-64.hgakv");
@@ -42,13 +43,19 @@ fn gpu_present(test: &str) -> bool {
 fn generate_argument_errors() {
     generate_fails(&["--attention", "sparse"], &["invalid value 'sparse' for '--attention", "dense, hga"]);
     generate_fails(&["--kv-tier", "gpu"], &["--attention hga --kv-tier gpu", "an HGA tier in GPU memory is not built"]);
-    for attention in ["hga", "dense"] {
-        generate_fails(
-            &["--attention", attention, "--kv-tier", "disk", "--kv-dir", "/tmp"],
-            &["--kv-tier disk is not built on the GPU path yet"],
-        );
-    }
-    generate_fails(&["--kv-dir", "/tmp"], &["--kv-dir is the disk tier's directory"]);
+    generate_fails(
+        &["--attention", "dense", "--kv-tier", "disk", "--kv-dir", "/tmp"],
+        &["--attention dense --kv-tier disk", "serves HGA's routed groups"],
+    );
+    generate_fails(&["--kv-tier", "disk"], &["--kv-tier disk needs --kv-dir DIR"]);
+    generate_fails(&["--kv-dir", "/tmp"], &["--kv-dir is the disk tier's directory", "--kv-tier disk"]);
+    generate_fails(&["--kv-tier", "disk", "--kv-dir", "/tmp", "--kv-io", "aio"], &["--kv-io"]);
+    // The directory's faults come before any GPU is needed.
+    generate_fails(
+        &["--kv-tier", "disk", "--kv-dir", "/nonexistent/kv"],
+        &["--kv-dir /nonexistent/kv", "does not exist"],
+    );
+    generate_fails(&["--kv-tier", "disk", "--kv-dir", FIXTURE_CONFIG], &["is not a directory"]);
     generate_fails(&["--attention", "dense", "--host-kv-limit", "1GiB"], &["--host-kv-limit caps the host tier"]);
     generate_fails(
         &["--attention", "dense", "--kv-tier", "gpu", "--host-kv-limit", "1GiB"],

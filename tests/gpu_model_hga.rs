@@ -531,3 +531,67 @@ fn gpu_model_hga_replays_a_selection_trace() {
     let e = d.set_selection_replay(Some(hand)).expect_err("replay on a dense model");
     assert!(e.to_string().contains("HGA attention mode"), "{e}");
 }
+
+/// The disk tier on the GPU path (`HgaOptions::disk`): the history in a page file behind a RAM cache of a quarter
+/// of the K/V (so that steps read groups back from disk), each step launched from the host with the host serving
+/// each layer's misses between its lookup and its gather. The same kernels read the same bytes as from the host
+/// arena, so the logits and selections equal the host tier's bit for bit; the page file is removed with the model.
+#[test]
+fn gpu_model_hga_disk_tier_is_the_host_tier() {
+    if gpu("gpu_model_hga_disk_tier_is_the_host_tier").is_none() {
+        return;
+    }
+    let own = hga::open_gpu(0).unwrap();
+    let gpu = &own;
+    let dir = fixture_dir();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let (ctx, steps) = (3000usize, 48usize);
+    let tokens = fixture_tokens(&dir, ctx + steps);
+    let c = &ck.config;
+    let params = HgaParams { budget: Budget::Fraction(0.1), ..HgaParams::default() };
+    let hga = HgaOptions { params, arena_at_load: true, ..Default::default() };
+    let opts = |hga: HgaOptions| GpuModelOptions::new(tokens.len() + 16, 256, AttentionMode::Hga(hga));
+    let (host_logits, host_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts(hga.clone()), false);
+    let kv_bytes = (c.num_hidden_layers * c.num_key_value_heads * tokens.len() * 512) as u64;
+    let kv_dir = std::env::temp_dir().join(format!("hga-gpu-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&kv_dir).unwrap();
+    let disk = hga::kv::disk::DiskConfig { dir: kv_dir.clone(), cache_bytes: kv_bytes / 4, ..Default::default() };
+    let disk_opts = opts(HgaOptions { disk: Some(disk), ..hga });
+    let mut m = GpuModel::load_with(gpu, &ck, &disk_opts, |_, _| {}).unwrap();
+    m.forward(&tokens[..ctx], false).unwrap();
+    let after_prompt = m.hga_stats().unwrap().unwrap();
+    let (mut logits, mut sels) = (Vec::new(), Vec::new());
+    for &t in &tokens[ctx..] {
+        logits.extend(m.forward(&[t], false).unwrap());
+        let mut step = Vec::new();
+        for (l, heads) in m.hga_selections().unwrap() {
+            for (h, g) in heads.into_iter().enumerate() {
+                step.push((l, h, g));
+            }
+        }
+        sels.push(step);
+    }
+    let st = m.hga_stats().unwrap().unwrap();
+    log(format!(
+        "disk tier, RAM cache {:.2} MB of {:.2} MB of K/V: prompt {:.2} MB written in {:.2} s host; decode {} of {} \
+         groups from RAM, {:.2} MB read from disk, GPU cache {:.1}% hits, {:.3} s host in the tier",
+        kv_bytes as f64 / 4e6,
+        kv_bytes as f64 / 1e6,
+        after_prompt.disk_bytes_written as f64 / 1e6,
+        after_prompt.disk_host_s,
+        st.disk_ram_hits,
+        st.disk_ram_hits + st.disk_ram_misses,
+        (st.disk_bytes_read - after_prompt.disk_bytes_read) as f64 / 1e6,
+        100.0 * st.hit_rate(),
+        st.disk_host_s - after_prompt.disk_host_s
+    ));
+    assert!(after_prompt.disk_bytes_written > 0, "the prompt's K/V must reach the page file");
+    assert!(st.disk_ram_misses > 0 && st.disk_bytes_read > 0, "a quarter-size RAM cache must read from disk");
+    assert_eq!(sels, host_sel, "the disk tier changed a selection");
+    assert!(logits == host_logits, "the disk tier changed the logits");
+    let files = || std::fs::read_dir(&kv_dir).unwrap().count();
+    assert_eq!(files(), 1, "one page file while the model lives");
+    drop(m);
+    assert_eq!(files(), 0, "the page file is removed with the model");
+    std::fs::remove_dir_all(&kv_dir).ok();
+}

@@ -547,7 +547,8 @@ fn the_device_path_stores_and_serves_what_was_written() {
     assert!(st.evictions > 0 && st.bytes_read > 0 && st.bytes_written > 0, "the cache must evict and re-read: {st:?}");
     assert!(served > 500);
     // Too small a cache for one selection is an error naming the limit, not a wrong block.
-    let all: Vec<(usize, usize, usize)> = (0..layers).flat_map(|l| (0..heads).flat_map(move |h| (0..10).map(move |g| (l, h, g)))).collect();
+    let all: Vec<(usize, usize, usize)> =
+        (0..layers).flat_map(|l| (0..heads).flat_map(move |h| (0..10).map(move |g| (l, h, g)))).collect();
     let e = s.device_blocks(&all).unwrap_err().to_string();
     assert!(e.contains("--host-kv-limit"), "{e}");
     std::fs::remove_dir_all(&dir).ok();

@@ -126,6 +126,9 @@ pub enum RuntimeError {
     /// Mapped pinned host memory could not be had (what, and the driver's answer).
     #[error("mapped pinned host memory for {0}")]
     HostMemory(String),
+    /// The K/V store (the disk tier) failed: its own error, naming the file and offset where it has them.
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
 }
 
 /// Picks the image for a device of SM `sm`: the cubin of exactly that SM, else the PTX of the highest arch <= sm.

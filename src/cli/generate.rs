@@ -17,6 +17,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use hga::hga::{Budget, HgaParams};
+use hga::kv::disk::DiskConfig;
+use hga::kv::store::{IoMode, DEFAULT_DISK_CACHE_BYTES};
 use hga::memory::human;
 use hga::model::checkpoint::Checkpoint;
 use hga::model::config::Qwen3MoeConfig;
@@ -47,7 +49,8 @@ pub enum KvTierArg {
     /// Mapped pinned host memory, read by the GPU over PCIe (HGA's arena; for dense, its whole K/V cache: the
     /// anchor of what dense costs when the K/V must leave the GPU).
     Host,
-    /// Page files in --kv-dir behind a host cache (not built on the GPU path yet).
+    /// A page file in --kv-dir behind a RAM cache of --host-kv-limit bytes (HGA): each decode step reads the
+    /// routed groups that are neither in the GPU cache nor in RAM from disk.
     Disk,
 }
 
@@ -131,18 +134,24 @@ pub struct GenerateArgs {
     /// mapped host memory, layer by layer), gpu, or host (stage 2 then reads them over PCIe).
     #[arg(long, value_enum, value_name = "TIER", default_value_t = SketchTier::Auto)]
     pub sketch_tier: SketchTier,
-    /// Where the K/V history lives: gpu (GPU memory; dense), host (the mapped host arena; hga) or disk (not built
-    /// on the GPU path yet). Default: host for hga, gpu for dense; other combinations are refused.
+    /// Where the K/V history lives: gpu (GPU memory; dense), host (mapped pinned host memory: HGA's arena, or the
+    /// dense anchor's whole cache) or disk (HGA: a page file in --kv-dir behind a RAM cache of --host-kv-limit;
+    /// its decode steps are launched from the host, not replayed from CUDA graphs). Default: host for hga, gpu for
+    /// dense; other combinations are refused.
     #[arg(long, value_enum, value_name = "TIER")]
     pub kv_tier: Option<KvTierArg>,
-    /// Directory of the disk tier's page files (--kv-tier disk, not built on the GPU path yet).
+    /// Directory of the disk tier's page file (--kv-tier disk; created there, removed at exit). It must exist and
+    /// be writable; reads are O_DIRECT where the file system allows it.
     #[arg(long, value_name = "DIR")]
     pub kv_dir: Option<PathBuf>,
-    /// Host memory the K/V may take (hga, --kv-tier host), e.g. 64GiB: refused when below the arena the context
-    /// needs (positions x layers x KV heads x 512 B); the disk tier, which would serve beyond, is not built on the
-    /// GPU path yet. Default: no limit.
+    /// Host memory the K/V may take, e.g. 64GiB. --kv-tier host: refused when below the arena the context needs
+    /// (positions x layers x KV heads x 512 B); default no limit. --kv-tier disk: the RAM cache in front of the page
+    /// file (default 1GiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub host_kv_limit: Option<u64>,
+    /// How the disk tier reads its pages: uring (io_uring) or pread (a thread pool).
+    #[arg(long, value_name = "MODE", default_value = "uring")]
+    pub kv_io: IoMode,
     /// Cap on the GPU memory the model allocates (weights, K/V, caches, workspaces), e.g. 32GiB or 34.4GB, set
     /// before the load: an allocation past it fails with the accountant's message (what did not fit, what is held,
     /// by how much) and a non-zero exit. Default: no cap.
@@ -203,20 +212,25 @@ pub struct GenerateArgs {
 /// tier; anything else is refused with what is built. `None`: dense; else HGA's parameters.
 pub fn plan(a: &GenerateArgs) -> anyhow::Result<Option<HgaParams>> {
     let tier = kv_tier(a);
-    const BUILT: &str = "built on the GPU path: --attention hga --kv-tier host, --attention dense --kv-tier gpu|host";
+    const BUILT: &str =
+        "built on the GPU path: --attention hga --kv-tier host|disk, --attention dense --kv-tier gpu|host";
     match (a.attention, tier) {
-        (_, KvTierArg::Disk) => bail!(
-            "--kv-tier disk is not built on the GPU path yet (the disk tier exists on the CPU forward: hga eval \
-             --kv-tier disk --kv-dir DIR); {BUILT}"
+        (Attention::Dense, KvTierArg::Disk) => bail!(
+            "--attention dense --kv-tier disk: dense attention reads every position every step, so a disk tier \
+             would read the whole K/V per token; the disk tier serves HGA's routed groups (--attention hga); for the \
+             dense anchor off the GPU: --kv-tier host; {BUILT}"
         ),
+        (Attention::Hga, KvTierArg::Disk) if a.kv_dir.is_none() => {
+            bail!("--kv-tier disk needs --kv-dir DIR: the directory of its page file")
+        }
         (Attention::Hga, KvTierArg::Gpu) => bail!(
             "--attention hga --kv-tier gpu: HGA keeps the K/V history in the host arena (--kv-tier host, its \
              default); an HGA tier in GPU memory is not built (for K/V in GPU memory: --attention dense); {BUILT}"
         ),
         _ => {}
     }
-    if a.kv_dir.is_some() {
-        bail!("--kv-dir is the disk tier's directory (--kv-tier disk), which is not built on the GPU path yet");
+    if a.kv_dir.is_some() && tier != KvTierArg::Disk {
+        bail!("--kv-dir is the disk tier's directory: it goes with --kv-tier disk");
     }
     if a.attention == Attention::Dense && (a.sketch_tier != SketchTier::Auto || a.cache_slots != 0) {
         bail!(
@@ -315,8 +329,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let capacity = a.context.unwrap_or(longest + a.max_tokens);
-    if let Some(limit) = a.host_kv_limit {
+    if let Some(limit) = a.host_kv_limit.filter(|_| kv_tier(&a) == KvTierArg::Host) {
         check_host_kv_limit(limit, capacity, &config)?;
+    }
+    if let (KvTierArg::Disk, Some(dir)) = (kv_tier(&a), &a.kv_dir) {
+        // The directory's faults (missing, not a directory, read-only) before the GPU and the load: a page file is
+        // created there and removed, as the model's store will.
+        let cfg = DiskConfig { dir: dir.clone(), cache_bytes: 1 << 20, ..DiskConfig::default() };
+        hga::kv::disk::DiskStore::open(hga::kv::HeapMemory, 1, 1, hga::kv::arena::BlockFormat::STANDARD, cfg)
+            .with_context(|| format!("--kv-dir {}", dir.display()))?;
     }
     let gpu = super::gpu::open_gpu(a.device)?;
     gpu.set_memory_limit(a.gpu_memory_limit);
@@ -362,6 +383,17 @@ fn generate(
         capacity,
         max_tokens: a.chunk.max(1),
         attention: match attention_mode(hga, a.cache_slots, a.sketch_tier.on_host()) {
+            AttentionMode::Hga(o) if kv_tier(a) == KvTierArg::Disk => AttentionMode::Hga(HgaOptions {
+                disk: Some(DiskConfig {
+                    dir: a.kv_dir.clone().expect("plan() checked --kv-dir"),
+                    cache_bytes: a.host_kv_limit.unwrap_or(DEFAULT_DISK_CACHE_BYTES),
+                    io: a.kv_io,
+                    // 64 MiB pinned extents: a RAM cache of GBs in a few allocations.
+                    slots_per_extent: 8192,
+                    ..DiskConfig::default()
+                }),
+                ..o
+            }),
             AttentionMode::Hga(o) => AttentionMode::Hga(HgaOptions { host_kv_limit: a.host_kv_limit, ..o }),
             dense => dense,
         },
@@ -544,7 +576,11 @@ fn generate(
             "gpu_memory_gb": (total - free) as f64 / 1e9,
             "device": gpu.device_name(),
             "attention": model.attention_name(),
-            "kv_tier": if kv_tier(a) == KvTierArg::Host { "host" } else { "gpu" },
+            "kv_tier": match kv_tier(a) {
+                KvTierArg::Gpu => "gpu",
+                KvTierArg::Host => "host",
+                KvTierArg::Disk => "disk",
+            },
             "budget": hga.map(|p| p.budget),
             "capacity": model.capacity(),
             "gpu_memory_peak_bytes": mem.peak,
@@ -554,6 +590,16 @@ fn generate(
             "h2d_bytes_per_token": stats.as_ref().filter(|s| s.steps > 0).map(|s| s.h2d_bytes as f64 / s.steps as f64),
             "cache_hit_rate": stats.as_ref().map(|s| s.hit_rate()),
             "cache_slots_per_kv_head": stats.as_ref().map(|s| s.cache_slots),
+            "disk": (kv_tier(a) == KvTierArg::Disk).then(|| stats.as_ref().map(|s| serde_json::json!({
+                "ram_hits": s.disk_ram_hits,
+                "ram_misses": s.disk_ram_misses,
+                "bytes_read_per_token": s.disk_bytes_read as f64 / s.steps.max(1) as f64,
+                "bytes_written": s.disk_bytes_written,
+                "decode_host_s": s.disk_host_s,
+                "read_gbps_in_host_time": s.disk_bytes_read as f64 / s.disk_host_s.max(1e-9) / 1e9,
+                "prefill_host_s": base.as_ref().map(|b| b.disk_host_s),
+                "prefill_bytes_written": base.as_ref().map(|b| b.disk_bytes_written),
+            }))),
             "max_groups": stats.as_ref().map(|s| s.max_groups),
             "routed_tokens": stats.as_ref().map(|s| s.routed_tokens_last_step),
             "arena_bytes": arena,

@@ -256,6 +256,11 @@ pub fn stats_since(base: &HgaStats, now: &HgaStats) -> HgaStats {
         arena_alloc_s: now.arena_alloc_s,
         cache_slots: now.cache_slots,
         max_groups: now.max_groups,
+        disk_ram_hits: now.disk_ram_hits.saturating_sub(base.disk_ram_hits),
+        disk_ram_misses: now.disk_ram_misses.saturating_sub(base.disk_ram_misses),
+        disk_bytes_read: now.disk_bytes_read.saturating_sub(base.disk_bytes_read),
+        disk_bytes_written: now.disk_bytes_written.saturating_sub(base.disk_bytes_written),
+        disk_host_s: now.disk_host_s - base.disk_host_s,
     }
 }
 
@@ -292,11 +297,23 @@ pub fn eval_row(
 /// One line of the HGA counters: cache hit rate, bytes gathered from the host arena per decode step, tokens
 /// attended in the last step, arena size.
 pub fn stats_line(s: &HgaStats) -> String {
+    let disk = if s.disk_ram_hits + s.disk_ram_misses + s.disk_bytes_written > 0 {
+        format!(
+            "; disk tier: {} of {} groups from its RAM cache, {} read from disk, {} written, {:.2} s of host time",
+            s.disk_ram_hits,
+            s.disk_ram_hits + s.disk_ram_misses,
+            hga::memory::human(s.disk_bytes_read),
+            hga::memory::human(s.disk_bytes_written),
+            s.disk_host_s
+        )
+    } else {
+        String::new()
+    };
     format!(
         "GPU cache hit rate {:.1}% ({} hits, {} misses; {} slots per KV head for a selection of {}), {} gathered from the host arena per decode step ({} steps), \
          {:.0} tokens attended per (layer, KV head) in the last step, arena {}; sketches in host memory in {} of {} \
          layers; prefill: hand-off to the tiers {:.2} s GPU, residual stream in {} memory; arena pinned in {:.2} s \
-         so far",
+         so far{disk}",
         100.0 * s.hit_rate(),
         s.hits,
         s.misses,
@@ -329,6 +346,11 @@ pub fn add_stats(acc: &mut HgaStats, s: &HgaStats) {
     acc.arena_alloc_s = s.arena_alloc_s;
     acc.cache_slots = s.cache_slots;
     acc.max_groups = s.max_groups;
+    acc.disk_ram_hits += s.disk_ram_hits;
+    acc.disk_ram_misses += s.disk_ram_misses;
+    acc.disk_bytes_read += s.disk_bytes_read;
+    acc.disk_bytes_written += s.disk_bytes_written;
+    acc.disk_host_s += s.disk_host_s;
 }
 
 /// `hga eval --backend cuda`: dense, then each HGA parameter set, over every window; the rows of the CPU backend.

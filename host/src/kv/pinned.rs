@@ -140,6 +140,13 @@ impl<T: bytemuck::Pod> MappedSlice<T> {
     pub fn num_bytes(&self) -> usize {
         self.len * std::mem::size_of::<T>()
     }
+
+    /// The elements as the host sees them, to write (e.g. a table of addresses the next launch reads). The GPU
+    /// sees a write once a later launch runs; the caller makes sure that no launched work still reads what it
+    /// changes (the stream is idle, or that work is done).
+    pub fn host_mut(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.extent.as_mut_slice()[..self.len * std::mem::size_of::<T>()])
+    }
 }
 
 impl<T> cudarc::driver::DeviceSlice<T> for MappedSlice<T> {

@@ -61,6 +61,8 @@ use crate::kernels::head::{hga_embed_gather_dev, hga_lm_head, LM_HEAD_MAX_M};
 use crate::kernels::moe::{moe_decode_residual, moe_grouped, MoeExpertWeights, MoeWorkspace, RouterForm};
 use crate::kernels::rope::{hga_qk_norm_rope, QkNormRopeShape};
 use crate::kernels::{hga_fp8_quant, hga_rmsnorm};
+use crate::kv::arena::BlockFormat;
+use crate::kv::disk::{DiskConfig, DiskStore};
 use crate::kv::pinned::MappedSlice;
 use crate::kv::{ArenaLayout, ArenaTable, Extent, ExtentMemory, PinnedMemory};
 use crate::memory::{DeviceBuf, Placed};
@@ -172,6 +174,12 @@ pub struct HgaOptions {
     /// Where the routing sketches live: `None` decides per layer (HBM unless a GPU memory cap cannot hold them,
     /// see [`GpuModel::load_with`]), `Some(true)` mapped host memory for every layer, `Some(false)` HBM.
     pub sketches_on_host: Option<bool>,
+    /// The disk tier instead of the host arena: the K/V history in a page file under `dir`, with a RAM cache of
+    /// `cache_bytes` (mapped pinned memory) in front of it (`crate::kv::disk`). Each decode step is then launched
+    /// from the host, not replayed from a CUDA graph: after each HGA layer's cache lookup the host makes that
+    /// layer's misses resident in RAM (reading them from disk) and writes their addresses into the group table
+    /// that the gather reads ([`ArenaTable::set_group_table`]). `host_kv_limit` and `arena_at_load` do not apply.
+    pub disk: Option<DiskConfig>,
 }
 
 /// One HGA layer's last selection: (layer, `[n_kv][groups ascending]`) ([`GpuModel::hga_selections`]).
@@ -206,6 +214,14 @@ pub struct HgaStats {
     /// per KV head and step at the model's capacity).
     pub cache_slots: usize,
     pub max_groups: usize,
+    /// The disk tier ([`HgaOptions::disk`]; zero without it): its counters so far (groups served from its RAM
+    /// cache and read from disk, bytes read and written) and the host seconds spent in it (the prompt's hand-off
+    /// and every step's reads and appends, the GPU idle meanwhile).
+    pub disk_ram_hits: u64,
+    pub disk_ram_misses: u64,
+    pub disk_bytes_read: u64,
+    pub disk_bytes_written: u64,
+    pub disk_host_s: f64,
 }
 
 impl HgaStats {
@@ -280,6 +296,64 @@ struct HgaState {
     arena_alloc_s: f64,
     /// The extents' bytes in the host book (`Gpu::host_memory`, [`HOST_ARENA`]).
     extent_charges: Vec<crate::memory::Charge>,
+    /// The disk tier, when the history lives there instead of in the extents.
+    disk: Option<DiskTier>,
+}
+
+/// The host book's label of the disk tier's group table ([`DiskTier`]).
+pub const DISK_GROUP_TABLE: &str = "K/V group table (disk tier)";
+
+/// The disk tier on the GPU path: the store (page file + RAM cache of mapped pinned pages) and the group table
+/// `u64 [layers][n_kv][table_groups]` of block addresses that the append and gather kernels read instead of the
+/// arena's extents. An entry is valid while its page is held: the open group's page until it closes (the store
+/// never evicts an open page), a miss's page until the layer's gather has run (the next read happens after the
+/// next layer's lookup, which the host waits for).
+struct DiskTier {
+    store: DiskStore<PinnedMemory>,
+    table: MappedSlice<u64>,
+    n_kv: usize,
+    table_groups: usize,
+    host_s: f64,
+}
+
+impl DiskTier {
+    fn set(&mut self, layer: usize, h: usize, g: usize, addr: u64) {
+        let i = (layer * self.n_kv + h) * self.table_groups + g;
+        self.table.host_mut()[i] = addr;
+    }
+
+    /// Position `pos` of `layer` made writable for the append kernel (the GPU idle).
+    fn open(&mut self, layer: usize, pos: usize) -> Result<(), crate::kv::KvError> {
+        let t0 = std::time::Instant::now();
+        let blocks = self.store.append_device(layer, pos)?;
+        for (h, b) in blocks.into_iter().enumerate() {
+            self.set(layer, h, pos / 16, b);
+        }
+        self.host_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// This step's misses of `layer` (per KV head) made resident, their addresses in the table (the GPU idle).
+    fn serve(&mut self, layer: usize, misses: &[Vec<u32>]) -> Result<(), crate::kv::KvError> {
+        let t0 = std::time::Instant::now();
+        let sel: Vec<(usize, usize, usize)> =
+            misses.iter().enumerate().flat_map(|(h, gs)| gs.iter().map(move |&g| (layer, h, g as usize))).collect();
+        let blocks = self.store.device_blocks(&sel)?;
+        for (&(l, h, g), b) in sel.iter().zip(blocks) {
+            self.set(l, h, g, b);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.host_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// A prompt's K/V of `layer` (`[n_kv][n][128]` bf16 each, copied from the GPU) stored from position 0.
+    fn store_prompt(&mut self, layer: usize, n: usize, k: &[bf16], v: &[bf16]) -> Result<(), crate::kv::KvError> {
+        let t0 = std::time::Instant::now();
+        self.store.append_raw(layer, 0, n, n, bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
+        self.host_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
 }
 
 /// One layer's K and V over a prompt of `len` tokens, `[n_kv][len][128]`: what the layer-major prefill's exact
@@ -706,11 +780,34 @@ impl<'g> GpuModel<'g> {
                     groups_per_extent: ARENA_GROUPS_PER_EXTENT,
                 };
                 let max_extents = capacity.div_ceil(16).div_ceil(ARENA_GROUPS_PER_EXTENT);
+                let mut arena = ArenaTable::new(gpu, layout, &[], max_extents)?;
+                let disk = match &o.disk {
+                    None => None,
+                    Some(cfg) => {
+                        let memory = PinnedMemory::new(gpu.context().clone());
+                        let store = DiskStore::open(
+                            memory.clone(),
+                            layout.layers,
+                            layout.kv_heads,
+                            BlockFormat::STANDARD,
+                            cfg.clone(),
+                        )
+                        .map_err(RuntimeError::from)?;
+                        let table_groups = capacity.div_ceil(16);
+                        let n = layout.layers * layout.kv_heads * table_groups;
+                        let mut table = MappedSlice::<u64>::zeroed(&memory, gpu.stream(), n)
+                            .map_err(|e| RuntimeError::HostMemory(format!("the disk tier's group table: {e}")))?
+                            .booked(gpu.host_memory(), DISK_GROUP_TABLE);
+                        arena.set_group_table(dptr(gpu, &table).0, table_groups);
+                        table.host_mut().fill(0);
+                        Some(DiskTier { store, table, n_kv: layout.kv_heads, table_groups, host_s: 0.0 })
+                    }
+                };
                 Some(HgaState {
                     options: o.clone(),
                     memory: PinnedMemory::new(gpu.context().clone()),
                     extents: Vec::new(),
-                    arena: ArenaTable::new(gpu, layout, &[], max_extents)?,
+                    arena,
                     pos: gpu.alloc_zeros::<u32>(ACTIVATIONS, 1)?,
                     k_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
                     v_new: gpu.alloc_zeros::<bf16>(ACTIVATIONS, c.num_key_value_heads * 128)?,
@@ -718,6 +815,7 @@ impl<'g> GpuModel<'g> {
                     prefill_residual_on_host: false,
                     arena_alloc_s: 0.0,
                     extent_charges: Vec::new(),
+                    disk,
                 })
             }
         };
@@ -965,7 +1063,7 @@ impl<'g> GpuModel<'g> {
     /// Grows the HGA arena to hold positions `0 .. tokens`: new extents of mapped pinned memory (nothing already
     /// there moves) and their addresses in the device table.
     fn ensure_arena(&mut self, tokens: usize) -> Result<(), GpuModelError> {
-        let Some(st) = self.hga.as_mut() else { return Ok(()) };
+        let Some(st) = self.hga.as_mut().filter(|st| st.disk.is_none()) else { return Ok(()) };
         let need = tokens.div_ceil(16).div_ceil(ARENA_GROUPS_PER_EXTENT);
         if need <= st.extents.len() {
             return Ok(());
@@ -996,13 +1094,34 @@ impl<'g> GpuModel<'g> {
         Ok(())
     }
 
+    /// The disk tier (if on): position `pos` of every HGA layer opened for the append kernel, before a decode
+    /// step (the GPU idle). Returns whether the disk tier is on.
+    fn disk_open_step(&mut self, pos: usize) -> Result<bool, RuntimeError> {
+        let Some(d) = self.hga.as_mut().and_then(|st| st.disk.as_mut()) else { return Ok(false) };
+        for (l, kv) in self.kv.iter().enumerate() {
+            if let LayerKv::Hga(_) = kv {
+                d.open(l, pos)?;
+            }
+        }
+        Ok(true)
+    }
+
     /// The HGA mode's counters so far (`None` when dense): the layers' GPU caches summed (read from mapped memory,
     /// no synchronization: exact once the stream is idle) and the tokens the last step attended per (layer, KV
     /// head) (read from the device: synchronizes).
     pub fn hga_stats(&self) -> Result<Option<HgaStats>, GpuModelError> {
         let Some(st) = self.hga.as_ref() else { return Ok(None) };
+        let disk = st.disk.as_ref().map(|d| (d.store.stats(), d.host_s));
         let mut out = HgaStats {
-            arena_bytes: st.extents.len() * st.arena.layout.extent_bytes(),
+            arena_bytes: match &disk {
+                Some((ds, _)) => ds.resident_bytes as usize,
+                None => st.extents.len() * st.arena.layout.extent_bytes(),
+            },
+            disk_ram_hits: disk.as_ref().map_or(0, |(d, _)| d.hits),
+            disk_ram_misses: disk.as_ref().map_or(0, |(d, _)| d.misses),
+            disk_bytes_read: disk.as_ref().map_or(0, |(d, _)| d.bytes_read),
+            disk_bytes_written: disk.as_ref().map_or(0, |(d, _)| d.bytes_written),
+            disk_host_s: disk.as_ref().map_or(0.0, |d| d.1),
             prefill_history_s: st.prefill_history_s,
             prefill_residual_on_host: st.prefill_residual_on_host,
             arena_alloc_s: st.arena_alloc_s,
@@ -1130,6 +1249,11 @@ impl<'g> GpuModel<'g> {
                 match (&mut self.kv[l], self.hga.as_mut()) {
                     (LayerKv::Hga(hl), Some(st)) => {
                         hl.prefill_history_strided(gpu, &p.k, &p.v, n, (n * 128, 128), &st.arena)?;
+                        // The disk tier: the layer's K/V to the host, then into the store.
+                        if let Some(d) = st.disk.as_mut() {
+                            let (k, v) = (s.clone_dtoh(&*p.k)?, s.clone_dtoh(&*p.v)?);
+                            d.store_prompt(l, n, &k, &v).map_err(RuntimeError::from)?;
+                        }
                     }
                     // A dense cache in host memory: the prompt's rows of each KV head, one copy each.
                     (LayerKv::Dense { k_cache, v_cache }, _) if k_cache.is_host() => {
@@ -1205,8 +1329,10 @@ impl<'g> GpuModel<'g> {
         let mut out = Vec::with_capacity(if all_logits { t * v } else { v });
         if t == 1 {
             // One token: the recorded step (or, with graphs off, the same launches from the host: same results).
+            // The disk tier's steps are launched from the host (they wait for each layer's lookup).
             let bound = decode_bound(start + 1, self.capacity);
-            if self.use_graphs {
+            let disk = self.disk_open_step(start)?;
+            if self.use_graphs && !disk {
                 if self.graphs_pdl != gpu.pdl_enabled() {
                     self.graphs.clear();
                     self.graphs_pdl = gpu.pdl_enabled();
@@ -1273,6 +1399,7 @@ impl<'g> GpuModel<'g> {
                 return Err(GpuModelError::Input("profile a decode step after a prompt".into()));
             }
             self.ensure_arena(start + 1)?;
+            self.disk_open_step(start)?;
             let st = self.hga.as_mut().expect("checked above");
             s.memcpy_htod(&[start as u32], &mut st.pos)?;
         }
@@ -1539,12 +1666,17 @@ impl<'g> GpuModel<'g> {
             Kv::Decode(hl, st) => {
                 hl.append(gpu, &st.pos, &st.k_new, &st.v_new, &st.arena)?;
                 marks.mark(gpu, "hga append + summary")?;
-                // The model's decode workspace (256 splits of every query head) serves every layer in turn.
-                hl.attend_in(
+                // The model's decode workspace (256 splits of every query head) serves every layer in turn. With
+                // the disk tier the host makes the lookup's misses resident before the gather reads them.
+                let q = sc.qr.slice(0..qw);
+                hl.route_and_lookup(gpu, &st.pos, &q, None, &st.arena)?;
+                if let Some(d) = st.disk.as_mut() {
+                    d.serve(l, &hl.misses(gpu)?)?;
+                }
+                hl.gather_and_attend(
                     gpu,
                     &st.pos,
-                    &sc.qr.slice(0..qw),
-                    None,
+                    &q,
                     &mut sc.attn.slice_mut(0..qw),
                     &mut sc.lse.slice_mut(0..nh),
                     &st.arena,
