@@ -21,14 +21,22 @@ Issue 5, item 3. What it does, in order:
      gate/up/down as F8_E4M3 [out, in] + weight_scale_inv f32 [ceil(out/128), ceil(in/128)] = block absmax / 448;
      embeddings, norms, routers, lm_head bf16), tokenizer.json (byte-level: id = byte, 256 <|endoftext|>, 257 <|file|>,
      258 <|pad|>), eval/ (held-out texts and retrieval prompts), train_log.json and loss.csv.
-  6. Checks: held-out loss of the trained model and of the FP8 export (dequantized), against uniform ln(259);
-     retrieval accuracy; logits of our torch model on the dequantized export vs transformers (f32, CPU).
+  6. Checks (train_log.json `results`, for the trained model and the FP8 export, dequantized; with --init-from also
+     for the initial weights, before training): held-out loss against uniform ln(259), and by position bucket
+     (fractions of the context: 0-1K ... 16K-32K at 32K); retrieval accuracy; dense needle retrieval (one statement at
+     10 depths x 3 trials, saved as eval/retrieval-<context>.jsonl); logits of our torch model on the dequantized
+     export vs transformers (f32, CPU).
+  --init-from DIR continues training an exported fixture (issue 15: the 32K fixture from the 4K one), with the
+     continued-training defaults of TRAIN_DEFAULTS (context 32768, batch 2, lr 1e-3, warmup 25, retrieval rows 0.5).
 
 Usage (GPU machine, see docs/fixture.md):  python3 tools/train/train.py --out /tmp/fixture --pack $OUT
+  32K fixture:  python3 tools/train/train.py --init-from fixtures/qwen3-moe-bytes --context 32768 --batch 2 \\
+    --rope-theta 1e7 --out /tmp/fixture-32k --save-torch /tmp/fixture-32k-torch.pt --pack $OUT
 Toy run (CPU):  python3 tools/train/train.py --out /tmp/fx --layers 2 --hidden 256 --heads 8 --kv-heads 1 \\
     --context 512 --batch 4 --steps 30 --max-total-mb 24 --device cpu
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -357,6 +365,33 @@ class Model(nn.Module):
         return F.linear(h, self.lm_head).float(), aux / len(self.layers)
 
 
+def make_amp(device, cpu_bf16=False):
+    """(amp, restricted): amp() is the forward's context: bf16 autocast on CUDA (and on the CPU with cpu_bf16), where
+    SDPA may only use flash or memory-efficient attention, so no path falls back to the math kernel and its T x T
+    weights (an unsupported input is then an error, not a silent quadratic memory). restricted: that restriction is
+    in force (torch.nn.attention.sdpa_kernel exists)."""
+    on = device.type == "cuda" or cpu_bf16
+    kernel = None
+    if device.type == "cuda":
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            kernel = (sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        except ImportError:
+            kernel = None
+
+    @contextlib.contextmanager
+    def amp():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on):
+            if kernel is not None:
+                with kernel[0](kernel[1]):
+                    yield
+            else:
+                yield
+
+    return amp, kernel is not None
+
+
 # ------------------------------------------------------------------------------------------------------ export (HF)
 def hf_tensors(model):
     """Our parameters under the Hugging Face names (per-expert tensors, transformers 4.x layout), f32 on CPU."""
@@ -514,6 +549,77 @@ def load_export(path):
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ --init-from
+# config.json key -> our argument name, for the shape that --init-from takes from an exported fixture.
+SHAPE_KEYS = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
+              "num_key_value_heads": "kv_heads", "head_dim": "head_dim", "num_experts": "experts",
+              "num_experts_per_tok": "top_k", "moe_intermediate_size": "moe_inter"}
+
+
+def read_init_config(init_dir):
+    """The shape of an exported fixture (DIR/config.json), checked to be one this script's model can hold."""
+    path = os.path.join(init_dir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"--init-from {init_dir}: cannot read {path}: {e}")
+    missing = [k for k in list(SHAPE_KEYS) + ["rope_theta", "vocab_size"] if k not in cfg]
+    if missing:
+        sys.exit(f"--init-from {init_dir}: config.json lacks {missing}")
+    expect = {"model_type": "qwen3_moe", "vocab_size": VOCAB, "norm_topk_prob": True, "decoder_sparse_step": 1,
+              "mlp_only_layers": [], "tie_word_embeddings": False, "attention_bias": False}
+    bad = {k: cfg.get(k) for k, v in expect.items() if cfg.get(k, v) != v}
+    if bad:
+        sys.exit(f"--init-from {init_dir}: config.json is not a fixture of this script's architecture "
+                 f"(expected {expect}; got {bad})")
+    if abs(float(cfg.get("rms_norm_eps", 1e-6)) - 1e-6) > 1e-12:
+        sys.exit(f"--init-from {init_dir}: rms_norm_eps {cfg['rms_norm_eps']} (this script uses 1e-6)")
+    return cfg
+
+
+def resolve_shape(a, init_cfg):
+    """Fill the shape arguments: from --init-from's config (an explicit flag that contradicts it is an error; the
+    rope theta may differ, it is what continued training changes), else the defaults."""
+    if init_cfg is None:
+        for k, v in SHAPE_DEFAULTS.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        return
+    clash = []
+    for ck, ak in SHAPE_KEYS.items():
+        got = getattr(a, ak)
+        if got is not None and got != int(init_cfg[ck]):
+            clash.append(f"--{ak.replace('_', '-')} {got} but {ck} = {init_cfg[ck]}")
+        setattr(a, ak, int(init_cfg[ck]))
+    if clash:
+        sys.exit(f"--init-from {a.init_from}: the shape comes from its config.json; contradicting flags: "
+                 + "; ".join(clash))
+    if a.rope_theta is None:
+        a.rope_theta = float(init_cfg["rope_theta"])
+
+
+def load_init_weights(model, init_dir, log):
+    """Load DIR/model.safetensors (FP8 blocks dequantized) into model; every tensor must be there with its shape."""
+    path = os.path.join(init_dir, "model.safetensors")
+    if not os.path.isfile(path):
+        sys.exit(f"--init-from {init_dir}: no model.safetensors")
+    t = load_export(path)
+    want = hf_tensors(model)
+    missing = sorted(set(want) - set(t))
+    extra = sorted(set(t) - set(want))
+    shapes = [f"{k}: {tuple(t[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in t and tuple(t[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        sys.exit(f"--init-from {init_dir}: model.safetensors does not match the shape: missing {missing[:5]} "
+                 f"({len(missing)}), unexpected {extra[:5]} ({len(extra)}), shapes {shapes[:5]}")
+    load_hf_tensors(model, t)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    log(f"initial weights: {path} ({len(t)} tensors, FP8 dequantized; sha256 {digest[:16]})")
+    return {"dir": init_dir, "model_sha256": digest, "tensors": len(t)}
+
+
 # ------------------------------------------------------------------------------------------------------- evaluation
 def eval_windows(stream, T, n):
     """n windows of T+1 tokens, evenly spaced over the held-out stream (fewer if it is short)."""
@@ -537,9 +643,10 @@ def mean_loss(model, windows, device, batch, amp):
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, examples, device, batch, amp):
-    """Teacher-forced: share of value bytes predicted exactly (argmax), and share of examples with all 8 right."""
-    byte_ok, all_ok, n = 0, 0, 0
+def retrieval_scores(model, examples, device, batch, amp):
+    """Teacher-forced, per example (seq, answer_at): number of the 8 value bytes predicted exactly (argmax), and
+    whether all 8 are. All 8 right under teacher forcing is the same as the greedy continuation being the value."""
+    nbytes, whole = [], []
     for i in range(0, len(examples), batch):
         seqs = np.stack([s for s, _ in examples[i:i + batch]])
         ats = [a for _, a in examples[i:i + batch]]
@@ -549,10 +656,115 @@ def retrieval_accuracy(model, examples, device, batch, amp):
         pred = logits.argmax(-1).cpu().numpy()
         for j, a in enumerate(ats):
             ok = pred[j, a - 1:a + 7] == seqs[j, a:a + 8]
-            byte_ok += int(ok.sum())
-            all_ok += int(ok.all())
-            n += 1
-    return byte_ok / max(8 * n, 1), all_ok / max(n, 1)
+            nbytes.append(int(ok.sum()))
+            whole.append(bool(ok.all()))
+    return np.array(nbytes, np.int64), np.array(whole, bool)
+
+
+def retrieval_accuracy(model, examples, device, batch, amp):
+    """Teacher-forced: share of value bytes predicted exactly (argmax), and share of examples with all 8 right."""
+    nbytes, whole = retrieval_scores(model, examples, device, batch, amp)
+    return float(nbytes.sum()) / max(8 * len(nbytes), 1), float(whole.mean()) if len(whole) else 0.0
+
+
+# Position buckets of the long-context check, as fractions of the context: at 32768 they are 0-1K, 1K-2K, 2K-4K,
+# 4K-8K, 8K-16K and 16K-32K. Issue 15's criterion compares the last bucket with the third (16K-32K vs 2K-4K).
+BUCKET_FRACS = (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+def tok_label(n):
+    return f"{n // 1024}K" if n % 1024 == 0 and n else str(n)
+
+
+def bucket_edges(T):
+    return [int(round(f * T)) for f in BUCKET_FRACS]
+
+
+@torch.no_grad()
+def position_nll(model, windows, device, batch, amp):
+    """Held-out nll (nats/token) by position of the predicted token, over windows of T+1 tokens: the mean over all
+    positions and the mean per bucket of bucket_edges(T) (position p = the prediction made with p+1 tokens of
+    context). The forward is the training one (SDPA, no T x T tensor), one window row per batch entry."""
+    T = windows.shape[1] - 1
+    tot = torch.zeros(T, dtype=torch.float64, device=device)
+    for i in range(0, len(windows), batch):
+        x = torch.from_numpy(windows[i:i + batch]).to(device)
+        with amp():
+            logits, _ = model(x[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
+        tot += ce.view(x.shape[0], T).double().sum(0)
+        del logits, ce
+    per_pos = (tot / max(len(windows), 1)).cpu().numpy()
+    edges = bucket_edges(T)
+    buckets = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi > lo:
+            buckets.append({"label": f"{tok_label(lo)}-{tok_label(hi)}", "from": lo, "to": hi,
+                            "nll": float(per_pos[lo:hi].mean()), "tokens": (hi - lo) * len(windows)})
+    return float(per_pos.mean()), buckets
+
+
+def utf8_start(filler, i):
+    """First index >= i that does not hold a UTF-8 continuation byte (so a cut there splits no character)."""
+    while i < len(filler) and 0x80 <= int(filler[i]) < 0xC0:
+        i += 1
+    return i
+
+
+def make_needle(filler, length, depth, rng):
+    """A dense needle example of `length` tokens in the training retrieval format, as `hga needle` builds it: held-out
+    filler with ONE statement `\n[kv] <key> = <value>\n` starting at `depth` (a fraction) of the room left by the
+    statement and the query, and at the end the query `\n[kv] <key> = <value>\n`. Cuts fall on UTF-8 character
+    boundaries so that the prompt decodes and re-encodes to the same tokens. `filler` needs >= length + 16 tokens.
+    Returns (tokens int64 array, answer start, needle token index, key, value)."""
+    key = "".join(rng.choice(list(KEY_ALPHA), 6))
+    val = "".join(rng.choice(list(VAL_ALPHA), 8))
+    stmt = np.frombuffer(kv_line(key, val), np.uint8).astype(np.int64)
+    query = stmt  # the query line is the statement again: the prompt ends with "\n[kv] <key> = "
+    room = length - 2 * len(stmt)
+    s = 0
+    for s0 in range(min(16, len(filler) - room)):  # a window start whose start and end both cut no character
+        s = s0
+        if utf8_start(filler, s0) == s0 and utf8_start(filler, s0 + room) == s0 + room:
+            break
+    hay = filler[s:s + room].astype(np.int64)
+    at = min(utf8_start(hay, int(round(depth * room))), room)
+    seq = np.concatenate([hay[:at], stmt, hay[at:], query])
+    assert seq.size == length, (seq.size, length)
+    return seq, length - 1 - 8, at, key, val
+
+
+def needle_examples(eval_np, T, depths, trials, seed):
+    """len(depths) x trials needle examples, each on its own held-out window."""
+    wins = eval_windows(eval_np, T + 16, len(depths) * trials)
+    if len(wins) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    out = []
+    for di, d in enumerate(depths):
+        for t in range(trials):
+            w = wins[(di * trials + t) % len(wins)]
+            seq, at, needle_at, key, val = make_needle(w, T, d, rng)
+            out.append({"seq": seq, "at": at, "depth": float(d), "needle_at": int(needle_at), "key": key,
+                        "value": val})
+    return out
+
+
+def needle_accuracy(model, examples, device, batch, amp):
+    """Whole-value and byte accuracy over the needle examples, overall and per depth."""
+    if not examples:
+        return {"examples": 0}
+    nbytes, whole = retrieval_scores(model, [(e["seq"], e["at"]) for e in examples], device, batch, amp)
+    depths = sorted({e["depth"] for e in examples})
+    by_depth = []
+    for d in depths:
+        idx = [i for i, e in enumerate(examples) if e["depth"] == d]
+        by_depth.append({"depth": d, "trials": len(idx), "value_acc": float(whole[idx].mean()),
+                         "byte_acc": float(nbytes[idx].sum()) / (8 * len(idx)),
+                         "distance_tokens": int(np.mean([len(examples[i]["seq"]) - examples[i]["needle_at"]
+                                                         for i in idx]))})
+    return {"context": int(len(examples[0]["seq"])), "examples": len(examples), "value_acc": float(whole.mean()),
+            "byte_acc": float(nbytes.sum()) / (8 * len(nbytes)), "by_depth": by_depth}
 
 
 def compare_with_transformers(out_dir, tensors, ours_logits, tokens, log):
@@ -626,42 +838,75 @@ def pack(out_dir, pack_dir, part_mib, log):
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-def parse_args():
+SHAPE_DEFAULTS = {"layers": 6, "hidden": 512, "heads": 16, "kv_heads": 2, "head_dim": 128, "experts": 8, "top_k": 2,
+                  "moe_inter": 256, "rope_theta": 1e6}
+TOKENS_PER_STEP = 65536
+# Training defaults: from scratch (the 4K fixture), and continued with --init-from (the 32K fixture, issue 15). The
+# continued run keeps 65,536 tokens per step (batch = 65536 // context: 2 at 32K), lowers the lr and shortens the
+# warmup (the weights are trained; only the optimizer moments start from zero), raises the share of retrieval rows
+# (at batch 2, 5% would be ~25 rows in the whole run), and evaluates every 100 steps on 8 of the held-out windows.
+# Its --reserve is a floor: after the baseline checks the script reserves max(--reserve, 2 x their time + 30 s) for
+# the checks of the trained model and of the FP8 export, the export, transformers' check and packing.
+TRAIN_DEFAULTS = {
+    "scratch": {"context": 4096, "lr": 2e-3, "warmup": 150, "time_budget": 420.0, "deadline": 570.0,
+                "reserve": 75.0, "retrieval_frac": 0.05, "eval_every": 250, "eval_windows": 32,
+                "eval_windows_periodic": 0, "retrieval_eval": 64},
+    "continued": {"context": 32768, "lr": 1e-3, "warmup": 25, "time_budget": 480.0, "deadline": 555.0,
+                  "reserve": 60.0, "retrieval_frac": 0.5, "eval_every": 100, "eval_windows": 32,
+                  "eval_windows_periodic": 8, "retrieval_eval": 32},
+}
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="fixture directory to write")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # model
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--moe-inter", type=int, default=256)
-    ap.add_argument("--rope-theta", type=float, default=1e6)
-    # training
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--init-from", metavar="DIR",
+                    help="continue training an exported fixture (config.json + model.safetensors, FP8 dequantized): "
+                         "the shape comes from its config (contradicting shape flags are an error), --rope-theta may "
+                         "differ; the continued-training defaults apply (docs/fixture.md)")
+    # model (None: the default, or the --init-from config's value)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--experts", type=int)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--moe-inter", type=int)
+    ap.add_argument("--rope-theta", type=float, help="default 1e6, or the --init-from config's")
+    # training (None: from TRAIN_DEFAULTS, scratch or continued)
+    ap.add_argument("--context", type=int, help="default 4096; 32768 with --init-from")
+    ap.add_argument("--batch", type=int, help="default 65536 // context (16 at 4K, 2 at 32K)")
     ap.add_argument("--steps", type=int, default=4000, help="maximum steps (the schedule ends at this or the time)")
-    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of training loop (schedule horizon)")
-    ap.add_argument("--deadline", type=float, default=570.0,
+    ap.add_argument("--time-budget", type=float, help="seconds of training loop (schedule horizon); default 420, 480 "
+                                                      "with --init-from (then the deadline decides)")
+    ap.add_argument("--deadline", type=float,
                     help="seconds for the whole script (0: none): the training horizon shrinks so that data loading + "
-                         "training + --reserve fit in it")
-    ap.add_argument("--reserve", type=float, default=75.0, help="seconds kept for evaluation, export and checks")
-    ap.add_argument("--lr", type=float, default=2e-3)
+                         "training + --reserve fit in it; default 570, 555 with --init-from")
+    ap.add_argument("--reserve", type=float, help="seconds kept for evaluation, export and checks; default 75, and "
+                                                  "with --init-from at least 60 and 2 x the baseline checks + 30 s")
+    ap.add_argument("--lr", type=float, help="peak lr; default 2e-3, 1e-3 with --init-from")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--warmup", type=int, help="warmup steps; default 150, 25 with --init-from")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--retrieval-frac", type=float, default=0.05)
+    ap.add_argument("--retrieval-frac", type=float, help="share of rows with [kv] statements; default 0.05, 0.5 with "
+                                                         "--init-from")
     ap.add_argument("--compile", action="store_true", help="torch.compile each layer (off by default; untested)")
     ap.add_argument("--log-every", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--retrieval-eval", type=int, default=64)
+    ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations; default 250, 100 with "
+                                                   "--init-from")
+    ap.add_argument("--eval-windows", type=int, help="held-out windows of the final checks; default 32")
+    ap.add_argument("--eval-windows-periodic", type=int,
+                    help="of them, how many the evaluations during training use (0: all); default 0, 8 with "
+                         "--init-from")
+    ap.add_argument("--retrieval-eval", type=int, help="held-out retrieval examples; default 64, 32 with --init-from")
+    ap.add_argument("--needle-depths", type=int, default=10,
+                    help="dense needle check: depths spread over 5%%..95%% of the context (0: skip)")
+    ap.add_argument("--needle-trials", type=int, default=3, help="needle examples per depth")
     # data
     ap.add_argument("--data-root", action="append", help="site-packages-like directory (repeatable); default: this "
                                                          "Python's site-packages and its standard library")
@@ -678,18 +923,75 @@ def parse_args():
     ap.add_argument("--pack", help="also write OUT as a tar split into <= --pack-part-mib parts (and train.log) here")
     ap.add_argument("--pack-part-mib", type=float, default=15.0)
     ap.add_argument("--verify-tokens", type=int, default=192, help="tokens of the f32 export check (0: skip)")
-    return ap.parse_args()
+    a = ap.parse_args(argv)
+    for k, v in TRAIN_DEFAULTS["continued" if a.init_from else "scratch"].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.batch is None:
+        a.batch = max(1, TOKENS_PER_STEP // a.context)
+    return a
+
+
+def retok(text):
+    """Text -> token ids as tokenizer.json encodes it (bytes; the special-token strings -> their ids)."""
+    ids, rest = [], text
+    specials = {v: k for k, v in SPECIALS.items()}
+    while rest:
+        hits = [(rest.find(st), st) for st in specials if rest.find(st) >= 0]
+        if not hits:
+            ids += list(rest.encode())
+            break
+        at, st = min(hits)
+        ids += list(rest[:at].encode()) + [specials[st]]
+        rest = rest[at + len(st):]
+    return ids
+
+
+def fmt_checks(r):
+    """One log line of a long_checks result."""
+    b = "  ".join(f"{x['label']} {x['nll']:.3f}" for x in r["nll_by_position"])
+    rt = r["retrieval"]
+    line = (f"held-out {r['held_out_loss']:.4f} nats/token; by position: {b}; retrieval {100 * rt['byte_acc']:.1f}% "
+            f"of bytes, {100 * rt['value_acc']:.1f}% of values")
+    n = r["needle"]
+    if n.get("examples"):
+        d = " ".join(f"{100 * x['depth']:.0f}%:{round(x['value_acc'] * x['trials'])}/{x['trials']}"
+                     for x in n["by_depth"])
+        line += (f"; needle at {tok_label(n['context'])}: {100 * n['value_acc']:.1f}% of values "
+                 f"({100 * n['byte_acc']:.1f}% of bytes), by depth {d}")
+    return line + f" ({r['seconds']:.1f}s)"
+
+
+def criteria(r):
+    """Issue 15's two criteria on one long_checks result (None where the checks did not run)."""
+    if r is None:
+        return None
+    bk = r["nll_by_position"]
+    out = {}
+    if len(bk) == len(BUCKET_FRACS) - 1:
+        out.update({"nll_last_bucket": bk[-1]["nll"], "nll_third_bucket": bk[2]["nll"],
+                    "buckets": f"{bk[-1]['label']} vs {bk[2]['label']}",
+                    "long_nll_no_worse": bk[-1]["nll"] <= bk[2]["nll"]})
+    if r["needle"].get("examples"):
+        out.update({"needle_value_acc": r["needle"]["value_acc"], "needle_ok": r["needle"]["value_acc"] >= 0.9})
+    return out
 
 
 def main():
     a = parse_args()
+    init_cfg = read_init_config(a.init_from) if a.init_from else None
+    resolve_shape(a, init_cfg)
     os.makedirs(a.out, exist_ok=True)
-    logf = open(os.path.join(a.out, "train.log"), "w")
+    logfs = [open(os.path.join(a.out, "train.log"), "w")]
+    if a.pack:  # a live copy, so that a run killed on the device's time limit still returns its log
+        os.makedirs(a.pack, exist_ok=True)
+        logfs.append(open(os.path.join(a.pack, "train.log"), "w"))
 
     def log(msg):
         print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+        for lf in logfs:
+            lf.write(msg + "\n")
+            lf.flush()
 
     t_start = time.time()
     torch.manual_seed(a.seed)
@@ -701,6 +1003,10 @@ def main():
         torch.backends.cudnn.allow_tf32 = True
     log(f"torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if cuda else "") + f", python {sys.version.split()[0]}")
+    if a.init_from:
+        log(f"continued training from {a.init_from} (its rope theta {float(init_cfg['rope_theta']):g}, now "
+            f"{a.rope_theta:g}): context {a.context}, batch {a.batch}, lr {a.lr:g}, warmup {a.warmup}, retrieval rows "
+            f"{a.retrieval_frac:g}")
     assert a.heads % a.kv_heads == 0 and a.head_dim % 2 == 0
 
     train_np, eval_pkgs, eval_np, summary = build_corpus(a, log)
@@ -722,13 +1028,24 @@ def main():
         return x, nret
 
     ewin = eval_windows(eval_np, T, a.eval_windows)
+    if a.eval_windows_periodic and len(ewin) > a.eval_windows_periodic:
+        ewin_p = ewin[np.unique(np.linspace(0, len(ewin) - 1, a.eval_windows_periodic).astype(np.int64))]
+    else:
+        ewin_p = ewin
     erng = np.random.default_rng(a.seed + 1)
     rex = [make_retrieval(w[:T], T, erng) for w in eval_windows(eval_np, T, a.retrieval_eval)]
-    log(f"held-out: {len(ewin)} windows of {T} tokens; retrieval eval: {len(rex)} examples")
+    depths = [round(float(d), 4) for d in np.linspace(0.05, 0.95, a.needle_depths)] if a.needle_depths > 0 else []
+    needles = needle_examples(eval_np, T, depths, a.needle_trials, a.seed + 2) if depths else []
+    log(f"held-out: {len(ewin)} windows of {T} tokens ({len(ewin_p)} in the evaluations during training); retrieval "
+        f"eval: {len(rex)} examples; needle: {len(needles)} examples ({len(depths)} depths x {a.needle_trials})")
 
     c = Config(a)
     model = Model(c)
-    model.init_weights()
+    init_info = None
+    if a.init_from:
+        init_info = load_init_weights(model, a.init_from, log)
+    else:
+        model.init_weights()
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_active = n_params - sum(3 * c.moe_inter * c.hidden * (c.experts - c.top_k) for _ in range(c.layers))
@@ -746,8 +1063,22 @@ def main():
                              {"params": nodecay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
                             **opt_kw)
 
-    def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    amp, restricted = make_amp(device)
+    if cuda and not restricted:
+        log("warning: torch.nn.attention.sdpa_kernel missing: SDPA may pick its math (T x T) kernel")
+
+    def long_checks(m, tag):
+        """Held-out nll (overall and by position bucket), retrieval and dense needle accuracy of one set of weights."""
+        t = time.time()
+        m.eval()
+        loss, buckets = position_nll(m, ewin, device, B, amp)
+        rb, rv = retrieval_accuracy(m, rex, device, B, amp)
+        nd = needle_accuracy(m, needles, device, B, amp)
+        r = {"held_out_loss": loss, "nll_by_position": buckets, "windows": len(ewin),
+             "retrieval": {"byte_acc": rb, "value_acc": rv, "examples": len(rex), "context": T}, "needle": nd,
+             "seconds": round(time.time() - t, 1)}
+        log(f"{tag}: " + fmt_checks(r))
+        return r
 
     def lr_at(step, progress):
         if step < a.warmup:
@@ -755,21 +1086,37 @@ def main():
         p = min(1.0, progress)
         return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
+    results = {}
+    reserve = a.reserve
+    if a.init_from:
+        old_theta = float(init_cfg["rope_theta"])
+        if old_theta != c.rope_theta:  # what the initial weights give at this context with their own rope theta
+            c.rope_theta, new_theta = old_theta, c.rope_theta
+            t = time.time()
+            loss, buckets = position_nll(model.eval(), ewin, device, B, amp)
+            c.rope_theta = new_theta
+            results["initial_own_theta"] = {"rope_theta": old_theta, "held_out_loss": loss, "nll_by_position": buckets,
+                                            "windows": len(ewin), "seconds": round(time.time() - t, 1)}
+            log(f"initial weights at context {T}, their rope theta {old_theta:g}: held-out {loss:.4f} nats/token; by "
+                "position: " + "  ".join(f"{x['label']} {x['nll']:.3f}" for x in buckets))
+        results["initial"] = long_checks(model, f"initial weights at context {T}, rope theta {c.rope_theta:g}")
+        reserve = max(a.reserve, 2 * results["initial"]["seconds"] + 30)
     curve, evals = [], []
     uniform = math.log(VOCAB)
     horizon = a.time_budget
     if a.deadline:
-        horizon = min(horizon, a.deadline - (time.time() - t_start) - a.reserve)
+        horizon = min(horizon, a.deadline - (time.time() - t_start) - reserve)
         if horizon < 0.25 * a.time_budget:
             log(f"warning: only {horizon:.0f}s of training fit in --deadline {a.deadline:.0f}s")
         horizon = max(horizon, 10.0)
-    log(f"training: batch {B} x {T} tokens, up to {a.steps} steps or {horizon:.0f} s; uniform loss "
-        f"ln({VOCAB}) = {uniform:.4f}")
+    log(f"training: batch {B} x {T} tokens, up to {a.steps} steps or {horizon:.0f} s (reserve {reserve:.0f} s); "
+        f"uniform loss ln({VOCAB}) = {uniform:.4f}")
     model.train()
     t0 = time.time()
     step = 0
     progress = 0.0
     tok_seen = 0
+    peak_gib = None
     while step < a.steps and progress < 1.0:
         x, nret = batch()
         lr = lr_at(step, progress)
@@ -793,20 +1140,31 @@ def main():
             curve.append(rec)
             log(f"step {step:5d}  loss {rec['loss']:.4f}  aux {rec['aux']:.3f}  gnorm {rec['grad_norm']:.2f}  "
                 f"lr {lr:.2e}  {elapsed:7.1f}s  {tok_seen / max(elapsed, 1e-9):.0f} tok/s")
+            if cuda and step == 1:
+                peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                log(f"peak GPU memory after step 1: {peak_gib:.1f} GiB")
         if a.eval_every and step % a.eval_every == 0:
             model.eval()
-            el = mean_loss(model, ewin, device, B, amp)
-            evals.append({"step": step, "tokens": tok_seen, "eval_loss": el, "elapsed_s": round(time.time() - t0, 2)})
-            log(f"step {step:5d}  held-out loss {el:.4f} nats/token ({el / math.log(2):.3f} bits/byte)")
+            el = mean_loss(model, ewin_p, device, B, amp)
+            evals.append({"step": step, "tokens": tok_seen, "eval_loss": el, "windows": len(ewin_p),
+                          "elapsed_s": round(time.time() - t0, 2)})
+            log(f"step {step:5d}  held-out loss {el:.4f} nats/token ({el / math.log(2):.3f} bits/byte, "
+                f"{len(ewin_p)} windows)")
             model.train()
     train_s = time.time() - t0
     model.eval()
+    if cuda:
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
-    final_eval = mean_loss(model, ewin, device, B, amp)
-    evals.append({"step": step, "tokens": tok_seen, "eval_loss": final_eval, "elapsed_s": round(train_s, 2)})
-    racc_b, racc_all = retrieval_accuracy(model, rex, device, B, amp)
-    log(f"trained {step} steps ({tok_seen / 1e6:.1f}M tokens) in {train_s:.1f}s; held-out loss {final_eval:.4f} "
-        f"vs uniform {uniform:.4f}; retrieval: {100 * racc_b:.1f}% of value bytes, {100 * racc_all:.1f}% of values")
+    results["trained"] = long_checks(model, "trained")
+    final_eval = results["trained"]["held_out_loss"]
+    racc_b, racc_all = results["trained"]["retrieval"]["byte_acc"], results["trained"]["retrieval"]["value_acc"]
+    evals.append({"step": step, "tokens": tok_seen, "eval_loss": final_eval, "windows": len(ewin),
+                  "elapsed_s": round(train_s, 2)})
+    log(f"trained {step} steps ({tok_seen / 1e6:.1f}M tokens) in {train_s:.1f}s"
+        + (f" ({train_s / max(step, 1):.3f} s/step, peak GPU memory {peak_gib:.1f} GiB)" if cuda else "")
+        + f"; held-out loss {final_eval:.4f} vs uniform {uniform:.4f}; retrieval: {100 * racc_b:.1f}% of value "
+          f"bytes, {100 * racc_all:.1f}% of values")
 
     save_torch = a.save_torch or a.out.rstrip("/") + "-torch.pt"
     torch.save({"config": vars(c), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
@@ -819,10 +1177,21 @@ def main():
     qmodel = Model(c)
     load_hf_tensors(qmodel, deq)
     qmodel.to(device).eval()
-    q_eval = mean_loss(qmodel, ewin, device, B, amp)
-    q_racc_b, q_racc_all = retrieval_accuracy(qmodel, rex, device, B, amp)
-    log(f"FP8 export (dequantized): held-out loss {q_eval:.4f} (trained {final_eval:.4f}); retrieval "
-        f"{100 * q_racc_b:.1f}% of bytes, {100 * q_racc_all:.1f}% of values")
+    left = a.deadline - (time.time() - t_start) if a.deadline else float("inf")
+    if left < results["trained"]["seconds"] + 20:
+        log(f"warning: {left:.0f}s left of --deadline: skipped the FP8 export's checks (they took "
+            f"{results['trained']['seconds']:.0f}s on the trained weights)")
+        results["fp8"] = None
+        q_eval = q_racc_b = q_racc_all = None
+    else:
+        results["fp8"] = long_checks(qmodel, "FP8 export (dequantized)")
+        q_eval = results["fp8"]["held_out_loss"]
+        q_racc_b, q_racc_all = results["fp8"]["retrieval"]["byte_acc"], results["fp8"]["retrieval"]["value_acc"]
+    results["criteria"] = {k: criteria(results.get(k)) for k in ("initial", "trained", "fp8") if k in results}
+    for k, v in results["criteria"].items():
+        if v:
+            log(f"issue 15 criteria, {k}: " + ", ".join(
+                f"{n} {x:.4f}" if isinstance(x, float) else f"{n} {x}" for n, x in v.items()))
 
     checks = {}
     if a.verify_tokens and len(ewin):
@@ -866,30 +1235,50 @@ def main():
         for seq, at in rex[:16]:
             f.write(json.dumps({"prompt": detok(seq[:at]), "answer": detok(seq[at:at + 8]),
                                 "prompt_tokens": int(at)}) + "\n")
-    log(f"saved {len(saved)} held-out texts ({sum(s['bytes'] for s in saved) / 2**20:.2f} MiB) and "
-        f"{min(16, len(rex))} retrieval prompts under {ev_dir}")
+    needle_file = f"retrieval-{tok_label(T).lower()}.jsonl"
+    exact = 0
+    with open(os.path.join(ev_dir, needle_file), "w") as f:
+        for e in needles:
+            prompt = detok(e["seq"][:e["at"]])
+            exact += retok(prompt) == [int(t) for t in e["seq"][:e["at"]]]
+            f.write(json.dumps({"prompt": prompt, "answer": detok(e["seq"][e["at"]:e["at"] + 8]),
+                                "prompt_tokens": int(e["at"]), "depth": e["depth"], "needle_at": e["needle_at"],
+                                "context": T}) + "\n")
+    long_texts = sum(s["bytes"] >= 70_000 for s in saved)
+    log(f"saved {len(saved)} held-out texts ({sum(s['bytes'] for s in saved) / 2**20:.2f} MiB, {long_texts} of "
+        f">= 70,000 bytes), {min(16, len(rex))} retrieval prompts and {len(needles)} needle prompts "
+        f"({needle_file}; {exact} re-encode to the same tokens) under {ev_dir}")
+    if long_texts < 3:
+        log("warning: fewer than 3 held-out texts of >= 70,000 bytes (64K windows need them; raise "
+            "--eval-save-pkg-kb / --eval-save-mb)")
 
     with open(os.path.join(a.out, "loss.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(curve[0].keys()))
+        w = csv.DictWriter(f, fieldnames=["step", "tokens", "loss", "aux", "grad_norm", "lr", "elapsed_s"])
         w.writeheader()
         w.writerows(curve)
     result = {
-        "args": vars(a), "horizon_s": horizon, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "args": vars(a), "init_from": init_info, "horizon_s": horizon, "reserve_s": reserve,
+        "torch": torch.__version__, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "parameters": n_params, "active_parameters": n_active, "steps": step, "tokens": tok_seen,
-        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+        "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(step, 1), 4),
+        "peak_gpu_gib": peak_gib, "total_seconds": round(time.time() - t_start, 1),
         "uniform_loss": uniform, "held_out_loss": final_eval, "held_out_loss_fp8": q_eval,
-        "final_train_loss_mean_last": float(np.mean([r["loss"] for r in curve[-5:]])),
+        "final_train_loss_mean_last": float(np.mean([r["loss"] for r in curve[-5:]])) if curve else None,
         "retrieval": {"byte_acc": racc_b, "value_acc": racc_all, "byte_acc_fp8": q_racc_b,
                       "value_acc_fp8": q_racc_all, "examples": len(rex), "context": T},
-        "checks": checks, "data": summary, "eval_texts": saved, "eval_curve": evals, "loss_curve": curve,
-        "model_safetensors_bytes": os.path.getsize(path),
+        "results": results, "checks": checks, "data": summary, "eval_texts": saved, "eval_curve": evals,
+        "loss_curve": curve, "model_safetensors_bytes": os.path.getsize(path),
     }
     with open(os.path.join(a.out, "train_log.json"), "w") as f:
         json.dump(result, f, indent=1)
-    log(f"done in {time.time() - t_start:.1f}s: held-out {final_eval:.4f} (FP8 {q_eval:.4f}) vs uniform "
-        f"{uniform:.4f} nats/token; wrote {a.out}")
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.out) for f in fs)
+    log(f"fixture directory {a.out}: {size / 1e6:.1f} MB" + (" (over the 40 MB of a committed fixture)"
+                                                             if size > 40e6 else ""))
+    log(f"done in {time.time() - t_start:.1f}s: held-out {final_eval:.4f}"
+        + (f" (FP8 {q_eval:.4f})" if q_eval is not None else "")
+        + f" vs uniform {uniform:.4f} nats/token; wrote {a.out}")
     if a.pack:
+        logfs.pop().close()
         pack(a.out, a.pack, a.pack_part_mib, log)
 
 
