@@ -548,7 +548,8 @@ fn gpu_model_hga_disk_tier_is_the_host_tier() {
     let (ctx, steps) = (3000usize, 48usize);
     let tokens = fixture_tokens(&dir, ctx + steps);
     let c = &ck.config;
-    let params = HgaParams { budget: Budget::Fraction(0.1), ..HgaParams::default() };
+    // 30% of 3064 positions: about 600 routed tokens past the sink (64) and the window (256) of every step.
+    let params = HgaParams { budget: Budget::Fraction(0.3), ..HgaParams::default() };
     let hga = HgaOptions { params, arena_at_load: true, ..Default::default() };
     let opts = |hga: HgaOptions| GpuModelOptions::new(tokens.len() + 16, 256, AttentionMode::Hga(hga));
     let (host_logits, host_sel) = gpu_decode_with(gpu, &ck, &tokens, ctx, &opts(hga.clone()), false);
@@ -585,6 +586,10 @@ fn gpu_model_hga_disk_tier_is_the_host_tier() {
         100.0 * st.hit_rate(),
         st.disk_host_s - after_prompt.disk_host_s
     ));
+    assert!(
+        host_sel.iter().all(|step| step.iter().any(|(_, _, g)| !g.is_empty())),
+        "every step must route groups beyond the sink and the window"
+    );
     assert!(after_prompt.disk_bytes_written > 0, "the prompt's K/V must reach the page file");
     assert!(st.disk_ram_misses > 0 && st.disk_bytes_read > 0, "a quarter-size RAM cache must read from disk");
     assert_eq!(sels, host_sel, "the disk tier changed a selection");

@@ -440,6 +440,9 @@ impl<M: ExtentMemory> Slots<M> {
     }
 }
 
+/// Writes position `i`'s row `row` of KV head `kv_head` into its group's block: `write(i, kv_head, row, block)`.
+type RowWriter<'a> = dyn FnMut(usize, usize, usize, &mut [u8]) -> Result<(), KvError> + 'a;
+
 /// The disk tier (see the module docs), generic over the memory of its RAM cache.
 pub struct DiskStore<M: ExtentMemory> {
     layers: usize,
@@ -780,13 +783,7 @@ impl<M: ExtentMemory> DiskStore<M> {
 
     /// Stores `t` positions from `pos0` of `layer`: `write(i, kv_head, row, block)` writes position `pos0 + i`'s
     /// row `row` into its group's block in RAM (see [`Self::append`]).
-    fn append_with(
-        &mut self,
-        layer: usize,
-        pos0: usize,
-        t: usize,
-        write: &mut dyn FnMut(usize, usize, usize, &mut [u8]) -> Result<(), KvError>,
-    ) -> Result<(), KvError> {
+    fn append_with(&mut self, layer: usize, pos0: usize, t: usize, write: &mut RowWriter<'_>) -> Result<(), KvError> {
         let heads = self.kv_heads;
         if layer >= self.layers || pos0 > self.lens[layer] {
             return Err(KvError::Usage(format!(
