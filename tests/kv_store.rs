@@ -489,14 +489,14 @@ fn the_device_path_stores_and_serves_what_was_written() {
         vals.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
     };
     let n0 = 100;
-    for l in 0..layers {
+    for (l, heads_l) in model.iter_mut().enumerate() {
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        for h in 0..heads {
+        for (h, rows) in heads_l.iter_mut().enumerate() {
             for p in 0..n0 {
                 let (kr, vr) = (row(l, h, p, 0), row(l, h, p, 1));
                 k.extend_from_slice(&kr);
                 v.extend_from_slice(&vr);
-                model[l][h].push((kr, vr));
+                rows.push((kr, vr));
             }
         }
         s.append_raw(l, 0, n0, n0, &k, &v).unwrap();
@@ -510,7 +510,7 @@ fn the_device_path_stores_and_serves_what_was_written() {
     };
     let mut served = 0;
     for pos in n0..n0 + 70 {
-        for l in 0..layers {
+        for (l, heads_l) in model.iter_mut().enumerate() {
             let ptrs = s.append_device(l, pos).unwrap();
             for (h, &blk) in ptrs.iter().enumerate() {
                 let (kr, vr) = (row(l, h, pos, 0), row(l, h, pos, 1));
@@ -519,7 +519,7 @@ fn the_device_path_stores_and_serves_what_was_written() {
                 let b = unsafe { std::slice::from_raw_parts_mut(blk as *mut u8, f.block_bytes()) };
                 b[f.k_row(r)].copy_from_slice(&kr);
                 b[f.v_row(r)].copy_from_slice(&vr);
-                model[l][h].push((kr, vr));
+                heads_l[h].push((kr, vr));
             }
         }
         // A step's selection: distinct closed groups of random (layer, head).
